@@ -1,16 +1,24 @@
 """Robustness benchmark: test rSum of each method as the noise rate rises, on the synthetic scenes task.
 
-Every run fine-tunes the demo's pretrained tiny model (built and cached on first use) on the same synthetic
-splits, selects its epoch on validation rSum, and reports the test split. Writes bench/results/robustness.md and
-.json and draws docs/robustness.png (rSum vs noise, one line per method; Pillow only).
+Every run fine-tunes the demo's pretrained tiny model (built and cached on first use) on synthetic splits drawn
+from the run's seed, selects its epoch on validation rSum (never the test split), and reports the test split
+(1,000 images x 5 captions, the Flickr30K test protocol). Each finished run is appended to a JSON-lines file, so
+an interrupted grid resumes where it stopped; the report (bench/results/robustness.md and .json, and the plot
+docs/robustness.png drawn with Pillow) is rebuilt from every run in that file that belongs to the grid.
 
-    python bench/robustness.py --quick                      # a subset, minutes on a laptop CPU
-    python bench/robustness.py                              # the full grid (use a GPU: --device cuda)
-    python bench/robustness.py --methods clip,mscn --noise 0.4 --protocols caption --seeds 0
+    python bench/robustness.py --quick                     # clip vs dsdmr, caption noise 0/40/80%, minutes on 2 CPU cores
+    python bench/robustness.py --device cuda --workers 16  # the full grid + margin-schedule ablation (228 runs)
+    python bench/robustness.py --device cuda --time-limit 540   # stop starting runs after 9 min; run again to resume
+    python bench/robustness.py --methods clip,dsdmr --noise 0,0.6 --no-ablation --epochs 10 --lr-decay-epochs 5 \
+        --name robustness_10epochs                         # a longer schedule, written beside the main report
+    python bench/robustness.py --report                    # rebuild the report from the finished runs only
 """
 import argparse
+import concurrent.futures as cf
 import json
+import multiprocessing
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -21,19 +29,48 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import robustitm as R  # noqa: E402
 
+METHODS = "clip,vse,dsdmr,mscn,iuccl,all"
+SCHEDULES = ("sharpened", "posterior", "gap", "fixed")  # paper A's margin schedules (ablation rows dsdmr-<name>)
+FULL_SIZES, QUICK_SIZES = "6000,1000,1000", "3000,500,1000"  # train, val, test images (5 captions each)
+COST = {"mscn": 3, "all": 3, "iuccl": 2}  # rough relative run time: the slow ones start first
 
-def run_one(method, noise, protocol, seed, splits, pretrained, args, workdir):
-    cfg = R.TrainConfig(preset=method if method in R.PRESETS else "dsdmr", pretrained=str(pretrained),
-                        noise_ratio=noise, noise_protocol=protocol, seed=seed, epochs=args.epochs,
-                        device=args.device, output_dir=str(workdir / f"{method}_{protocol}_{noise}_{seed}"))
-    if method.startswith("dsdmr-"):  # ablation rows: paper A's margin schedules
-        cfg.margin_schedule = method.split("-", 1)[1]
+
+def key(r):
+    return (r["method"], r["protocol"], float(r["noise"]), int(r["seed"]), r["sizes"], int(r["epochs"]),
+            r.get("lr_decay_epochs"))
+
+
+_SPLITS = {}  # per worker process: (sizes, seed) -> splits, built once
+
+
+def run_one(task):
+    """One fine-tuning run (in a worker process); returns its result row, or the error that stopped it."""
+    method, noise, protocol, seed, sizes, epochs, lr_decay, device, pretrained, workdir = task
+    torch = R.torch
+    torch.set_num_threads(1)  # many workers share the cores
+    sys.stdout = open(os.devnull, "w")  # the per-step progress lines of parallel runs would interleave
+    row = {"method": method, "protocol": protocol, "noise": noise, "seed": seed, "sizes": sizes, "epochs": epochs,
+           "lr_decay_epochs": lr_decay}
     t0 = time.time()
-    res = R.train(cfg, splits, log=lambda *a: None)
-    f = res.get("filter") or {}
-    return {"method": method, "noise": noise, "protocol": protocol, "seed": seed, "rsum": res["rsum"],
-            "i2t_r1": res["i2t_r1"], "t2i_r1": res["t2i_r1"], "precision": f.get("precision"),
-            "recall": f.get("recall"), "seconds": time.time() - t0}
+    cfg = R.TrainConfig(preset=method.split("-")[0], pretrained=str(pretrained), noise_ratio=noise,
+                        noise_protocol=protocol, seed=seed, epochs=epochs, device=device, overwrite=True,
+                        output_dir=str(Path(workdir) / f"{method}_{protocol}_{noise}_{seed}"))
+    if lr_decay:
+        cfg.lr_decay_epochs = lr_decay
+    try:
+        if (sizes, seed) not in _SPLITS:
+            _SPLITS[(sizes, seed)] = R.synthetic_splits(*(int(x) for x in sizes.split(",")), seed=seed, image_size=32)
+        if method.startswith("dsdmr-"):  # ablation rows: paper A with another margin schedule
+            cfg.margin_schedule = method.split("-", 1)[1]
+        res = R.train(cfg, _SPLITS[(sizes, seed)], log=lambda *a, **k: None)
+        f = res.get("filter") or {}
+        row.update(rsum=res["rsum"], i2t_r1=res["i2t_r1"], t2i_r1=res["t2i_r1"], best_epoch=res["best_epoch"],
+                   precision=f.get("precision"), recall=f.get("recall"))
+    except Exception as e:  # one failed run must not lose the others; it is reported and not counted
+        row["error"] = f"{type(e).__name__}: {e}"
+    shutil.rmtree(cfg.output_dir, ignore_errors=True)  # checkpoints and plots of a finished run are not kept
+    row["seconds"] = round(time.time() - t0, 1)
+    return row
 
 
 def summarise(rows):
@@ -42,105 +79,211 @@ def summarise(rows):
         groups.setdefault((r["method"], r["protocol"], r["noise"]), []).append(r)
     out = []
     for (m, p, n), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
+        mean = lambda k: statistics.mean(r[k] for r in rs) if rs[0].get(k) is not None else None  # noqa: E731
         rsum = [r["rsum"] for r in rs]
-        mean = lambda k: statistics.mean(r[k] for r in rs) if rs[0][k] is not None else None  # noqa: E731
         out.append({"method": m, "protocol": p, "noise": n, "seeds": len(rs), "rsum": statistics.mean(rsum),
                     "rsum_std": statistics.stdev(rsum) if len(rsum) > 1 else 0.0, "i2t_r1": mean("i2t_r1"),
                     "t2i_r1": mean("t2i_r1"), "precision": mean("precision"), "recall": mean("recall")})
     return out
 
 
-def table(summary):
-    lines = ["| protocol | noise | method | test rSum (mean ± std) | i2t R@1 | t2i R@1 | kept precision | kept recall |",
-             "|---|---|---|---|---|---|---|---|"]
+def tables(summary, methods, noises):
+    """Markdown: per protocol, methods x noise (mean ± std, † = below clip's mean at that noise, with the share of
+    its own 0%-noise rSum kept at 60%), then the ablation, then every group in detail."""
+    at = {(s["method"], s["protocol"], s["noise"]): s for s in summary}
+    keep_col = 0.0 in noises and 0.6 in noises
+    lines = []
+    for p in sorted({s["protocol"] for s in summary}):
+        lines += [f"**{p}-level noise**: test rSum, mean ± std over seeds († below `clip` at that noise)", "",
+                  "| method | " + " | ".join(f"{n:.0%}" for n in noises) + (" | kept at 60% |" if keep_col else " |"),
+                  "|---|" + "---:|" * (len(noises) + keep_col)]
+        for m in methods:
+            cells = []
+            for n in noises:
+                s, base = at.get((m, p, n)), at.get(("clip", p, n))
+                below = " †" if s and base and m != "clip" and s["rsum"] < base["rsum"] else ""
+                cells.append(f"{s['rsum']:.1f} ± {s['rsum_std']:.1f}{below}" if s else "–")
+            if keep_col:
+                s0, s60 = at.get((m, p, 0.0)), at.get((m, p, 0.6))
+                cells.append(f"{s60['rsum'] / s0['rsum']:.0%}" if s0 and s60 else "–")
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines.append("")
+    ablation = [s for s in summary if s["method"].startswith("dsdmr-")]
+    if ablation:
+        cols = sorted({(s["protocol"], s["noise"]) for s in ablation})
+        lines += ["**Paper A's margin schedules** (`dsdmr` with `--margin_schedule`): test rSum, mean ± std", "",
+                  "| schedule | " + " | ".join(f"{p} {n:.0%}" for p, n in cols) + " |", "|---|" + "---:|" * len(cols)]
+        for sch in SCHEDULES:
+            cells = [at.get((f"dsdmr-{sch}", p, n)) for p, n in cols]
+            lines.append(f"| {sch} | " + " | ".join(f"{s['rsum']:.1f} ± {s['rsum_std']:.1f}" if s else "–"
+                                                    for s in cells) + " |")
+        lines.append("")
+    lines += ["**Every group**: R@1 and the filter's kept set (precision = clean share of the kept pairs, recall ="
+              " share of the clean pairs kept; last round, mean over seeds)", "",
+              "| protocol | noise | method | seeds | test rSum | i2t R@1 | t2i R@1 | kept precision | kept recall |",
+              "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for s in summary:
-        pr = (f"{s['precision']:.3f} | {s['recall']:.3f}" if s["precision"] is not None else "– | –")
-        lines.append(f"| {s['protocol']} | {s['noise']:.0%} | {s['method']} | {s['rsum']:.1f} ± {s['rsum_std']:.1f} | "
-                     f"{s['i2t_r1']:.1f} | {s['t2i_r1']:.1f} | {pr} |")
+        pr = f"{s['precision']:.3f} | {s['recall']:.3f}" if s["precision"] is not None else "– | –"
+        lines.append(f"| {s['protocol']} | {s['noise']:.0%} | {s['method']} | {s['seeds']} | {s['rsum']:.1f} ± "
+                     f"{s['rsum_std']:.1f} | {s['i2t_r1']:.1f} | {s['t2i_r1']:.1f} | {pr} |")
     return "\n".join(lines)
 
 
-def plot(summary, path):
+COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+
+
+def plot(summary, methods, path):
+    """One panel per protocol: test rSum (mean, with a ±std bar) against the noise rate, a line per method."""
     from PIL import Image, ImageDraw
-    W, H, pad = 760, 420, 60
-    img = Image.new("RGB", (W, H), "white")
-    d = ImageDraw.Draw(img)
-    noises = sorted({s["noise"] for s in summary})
+    summary = [s for s in summary if s["method"] in methods]
     protocols = sorted({s["protocol"] for s in summary})
-    lo = min(s["rsum"] for s in summary) - 10
-    hi = max(s["rsum"] for s in summary) + 10
-    colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-               (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
-    x = lambda n: pad + (n - noises[0]) / max(1e-9, noises[-1] - noises[0]) * (W - 2 * pad - 140)  # noqa: E731
+    noises = sorted({s["noise"] for s in summary})
+    PW, H, pad, legend = 420, 420, 56, 110
+    img = Image.new("RGB", (PW * len(protocols) + legend, H), "white")
+    d = ImageDraw.Draw(img)
+    lo = min(s["rsum"] - s["rsum_std"] for s in summary) // 50 * 50
+    hi = max(s["rsum"] + s["rsum_std"] for s in summary) // 50 * 50 + 50
     y = lambda v: H - pad - (v - lo) / (hi - lo) * (H - 2 * pad)  # noqa: E731
-    d.line([pad, H - pad, W - pad - 140, H - pad], fill="black")
-    d.line([pad, pad, pad, H - pad], fill="black")
-    for n in noises:
-        d.text((x(n) - 10, H - pad + 6), f"{n:.0%}", fill="black")
-    for v in range(int(lo // 50 * 50 + 50), int(hi), 50):
-        d.text((8, y(v) - 6), f"{v}", fill="black")
-    methods = sorted({s["method"] for s in summary})
-    for k, (m, p) in enumerate((m, p) for p in protocols for m in methods):
-        pts = [(x(s["noise"]), y(s["rsum"])) for s in summary if s["method"] == m and s["protocol"] == p]
-        c = colours[methods.index(m) % len(colours)]
-        if len(pts) > 1:
-            for a, b in zip(pts, pts[1:]):
-                if p == protocols[0]:
-                    d.line([a, b], fill=c, width=2)
-                else:  # second protocol dashed
-                    for t in range(0, 10, 2):
-                        d.line([(a[0] + (b[0] - a[0]) * t / 10, a[1] + (b[1] - a[1]) * t / 10),
-                                (a[0] + (b[0] - a[0]) * (t + 1) / 10, a[1] + (b[1] - a[1]) * (t + 1) / 10)], fill=c, width=2)
-        for px, py in pts:
-            d.ellipse([px - 3, py - 3, px + 3, py + 3], fill=c)
+    for k, p in enumerate(protocols):
+        x0 = k * PW + pad
+        x = lambda n: x0 + (n - noises[0]) / max(1e-9, noises[-1] - noises[0]) * (PW - pad - 20)  # noqa: E731
+        d.text((x0, 16), f"{p}-level noise", fill="black")
+        for v in range(int(lo), int(hi) + 1, 50):
+            d.line([x0, y(v), x(noises[-1]), y(v)], fill=(225, 225, 225))
+            d.text((x0 - 30, y(v) - 6), f"{v}", fill="black")
+        d.line([x0, H - pad, x(noises[-1]), H - pad], fill="black")
+        d.line([x0, pad, x0, H - pad], fill="black")
+        for n in noises:
+            d.text((x(n) - 10, H - pad + 8), f"{n:.0%}", fill="black")
+        d.text((x0 + (PW - pad) // 2 - 40, H - pad + 26), "noise rate", fill="black")
+        for i, m in enumerate(methods):
+            c = COLOURS[i % len(COLOURS)]
+            pts = [(x(s["noise"]), s) for s in summary if s["method"] == m and s["protocol"] == p]
+            d.line([(px, y(s["rsum"])) for px, s in pts], fill=c, width=2) if len(pts) > 1 else None
+            for px, s in pts:
+                d.line([px, y(s["rsum"] - s["rsum_std"]), px, y(s["rsum"] + s["rsum_std"])], fill=c)
+                d.ellipse([px - 3, y(s["rsum"]) - 3, px + 3, y(s["rsum"]) + 3], fill=c)
+    lx = PW * len(protocols)
+    d.text((lx, pad - 24), "test rSum", fill="black")
     for i, m in enumerate(methods):
-        d.line([W - pad - 120, pad + 18 * i + 6, W - pad - 100, pad + 18 * i + 6], fill=colours[i % len(colours)], width=3)
-        d.text((W - pad - 95, pad + 18 * i), m, fill="black")
-    d.text((pad, 12), "test rSum vs noise rate (synthetic scenes); solid: " + protocols[0] +
-           (f", dashed: {protocols[1]}" if len(protocols) > 1 else "") + " noise", fill="black")
+        d.line([lx, pad + 18 * i + 6, lx + 20, pad + 18 * i + 6], fill=COLOURS[i % len(COLOURS)], width=3)
+        d.text((lx + 26, pad + 18 * i), m, fill="black")
     img.save(path)
+
+
+def expected(durations, g):
+    """Seconds a run of g's method should take: 1.2 x the slowest of that method so far, else a cost-scaled guess."""
+    if g["method"] in durations:
+        return 1.2 * max(durations[g["method"]])
+    seen = [s / COST.get(m, 1) for m, ds in durations.items() for s in ds]
+    return 1.2 * COST.get(g["method"], 1) * max(seen, default=0.0)
+
+
+def load_runs(path):
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="caption noise 0/40/80%%, clip vs dsdmr, one seed")
-    p.add_argument("--methods", default="clip,vse,dsdmr,mscn,iuccl,all")
-    p.add_argument("--ablation", action="store_true", help="add paper A's margin schedules at 40%% and 60%%")
+    p.add_argument("--quick", action="store_true", help="clip vs dsdmr, caption noise 0/40/80%%, seed 0, demo sizes")
+    p.add_argument("--methods", default=METHODS)
+    p.add_argument("--no-ablation", action="store_true", help="skip paper A's margin schedules at 40%% and 60%%")
     p.add_argument("--noise", default="0,0.2,0.4,0.6,0.8")
     p.add_argument("--protocols", default="caption,image")
     p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--sizes", default=None, help=f"train,val,test images (default {FULL_SIZES}; quick {QUICK_SIZES})")
     p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--lr-decay-epochs", type=int, default=None, help="x0.1 every this many epochs (default: the "
+                                                                      "training default, 10: no decay in 5 epochs)")
+    p.add_argument("--name", default=None, help="file stem of the runs, report and plot (default robustness; "
+                                                "quick: robustness_quick)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--workers", type=int, default=os.cpu_count(), help="runs in parallel (processes of one thread "
+                                                                       "each; default: one per CPU core)")
+    p.add_argument("--time-limit", type=float, default=None, help="seconds: start no run that would end after it")
+    p.add_argument("--report", action="store_true", help="only rebuild the report from the runs file")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
-    p.add_argument("--plot", default=str(ROOT / "docs" / "robustness.png"))
+    p.add_argument("--plot", default=None, help="default docs/robustness.png (quick: docs/robustness_quick.png)")
     args = p.parse_args(argv)
     if args.quick:
         args.methods, args.noise, args.protocols, args.seeds = "clip,dsdmr", "0,0.4,0.8", "caption", "0"
-    base = R.TrainConfig(device=args.device)
-    pretrained = R._demo_pretrained(base, print)
-    sizes = [int(v) for v in base.synthetic_sizes.split(",")]
-    grid = [(m, float(n), pr, int(s)) for pr in args.protocols.split(",") for n in args.noise.split(",")
-            for s in args.seeds.split(",") for m in args.methods.split(",")]
-    if args.ablation:
-        grid += [(f"dsdmr-{sch}", n, pr, int(s)) for sch in R.MARGIN_SCHEDULES for n in (0.4, 0.6)
-                 for pr in args.protocols.split(",") for s in args.seeds.split(",")]
-    rows, t0 = [], time.time()
-    with tempfile.TemporaryDirectory() as tmp:
-        for i, (m, n, pr, s) in enumerate(grid):
-            splits = R.synthetic_splits(*sizes, seed=s, image_size=base.image_size)
-            rows.append(run_one(m, n, pr, s, splits, pretrained, args, Path(tmp)))
-            r = rows[-1]
-            print(f"[{i + 1}/{len(grid)}] {m} {pr} {n:.0%} seed {s}: rSum {r['rsum']:.1f} ({r['seconds']:.0f} s)",
-                  flush=True)
-    summary = summarise(rows)
+        args.no_ablation = True
+    args.name = args.name or ("robustness_quick" if args.quick else "robustness")
+    args.plot = args.plot or str(ROOT / "docs" / f"{args.name}.png")
+    args.sizes = args.sizes or (QUICK_SIZES if args.quick else FULL_SIZES)
+    methods, noises = args.methods.split(","), [float(n) for n in args.noise.split(",")]
+    protocols, seeds = args.protocols.split(","), [int(s) for s in args.seeds.split(",")]
+    grid = []
+    for s in seeds:  # seed by seed, so a stopped grid has complete seeds; slow methods first within one
+        block = [(m, n, pr) for pr in protocols for n in noises for m in methods]
+        if not args.no_ablation:
+            block += [(f"dsdmr-{sch}", n, pr) for sch in SCHEDULES for n in (0.4, 0.6) for pr in protocols]
+        block.sort(key=lambda t: -COST.get(t[0], 1))
+        grid += [dict(method=m, protocol=pr, noise=n, seed=s, sizes=args.sizes, epochs=args.epochs,
+                      lr_decay_epochs=args.lr_decay_epochs) for m, n, pr in block]
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    md = table(summary)
-    (out / "robustness.md").write_text(md + f"\n\nCommand: python bench/robustness.py {' '.join(argv or sys.argv[1:])}"
-                                       f"\nWall time: {time.time() - t0:.0f} s\n")
-    (out / "robustness.json").write_text(json.dumps({"runs": rows, "summary": summary}, indent=2))
-    plot(summary, args.plot)
+    runs_path = out / f"{args.name}_runs.jsonl"
+    done = {key(r): r for r in load_runs(runs_path) if "error" not in r}
+    todo = [g for g in grid if key(g) not in done]
+    t0 = time.time()
+    if todo and not args.report:
+        pretrained = R._demo_pretrained(R.TrainConfig(device=args.device), print)
+        workdir = tempfile.mkdtemp(prefix="robustness_")
+        print(f"{len(grid)} runs in the grid, {len(done)} already done, {len(todo)} to run with {args.workers} "
+              f"worker(s) on {args.device}", flush=True)
+        durations, pending, running = {}, list(todo), {}  # seconds per finished run, by method
+        ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
+        with cf.ProcessPoolExecutor(args.workers, mp_context=ctx) as pool, open(runs_path, "a") as fh:
+            while pending or running:
+                while pending and len(running) < args.workers:
+                    if args.time_limit and time.time() - t0 + expected(durations, pending[0]) > args.time_limit:
+                        print(f"time limit: {len(pending)} runs left for a later call", flush=True)
+                        pending = []
+                        break
+                    g = pending.pop(0)
+                    task = (g["method"], g["noise"], g["protocol"], g["seed"], g["sizes"], g["epochs"],
+                            g["lr_decay_epochs"], args.device, pretrained, workdir)
+                    running[pool.submit(run_one, task)] = g
+                if not running:
+                    break
+                finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+                for f in finished:
+                    running.pop(f)
+                    r = f.result()
+                    fh.write(json.dumps(r) + "\n")
+                    fh.flush()
+                    if "error" in r:
+                        print(f"{r['method']} {r['protocol']} {r['noise']:.0%} seed {r['seed']}: {r['error']}", flush=True)
+                        continue
+                    done[key(r)] = r
+                    durations.setdefault(r["method"], []).append(r["seconds"])
+                    print(f"[{len(done)}/{len(grid)}] {r['method']} {r['protocol']} {r['noise']:.0%} seed {r['seed']}: "
+                          f"rSum {r['rsum']:.1f} ({r['seconds']:.0f} s; {time.time() - t0:.0f} s elapsed)", flush=True)
+
+    rows = [done[key(g)] for g in grid if key(g) in done]
+    if not rows:
+        print("no finished runs to report")
+        return
+    summary = summarise(rows)
+    run_s = sum(r["seconds"] for r in rows)
+    md = tables(summary, methods, noises)
+    cmd = "python bench/robustness.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.report:
+        cmd = f"rebuilt from {runs_path.relative_to(ROOT) if runs_path.is_relative_to(ROOT) else runs_path} by {cmd}"
+    (out / f"{args.name}.md").write_text(
+        f"{md}\n\n{len(rows)} of {len(grid)} runs; sizes {args.sizes} (train, val, test images); {args.epochs} "
+        f"epochs{f', lr x0.1 every {args.lr_decay_epochs}' if args.lr_decay_epochs else ''}; run time summed over runs {run_s / 60:.0f} min.\n{cmd}\n")
+    (out / f"{args.name}.json").write_text(json.dumps({"sizes": args.sizes, "epochs": args.epochs, "lr_decay_epochs":
+                                                     args.lr_decay_epochs, "runs": rows, "summary": summary}, indent=1))
+    plot(summary, methods, args.plot)
     print(md)
+    print(f"\n{len(rows)} of {len(grid)} runs reported; {time.time() - t0:.0f} s wall this call, "
+          f"{run_s:.0f} s summed over runs")
 
 
 if __name__ == "__main__":
