@@ -162,10 +162,12 @@ class TrainConfig:
 # `context_length` is cut so that the end token stays in the last position, as open_clip and transformers do.
 
 
-def _pad_batch(rows, pad_id):
-    """Lists of ids -> (ids (B, L) long, mask (B, L) bool), padded with `pad_id` to the longest row."""
+def _pad_batch(rows, pad_id, multiple=1, limit=None):
+    """Lists of ids -> (ids (B, L) long, mask (B, L) bool), padded with `pad_id` to the longest row, rounded up
+    to a multiple of `multiple` (at most `limit`)."""
     lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)  # (B,)
-    L = int(lengths.max())
+    L = -(-int(lengths.max()) // multiple) * multiple
+    L = max(int(lengths.max()), min(L, limit or L))
     ids = torch.tensor([r + [pad_id] * (L - len(r)) for r in rows], dtype=torch.long)  # (B, L)
     # The mask comes from the lengths, not from `ids != pad_id`: CLIP's pad id 0 is also the token "!".
     mask = torch.arange(L) < lengths[:, None]  # (B, L)
@@ -176,7 +178,9 @@ class _Tokenizer:
     """Shared batching for all tokenizers: input checks, start/end tokens, truncation, padding.
 
     Subclasses set `context_length`, `vocab_size`, `pad_id`, `start_id`, `end_id` and define `encode(text)`.
+    `pad_multiple` rounds the padded length up (training sets 8 under --compile: fewer shapes, fewer recompiles).
     """
+    pad_multiple = 1
 
     def encode(self, text):
         raise NotImplementedError
@@ -194,7 +198,7 @@ class _Tokenizer:
                 raise ValueError(f"caption {i} is empty or whitespace-only ({text!r}): drop it, or filter empty "
                                  f"captions upstream before tokenizing")
             rows.append([self.start_id] + self.encode(text)[:keep] + [self.end_id])
-        return _pad_batch(rows, self.pad_id)
+        return _pad_batch(rows, self.pad_id, self.pad_multiple, self.context_length)
 
     def _check_context_length(self, context_length):
         if not isinstance(context_length, int) or context_length < 2:
@@ -2249,13 +2253,36 @@ class Progress:
             print()
 
 
-def score_pairs(model, images, captions, assigned, tokenizer, preprocess, batch_size, device):
+def embed_sharded(embed, n, rank=0, world=1):
+    """All n rows of an embedding, (n, E) in order, with each of `world` ranks embedding one contiguous share:
+    `embed(lo, hi)` -> (hi - lo, E) rows [lo, hi); the shares are gathered so every rank gets the whole."""
+    if world == 1 or n < world:
+        return embed(0, n)
+    bounds = [n * r // world for r in range(world + 1)]
+    mine = embed(bounds[rank], bounds[rank + 1])  # (n_rank, E)
+    width = max(b - a for a, b in zip(bounds, bounds[1:]))  # all_gather wants equal shapes: pad, then trim
+    mine = torch.cat([mine, mine.new_zeros(width - len(mine), *mine.shape[1:])])
+    parts = [torch.empty_like(mine) for _ in range(world)]
+    torch.distributed.all_gather(parts, mine)
+    return torch.cat([p[:b - a] for p, a, b in zip(parts, bounds, bounds[1:])])
+
+
+def embed_pairs(model, images, captions, tokenizer, preprocess, batch_size, device, rank=0, world=1):
+    """(v (N, E), t (C, E)): every image and caption embedded (no grad, chunked), shared out across ranks."""
+    v = embed_sharded(lambda lo, hi: embed_images(model, images.subset(np.arange(lo, hi)), preprocess, batch_size,
+                                                  device), len(images), rank, world)
+    t = embed_sharded(lambda lo, hi: embed_captions(model, tokenizer, captions[lo:hi], batch_size, device),
+                      len(captions), rank, world)
+    return v, t
+
+
+def score_pairs(model, images, captions, assigned, tokenizer, preprocess, batch_size, device, rank=0, world=1):
     """Embeddings of every training pair (the caption with the image it is paired with), chunked, no grad.
+    Under torchrun each rank embeds its share and all ranks receive the whole.
 
     Returns (v (C, E), t (C, E)); the pair's cosine is (v * t).sum(1).
     """
-    v = embed_images(model, images, preprocess, batch_size, device)  # (N, E)
-    t = embed_captions(model, tokenizer, captions, batch_size, device)  # (C, E)
+    v, t = embed_pairs(model, images, captions, tokenizer, preprocess, batch_size, device, rank, world)
     return v[torch.as_tensor(assigned, device=v.device)], t
 
 
@@ -2396,10 +2423,10 @@ def subset_pairs(pairs, image_idx):
                  pairs.name)
 
 
-def evaluate_pairs(model, pairs, tokenizer, preprocess, cfg, device, corrector=None):
-    """Recall metrics of `pairs` (the field's protocol): cosine, or MSCN's corrected score when a corrector is given."""
-    v = embed_images(model, pairs.images, preprocess, 256, device)
-    t = embed_captions(model, tokenizer, pairs.captions, 256, device)
+def evaluate_pairs(model, pairs, tokenizer, preprocess, cfg, device, corrector=None, rank=0, world=1):
+    """Recall metrics of `pairs` (the field's protocol): cosine, or MSCN's corrected score when a corrector is given.
+    Under torchrun the embedding is shared out across ranks; every rank gets the metrics."""
+    v, t = embed_pairs(model, pairs.images, pairs.captions, tokenizer, preprocess, 256, device, rank, world)
     if corrector is None:
         return evaluate(v, t, pairs.img_of_cap, protocol=cfg.eval_protocol)
     with torch.no_grad():
@@ -2502,6 +2529,8 @@ def train(cfg, splits=None, log=print, vocab_captions=None):
             corrector_opt.load_state_dict(ckpt["corrector_optimizer"])
         state = ckpt["state"]
         log(f"resumed from {out / 'last.pt'} at epoch {state['epoch']}")
+    if cfg.compile:
+        tokenizer.pad_multiple = 8  # a new caption length is a new shape to compile: round lengths up to 8
     fmodel = torch.compile(model) if cfg.compile else model
     if world > 1:
         fmodel = torch.nn.parallel.DistributedDataParallel(fmodel, device_ids=[device] if device.type == "cuda" else None)
@@ -2519,7 +2548,8 @@ def train(cfg, splits=None, log=print, vocab_captions=None):
         refit = cfg.filter != "none" and epoch >= cfg.warmup_epochs and (epoch - cfg.warmup_epochs) % cfg.refit_every == 0
         clustered = cfg.batches == "clustered" and epoch >= cfg.clustered_from
         if refit or clustered:
-            v, t = score_pairs(model, train_set.images, train_set.captions, assigned, tokenizer, preprocess, 256, device)
+            v, t = score_pairs(model, train_set.images, train_set.captions, assigned, tokenizer, preprocess, 256, device,
+                               rank, world)  # sharded across ranks, gathered: every rank fits the same GMM
         if refit:
             if cfg.filter == "gmm":
                 scores = (v * t).sum(1).float().cpu()  # (C,) cosine of each training pair
@@ -2640,7 +2670,7 @@ def train(cfg, splits=None, log=print, vocab_captions=None):
 
         # -- select on the full validation split --
         ev_corr = corrector if cfg.eval_score == "corrected" else None
-        metrics = evaluate_pairs(model, val_set, tokenizer, preprocess, cfg, device, ev_corr)
+        metrics = evaluate_pairs(model, val_set, tokenizer, preprocess, cfg, device, ev_corr, rank, world)
         log(f"epoch {epoch} val rsum {metrics['rsum']:.1f}")
         logf.write(json.dumps({"epoch": epoch, "val": metrics, "loss": float(loss_sum) / max(1, len(batches)),
                                "batches": "clustered" if clustered else "random", "hardness": hardness}) + "\n")

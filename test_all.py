@@ -600,6 +600,24 @@ def test_tok_word_build_roundtrip_padding_truncation():
         WordTokenizer(["red square"])
 
 
+def test_tok_pad_multiple_changes_shapes_not_embeddings():
+    """--compile rounds padded lengths up to a multiple of 8: the masks and the pooled text embeddings stay the
+    same (causal CLIP-style and bidirectional masked text), and the context length still caps the padding."""
+    tok = ByteTokenizer(context_length=12)
+    caps = ["a dog", "ok"]
+    ids, mask = tok(caps)
+    tok.pad_multiple = 8
+    ids8, mask8 = tok(caps)
+    assert ids.shape == (2, 7) and ids8.shape == (2, 8) and mask8.sum(1).tolist() == mask.sum(1).tolist()
+    assert tok(["a longer caption here"])[0].shape == (1, 12)  # 16 would exceed the context length
+    torch.manual_seed(0)
+    for causal, pool in [(True, "eot"), (False, "mean")]:
+        m = R.tiny_model(context_length=12).eval()
+        m.cfg.text.causal, m.cfg.text.pool = causal, pool
+        with torch.no_grad():
+            torch.testing.assert_close(m.encode_text(ids8, mask8), m.encode_text(ids, mask), atol=1e-6, rtol=0)
+
+
 def test_tok_pickle_roundtrip():
     vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "a", "dog"])}
     for tok in [_tok_clip(), WordPieceTokenizer(vocab), ByteTokenizer(), WordTokenizer(["a", "dog"])]:
@@ -2010,10 +2028,11 @@ def _free_port():
 
 def test_train_two_processes_equal_one_process(tmp_path):
     """torchrun with 2 CPU processes (gloo) on a global batch: same loss and same parameters after the steps as
-    1 process on that batch (each rank embeds half the batch; the loss sees the gathered global batch)."""
+    1 process on that batch (each rank embeds half the batch; the loss sees the gathered global batch), and the
+    same GMM split and validation metrics from scoring and evaluation shared out across the two ranks."""
     import subprocess
     import sys
-    args = ["train", "--synthetic_sizes", "16,8,8", "--batch_size", "40", "--epochs", "1", "--noise_ratio", "0",
+    args = ["train", "--synthetic_sizes", "17,9,8", "--batch_size", "40", "--epochs", "2", "--noise_ratio", "0.4",
             "--lr_warmup_steps", "1", "--workers", "0", "--device", "cpu"]
     R.main(args + ["--output_dir", str(tmp_path / "one")])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -2023,9 +2042,15 @@ def test_train_two_processes_equal_one_process(tmp_path):
     one, two = (torch.load(tmp_path / d / "last.pt", weights_only=True) for d in ("one", "two"))
     for k, v in one["model"].items():
         torch.testing.assert_close(two["model"][k], v, atol=1e-5, rtol=0, msg=k)
-    loss = [[json.loads(x)["loss"] for x in (tmp_path / d / "log.jsonl").read_text().splitlines() if '"loss"' in x]
-            for d in ("one", "two")]
-    assert loss[0] == pytest.approx(loss[1], abs=1e-5)
+    logs = [[json.loads(x) for x in (tmp_path / d / "log.jsonl").read_text().splitlines()] for d in ("one", "two")]
+    assert [x.keys() for x in logs[0]] == [x.keys() for x in logs[1]]
+    for a, b in zip(*logs):
+        if "split" in a:  # scoring: 17 images, 85 captions embedded in two shares (odd: unequal shares)
+            assert a["split"]["kept"] == b["split"]["kept"]
+            assert a["split"]["mu_clean"] == pytest.approx(b["split"]["mu_clean"], abs=1e-5)
+        else:
+            assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+            assert a["val"]["rsum"] == pytest.approx(b["val"]["rsum"], abs=1e-9)  # 9 images: shares of 4 and 5
 
 
 def test_train_split_diagnostics_against_sklearn():
