@@ -2053,6 +2053,39 @@ def test_train_two_processes_equal_one_process(tmp_path):
             assert a["val"]["rsum"] == pytest.approx(b["val"]["rsum"], abs=1e-9)  # 9 images: shares of 4 and 5
 
 
+def test_bench_robustness_grid_resumes_and_reports(tmp_path, monkeypatch, capsys):
+    """bench/robustness.py on a tiny grid with 2 worker processes: each run once in the JSON-lines file, the
+    summary's means/stds are those of the runs, a second call resumes with nothing left to run, and the tables
+    and the plot are written."""
+    import statistics
+    import sys
+    R.main(["train", "--preset", "clip", "--epochs", "1", "--output_dir", str(tmp_path / "pre"), *_TINY])
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(R.__file__), "bench"))  # spawned workers inherit it
+    import robustness as B
+    monkeypatch.setattr(B.R, "_demo_pretrained", lambda cfg, log: tmp_path / "pre" / "best.pt")
+    args = ["--sizes", "24,12,12", "--epochs", "1", "--methods", "clip,dsdmr", "--noise", "0,0.6", "--seeds", "0,1",
+            "--no-ablation", "--workers", "2", "--device", "cpu", "--out", str(tmp_path / "res"),
+            "--plot", str(tmp_path / "res" / "plot.png")]
+    B.main(args)
+    runs = [json.loads(x) for x in (tmp_path / "res" / "robustness_runs.jsonl").read_text().splitlines()]
+    assert len(runs) == 16 and not any("error" in r for r in runs)  # 2 methods x 2 noise x 2 protocols x 2 seeds
+    assert len({B.key(r) for r in runs}) == 16
+    report = json.loads((tmp_path / "res" / "robustness.json").read_text())
+    for g in report["summary"]:
+        rs = [r["rsum"] for r in runs if (r["method"], r["protocol"], r["noise"]) == (g["method"], g["protocol"], g["noise"])]
+        assert g["seeds"] == 2 and g["rsum"] == pytest.approx(statistics.mean(rs))
+        assert g["rsum_std"] == pytest.approx(statistics.stdev(rs))
+        assert (g["precision"] is None) == (g["method"] == "clip" or g["noise"] == 0)  # a filter and known noise
+    md = (tmp_path / "res" / "robustness.md").read_text()
+    assert "**caption-level noise**" in md and "**image-level noise**" in md and "kept at 60%" in md
+    assert Image.open(tmp_path / "res" / "plot.png").size[0] > 800  # one panel per protocol + legend
+    capsys.readouterr()
+    B.main(args)  # resumes: nothing left to run, same report
+    assert "to run" not in capsys.readouterr().out
+    assert len((tmp_path / "res" / "robustness_runs.jsonl").read_text().splitlines()) == 16
+    sys.modules.pop("robustness", None)
+
+
 def test_train_split_diagnostics_against_sklearn():
     from sklearn.metrics import roc_auc_score
     g = torch.Generator().manual_seed(0)

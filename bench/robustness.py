@@ -264,6 +264,7 @@ def main(argv=None):
                     durations.setdefault(r["method"], []).append(r["seconds"])
                     print(f"[{len(done)}/{len(grid)}] {r['method']} {r['protocol']} {r['noise']:.0%} seed {r['seed']}: "
                           f"rSum {r['rsum']:.1f} ({r['seconds']:.0f} s; {time.time() - t0:.0f} s elapsed)", flush=True)
+        shutil.rmtree(workdir, ignore_errors=True)
 
     rows = [done[key(g)] for g in grid if key(g) in done]
     if not rows:
