@@ -85,7 +85,7 @@ class TrainConfig:
     image_size: int = _opt(32, "image side for a from-scratch model (pretrained models use their own)")
     cache_dir: str = _opt(None, "memory-mapped uint8 image cache (decode once, reuse every epoch and round)")
     skip_bad_images: bool = _opt(False, "drop pairs whose image is missing or corrupt instead of stopping")
-    workers: int = _opt(2, "image-decoding worker processes (path-backed datasets)")
+    workers: int = _opt(2, "processes that load images ahead of training (image files, or any data on a GPU)")
     # model
     pretrained: str = _opt(None, "CLIP weights: OpenAI/open_clip state dict, Hugging Face CLIP dir, or a "
                            "robustitm checkpoint; none = a tiny model from scratch")
@@ -2267,22 +2267,24 @@ def embed_sharded(embed, n, rank=0, world=1):
     return torch.cat([p[:b - a] for p, a, b in zip(parts, bounds, bounds[1:])])
 
 
-def embed_pairs(model, images, captions, tokenizer, preprocess, batch_size, device, rank=0, world=1):
-    """(v (N, E), t (C, E)): every image and caption embedded (no grad, chunked), shared out across ranks."""
+def embed_pairs(model, images, captions, tokenizer, preprocess, batch_size, device, rank=0, world=1, workers=0):
+    """(v (N, E), t (C, E)): every image and caption embedded (no grad, chunked), shared out across ranks;
+    image files are decoded by `workers` processes."""
     v = embed_sharded(lambda lo, hi: embed_images(model, images.subset(np.arange(lo, hi)), preprocess, batch_size,
-                                                  device), len(images), rank, world)
+                                                  device, workers), len(images), rank, world)
     t = embed_sharded(lambda lo, hi: embed_captions(model, tokenizer, captions[lo:hi], batch_size, device),
                       len(captions), rank, world)
     return v, t
 
 
-def score_pairs(model, images, captions, assigned, tokenizer, preprocess, batch_size, device, rank=0, world=1):
+def score_pairs(model, images, captions, assigned, tokenizer, preprocess, batch_size, device, rank=0, world=1,
+                workers=0):
     """Embeddings of every training pair (the caption with the image it is paired with), chunked, no grad.
     Under torchrun each rank embeds its share and all ranks receive the whole.
 
     Returns (v (C, E), t (C, E)); the pair's cosine is (v * t).sum(1).
     """
-    v, t = embed_pairs(model, images, captions, tokenizer, preprocess, batch_size, device, rank, world)
+    v, t = embed_pairs(model, images, captions, tokenizer, preprocess, batch_size, device, rank, world, workers)
     return v[torch.as_tensor(assigned, device=v.device)], t
 
 
@@ -2304,6 +2306,28 @@ def image_batch(images, idx):
     if images.array is not None:
         return torch.from_numpy(np.asarray(images.array[images.rows[idx]]))
     return torch.stack([images[int(i)] for i in idx])
+
+
+class _BatchImages(torch.utils.data.Dataset):
+    """Item k: the uint8 images (B, 3, S, S) of training batch k (`img_idx[k]` holds their indices)."""
+
+    def __init__(self, images, img_idx):
+        self.images, self.img_idx = images, img_idx
+
+    def __len__(self):
+        return len(self.img_idx)
+
+    def __getitem__(self, k):
+        return image_batch(self.images, self.img_idx[k])
+
+
+def batch_images(images, img_idx, workers=0, pin_memory=False):
+    """The images of each batch, in order. With workers, a DataLoader reads (or decodes) the next batches in
+    other processes, into pinned memory, while the current one trains; without, they are read when asked for."""
+    data = _BatchImages(images, img_idx)
+    if workers == 0:
+        return (data[k] for k in range(len(data)))
+    return iter(torch.utils.data.DataLoader(data, batch_size=None, num_workers=workers, pin_memory=pin_memory))
 
 
 def image_name(images, i):
@@ -2426,7 +2450,8 @@ def subset_pairs(pairs, image_idx):
 def evaluate_pairs(model, pairs, tokenizer, preprocess, cfg, device, corrector=None, rank=0, world=1):
     """Recall metrics of `pairs` (the field's protocol): cosine, or MSCN's corrected score when a corrector is given.
     Under torchrun the embedding is shared out across ranks; every rank gets the metrics."""
-    v, t = embed_pairs(model, pairs.images, pairs.captions, tokenizer, preprocess, 256, device, rank, world)
+    v, t = embed_pairs(model, pairs.images, pairs.captions, tokenizer, preprocess, 256, device, rank, world,
+                       cfg.workers)
     if corrector is None:
         return evaluate(v, t, pairs.img_of_cap, protocol=cfg.eval_protocol)
     with torch.no_grad():
@@ -2549,7 +2574,7 @@ def train(cfg, splits=None, log=print, vocab_captions=None):
         clustered = cfg.batches == "clustered" and epoch >= cfg.clustered_from
         if refit or clustered:
             v, t = score_pairs(model, train_set.images, train_set.captions, assigned, tokenizer, preprocess, 256, device,
-                               rank, world)  # sharded across ranks, gathered: every rank fits the same GMM
+                               rank, world, cfg.workers)  # sharded across ranks, gathered: every rank fits one GMM
         if refit:
             if cfg.filter == "gmm":
                 scores = (v * t).sum(1).float().cpu()  # (C,) cosine of each training pair
@@ -2592,7 +2617,10 @@ def train(cfg, splits=None, log=print, vocab_captions=None):
         model.train()
         bar, loss_sum = Progress(len(batches), f"epoch {epoch}") if main_rank else None, torch.zeros((), device=device)
         p_dev = state["p_clean"].to(device)
-        for i, cap_idx in enumerate(batches):
+        # Images load ahead in worker processes where that pays: files to decode, or a GPU to keep busy.
+        workers = cfg.workers if train_set.images.paths is not None or device.type == "cuda" else 0
+        loader = batch_images(train_set.images, [assigned[b] for b in batches], workers, device.type == "cuda")
+        for i, (cap_idx, raw) in enumerate(zip(batches, loader)):
             if len(cap_idx) < world:
                 continue  # too small to give every rank a pair (the same decision on every rank)
             lr = get_lr(cfg, state["step"], epoch)
@@ -2603,8 +2631,8 @@ def train(cfg, splits=None, log=print, vocab_captions=None):
             sizes = [len(x) for x in cap_idx.tensor_split(world)]
             lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
             img_idx = assigned[cap_idx]
-            raw = image_batch(train_set.images, img_idx)  # uint8 (B, 3, S, S)
-            images = preprocess.normalize((augment(raw, gen) if cfg.augment else raw)[lo:hi].to(device, non_blocking=True))
+            raw = raw.to(device, non_blocking=True)  # uint8 (B, 3, S, S); augmentation runs on the device
+            images = preprocess.normalize((augment(raw, gen) if cfg.augment else raw)[lo:hi])
             ids, mask = tokenizer([train_set.captions[c] for c in cap_idx[lo:hi].tolist()])
             ids, mask, img_dev = ids.to(device), mask.to(device), img_idx.to(device)
             same = img_dev[:, None] == img_dev[None, :]  # (B, B) another caption of the same image is no negative
@@ -2613,7 +2641,7 @@ def train(cfg, splits=None, log=print, vocab_captions=None):
             if cfg.unimodal:  # paper C: a second augmented view of each image, another caption of its image
                 other = [s[int(torch.randint(len(s), (1,), generator=gen))] for s in (siblings[c] for c in cap_idx.tolist())]
                 ids2, mask2 = tokenizer([train_set.captions[c] for c in other[lo:hi]])
-                views = (preprocess.normalize(augment(raw, gen)[lo:hi].to(device)), ids2.to(device), mask2.to(device))
+                views = (preprocess.normalize(augment(raw, gen)[lo:hi]), ids2.to(device), mask2.to(device))
 
             def loss_fn(corr, v, t):
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
@@ -2800,6 +2828,7 @@ def main(argv=None):
         p.add_argument("--split", default="test" if name == "eval" else "train")
         p.add_argument("--device", default="auto")
         p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
+        p.add_argument("--workers", type=int, default=2, help="image-decoding worker processes (image files)")
         p.add_argument("--output", required=name == "score", help="write the JSON (eval) or CSV (score) here")
         if name == "eval":
             p.add_argument("--eval_protocol", default="full", choices=["full", "coco1k"])
@@ -2848,7 +2877,8 @@ def score_command(args):
     assigned = pairs.img_of_cap
     if args.noise_file:
         assigned = noise_file(args.noise_file, pairs.img_of_cap, len(pairs.images), 0.0, "caption", args.seed)
-    v, t = score_pairs(model.to(device), pairs.images, pairs.captions, assigned, tokenizer, preprocess, 256, device)
+    v, t = score_pairs(model.to(device), pairs.images, pairs.captions, assigned, tokenizer, preprocess, 256, device,
+                       workers=args.workers)
     scores = (v * t).sum(1).float().cpu()  # (C,) cosine of each pair
     p_clean, kept, stats, _ = gmm_split(scores, args.threshold, args.seed)
     _refuse_overwrite(args.output)

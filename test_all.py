@@ -1549,6 +1549,21 @@ def test_train_score_and_export_clean_read_back(tmp_path):
         R.main(["score", str(tmp_path / "run" / "best.pt"), "--data", str(data), "--output", str(csv_path)])
 
 
+def test_train_image_files_decoded_by_workers_give_the_same_run(tmp_path):
+    """Image files read ahead by 2 loader processes (training batches, scoring, validation) give exactly the
+    run that decoding in the training process gives."""
+    data = R.export_karpathy(R.synthetic_splits(60, 20, 20, seed=0), tmp_path / "data")
+    tiny = [a for a in _TINY if a not in ("--workers", "0")]
+    for w in ("0", "2"):
+        R.main(["train", "--data", str(data), "--epochs", "2", "--preset", "dsdmr", "--noise_ratio", "0.4",
+                "--output_dir", str(tmp_path / f"w{w}"), "--workers", w, *tiny])
+    logs = [(tmp_path / f"w{w}" / "log.jsonl").read_text() for w in ("0", "2")]
+    assert logs[0] == logs[1]
+    one, two = (_weights(tmp_path / f"w{w}" / "last.pt") for w in ("0", "2"))
+    for k, v in one.items():
+        torch.testing.assert_close(two[k], v, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("filter_", R.FILTERS)
 @pytest.mark.parametrize("loss", R.LOSSES)
 @pytest.mark.parametrize("batches", R.BATCHES)
