@@ -237,7 +237,7 @@ def run_variant(name, impl, padding, compiled, ref, hf_dir, pool, args, device, 
             v, t = enc_img(images), enc_txt(ids, mask)  # (B, E), (B, E)
         return info_nce(v.float() @ t.float().t(), logit_scale.exp())  # symmetric InfoNCE, fp32
 
-    step_loss = torch.compile(loss_fn, dynamic=False) if compiled else loss_fn
+    step_loss = torch.compile(loss_fn, dynamic=False, mode=args.compile_mode) if compiled else loss_fn
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.98), eps=1e-6, fused=device.type == "cuda")
     batches = [(b["images"], b["ids"][:, :L], b["mask"][:, :L]) for b, L in zip(pool, lens)]
 
@@ -278,8 +278,8 @@ def run_variant(name, impl, padding, compiled, ref, hf_dir, pool, args, device, 
     if compiled and budget.left() - reserve_s < budget.estimate("encode"):
         row["encode"] = "skipped: time budget"
     else:
-        ei = torch.compile(enc_img, dynamic=False) if compiled else enc_img
-        et = torch.compile(enc_txt, dynamic=False) if compiled else enc_txt
+        ei = torch.compile(enc_img, dynamic=False, mode=args.compile_mode) if compiled else enc_img
+        et = torch.compile(enc_txt, dynamic=False, mode=args.compile_mode) if compiled else enc_txt
         t0 = time.perf_counter()
         with torch.no_grad(), torch.autocast(**amp):
             for imgs, ids, mask in batches:  # warm-up / compile every shape
@@ -364,6 +364,8 @@ def main(argv=None):
     p.add_argument("--pool", type=int, default=None, help="distinct batches cycled (default 8; quick 2)")
     p.add_argument("--encode-reps", type=int, default=None, help="timed encode batches (default 20; quick 2)")
     p.add_argument("--no-compile", action="store_true", help="eager variants only")
+    p.add_argument("--compile-mode", default=None, help="torch.compile mode of every compiled variant (default: "
+                                                        "torch's; e.g. max-autotune-no-cudagraphs), same for all")
     p.add_argument("--only", default=None, help="comma-separated implementations to run (ours,open_clip,hf)")
     p.add_argument("--budget-s", type=float, default=None, help="wall-clock budget (s): a variant whose "
                                                                 "estimated cost would overrun it is skipped")
@@ -442,7 +444,7 @@ def main(argv=None):
     precision = "bf16 autocast" if device.type == "cuda" else "fp32"
     print(f"\nbatch {args.batch}, {precision}, fused AdamW, symmetric InfoNCE; {args.steps} timed steps (median); "
           f"peak matmul {_num(peak / 1e12)} TFLOP/s; compiled dynamic text is padded to a multiple of {BUCKET} "
-          f"(dynamic=False); warm-up s = untimed first steps incl. compilation (+ encoder compilation)\n")
+          f"(dynamic=False, mode={args.compile_mode or 'default'}); warm-up s = untimed first steps incl. compilation (+ encoder compilation)\n")
     print(table(rows, peak, device))
 
 
