@@ -1370,8 +1370,8 @@ class Preprocess:
         return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()  # (3, S, S)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        mean = torch.tensor(self.mean, device=x.device).view(3, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(3, 1, 1)
+        mean = torch.tensor(self.mean).view(3, 1, 1).to(x.device, non_blocking=True)  # no host sync on a GPU
+        std = torch.tensor(self.std).view(3, 1, 1).to(x.device, non_blocking=True)
         return (x.float() / 255 - mean) / std  # (..., 3, S, S)
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
@@ -2634,14 +2634,16 @@ def train(cfg, splits=None, log=print, vocab_captions=None):
             raw = raw.to(device, non_blocking=True)  # uint8 (B, 3, S, S); augmentation runs on the device
             images = preprocess.normalize((augment(raw, gen) if cfg.augment else raw)[lo:hi])
             ids, mask = tokenizer([train_set.captions[c] for c in cap_idx[lo:hi].tolist()])
-            ids, mask, img_dev = ids.to(device), mask.to(device), img_idx.to(device)
+            # Host -> device copies are queued (non_blocking), never waited for: the step has no host sync.
+            ids, mask, img_dev = (x.to(device, non_blocking=True) for x in (ids, mask, img_idx))
             same = img_dev[:, None] == img_dev[None, :]  # (B, B) another caption of the same image is no negative
-            p_b = p_dev[cap_idx.to(device)]
+            p_b = p_dev[cap_idx.to(device, non_blocking=True)]
             views = None
             if cfg.unimodal:  # paper C: a second augmented view of each image, another caption of its image
                 other = [s[int(torch.randint(len(s), (1,), generator=gen))] for s in (siblings[c] for c in cap_idx.tolist())]
                 ids2, mask2 = tokenizer([train_set.captions[c] for c in other[lo:hi]])
-                views = (preprocess.normalize(augment(raw, gen)[lo:hi]), ids2.to(device), mask2.to(device))
+                views = (preprocess.normalize(augment(raw, gen)[lo:hi]), ids2.to(device, non_blocking=True),
+                         mask2.to(device, non_blocking=True))
 
             def loss_fn(corr, v, t):
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
@@ -2669,9 +2671,10 @@ def train(cfg, splits=None, log=print, vocab_captions=None):
                                    image_batch(train_set.images, neg_img)])
                 m_ids, m_mask = tokenizer([meta_set.captions[c] for c in pos.tolist()] +
                                           [train_set.captions[c] for c in neg_cap.tolist()])
-                labels = torch.cat([torch.ones(n), torch.zeros(n)]).to(device)
+                labels = torch.cat([torch.ones(n), torch.zeros(n)]).to(device, non_blocking=True)
                 out_ = meta_step(fmodel, corrector, (images, ids, mask),
-                                 (preprocess.normalize(m_img.to(device)), m_ids.to(device), m_mask.to(device), labels),
+                                 (preprocess.normalize(m_img.to(device, non_blocking=True)),
+                                  m_ids.to(device, non_blocking=True), m_mask.to(device, non_blocking=True), labels),
                                  inner_lr=None, loss_fn=loss_fn, optimizer=opt, corrector_optimizer=corrector_opt,
                                  params=cfg.lookahead)
                 loss = out_["loss"]
