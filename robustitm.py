@@ -1678,7 +1678,7 @@ def augment(x: torch.Tensor, generator=None, flip=False, scale=(0.8, 1.0), jitte
     `scale`, aspect 3/4-4/3), optional horizontal flip (off: scene captions say left/right), brightness,
     contrast and saturation jitter by factors in [1 - jitter, 1 + jitter]. Returns uint8 (B, 3, S, S)."""
     B, _, S, _ = x.shape
-    u = torch.rand(B, 8, generator=generator).to(x.device)  # (B, 8) all random numbers for the batch
+    u = torch.rand(B, 8, generator=generator).to(x.device, non_blocking=True)  # (B, 8) the batch's random numbers
     area = scale[0] + (scale[1] - scale[0]) * u[:, 0]
     aspect = torch.exp(math.log(3 / 4) + math.log(16 / 9) * u[:, 1])
     w, h = (area * aspect).sqrt().clamp(max=1), (area / aspect).sqrt().clamp(max=1)  # crop size, fraction of S
@@ -1689,7 +1689,8 @@ def augment(x: torch.Tensor, generator=None, flip=False, scale=(0.8, 1.0), jitte
     grid = F.affine_grid(theta, [B, 3, S, S], align_corners=False)
     y = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)  # (B,3,S,S)
     b, c, s = (1 + jitter * (2 * u[:, 5:8] - 1)).unbind(1)
-    gray = (y * torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1).to(x.device, non_blocking=True)
+    gray = (y * luma).sum(1, keepdim=True)
     y = gray + (y - gray) * s.view(B, 1, 1, 1)  # saturation
     y = y.mean((1, 2, 3), keepdim=True) + (y - y.mean((1, 2, 3), keepdim=True)) * c.view(B, 1, 1, 1)  # contrast
     return (y * b.view(B, 1, 1, 1)).round().clamp(0, 255).to(torch.uint8)
@@ -1989,7 +1990,7 @@ def embed_captions(model, tokenizer, captions, batch_size=256, device="cpu") -> 
     for i in range(0, len(order), batch_size):
         ids, mask = tokenizer([captions[c] for c in order[i:i + batch_size]])  # (B, L), (B, L)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            out.append(model.encode_text(ids.to(device), mask.to(device)).float())  # (B, E)
+            out.append(model.encode_text(ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)).float())
     model.train(was_training)
     if not out:
         return torch.empty(0)
