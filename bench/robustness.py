@@ -70,6 +70,8 @@ def run_one(task):
         row["error"] = f"{type(e).__name__}: {e}"
     shutil.rmtree(cfg.output_dir, ignore_errors=True)  # checkpoints and plots of a finished run are not kept
     row["seconds"] = round(time.time() - t0, 1)
+    dev = R._device(device)
+    row["machine"] = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
     return row
 
 
@@ -276,9 +278,11 @@ def main(argv=None):
     cmd = "python bench/robustness.py " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.report:
         cmd = f"rebuilt from {runs_path.relative_to(ROOT) if runs_path.is_relative_to(ROOT) else runs_path} by {cmd}"
+    decay = f", lr x0.1 every {args.lr_decay_epochs}" if args.lr_decay_epochs else ""
+    machines = ", ".join(sorted({r.get("machine", "not recorded") for r in rows}))
     (out / f"{args.name}.md").write_text(
         f"{md}\n\n{len(rows)} of {len(grid)} runs; sizes {args.sizes} (train, val, test images); {args.epochs} "
-        f"epochs{f', lr x0.1 every {args.lr_decay_epochs}' if args.lr_decay_epochs else ''}; run time summed over runs {run_s / 60:.0f} min.\n{cmd}\n")
+        f"epochs{decay}; run time summed over runs {run_s / 60:.0f} min; machine: {machines}.\n{cmd}\n")
     (out / f"{args.name}.json").write_text(json.dumps({"sizes": args.sizes, "epochs": args.epochs, "lr_decay_epochs":
                                                      args.lr_decay_epochs, "runs": rows, "summary": summary}, indent=1))
     plot(summary, methods, args.plot)
