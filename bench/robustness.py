@@ -6,7 +6,7 @@ from the run's seed, selects its epoch on validation rSum (never the test split)
 an interrupted grid resumes where it stopped; the report (bench/results/robustness.md and .json, and the plot
 docs/robustness.png drawn with Pillow) is rebuilt from every run in that file that belongs to the grid.
 
-    python bench/robustness.py --quick                     # clip vs dsdmr, caption noise 0/40/80%, minutes on 2 CPU cores
+    python bench/robustness.py --quick                     # clip vs dsdmr, caption noise 0/40/80%: minutes, 2 cores
     python bench/robustness.py --device cuda --workers 16  # the full grid + margin-schedule ablation (228 runs)
     python bench/robustness.py --device cuda --time-limit 540   # stop starting runs after 9 min; run again to resume
     python bench/robustness.py --methods clip,dsdmr --noise 0,0.6 --no-ablation --epochs 10 --lr-decay-epochs 5 \
@@ -230,13 +230,14 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runs_path = out / f"{args.name}_runs.jsonl"
-    done = {key(r): r for r in load_runs(runs_path) if "error" not in r}
+    done = {key(r): r for r in load_runs(runs_path) if "error" not in r}  # may hold runs of other grids too
     todo = [g for g in grid if key(g) not in done]
     t0 = time.time()
     if todo and not args.report:
         pretrained = R._demo_pretrained(R.TrainConfig(device=args.device), print)
         workdir = tempfile.mkdtemp(prefix="robustness_")
-        print(f"{len(grid)} runs in the grid, {len(done)} already done, {len(todo)} to run with {args.workers} "
+        n_done = len(grid) - len(todo)
+        print(f"{len(grid)} runs in the grid, {n_done} already done, {len(todo)} to run with {args.workers} "
               f"worker(s) on {args.device}", flush=True)
         durations, pending, running = {}, list(todo), {}  # seconds per finished run, by method
         ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
@@ -259,13 +260,15 @@ def main(argv=None):
                     r = f.result()
                     fh.write(json.dumps(r) + "\n")
                     fh.flush()
+                    name = f"{r['method']} {r['protocol']} {r['noise']:.0%} seed {r['seed']}"
                     if "error" in r:
-                        print(f"{r['method']} {r['protocol']} {r['noise']:.0%} seed {r['seed']}: {r['error']}", flush=True)
+                        print(f"{name}: {r['error']}", flush=True)
                         continue
                     done[key(r)] = r
                     durations.setdefault(r["method"], []).append(r["seconds"])
-                    print(f"[{len(done)}/{len(grid)}] {r['method']} {r['protocol']} {r['noise']:.0%} seed {r['seed']}: "
-                          f"rSum {r['rsum']:.1f} ({r['seconds']:.0f} s; {time.time() - t0:.0f} s elapsed)", flush=True)
+                    n_done += 1
+                    print(f"[{n_done}/{len(grid)}] {name}: rSum {r['rsum']:.1f} ({r['seconds']:.0f} s; "
+                          f"{time.time() - t0:.0f} s elapsed)", flush=True)
         shutil.rmtree(workdir, ignore_errors=True)
 
     rows = [done[key(g)] for g in grid if key(g) in done]
