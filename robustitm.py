@@ -85,7 +85,7 @@ class TrainConfig:
     image_size: int = _opt(32, "image side for a from-scratch model (pretrained models use their own)")
     cache_dir: str = _opt(None, "memory-mapped uint8 image cache (decode once, reuse every epoch and round)")
     skip_bad_images: bool = _opt(False, "drop pairs whose image is missing or corrupt instead of stopping")
-    workers: int = _opt(2, "processes that load images ahead of training (image files, or any data on a GPU)")
+    workers: int = _opt(2, "processes that load images ahead of training (image files without a cache, any on a GPU)")
     # model
     pretrained: str = _opt(None, "CLIP weights: OpenAI/open_clip state dict, Hugging Face CLIP dir, or a "
                            "robustitm checkpoint; none = a tiny model from scratch")
@@ -2619,7 +2619,7 @@ def train(cfg, splits=None, log=print, vocab_captions=None):
         bar, loss_sum = Progress(len(batches), f"epoch {epoch}") if main_rank else None, torch.zeros((), device=device)
         p_dev = state["p_clean"].to(device)
         # Images load ahead in worker processes where that pays: files to decode, or a GPU to keep busy.
-        workers = cfg.workers if train_set.images.paths is not None or device.type == "cuda" else 0
+        workers = cfg.workers if train_set.images.array is None or device.type == "cuda" else 0
         loader = batch_images(train_set.images, [assigned[b] for b in batches], workers, device.type == "cuda")
         for i, (cap_idx, raw) in enumerate(zip(batches, loader)):
             if len(cap_idx) < world:
