@@ -107,7 +107,7 @@ def tables(summary, methods, noises):
                 cells.append(f"{s['rsum']:.1f} ± {s['rsum_std']:.1f}{below}" if s else "–")
             if keep_col:
                 s0, s60 = at.get((m, p, 0.0)), at.get((m, p, 0.6))
-                cells.append(f"{s60['rsum'] / s0['rsum']:.0%}" if s0 and s60 else "–")
+                cells.append(f"{s60['rsum'] / s0['rsum']:.1%}" if s0 and s60 else "–")
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
         lines.append("")
     ablation = [s for s in summary if s["method"].startswith("dsdmr-")]
