@@ -2474,14 +2474,16 @@ def _distributed(cfg):
     return torch.distributed.get_rank(), world, device
 
 
-def gather_with_grad(x, world):
+def gather_with_grad(x, world, sizes):
     """Concatenate (B_local, ...) tensors of all ranks in rank order -> (B_global, ...), differentiable: each rank's
     loss is the loss of the global batch, and DistributedDataParallel's gradient average then equals the
-    single-process gradient of that batch."""
+    single-process gradient of that batch. `sizes`: every rank's B_local (they differ by one when the global
+    batch does not split evenly; all_gather needs equal shapes, so shares are padded and trimmed)."""
     if world == 1:
         return x
     from torch.distributed.nn.functional import all_gather
-    return torch.cat(all_gather(x.contiguous()))
+    x = torch.cat([x, x.new_zeros(max(sizes) - len(x), *x.shape[1:])])
+    return torch.cat([part[:n] for part, n in zip(all_gather(x), sizes)])
 
 
 def train(cfg, splits=None, log=print, vocab_captions=None):
@@ -2559,7 +2561,14 @@ def train(cfg, splits=None, log=print, vocab_captions=None):
         tokenizer.pad_multiple = 8  # a new caption length is a new shape to compile: round lengths up to 8
     fmodel = torch.compile(model) if cfg.compile else model
     if world > 1:
-        fmodel = torch.nn.parallel.DistributedDataParallel(fmodel, device_ids=[device] if device.type == "cuda" else None)
+        # The temperature enters the loss outside forward (or not at all: the ranking losses); every rank's loss is
+        # the global batch's, so its gradient is already the same on every rank and DDP leaves it alone.
+        # (DDP tracks only the parameters that require grad when it is built.)
+        model.logit_scale.requires_grad_(False)
+        fmodel = torch.nn.parallel.DistributedDataParallel(
+            fmodel, device_ids=[device] if device.type == "cuda" else None,
+            find_unused_parameters=cfg.frozen_epochs > 0)  # a frozen stage leaves the towers without gradients
+        model.logit_scale.requires_grad_(True)
     logf = open(out / "log.jsonl", "a") if main_rank else open(os.devnull, "w")
     heads = {*HEAD_NAMES, "logit_scale"}  # the projection heads meta.py looks ahead through, and the temperature
 
@@ -2649,8 +2658,8 @@ def train(cfg, splits=None, log=print, vocab_captions=None):
             def loss_fn(corr, v, t):
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
                     if views is not None:
-                        v2, t2 = (gather_with_grad(x, world) for x in fmodel(*views))
-                v, t = gather_with_grad(v, world), gather_with_grad(t, world)  # (B, E) the global batch
+                        v2, t2 = (gather_with_grad(x, world, sizes) for x in fmodel(*views))
+                v, t = gather_with_grad(v, world, sizes), gather_with_grad(t, world, sizes)  # (B, E) global batch
                 sims = v.float() @ t.float().t()  # (B, B) cosine
                 if corr is None:
                     loss = batch_loss(cfg, sims, same, p_b, state["stats"], model.logit_scale)

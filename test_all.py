@@ -2041,24 +2041,31 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_train_two_processes_equal_one_process(tmp_path):
+@pytest.mark.parametrize("preset", ["dsdmr", "iuccl"])
+def test_train_two_processes_equal_one_process(tmp_path, preset):
     """torchrun with 2 CPU processes (gloo) on a global batch: same loss and same parameters after the steps as
-    1 process on that batch (each rank embeds half the batch; the loss sees the gathered global batch), and the
-    same GMM split and validation metrics from scoring and evaluation shared out across the two ranks."""
+    1 process on that batch (each rank embeds half the batch, unequal halves included; the loss sees the gathered
+    global batch), and the same GMM split and validation metrics from scoring and evaluation shared out across
+    the two ranks. dsdmr: a loss without the temperature; iuccl: a frozen stage and second views."""
     import subprocess
     import sys
-    args = ["train", "--synthetic_sizes", "17,9,8", "--batch_size", "40", "--epochs", "2", "--noise_ratio", "0.4",
-            "--lr_warmup_steps", "1", "--workers", "0", "--device", "cpu"]
+    args = ["train", "--preset", preset, "--synthetic_sizes", "17,9,8", "--batch_size", "40", "--epochs", "2",
+            "--noise_ratio", "0.4", "--lr_warmup_steps", "1", "--workers", "0", "--device", "cpu"]
     R.main(args + ["--output_dir", str(tmp_path / "one")])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                    f"--master_port={_free_port()}", R.__file__, *args, "--output_dir", str(tmp_path / "two")],
-                   check=True, env=env, capture_output=True, timeout=300)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          f"--master_port={_free_port()}", R.__file__, *args, "--output_dir", str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-4000:]
     one, two = (torch.load(tmp_path / d / "last.pt", weights_only=True) for d in ("one", "two"))
+    # iuccl's second caption views are padded per rank (not to the global longest): float noise, which Adam's
+    # normalised step amplifies on near-zero gradients (seen: 1.9e-5 on one bias, losses equal to the last digit).
+    atol = 1e-5 if preset == "dsdmr" else 5e-5
     for k, v in one["model"].items():
-        torch.testing.assert_close(two["model"][k], v, atol=1e-5, rtol=0, msg=k)
+        torch.testing.assert_close(two["model"][k], v, atol=atol, rtol=0, msg=k)
     logs = [[json.loads(x) for x in (tmp_path / d / "log.jsonl").read_text().splitlines()] for d in ("one", "two")]
     assert [x.keys() for x in logs[0]] == [x.keys() for x in logs[1]]
+    assert sum("split" in x for x in logs[0]) == (2 if preset == "dsdmr" else 0)  # one GMM split per epoch
     for a, b in zip(*logs):
         if "split" in a:  # scoring: 17 images, 85 captions embedded in two shares (odd: unequal shares)
             assert a["split"]["kept"] == b["split"]["kept"]
