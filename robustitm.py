@@ -2309,28 +2309,6 @@ def image_batch(images, idx):
     return torch.stack([images[int(i)] for i in idx])
 
 
-class _BatchImages(torch.utils.data.Dataset):
-    """Item k: the uint8 images (B, 3, S, S) of training batch k (`img_idx[k]` holds their indices)."""
-
-    def __init__(self, images, img_idx):
-        self.images, self.img_idx = images, img_idx
-
-    def __len__(self):
-        return len(self.img_idx)
-
-    def __getitem__(self, k):
-        return image_batch(self.images, self.img_idx[k])
-
-
-def batch_images(images, img_idx, workers=0, pin_memory=False):
-    """The images of each batch, in order. With workers, a DataLoader reads (or decodes) the next batches in
-    other processes, into pinned memory, while the current one trains; without, they are read when asked for."""
-    data = _BatchImages(images, img_idx)
-    if workers == 0:
-        return (data[k] for k in range(len(data)))
-    return iter(torch.utils.data.DataLoader(data, batch_size=None, num_workers=workers, pin_memory=pin_memory))
-
-
 def image_name(images, i):
     """The file behind image i (path-backed datasets only)."""
     if images.paths is None:
@@ -2627,9 +2605,11 @@ def train(cfg, splits=None, log=print, vocab_captions=None):
         model.train()
         bar, loss_sum = Progress(len(batches), f"epoch {epoch}") if main_rank else None, torch.zeros((), device=device)
         p_dev = state["p_clean"].to(device)
-        # Images load ahead in worker processes where that pays: files to decode, or a GPU to keep busy.
+        # The epoch's batches are fixed, so a DataLoader reads the next ones ahead, in worker processes where that
+        # pays (files to decode, or a GPU to keep busy) and into pinned memory on a GPU.
         workers = cfg.workers if train_set.images.array is None or device.type == "cuda" else 0
-        loader = batch_images(train_set.images, [assigned[b] for b in batches], workers, device.type == "cuda")
+        loader = torch.utils.data.DataLoader(train_set.images, batch_sampler=[assigned[b].tolist() for b in batches],
+                                             num_workers=workers, pin_memory=device.type == "cuda")
         for i, (cap_idx, raw) in enumerate(zip(batches, loader)):
             if len(cap_idx) < world:
                 continue  # too small to give every rank a pair (the same decision on every rank)
