@@ -71,8 +71,11 @@ PRESETS = {
     # InfoNCE: a hardest-negative hinge on clustered batches collapsed on the synthetic task (near-duplicate
     # scenes make the hardest "negative" a near match).
     "all": dict(filter="mscn", loss="infonce", batches="clustered", unimodal=True),
+    # A reference, not a method: plain fine-tuning on the pairs the injected noise left intact (a perfect filter),
+    # the ceiling of any filter that drops the noisy pairs.
+    "clean": dict(filter="truth", loss="infonce", batches="random", unimodal=False),
 }
-FILTERS, LOSSES, BATCHES = ("none", "gmm", "mscn"), ("infonce", "triplet", "dsdm"), ("random", "clustered")
+FILTERS, LOSSES, BATCHES = ("none", "gmm", "mscn", "truth"), ("infonce", "triplet", "dsdm"), ("random", "clustered")
 
 
 @dataclass
@@ -104,7 +107,8 @@ class TrainConfig:
     # method
     preset: str = _opt(None, "method preset (overrides the switches it names): " + "; ".join(f"{k}={'/'.join(str(x) for x in v.values())}"
                                                            for k, v in PRESETS.items()), choices=list(PRESETS))
-    filter: str = _opt("none", "clean/noisy split: none | gmm (paper A) | mscn (paper B)", choices=list(FILTERS))
+    filter: str = _opt("none", "clean/noisy split: none | gmm (paper A) | mscn (paper B) | truth (the injected "
+                       "noise's own labels: a reference)", choices=list(FILTERS))
     loss: str = _opt("infonce", "infonce | triplet (VSE++ fixed margin) | dsdm (dynamic margin, paper A)",
                      choices=list(LOSSES))
     batches: str = _opt("random", "random | clustered (k-means hard-negative batches, paper C)", choices=list(BATCHES))
@@ -151,6 +155,9 @@ class TrainConfig:
                 setattr(self, k, v)
         if not 0 <= self.noise_ratio < 1:
             raise ValueError(f"noise_ratio must be in [0, 1), got {self.noise_ratio}")
+        if self.filter == "truth" and self.noise_ratio == 0 and not self.noise_file and self.data != "synthetic":
+            raise ValueError("--filter truth keeps the pairs our injected noise left intact: it needs --noise_ratio "
+                             "> 0 or --noise_file (of real pairs as given, which are clean is unknown)")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -2525,7 +2532,10 @@ def train(cfg, splits=None, log=print, vocab_captions=None):
 
     opt = make_optimizer(model, cfg, device)
     state = {"epoch": 0, "step": 0, "best_rsum": -1.0, "kept": torch.ones(C, dtype=torch.bool),
-             "p_clean": torch.ones(C), "stats": {}}
+             "p_clean": torch.ones(C), "stats": {}, "split": None, "best_split": None}
+    if cfg.filter == "truth":  # fixed for the whole run: no scoring, no refits
+        state.update(kept=~noisy, p_clean=(~noisy).float())
+        state["split"] = split_diagnostics(state["p_clean"], state["kept"], truth)
     if cfg.resume:
         ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
         model.load_state_dict(ckpt["model"])
@@ -2558,7 +2568,7 @@ def train(cfg, splits=None, log=print, vocab_captions=None):
             p.requires_grad_(epoch >= cfg.frozen_epochs or n in heads)
 
         # -- round: re-score every training pair with the current model and re-split (paper A iterates) --
-        refit = cfg.filter != "none" and epoch >= cfg.warmup_epochs and (epoch - cfg.warmup_epochs) % cfg.refit_every == 0
+        refit = cfg.filter in ("gmm", "mscn") and epoch >= cfg.warmup_epochs and (epoch - cfg.warmup_epochs) % cfg.refit_every == 0
         clustered = cfg.batches == "clustered" and epoch >= cfg.clustered_from
         if refit or clustered:
             v, t = score_pairs(model, train_set.images, train_set.captions, assigned, tokenizer, preprocess, 256, device,
@@ -2580,7 +2590,7 @@ def train(cfg, splits=None, log=print, vocab_captions=None):
                 kept, g = p_clean > cfg.threshold, None
                 stats = {"mu_clean": float(pos.mean()), "mu_noisy": float(neg.mean())}
             diag = {**split_diagnostics(p_clean, kept, truth), **stats}
-            state.update(kept=kept, p_clean=p_clean, stats=stats)
+            state.update(kept=kept, p_clean=p_clean, stats=stats, split={**diag, "epoch": epoch})
             known = f", precision {diag['precision']:.3f}, recall {diag['recall']:.3f}, AUC {diag['auc']:.3f}" \
                 if truth is not None else ""
             log(f"epoch {epoch} split: kept {diag['kept']}/{C}, estimated noise {diag['estimated_noise_rate']:.1%}"
@@ -2700,6 +2710,7 @@ def train(cfg, splits=None, log=print, vocab_captions=None):
         extra = {} if corrector is None else {"corrector": corrector.state_dict()}
         if metrics["rsum"] > state["best_rsum"]:
             state["best_rsum"] = metrics["rsum"]
+            state["best_split"] = state.get("split")  # the kept set this epoch trained on
             if main_rank:
                 save_checkpoint(out / "best.pt", model, tokenizer, preprocess, epoch=epoch, val=metrics, **extra)
         if corrector is not None:
@@ -2720,8 +2731,8 @@ def train(cfg, splits=None, log=print, vocab_captions=None):
     results = evaluate_pairs(best.to(device), test_set, tokenizer, preprocess, cfg, device,
                              corrector if cfg.eval_score == "corrected" else None)
     results["best_epoch"] = ckpt["epoch"]
-    if cfg.filter != "none":
-        results["filter"] = split_diagnostics(state["p_clean"], state["kept"], truth)
+    if cfg.filter != "none":  # the split the selected epoch trained on (a resumed older run: the last one)
+        results["filter"] = state.get("best_split") or split_diagnostics(state["p_clean"], state["kept"], truth)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     log(format_metrics(results))
     return results

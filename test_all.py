@@ -1497,7 +1497,29 @@ def test_train_end_to_end_in_process(tmp_path):
         assert (out / name).is_file(), name
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert {"precision", "recall", "auc", "estimated_noise_rate", "mu_clean", "mu_noisy"} <= set(log[0]["split"])
+    splits = {e["epoch"]: e["split"] for e in log if "split" in e}
+    assert res["filter"]["epoch"] == res["best_epoch"]  # the kept set the selected epoch trained on
+    assert res["filter"]["precision"] == splits[res["best_epoch"]]["precision"]
     assert json.loads((out / "results.json").read_text())["rsum"] == pytest.approx(res["rsum"])
+
+
+def test_train_clean_reference_keeps_exactly_the_clean_pairs(tmp_path, monkeypatch):
+    """--preset clean (a perfect filter, the reference) trains on exactly the pairs the injected noise left intact,
+    never scores or refits, and says precision = recall = 1."""
+    trained = []
+    real = R.random_batches
+    monkeypatch.setattr(R, "random_batches", lambda idx, *a: trained.append(idx.clone()) or real(idx, *a))
+    monkeypatch.setattr(R, "score_pairs", lambda *a, **k: pytest.fail("the clean reference scored the pairs"))
+    out = tmp_path / "run"
+    res = R.main(["train", "--preset", "clean", "--noise_ratio", "0.4", "--epochs", "2", "--output_dir", str(out),
+                  *_TINY])
+    assigned = np.load(out / "noise.npy")
+    truth = R.synthetic_splits(120, 40, 40, seed=0)["train"].img_of_cap
+    assert len(trained) == 2 and all(t.tolist() == np.flatnonzero(assigned == truth).tolist() for t in trained)
+    assert res["filter"]["precision"] == res["filter"]["recall"] == 1.0 and 0 < res["filter"]["kept"] < len(truth)
+    with pytest.raises(ValueError, match="--filter truth.*--noise_ratio"):
+        R.main(["train", "--filter", "truth", "--noise_ratio", "0", "--data", "pairs.csv", "--output_dir",
+                str(tmp_path / "real"), *_TINY])
 
 
 def test_train_resume_is_exact(tmp_path):
@@ -2085,26 +2107,30 @@ def test_bench_robustness_grid_resumes_and_reports(tmp_path, monkeypatch, capsys
     monkeypatch.syspath_prepend(os.path.join(os.path.dirname(R.__file__), "bench"))  # spawned workers inherit it
     import robustness as B
     monkeypatch.setattr(B.R, "_demo_pretrained", lambda cfg, log: tmp_path / "pre" / "best.pt")
-    args = ["--sizes", "24,12,12", "--epochs", "1", "--methods", "clip,dsdmr", "--noise", "0,0.6", "--seeds", "0,1",
+    args = ["--sizes", "24,12,12", "--epochs", "1", "--methods", "clip,dsdmr,clean", "--noise", "0,0.6", "--seeds", "0,1",
             "--no-ablation", "--workers", "2", "--device", "cpu", "--out", str(tmp_path / "res"),
             "--plot", str(tmp_path / "res" / "plot.png")]
     B.main(args)
     runs = [json.loads(x) for x in (tmp_path / "res" / "robustness_runs.jsonl").read_text().splitlines()]
-    assert len(runs) == 16 and not any("error" in r for r in runs)  # 2 methods x 2 noise x 2 protocols x 2 seeds
-    assert len({B.key(r) for r in runs}) == 16
+    assert len(runs) == 24 and not any("error" in r for r in runs)  # 3 methods x 2 noise x 2 protocols x 2 seeds
+    assert len({B.key(r) for r in runs}) == 24
     report = json.loads((tmp_path / "res" / "robustness.json").read_text())
     for g in report["summary"]:
         rs = [r["rsum"] for r in runs if (r["method"], r["protocol"], r["noise"]) == (g["method"], g["protocol"], g["noise"])]
         assert g["seeds"] == 2 and g["rsum"] == pytest.approx(statistics.mean(rs))
         assert g["rsum_std"] == pytest.approx(statistics.stdev(rs))
         assert (g["precision"] is None) == (g["method"] == "clip" or g["noise"] == 0)  # a filter and known noise
+        if g["method"] == "clean" and g["noise"]:
+            assert g["precision"] == g["recall"] == 1.0
+    assert all(r["split_epoch"] == r["best_epoch"] for r in runs if r["method"] == "dsdmr" and r["noise"])
     md = (tmp_path / "res" / "robustness.md").read_text()
+    assert "| clean (reference: a perfect filter) |" in md and "‡" not in md.split("(‡")[1]
     assert "**caption-level noise**" in md and "**image-level noise**" in md and "kept at 60%" in md
     assert Image.open(tmp_path / "res" / "plot.png").size[0] > 800  # one panel per protocol + legend
     capsys.readouterr()
     B.main(args)  # resumes: nothing left to run, same report
     assert "to run" not in capsys.readouterr().out
-    assert len((tmp_path / "res" / "robustness_runs.jsonl").read_text().splitlines()) == 16
+    assert len((tmp_path / "res" / "robustness_runs.jsonl").read_text().splitlines()) == 24
     sys.modules.pop("robustness", None)
 
 
