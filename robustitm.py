@@ -2297,14 +2297,15 @@ def score_pairs(model, images, captions, assigned, tokenizer, preprocess, batch_
 
 
 def gmm_split(scores, threshold, seed):
-    """Paper A: a 2-component GMM on the pair cosines; P(clean) = posterior of the higher-mean component."""
+    """Paper A: a 2-component GMM on the pair cosines; P(clean) = posterior of the higher-mean component.
+    Returns ((P(clean) (C,), kept (C,) bool, stats), the fitted mixture)."""
     g = GaussianMixture(2, seed=seed).fit(scores)
     p = clean_probability(g, scores)
     hi = int(g.means_.reshape(-1).argmax())
     stats = {"mu_clean": float(g.means_.reshape(-1)[hi]), "mu_noisy": float(g.means_.reshape(-1)[1 - hi]),
              "var_clean": float(g.variances_.reshape(-1)[hi]), "var_noisy": float(g.variances_.reshape(-1)[1 - hi]),
              "weight_clean": float(g.weights_[hi]), "converged": bool(g.converged_)}
-    return p.float(), p > threshold, stats, g
+    return (p.float(), p > threshold, stats), g
 
 
 def image_batch(images, idx):
@@ -2576,7 +2577,12 @@ def train(cfg, splits=None, log=print, vocab_captions=None):
         if refit:
             if cfg.filter == "gmm":
                 scores = (v * t).sum(1).float().cpu()  # (C,) cosine of each training pair
-                p_clean, kept, stats, g = gmm_split(scores, cfg.threshold, cfg.seed)
+                split, g = gmm_split(scores, cfg.threshold, cfg.seed) if main_rank else (None, None)
+                if world > 1:  # one fit, on rank 0 (every rank holds the gathered scores); the others get its split
+                    box = [split]
+                    torch.distributed.broadcast_object_list(box, src=0)
+                    split = box[0]
+                p_clean, kept, stats = split
             else:  # MSCN purification: a GMM on corrected scores, initialised from the meta pairs
                 meta_v, meta_t = score_pairs(model, meta_set.images, meta_set.captions, meta_set.img_of_cap,
                                              tokenizer, preprocess, 256, device)
@@ -2884,7 +2890,7 @@ def score_command(args):
     v, t = score_pairs(model.to(device), pairs.images, pairs.captions, assigned, tokenizer, preprocess, 256, device,
                        workers=args.workers)
     scores = (v * t).sum(1).float().cpu()  # (C,) cosine of each pair
-    p_clean, kept, stats, _ = gmm_split(scores, args.threshold, args.seed)
+    (p_clean, kept, stats), _ = gmm_split(scores, args.threshold, args.seed)
     _refuse_overwrite(args.output)
     with open(args.output, "w", newline="") as f:
         w = csv.writer(f)
