@@ -110,6 +110,8 @@ def tables(summary, methods, noises):
                 cells.append(f"{s['rsum']:.1f} ± {s['rsum_std']:.1f}{below}" if s else "–")
             if keep_col:
                 s0, s60 = at.get((m, p, 0.0)), at.get((m, p, 0.6))
+                if s0 is None and m == "clean":  # at 0% the clean reference is clip: nothing to drop
+                    s0 = at.get(("clip", p, 0.0))
                 cells.append(f"{s60['rsum'] / s0['rsum']:.1%}" if s0 and s60 else "–")
             name = "clean (reference: a perfect filter)" if m == "clean" else m
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
