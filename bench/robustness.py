@@ -31,6 +31,9 @@ import robustitm as R  # noqa: E402
 
 METHODS = "clip,vse,dsdmr,mscn,iuccl,all,clean"  # clean: a reference (trains on the truly clean pairs only)
 SCHEDULES = ("sharpened", "posterior", "gap", "fixed")  # paper A's margin schedules (ablation rows dsdmr-<name>)
+# A method name <preset>-<variant> is the preset with these switches changed
+VARIANTS = {**{f"dsdmr-{s}": dict(margin_schedule=s) for s in SCHEDULES},
+            "clean-dsdm": dict(loss="dsdm")}  # the perfect filter with paper A's loss (fixed margins: P(clean) = 1)
 FULL_SIZES, QUICK_SIZES = "6000,1000,1000", "3000,500,1000"  # train, val, test images (5 captions each)
 COST = {"mscn": 3, "all": 3, "iuccl": 2}  # rough relative run time: the slow ones start first
 
@@ -60,8 +63,8 @@ def run_one(task):
     try:
         if (sizes, seed) not in _SPLITS:
             _SPLITS[(sizes, seed)] = R.synthetic_splits(*(int(x) for x in sizes.split(",")), seed=seed, image_size=32)
-        if method.startswith("dsdmr-"):  # ablation rows: paper A with another margin schedule
-            cfg.margin_schedule = method.split("-", 1)[1]
+        for k, v in VARIANTS.get(method, {}).items():
+            setattr(cfg, k, v)
         res = R.train(cfg, _SPLITS[(sizes, seed)], log=lambda *a, **k: None)
         f = res.get("filter") or {}
         row.update(rsum=res["rsum"], i2t_r1=res["i2t_r1"], t2i_r1=res["t2i_r1"], best_epoch=res["best_epoch"],
@@ -230,6 +233,9 @@ def main(argv=None):
     args.sizes = args.sizes or (QUICK_SIZES if args.quick else FULL_SIZES)
     methods, noises = args.methods.split(","), [float(n) for n in args.noise.split(",")]
     protocols, seeds = args.protocols.split(","), [int(s) for s in args.seeds.split(",")]
+    bad = [m for m in methods if m.split("-")[0] not in R.PRESETS or ("-" in m and m not in VARIANTS)]
+    if bad:
+        p.error(f"unknown method(s) {bad}: a preset ({', '.join(R.PRESETS)}) or a variant ({', '.join(VARIANTS)})")
     grid = []
     for s in seeds:  # seed by seed, so a stopped grid has complete seeds; slow methods first within one
         block = [(m, n, pr) for pr in protocols for n in noises for m in methods]
