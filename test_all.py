@@ -2128,6 +2128,9 @@ def test_bench_robustness_grid_resumes_and_reports(tmp_path, monkeypatch, capsys
     assert "**caption-level noise**" in md and "**image-level noise**" in md and "kept at 60%" in md
     assert Image.open(tmp_path / "res" / "plot.png").size[0] > 800  # one panel per protocol + legend
     capsys.readouterr()
+    with pytest.raises(SystemExit):  # a misspelt method stops before any run
+        B.main(args + ["--methods", "clip,dsdmr-sharp"])
+    assert "unknown method(s) ['dsdmr-sharp']" in capsys.readouterr().err
     B.main(args)  # resumes: nothing left to run, same report
     assert "to run" not in capsys.readouterr().out
     assert len((tmp_path / "res" / "robustness_runs.jsonl").read_text().splitlines()) == 24
