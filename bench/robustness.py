@@ -6,8 +6,12 @@ from the run's seed, selects its epoch on validation rSum (never the test split)
 an interrupted grid resumes where it stopped; the report (bench/results/robustness.md and .json, and the plot
 docs/robustness.png drawn with Pillow) is rebuilt from every run in that file that belongs to the grid.
 
+A method is a preset of robustitm.py (clip, vse, dsdmr, mscn, iuccl, all; clean is the reference: clip on exactly
+the pairs the noise left intact) or a variant in VARIANTS (dsdmr-<margin schedule>, clean-dsdm).
+
     python bench/robustness.py --quick                     # clip vs dsdmr, caption noise 0/40/80%: minutes, 2 cores
-    python bench/robustness.py --device cuda --workers 16  # the full grid + margin-schedule ablation (228 runs)
+    python bench/robustness.py --device cuda --workers 16  # the full grid, the clean reference and the margin-schedule
+                                                           # ablation (258 runs)
     python bench/robustness.py --device cuda --time-limit 540   # stop starting runs after 9 min; run again to resume
     python bench/robustness.py --methods clip,dsdmr --noise 0,0.6 --no-ablation --epochs 10 --lr-decay-epochs 5 \
         --name robustness_10epochs                         # a longer schedule, written beside the main report
