@@ -17,6 +17,7 @@ C captions.
 import argparse
 import csv
 import functools
+import gc
 import gzip
 import html
 import html.entities
@@ -2726,6 +2727,11 @@ def train(cfg, splits=None, log=print, vocab_captions=None):
                             config=asdict(cfg), **extra)
     logf.close()
     if world > 1:
+        # DDP's reducer holds the process group and with it gloo's worker threads. Left to the garbage collector
+        # (DDP has reference cycles), they may be destroyed during interpreter shutdown, which aborts the process
+        # ("terminate called without an active exception"): free them now, then close the group.
+        del fmodel
+        gc.collect()
         torch.distributed.destroy_process_group()
         if not main_rank:
             return {}
