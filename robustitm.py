@@ -2574,7 +2574,7 @@ def train(cfg, splits=None, log=print, vocab_captions=None):
         clustered = cfg.batches == "clustered" and epoch >= cfg.clustered_from
         if refit or clustered:
             v, t = score_pairs(model, train_set.images, train_set.captions, assigned, tokenizer, preprocess, 256, device,
-                               rank, world, cfg.workers)  # sharded across ranks, gathered: every rank fits one GMM
+                               rank, world, cfg.workers)  # sharded across ranks, gathered on every rank
         if refit:
             if cfg.filter == "gmm":
                 scores = (v * t).sum(1).float().cpu()  # (C,) cosine of each training pair
@@ -2743,8 +2743,9 @@ def train(cfg, splits=None, log=print, vocab_captions=None):
     results = evaluate_pairs(best.to(device), test_set, tokenizer, preprocess, cfg, device,
                              corrector if cfg.eval_score == "corrected" else None)
     results["best_epoch"] = ckpt["epoch"]
-    if cfg.filter != "none":  # the split the selected epoch trained on (a resumed older run: the last one)
-        results["filter"] = state.get("best_split") or split_diagnostics(state["p_clean"], state["kept"], truth)
+    if cfg.filter != "none":  # the split the selected epoch trained on (None: it was a warm-up epoch, all pairs)
+        results["filter"] = state["best_split"] if "best_split" in state else \
+            split_diagnostics(state["p_clean"], state["kept"], truth)  # a checkpoint from before: its last split
     (out / "results.json").write_text(json.dumps(results, indent=2))
     log(format_metrics(results))
     return results
