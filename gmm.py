@@ -7,10 +7,13 @@ covariance_type="diag")`. `kmeans` is Lloyd's algorithm with greedy k-means++ se
 Vassilvitskii, 2007) and chunked matmul distances. `clean_probability` turns a 2-component 1-D fit into
 P(clean | score): the noisy-correspondence split of paper A (Shi et al., TOIS 2024), used also by MSCN's
 purification (Han et al., CVPR 2023) and, through `kmeans`, by the clustered batches of paper C.
+`two_populations` checks, before any split, that the scores show two populations at all (BIC, Ashman's D,
+a minimum clean weight): one population, e.g. clean data, must not be cut in two.
 What it is not: no full/tied covariances, no Bayesian mixture, no mini-batch EM. Runs on whatever device
 the data lives on (CPU or GPU); float64 by default. Copy this file alone: standard library + torch.
 
-Usage: p_clean = clean_probability(GaussianMixture(2).fit(scores), scores)  # scores: (N,) cosines
+Usage: g = GaussianMixture(2).fit(scores)  # scores: (N,) cosines
+       p_clean = clean_probability(g, scores) if two_populations(g, scores)[0] else torch.ones(len(scores))
 """
 from __future__ import annotations
 
@@ -298,6 +301,13 @@ class GaussianMixture:
         """Mean log-likelihood over the points -> float."""
         return float(self.score_samples(x).mean())
 
+    def bic(self, x) -> float:
+        """Bayesian information criterion on x (lower is better), as scikit-learn's:
+        -2 N mean log-likelihood + (free parameters) log N, with K - 1 + 2 K D free parameters (diagonal)."""
+        x = _as_2d(x, "x", self.dtype)
+        K, D = self.means_.shape
+        return -2 * self.score(x) * x.shape[0] + (K - 1 + 2 * K * D) * math.log(x.shape[0])
+
     def predict_proba(self, x) -> torch.Tensor:
         """Posterior P(component k | x_i) -> (N, K); rows sum to 1."""
         return self._e_step(self._fitted_log_prob(x))[1].T.contiguous()  # (N, K)
@@ -317,3 +327,34 @@ def clean_probability(gmm: GaussianMixture, x, higher_is_clean: bool = True) -> 
     mu = gmm.means_[:, 0]  # (2,)
     clean = int(mu.argmax() if higher_is_clean else mu.argmin())
     return gmm.predict_proba(x)[:, clean]
+
+
+def two_populations(gmm: GaussianMixture, x, *, min_separation: float = 2.0, min_weight: float = 0.05):
+    """Do 1-D scores x show two populations, as the fitted 2-component mixture `gmm` claims? -> (bool, dict).
+
+    A 2-component fit always finds two components, also in one skewed population (clean data) or around a
+    small group of outliers; splitting then throws data away. Three tests, all must pass:
+      BIC        the 2-component model beats a single Gaussian: bic(2) < bic(1) (Schwarz, 1978);
+      separation Ashman's D = |mu_1 - mu_2| / sqrt((var_1 + var_2) / 2) >= min_separation; a mixture of two
+                 Gaussians is bimodal only when D > 2 (Ashman, Bird & Zepeda, 1994);
+      weight     the higher-mean ("clean") component holds at least min_weight of the points.
+    Returns (passed, {"bic_1", "bic_2", "separation", "weight_clean", "reason"}); reason is "" when it passed.
+    """
+    if not hasattr(gmm, "means_") or tuple(gmm.means_.shape) != (2, 1):
+        raise ValueError("two_populations needs a fitted 2-component mixture on 1-D scores; fit "
+                         "GaussianMixture(2) on an (N,) score vector first")
+    mu, var, w = gmm.means_[:, 0], gmm.variances_[:, 0], gmm.weights_  # (2,) each
+    one = GaussianMixture(1, dtype=gmm.dtype).fit(x)  # closed form: one E/M step
+    info = {"bic_1": one.bic(x), "bic_2": gmm.bic(x),
+            "separation": float((mu[0] - mu[1]).abs() / ((var[0] + var[1]) / 2).sqrt()),
+            "weight_clean": float(w[int(mu.argmax())])}
+    reasons = []
+    if not info["bic_2"] < info["bic_1"]:
+        reasons.append(f"one Gaussian fits as well (BIC {info['bic_1']:.1f} vs {info['bic_2']:.1f} for two)")
+    if not info["separation"] >= min_separation:
+        reasons.append(f"the components overlap (separation D = {info['separation']:.2f} < {min_separation})")
+    if not info["weight_clean"] >= min_weight:
+        reasons.append(f"the high-score component holds {info['weight_clean']:.1%} of the points "
+                       f"(< {min_weight:.0%}: outliers, not a population)")
+    info["reason"] = "; ".join(reasons)
+    return not reasons, info

@@ -47,8 +47,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from gmm import GaussianMixture, clean_probability, kmeans
-from meta import HEAD_NAMES, SimilarityCorrector, meta_step, purify, sample_meta_negatives, split_meta_set
+from gmm import GaussianMixture, clean_probability, kmeans, two_populations
+from meta import HEAD_NAMES, SimilarityCorrector, meta_step, mscn_loss, purify, sample_meta_negatives, split_meta_set
 from losses import MARGIN_SCHEDULES, dynamic_margin, info_nce, triplet_ranking_loss, unimodal_info_nce
 
 # --------------------------------------------------------------------------------------------------------------
@@ -120,6 +120,9 @@ class TrainConfig:
                                 choices=list(MARGIN_SCHEDULES))
     threshold: float = _opt(0.5, "keep pairs with P(clean) above this")
     unimodal_weight: float = _opt(1.0, "weight of each uni-modal term (image-image, text-text)")
+    view_dropout: float = _opt(0.1, "with --unimodal, dropout in a text tower that has none, so that a caption "
+                               "with no other kept caption gets two different dropout passes as its two views "
+                               "(SimCSE's 0.1); 0 leaves the tower as it is")
     frozen_epochs: int = _opt(0, "stage 1 (paper C): epochs training only the projection heads and temperature")
     clustered_from: int = _opt(0, "stage 3 (paper C): first epoch with clustered batches (with --batches clustered)")
     augment: bool = _opt(False, "random resized crop + colour jitter on the cross-modal images too")
@@ -156,6 +159,12 @@ class TrainConfig:
                 setattr(self, k, v)
         if not 0 <= self.noise_ratio < 1:
             raise ValueError(f"noise_ratio must be in [0, 1), got {self.noise_ratio}")
+        if not 0 <= self.view_dropout < 1:
+            raise ValueError(f"--view_dropout must be in [0, 1), got {self.view_dropout}")
+        if self.margin_schedule == "gap" and self.loss == "dsdm" and self.filter != "gmm":
+            raise ValueError(f"--margin_schedule gap places each pair's cosine between the GMM's clean and noisy "
+                             f"means, which only --filter gmm fits (got --filter {self.filter}); choose another "
+                             f"--margin_schedule or --filter gmm")
         if self.filter == "truth" and self.noise_ratio == 0 and not self.noise_file and self.data != "synthetic":
             raise ValueError("--filter truth keeps the pairs our injected noise left intact: it needs --noise_ratio "
                              "> 0 or --noise_file (of real pairs as given, which are clean is unknown)")
@@ -1768,11 +1777,37 @@ def noise_file(path, img_of_cap, n_images, ratio, protocol="caption", seed=0) ->
         raise ValueError(f"noise file {path} has image indices in [{x.min()}, {x.max()}], outside [0, {N - 1}]; "
                          f"it was made for another dataset or split.")
     assigned = x.astype(np.int64) if len(x) == C else x.astype(np.int64)[true]
-    measured = float((assigned != true).mean()) if C else 0.0
+    n_noisy = int((assigned != true).sum())
+    measured = n_noisy / C if C else 0.0
     if abs(measured - ratio) > 0.05:
         warnings.warn(f"noise file {path} makes {measured:.1%} of pairs noisy but ratio {ratio} was asked; "
                       f"using the file as it is.")
+    _check_noise_claim(path, n_noisy, C)
     return assigned
+
+
+def _check_noise_claim(path, n_noisy, n_captions):
+    """Warn when a noise file's realised noise differs from what its sidecar (n_noisy_captions) or its name (a
+    ratio such as 0.2) claims: a file indexes captions by position, so one made for another caption order (e.g.
+    SCAN's precomp order) or another dataset mismatches other pairs than it says."""
+    side, claim = Path(f"{path}.json"), None
+    if side.is_file():
+        try:
+            meta = json.loads(side.read_text())
+            claim = (int(meta["n_noisy_captions"]), f"its sidecar {side.name} says {meta['n_noisy_captions']}")
+        except (ValueError, KeyError, TypeError):
+            warnings.warn(f"{side} is not a noise sidecar (no n_noisy_captions); cannot check the file against it")
+    else:
+        named = re.findall(r"(?<![\d.])0?\.\d+(?![\d.])", Path(path).stem)
+        if len(named) == 1:
+            r = float(named[0])
+            claim = (r * n_captions, f"its name says ratio {r}")
+            if abs(n_noisy - claim[0]) <= 0.05 * n_captions:  # a permutation may send a few items home
+                claim = None
+    if claim is not None and claim[0] != n_noisy:
+        warnings.warn(f"noise file {path} makes {n_noisy} of {n_captions} pairs noisy ({n_noisy / n_captions:.1%}), "
+                      f"but {claim[1]}: it was made for another caption order or dataset. A noise file indexes "
+                      f"captions in the order this reader produces (see the README); make one for this data.")
 
 
 # Synthetic scenes: the embedded default dataset. Coloured shapes on a grid, captions from templates.
@@ -2009,7 +2044,8 @@ def _ranks(tile, n_img, n_cap, img_of_cap, device, tile_elems):
     """1-based ranks from a similarity matrix given by tiles `tile(r0, r1, c0, c1) -> (r1-r0, c1-c0)`.
 
     i2t: 1 + #{captions not of image i scoring >= i's best true caption}; t2i: 1 + #{other images scoring >=
-    the true image}. Ties count against the true item (pessimistic: a collapsed model gets the worst rank).
+    the true image}. Ties count against the true item (pessimistic: a collapsed model gets the worst rank), and
+    so do non-finite scores: a NaN/Inf true pair scores -inf, a NaN competitor +inf (a NaN model ranks last).
     Two passes: thresholds from the tiles holding true pairs (the diagonal band when captions are grouped by
     image), then counts over all tiles. Tiles are recomputed identically, so comparisons are exact.
     """
@@ -2029,6 +2065,7 @@ def _ranks(tile, n_img, n_cap, img_of_cap, device, tile_elems):
         c = torch.arange(c0, min(c0 + cb, n_cap), device=device)
         c = c[(t[c] >= r0) & (t[c] < r0 + rb)]
         s_true[c] = s[t[c] - r0, c - c0].float()
+    s_true = s_true.nan_to_num(nan=-math.inf, posinf=-math.inf)  # a non-finite true-pair score is never a hit
     best = torch.full((n_img,), -math.inf, device=device).scatter_reduce(0, t, s_true, "amax")  # (N,)
     n_i2t = torch.zeros(n_img, dtype=torch.long, device=device)
     n_t2i = torch.zeros(n_cap, dtype=torch.long, device=device)
@@ -2036,7 +2073,7 @@ def _ranks(tile, n_img, n_cap, img_of_cap, device, tile_elems):
         r1 = min(r0 + rb, n_img)
         for c0 in range(0, n_cap, cb):
             c1 = min(c0 + cb, n_cap)
-            s = tile(r0, r1, c0, c1).float()  # (rb, cb)
+            s = tile(r0, r1, c0, c1).float().nan_to_num_(nan=math.inf)  # (rb, cb) a NaN competitor wins
             ge_t2i, ge_i2t = s >= s_true[None, c0:c1], s >= best[r0:r1, None]  # (rb, cb) each
             if (r0, c0) in band:  # true pairs are not competitors
                 false = t[c0:c1][None, :] != torch.arange(r0, r1, device=device)[:, None]  # (rb, cb)
@@ -2061,20 +2098,35 @@ def recall_at_k(sims, img_of_cap, tile_elems=1 << 23) -> dict:
     """Retrieval metrics from a similarity matrix sims (N_img, N_cap), any device; extra memory is a few
     tiles of about `tile_elems` entries. Keys i2t_/t2i_ r1 r5 r10 medr meanr, and rsum (0-600)."""
     sims = torch.as_tensor(sims)
+    if not bool(torch.isfinite(sims).all()):
+        warnings.warn(f"{int((~torch.isfinite(sims)).sum())} similarities are not finite (NaN/Inf): they count as "
+                      f"misses", RuntimeWarning, stacklevel=2)
     return _metrics(*_ranks(lambda r0, r1, c0, c1: sims[r0:r1, c0:c1], *sims.shape, img_of_cap, sims.device,
                             tile_elems))
 
 
-def evaluate(img_emb, cap_emb, img_of_cap, protocol="full", fold_size=1000, tile_elems=1 << 23) -> dict:
+def _warn_nonfinite(what, x):
+    bad = int((~torch.isfinite(x)).any(-1).sum()) if x.ndim == 2 else 0
+    if bad:
+        warnings.warn(f"{bad} of {len(x)} {what} are not finite (NaN/Inf; a diverged model?): every similarity "
+                      f"they take part in counts as a miss", RuntimeWarning, stacklevel=3)
+
+
+def evaluate(img_emb, cap_emb, img_of_cap, protocol="full", fold_size=1000, tile_elems=1 << 23, score=None) -> dict:
     """Metrics from (N, E) image and (C, E) caption embeddings without building the (N, C) matrix.
 
     "full": one ranking over everything (Flickr30K 1K test, COCO 5K). "coco1k": N / fold_size sequential folds
     of fold_size images and their captions; each metric averaged over folds, rsum = sum of the six averaged
     recalls (= the mean of the per-fold rsums; not twice the i2t recalls, a bug seen in published code).
+    score(img (n, E), cap (m, E)) -> (n, m) replaces the cosine img @ cap.T (e.g. MSCN's corrector).
+    Non-finite embeddings warn; their similarities are never hits.
     """
     ioc = torch.as_tensor(img_of_cap).cpu().numpy().astype(np.int64)  # (C,)
     if protocol == "full":
-        return _metrics(*_ranks(lambda r0, r1, c0, c1: img_emb[r0:r1] @ cap_emb[c0:c1].T,
+        _warn_nonfinite("image embeddings", img_emb)
+        _warn_nonfinite("caption embeddings", cap_emb)
+        score = score or (lambda a, b: a @ b.T)
+        return _metrics(*_ranks(lambda r0, r1, c0, c1: score(img_emb[r0:r1], cap_emb[c0:c1]),
                                 len(img_emb), len(cap_emb), ioc, img_emb.device, tile_elems))
     if protocol != "coco1k":
         raise ValueError(f"protocol must be 'full' or 'coco1k', got {protocol!r}.")
@@ -2084,7 +2136,7 @@ def evaluate(img_emb, cap_emb, img_of_cap, protocol="full", fold_size=1000, tile
     for f0 in range(0, len(img_emb), fold_size):
         c = np.flatnonzero((ioc >= f0) & (ioc < f0 + fold_size))
         folds.append(evaluate(img_emb[f0:f0 + fold_size], cap_emb[torch.as_tensor(c, device=cap_emb.device)],
-                              ioc[c] - f0, tile_elems=tile_elems))
+                              ioc[c] - f0, tile_elems=tile_elems, score=score))
     m = {k: float(np.mean([f[k] for f in folds])) for k in folds[0] if k != "rsum"}
     m["rsum"] = sum(m[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10))
     return m
@@ -2299,13 +2351,20 @@ def score_pairs(model, images, captions, assigned, tokenizer, preprocess, batch_
 
 def gmm_split(scores, threshold, seed):
     """Paper A: a 2-component GMM on the pair cosines; P(clean) = posterior of the higher-mean component.
+    Beyond paper A: when the scores do not show two populations (gmm.two_populations: BIC, separation, clean
+    weight), nothing is split: every pair is kept with P(clean) = 1 and stats say why.
     Returns ((P(clean) (C,), kept (C,) bool, stats), the fitted mixture)."""
     g = GaussianMixture(2, seed=seed).fit(scores)
-    p = clean_probability(g, scores)
     hi = int(g.means_.reshape(-1).argmax())
+    two, test = two_populations(g, scores)
     stats = {"mu_clean": float(g.means_.reshape(-1)[hi]), "mu_noisy": float(g.means_.reshape(-1)[1 - hi]),
              "var_clean": float(g.variances_.reshape(-1)[hi]), "var_noisy": float(g.variances_.reshape(-1)[1 - hi]),
-             "weight_clean": float(g.weights_[hi]), "converged": bool(g.converged_)}
+             "weight_clean": float(g.weights_[hi]), "converged": bool(g.converged_), "two_populations": two,
+             "separation": test["separation"], "bic_1": test["bic_1"], "bic_2": test["bic_2"]}
+    if not two:
+        stats["one_population"] = test["reason"]
+        return (torch.ones(len(scores)), torch.ones(len(scores), dtype=torch.bool), stats), g
+    p = clean_probability(g, scores)
     return (p.float(), p > threshold, stats), g
 
 
@@ -2332,42 +2391,94 @@ def random_batches(kept_idx, batch_size, generator):
     return [b for b in perm.split(batch_size) if len(b) >= max(2, batch_size // 4)]
 
 
-def clustered_batches(kept_idx, labels, img_ids, batch_size, generator):
-    """Paper C's hard-negative batches: each batch from one k-means cluster, no image twice in a batch, every
-    kept pair exactly once. Cluster remainders are pooled into mixed batches at the end (this implementation's
-    choice; the paper does not say). labels / img_ids: (len(kept_idx),) cluster and image of each kept pair."""
-    def fill(members):  # greedy: take pairs in order, defer a pair whose image is already in the batch
-        batches, members = [], list(members)
-        while members:
-            batch, seen, rest = [], set(), []
-            for p in members:
-                if len(batch) < batch_size and img_ids[p] not in seen:
-                    batch.append(p)
-                    seen.add(img_ids[p])
-                else:
-                    rest.append(p)
-            batches.append(batch)
-            members = rest
-        return batches
+def _fill(img, batch_size):
+    """Greedy batches over a sequence of pairs whose images are `img` (list): pairs are taken in order, and a pair
+    whose image is already in the batch waits for the next one -> list of lists of positions."""
+    batches, waiting, pos = [], [], 0
+    while pos < len(img) or waiting:
+        batch, seen, still = [], set(), []
+        for p in waiting:
+            (still if len(batch) == batch_size or img[p] in seen else batch).append(p)
+            seen.add(img[p])
+        while len(batch) < batch_size and pos < len(img):
+            (still if img[pos] in seen else batch).append(pos)
+            seen.add(img[pos])
+            pos += 1
+        batches.append(batch)
+        waiting = still
+    return batches
 
-    order = torch.randperm(len(kept_idx), generator=generator).tolist()
-    clusters = {}
-    for p in order:
-        clusters.setdefault(int(labels[p]), []).append(p)
-    full, leftover = [], []
-    for members in clusters.values():
-        for b in fill(members):
-            (full if len(b) == batch_size else leftover).extend([b] if len(b) == batch_size else b)
-    full += fill(leftover)
+
+def clustered_batches(kept_idx, image_cluster, assigned, batch_size, generator):
+    """Paper C's hard-negative batches: B distinct images of one cluster, each with one of its kept captions.
+
+    Every kept pair once per epoch: a cluster's captions are dealt in rounds (round r pairs each image of the
+    cluster with its r-th kept caption; captions and images in a random order), and consecutive pairs fill
+    batches, a pair whose image is already in the batch waiting for the next. The remainder of each cluster
+    (under a batch) is pooled into mixed batches (this implementation's choice; paper C does not say).
+    image_cluster (N,): each image's cluster (cluster_images). Returns a list of (<= B,) caption-index tensors.
+    """
+    caps = kept_idx[torch.randperm(len(kept_idx), generator=generator)].numpy()  # (P,) random caption order
+    img = assigned.numpy()[caps]  # (P,)
+    by_img = np.argsort(img, kind="stable")
+    slot = np.empty(len(caps), dtype=np.int64)  # the round of each caption: its rank among its image's captions
+    slot[by_img] = np.arange(len(caps)) - np.searchsorted(img[by_img], img[by_img])
+    image_order = torch.randperm(len(image_cluster), generator=generator).numpy()  # (N,) random image order
+    cluster = image_cluster.numpy()[img]  # (P,)
+    order = np.lexsort((image_order[img], slot, cluster))  # by cluster, then round, then image
+    caps, img, cluster = caps[order], img[order], cluster[order]
+    bounds = np.r_[0, np.flatnonzero(np.diff(cluster)) + 1, len(caps)]  # each cluster's run of pairs
+    full, rest = [], []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        for b in _fill(img[lo:hi].tolist(), batch_size):
+            if len(b) == batch_size:
+                full.append(caps[lo:hi][b])
+            else:
+                rest.extend(caps[lo:hi][b])
+    rest = np.asarray(rest, dtype=np.int64)  # the clusters' remainders: mixed batches
+    full += [rest[b] for b in _fill(assigned.numpy()[rest].tolist(), batch_size)]
     perm = torch.randperm(len(full), generator=generator).tolist()
-    return [kept_idx[torch.tensor(full[i])] for i in perm]
+    return [torch.from_numpy(full[i]) for i in perm]
 
 
-def cluster_pairs(v, t, kept_idx, batch_size, seed):
-    """k-means (gmm.py) on the kept pairs' joint embeddings normalize(v + t), K = N_kept / batch size."""
-    x = F.normalize(v[kept_idx] + t[kept_idx], dim=-1)  # (N_kept, E)
-    k = max(1, len(kept_idx) // batch_size)
-    return kmeans(x, k, iters=20, seed=seed)[1].cpu()
+def cluster_images(v_img, t, kept_idx, assigned, batch_size, seed):
+    """Paper C's clusters: k-means (gmm.py) over the images that have a kept caption, each image represented by
+    normalize(v + mean of its kept captions' t) -> (N,) long cluster of each image (-1: no kept caption).
+
+    A cluster must hold several batches of B distinct images: K = min(images / 2B, kept pairs / 4B), and a
+    cluster of fewer than B images (k-means sizes are unequal) is merged, member by member, into the nearest
+    remaining cluster (this implementation's choice; paper C does not say how it sized its clusters).
+    """
+    N = len(v_img)
+    img = assigned[kept_idx].to(v_img.device)  # (P,)
+    n_kept = torch.bincount(img, minlength=N)  # (N,)
+    has = n_kept > 0
+    t_mean = torch.zeros_like(v_img).index_add_(0, img, t[kept_idx.to(t.device)]) / n_kept.clamp(min=1)[:, None]
+    x = F.normalize(v_img + t_mean, dim=-1)[has]  # (N_has, E)
+    k = max(1, min(len(x) // (2 * batch_size), len(kept_idx) // (4 * batch_size)))
+    centers, labels = kmeans(x, k, iters=20, seed=seed)
+    while True:  # merge the smallest cluster under B images into the nearest others, until none is left
+        sizes = torch.bincount(labels, minlength=k)
+        small = (sizes > 0) & (sizes < batch_size)
+        if not bool(small.any()) or int((sizes > 0).sum()) == 1:
+            break
+        c = int(torch.where(small, sizes, sizes.max() + 1).argmin())
+        members = labels == c
+        d = torch.cdist(x[members].float(), centers.float())  # (n_c, K)
+        d[:, (sizes == 0) | (torch.arange(k, device=d.device) == c)] = math.inf
+        labels[members] = d.argmin(1)
+    out = torch.full((N,), -1, dtype=torch.long)
+    out[has.cpu()] = torch.unique(labels, return_inverse=True)[1].cpu()  # clusters renumbered 0..K'-1
+    return out
+
+
+def cluster_report(v, t, batches, random_b, image_cluster, assigned):
+    """What the clustered batches achieved: the fraction of batches from a single cluster, and the hardest
+    in-batch negative cosine of clustered vs random batches of the same pairs and model."""
+    single = [len(torch.unique(image_cluster[assigned[b]])) == 1 for b in batches]
+    return {"single_cluster_fraction": float(np.mean(single)), "n_clusters": int(image_cluster.max()) + 1,
+            "hardness_clustered": batch_hardness(v, t, batches, assigned),
+            "hardness_random": batch_hardness(v, t, random_b, assigned)}
 
 
 def batch_hardness(v, t, batches, assigned):
@@ -2380,29 +2491,34 @@ def batch_hardness(v, t, batches, assigned):
     return float(torch.stack(out).mean())
 
 
-def other_captions(assigned):
-    """For each caption, the captions paired with the same image (for the text-text view of paper C)."""
+def caption_partners(assigned, kept):
+    """Paper C's text-text view: for each caption, the OTHER kept captions paired with the same image (never
+    itself, never one the split dropped) -> list of C lists; an empty list: that row uses two dropout passes."""
     by_image = {}
-    for c, a in enumerate(assigned.tolist()):
-        by_image.setdefault(a, []).append(c)
-    return [by_image[a] for a in assigned.tolist()]
+    for c in kept.nonzero().squeeze(1).tolist():
+        by_image.setdefault(int(assigned[c]), []).append(c)
+    return [[o for o in by_image.get(a, ()) if o != c] for c, a in enumerate(assigned.tolist())]
 
 
-def batch_loss(cfg, sims, same, p_clean, stats, logit_scale):
-    """The cross-modal loss on (B, B) cosine similarities -> scalar. p_clean (B,) sets dsdm's per-pair margins."""
-    if cfg.loss == "infonce":
+def pick_partners(cap_idx, partners, generator):
+    """One random partner per caption of the batch (the caption itself when it has none) -> list of indices."""
+    u = torch.rand(len(cap_idx), generator=generator).tolist()
+    return [p[int(x * len(p))] if p else c for c, x, p in zip(cap_idx.tolist(), u, (partners[c] for c in
+                                                                                   cap_idx.tolist()))]
+
+
+def batch_loss(cfg, sims, same, p_clean, stats, logit_scale, loss=None):
+    """The cross-modal loss on (B, B) cosine similarities -> scalar. p_clean (B,) sets dsdm's per-pair margins;
+    `loss` overrides cfg.loss (the warm-up trains with InfoNCE)."""
+    loss = loss or cfg.loss
+    if loss == "infonce":
         return info_nce(sims, logit_scale.exp().clamp(max=100), same)
-    if cfg.loss == "triplet":
+    if loss == "triplet":
         return triplet_ranking_loss(sims, 0.2, 0.2, same_image=same).mean()
-    w = dynamic_margin(p_clean, sims.diagonal().detach(), stats, cfg.margin_schedule)  # (B,) paper A
+    # paper A; with no split (one population: every P(clean) = 1) the margins take their full weight, w = 1
+    schedule = cfg.margin_schedule if stats.get("two_populations", True) else "fixed"
+    w = dynamic_margin(p_clean, sims.diagonal().detach(), stats, schedule)  # (B,)
     return triplet_ranking_loss(sims, cfg.margin_i2t * w, cfg.margin_t2i * w, same_image=same).mean()
-
-
-def corrected_loss(corrected, same):
-    """MSCN's loss on corrected scores c (B, B) in (0, 1): hardest-negative hinge, margin 0.2 * w(c_ii) with c_ii
-    detached (paper B's code) -> scalar. It is the path through which the meta step trains the corrector."""
-    w = dynamic_margin(corrected.diagonal().detach())  # (B,) p^2 / (p^2 + (1 - p)^2)
-    return triplet_ranking_loss(corrected, 0.2 * w, 0.2 * w, same_image=same).mean()
 
 
 def _prepare_output(cfg):
@@ -2435,16 +2551,21 @@ def subset_pairs(pairs, image_idx):
                  pairs.name)
 
 
-def evaluate_pairs(model, pairs, tokenizer, preprocess, cfg, device, corrector=None, rank=0, world=1):
-    """Recall metrics of `pairs` (the field's protocol): cosine, or MSCN's corrected score when a corrector is given.
-    Under torchrun the embedding is shared out across ranks; every rank gets the metrics."""
+def evaluate_pairs(model, pairs, tokenizer, preprocess, cfg, device, corrector=None, rank=0, world=1, protocol=None,
+                   strict=False):
+    """Recall metrics of `pairs` (the field's protocol, cfg.eval_protocol unless `protocol` is given): cosine, or
+    MSCN's corrected score when a corrector is given. Under torchrun the embedding is shared out across ranks;
+    every rank gets the metrics. strict: raise FloatingPointError on non-finite embeddings (a diverged model)
+    instead of scoring them as misses."""
     v, t = embed_pairs(model, pairs.images, pairs.captions, tokenizer, preprocess, 256, device, rank, world,
                        cfg.workers)
+    if strict and not (bool(torch.isfinite(v).all()) and bool(torch.isfinite(t).all())):
+        raise FloatingPointError("non-finite embeddings")
     if corrector is None:
-        return evaluate(v, t, pairs.img_of_cap, protocol=cfg.eval_protocol)
-    with torch.no_grad():
-        sims = torch.cat([torch.cat([corrector(vi, tj) for tj in t.split(1024)], 1) for vi in v.split(256)])
-    return recall_at_k(sims, pairs.img_of_cap)
+        return evaluate(v, t, pairs.img_of_cap, protocol=protocol or cfg.eval_protocol)
+    with torch.no_grad():  # tiles of (rows, cols, hidden) corrector pre-activations: 1/hidden of the cosine tile
+        return evaluate(v, t, pairs.img_of_cap, protocol=protocol or cfg.eval_protocol, score=corrector,
+                        tile_elems=(1 << 23) // corrector.fc1.out_features)
 
 
 def _distributed(cfg):
@@ -2524,13 +2645,14 @@ def train(cfg, splits=None, log=print, vocab_captions=None):
         corrector = SimilarityCorrector(model.cfg.embed_dim).to(device)
         corrector_opt = torch.optim.Adam(corrector.parameters(), lr=cfg.meta_lr)
         log(f"MSCN meta set: {len(meta_set.captions)} clean pairs from val; selection on the other "
-            f"{len(val_set.captions)}")
-    if cfg.unimodal:
-        siblings = other_captions(assigned)
-        if all(len(s) == 1 for s in siblings):  # one caption per image: two dropout passes are the two views
-            for m in model.modules():
-                if isinstance(m, nn.Dropout):
-                    m.p = 0.1
+            f"{len(val_set.captions)} (full ranking)")
+        if cfg.compile:
+            log("--compile: the MSCN step differentiates through a look-ahead step (a double backward), which "
+                "compiled graphs do not support; training steps run uncompiled")
+    if cfg.unimodal:  # paper C's text-text view: a caption with no other kept caption uses two dropout passes
+        for m in model.transformer.modules():  # the text tower
+            if isinstance(m, nn.Dropout) and m.p == 0:
+                m.p = cfg.view_dropout
 
     opt = make_optimizer(model, cfg, device)
     state = {"epoch": 0, "step": 0, "best_rsum": -1.0, "kept": torch.ones(C, dtype=torch.bool),
@@ -2559,8 +2681,15 @@ def train(cfg, splits=None, log=print, vocab_captions=None):
             fmodel, device_ids=[device] if device.type == "cuda" else None,
             find_unused_parameters=cfg.frozen_epochs > 0)  # a frozen stage leaves the towers without gradients
         model.logit_scale.requires_grad_(True)
+    # The MSCN step differentiates twice (look-ahead), which compiled graphs cannot: it uses the plain module.
+    encoder = model if corrector is not None else fmodel
     logf = open(out / "log.jsonl", "a") if main_rank else open(os.devnull, "w")
     heads = {*HEAD_NAMES, "logit_scale"}  # the projection heads meta.py looks ahead through, and the temperature
+
+    def diverged(what):
+        last = out / "last.pt"
+        where = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint was written yet"
+        return FloatingPointError(f"{what}; {where}. Lower --lr or check the data.")
 
     for epoch in range(state["epoch"], cfg.epochs):
         # Every source of randomness in an epoch derives from (seed, epoch): resuming replays it exactly.
@@ -2568,13 +2697,19 @@ def train(cfg, splits=None, log=print, vocab_captions=None):
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
         for n, p in model.named_parameters():  # paper C stage 1: towers frozen, heads and temperature train
             p.requires_grad_(epoch >= cfg.frozen_epochs or n in heads)
+        # The warm-up (before the first split) trains on all pairs with InfoNCE: the method's own loss, a
+        # hardest-negative hinge, collapses a fresh model (as NCR warms up with a loss over all negatives).
+        warming = cfg.filter in ("gmm", "mscn") and epoch < cfg.warmup_epochs
+        if corrector is not None:  # paper B: the meta negatives, 1:1 with the meta positives, redrawn every epoch
+            meta_neg_img, meta_neg_cap = sample_meta_negatives(len(meta_set.captions), assigned, N, gen)
 
         # -- round: re-score every training pair with the current model and re-split (paper A iterates) --
-        refit = cfg.filter in ("gmm", "mscn") and epoch >= cfg.warmup_epochs and (epoch - cfg.warmup_epochs) % cfg.refit_every == 0
+        refit = cfg.filter in ("gmm", "mscn") and not warming and (epoch - cfg.warmup_epochs) % cfg.refit_every == 0
         clustered = cfg.batches == "clustered" and epoch >= cfg.clustered_from
         if refit or clustered:
-            v, t = score_pairs(model, train_set.images, train_set.captions, assigned, tokenizer, preprocess, 256, device,
-                               rank, world, cfg.workers)  # sharded across ranks, gathered on every rank
+            v_img, t = embed_pairs(model, train_set.images, train_set.captions, tokenizer, preprocess, 256, device,
+                                   rank, world, cfg.workers)  # sharded across ranks, gathered on every rank
+            v = v_img[assigned.to(v_img.device)]  # (C, E) the image each caption is paired with
         if refit:
             if cfg.filter == "gmm":
                 scores = (v * t).sum(1).float().cpu()  # (C,) cosine of each training pair
@@ -2585,14 +2720,13 @@ def train(cfg, splits=None, log=print, vocab_captions=None):
                     split = box[0]
                 p_clean, kept, stats = split
             else:  # MSCN purification: a GMM on corrected scores, initialised from the meta pairs
-                meta_v, meta_t = score_pairs(model, meta_set.images, meta_set.captions, meta_set.img_of_cap,
-                                             tokenizer, preprocess, 256, device)
-                neg_img, neg_cap = sample_meta_negatives(len(meta_set.captions), assigned, N, gen)
+                meta_v, meta_t = embed_pairs(model, meta_set.images, meta_set.captions, tokenizer, preprocess, 256,
+                                             device)
                 with torch.no_grad():
                     scores = torch.cat([corrector.pair(a, b) for a, b in zip(v.split(4096), t.split(4096))]).cpu()
-                    pos = corrector.pair(meta_v, meta_t).cpu()
-                    neg_v = embed_images(model, train_set.images.subset(neg_img.numpy()), preprocess, 256, device)
-                    neg = corrector.pair(neg_v, t[neg_cap.to(t.device)]).cpu()
+                    pos = corrector.pair(meta_v[torch.as_tensor(meta_set.img_of_cap, device=meta_v.device)],
+                                         meta_t).cpu()
+                    neg = corrector.pair(v_img[meta_neg_img.to(v_img.device)], t[meta_neg_cap.to(t.device)]).cpu()
                 p_clean = purify(scores, pos, neg).float()
                 kept, g = p_clean > cfg.threshold, None
                 stats = {"mu_clean": float(pos.mean()), "mu_noisy": float(neg.mean())}
@@ -2600,23 +2734,30 @@ def train(cfg, splits=None, log=print, vocab_captions=None):
             state.update(kept=kept, p_clean=p_clean, stats=stats, split={**diag, "epoch": epoch})
             known = f", precision {diag['precision']:.3f}, recall {diag['recall']:.3f}, AUC {diag['auc']:.3f}" \
                 if truth is not None else ""
-            log(f"epoch {epoch} split: kept {diag['kept']}/{C}, estimated noise {diag['estimated_noise_rate']:.1%}"
-                f"{known}")
+            if stats.get("two_populations", True):
+                log(f"epoch {epoch} split: kept {diag['kept']}/{C}, estimated noise "
+                    f"{diag['estimated_noise_rate']:.1%}{known}")
+            else:
+                log(f"epoch {epoch} split: the scores show one population, keeping all {C} pairs "
+                    f"({stats['one_population']})")
             logf.write(json.dumps({"epoch": epoch, "split": diag}) + "\n")
             if main_rank:
                 plot_scores(out / f"scores_epoch{epoch}.png", scores, noisy, g, f"epoch {epoch} ({cfg.filter})")
 
-        # -- batches over the kept pairs: random, or from k-means clusters (paper C) --
-        kept_idx = state["kept"].nonzero().squeeze(1)
-        batches, hardness = random_batches(kept_idx, cfg.batch_size, gen), {}
+        # -- batches over the kept pairs: random, or B distinct images of one k-means cluster (paper C) --
+        kept = torch.ones(C, dtype=torch.bool) if warming else state["kept"]
+        kept_idx = kept.nonzero().squeeze(1)
+        batches, clusters = random_batches(kept_idx, cfg.batch_size, gen), None
         if clustered:
-            v, t = v.float().cpu(), t.float().cpu()
-            labels = cluster_pairs(v, t, kept_idx, cfg.batch_size, cfg.seed + epoch)
-            hardness["random"] = batch_hardness(v, t, batches, assigned)
-            batches = clustered_batches(kept_idx, labels, assigned[kept_idx].tolist(), cfg.batch_size, gen)
-            hardness["clustered"] = batch_hardness(v, t, batches, assigned)
-            log(f"epoch {epoch} hardest in-batch negative cosine: clustered {hardness['clustered']:.3f} vs random "
-                f"{hardness['random']:.3f}")
+            v_img, v, t = v_img.float().cpu(), v.float().cpu(), t.float().cpu()
+            image_cluster = cluster_images(v_img, t, kept_idx, assigned, cfg.batch_size, cfg.seed + epoch)
+            random_b = batches  # for the report: random batches of the same pairs, same model
+            batches = clustered_batches(kept_idx, image_cluster, assigned, cfg.batch_size, gen)
+            clusters = cluster_report(v, t, batches, random_b, image_cluster, assigned)
+            log(f"epoch {epoch} clustered batches: {clusters['single_cluster_fraction']:.0%} from one of "
+                f"{clusters['n_clusters']} clusters; hardest in-batch negative cosine "
+                f"{clusters['hardness_clustered']:.3f} vs {clusters['hardness_random']:.3f} in random batches")
+        partners = caption_partners(assigned, kept) if cfg.unimodal else None
 
         # -- train one epoch --
         model.train()
@@ -2646,8 +2787,8 @@ def train(cfg, splits=None, log=print, vocab_captions=None):
             same = img_dev[:, None] == img_dev[None, :]  # (B, B) another caption of the same image is no negative
             p_b = p_dev[cap_idx.to(device, non_blocking=True)]
             views = None
-            if cfg.unimodal:  # paper C: a second augmented view of each image, another caption of its image
-                other = [s[int(torch.randint(len(s), (1,), generator=gen))] for s in (siblings[c] for c in cap_idx.tolist())]
+            if cfg.unimodal:  # paper C: a second augmented view of each image, another kept caption of its image
+                other = pick_partners(cap_idx, partners, gen)
                 ids2, mask2 = tokenizer([train_set.captions[c] for c in other[lo:hi]])
                 views = (preprocess.normalize(augment(raw, gen)[lo:hi]), ids2.to(device, non_blocking=True),
                          mask2.to(device, non_blocking=True))
@@ -2655,31 +2796,34 @@ def train(cfg, splits=None, log=print, vocab_captions=None):
             def loss_fn(corr, v, t):
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
                     if views is not None:
-                        v2, t2 = (gather_with_grad(x, world, sizes) for x in fmodel(*views))
+                        v2, t2 = (gather_with_grad(x, world, sizes) for x in encoder(*views))
                 v, t = gather_with_grad(v, world, sizes), gather_with_grad(t, world, sizes)  # (B, E) global batch
                 sims = v.float() @ t.float().t()  # (B, B) cosine
                 if corr is None:
-                    loss = batch_loss(cfg, sims, same, p_b, state["stats"], model.logit_scale)
-                else:  # MSCN: margins from the corrected positive score, plus the hinge on corrected scores
-                    c = corr(v.float(), t.float())  # (B, B)
-                    loss = batch_loss(cfg, sims, same, c.diagonal().detach(), state["stats"], model.logit_scale)
-                    loss = loss + corrected_loss(c, same)
-                if views is not None:
+                    loss = batch_loss(cfg, sims, same, p_b, state["stats"], model.logit_scale,
+                                      "infonce" if warming else None)
+                else:  # MSCN: margins from the corrected positive score, plus paper B's hinge on corrected scores
+                    c_pos = corr.pair(v.float(), t.float()).detach()  # (B,)
+                    loss = batch_loss(cfg, sims, same, c_pos, state["stats"], model.logit_scale)
+                    loss = loss + mscn_loss(corr, v.float(), t.float(), same_image=same, reduction="mean")
+                if views is not None:  # pairs of the same image are positives of each other, never negatives
                     scale = model.logit_scale.exp().clamp(max=100)
-                    loss = loss + cfg.unimodal_weight * (unimodal_info_nce(v.float(), v2.float(), scale) +
+                    loss = loss + cfg.unimodal_weight * (unimodal_info_nce(v.float(), v2.float(), scale, same) +
                                                          unimodal_info_nce(t.float(), t2.float(), scale, same))
                 return loss
 
-            if corrector is not None:  # MSCN: look-ahead, meta update of the corrector, then the real step
+            if corrector is not None and not warming:  # MSCN: look-ahead, meta update of the corrector, real step
+                for group in corrector_opt.param_groups:  # the corrector follows the main schedule
+                    group["lr"] = cfg.meta_lr * lr / cfg.lr
                 n = max(1, len(cap_idx) // 2)
                 pos = torch.randint(len(meta_set.captions), (n,), generator=gen)
-                neg_img, neg_cap = sample_meta_negatives(n, assigned, N, gen)
+                neg = torch.randint(len(meta_neg_cap), (n,), generator=gen)  # from this epoch's negatives
                 m_img = torch.cat([image_batch(meta_set.images, meta_set.img_of_cap[pos.numpy()]),
-                                   image_batch(train_set.images, neg_img)])
+                                   image_batch(train_set.images, meta_neg_img[neg])])
                 m_ids, m_mask = tokenizer([meta_set.captions[c] for c in pos.tolist()] +
-                                          [train_set.captions[c] for c in neg_cap.tolist()])
+                                          [train_set.captions[c] for c in meta_neg_cap[neg].tolist()])
                 labels = torch.cat([torch.ones(n), torch.zeros(n)]).to(device, non_blocking=True)
-                out_ = meta_step(fmodel, corrector, (images, ids, mask),
+                out_ = meta_step(encoder, corrector, (images, ids, mask),
                                  (preprocess.normalize(m_img.to(device, non_blocking=True)),
                                   m_ids.to(device, non_blocking=True), m_mask.to(device, non_blocking=True), labels),
                                  inner_lr=None, loss_fn=loss_fn, optimizer=opt, corrector_optimizer=corrector_opt,
@@ -2699,25 +2843,30 @@ def train(cfg, splits=None, log=print, vocab_captions=None):
             if (i + 1) % cfg.log_every == 0 or i + 1 == len(batches):
                 avg = float(loss_sum) / (i + 1)  # the only host sync: every log_every steps
                 if not math.isfinite(avg):
-                    raise FloatingPointError(f"loss became {avg} at epoch {epoch} step {i}; the last good "
-                                             f"checkpoint is {out / 'last.pt'}. Lower --lr or check the data.")
+                    raise diverged(f"loss became {avg} at epoch {epoch} step {i}")
                 if bar:
                     bar.update(i + 1, loss=avg, lr=lr)
         if bar:
             bar.close()
 
-        # -- select on the full validation split --
+        # -- select on the full validation split (DESIGN: full ranking, whatever the test protocol) --
         ev_corr = corrector if cfg.eval_score == "corrected" else None
-        metrics = evaluate_pairs(model, val_set, tokenizer, preprocess, cfg, device, ev_corr, rank, world)
+        try:
+            metrics = evaluate_pairs(model, val_set, tokenizer, preprocess, cfg, device, ev_corr, rank, world,
+                                     protocol="full", strict=True)
+        except FloatingPointError:
+            raise diverged(f"the validation embeddings became non-finite (NaN/Inf) after epoch {epoch}: the model "
+                           f"diverged") from None
         log(f"epoch {epoch} val rsum {metrics['rsum']:.1f}")
         logf.write(json.dumps({"epoch": epoch, "val": metrics, "loss": float(loss_sum) / max(1, len(batches)),
-                               "batches": "clustered" if clustered else "random", "hardness": hardness}) + "\n")
+                               "batches": "clustered" if clustered else "random", "warm_up": warming,
+                               **({"clusters": clusters} if clusters else {})}) + "\n")
         logf.flush()
         state["epoch"] = epoch + 1
         extra = {} if corrector is None else {"corrector": corrector.state_dict()}
         if metrics["rsum"] > state["best_rsum"]:
             state["best_rsum"] = metrics["rsum"]
-            state["best_split"] = state.get("split")  # the kept set this epoch trained on
+            state["best_split"] = None if warming else state.get("split")  # the kept set this epoch trained on
             if main_rank:
                 save_checkpoint(out / "best.pt", model, tokenizer, preprocess, epoch=epoch, val=metrics, **extra)
         if corrector is not None:

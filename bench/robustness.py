@@ -73,6 +73,14 @@ def run_one(task):
         f = res.get("filter") or {}
         row.update(rsum=res["rsum"], i2t_r1=res["i2t_r1"], t2i_r1=res["t2i_r1"], best_epoch=res["best_epoch"],
                    precision=f.get("precision"), recall=f.get("recall"), split_epoch=f.get("epoch"))
+        log = [json.loads(x) for x in (Path(cfg.output_dir) / "log.jsonl").read_text().splitlines()]
+        clusters = [e["clusters"] for e in log if "clusters" in e]  # paper C: mean over the clustered epochs
+        if clusters:
+            row["clusters"] = {k: statistics.mean(c[k] for c in clusters) for k in clusters[0]}
+        splits = [e["split"] for e in log if "split" in e]
+        if splits:  # rounds whose scores showed one population (nothing split), and the first split's AUC
+            row["one_population_rounds"] = sum(not s.get("two_populations", True) for s in splits)
+            row["first_split_auc"] = splits[0].get("auc")
     except Exception as e:  # one failed run must not lose the others; it is reported and not counted
         row["error"] = f"{type(e).__name__}: {e}"
     shutil.rmtree(cfg.output_dir, ignore_errors=True)  # checkpoints and plots of a finished run are not kept
