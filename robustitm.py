@@ -3053,8 +3053,12 @@ def score_command(args):
         w.writerow(["caption_index", "image_index", "caption", "cosine", "p_clean", "kept"])
         for c in range(len(scores)):
             w.writerow([c, int(assigned[c]), pairs.captions[c], f"{scores[c]:.6f}", f"{p_clean[c]:.6f}", int(kept[c])])
-    print(f"{int(kept.sum())}/{len(kept)} pairs kept (P(clean) > {args.threshold}); clean mean "
-          f"{stats['mu_clean']:.3f}, noisy mean {stats['mu_noisy']:.3f}; wrote {args.output}")
+    if stats["two_populations"]:
+        print(f"{int(kept.sum())}/{len(kept)} pairs kept (P(clean) > {args.threshold}); clean mean "
+              f"{stats['mu_clean']:.3f}, noisy mean {stats['mu_noisy']:.3f}; wrote {args.output}")
+    else:
+        print(f"the scores show one population ({stats['one_population']}): all {len(kept)} pairs kept; "
+              f"wrote {args.output}")
     if args.export_clean:
         _refuse_overwrite(args.export_clean)
         with open(args.export_clean, "w") as f:

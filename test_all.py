@@ -2140,6 +2140,46 @@ def test_gmm_clean_probability_is_posterior_of_higher_mean_component():
                                _gmm_np(gmm.clean_probability(fits[1], q)), atol=1e-8)
 
 
+def test_gmm_bic_matches_sklearn():
+    x = _gmm_1d_data()
+    ours = gmm.GaussianMixture(2, tol=1e-8, max_iter=500).fit(x)
+    sk = SkGaussianMixture(2, covariance_type="diag", tol=1e-8, max_iter=500, means_init=_gmm_np(ours.means_),
+                           weights_init=_gmm_np(ours.weights_), precisions_init=1 / _gmm_np(ours.variances_)).fit(
+        _gmm_np(torch.as_tensor(x)).reshape(-1, 1))
+    assert ours.bic(x) == pytest.approx(sk.bic(_gmm_np(torch.as_tensor(x)).reshape(-1, 1)), rel=1e-6)
+
+
+def _scores_of(kind, rng):
+    """Score sets with a known answer: does it hold two populations?"""
+    n = 20000
+    if kind == "one gaussian":
+        return rng.normal(0.8, 0.05, n)
+    if kind == "one skewed":  # clean cosines: a long tail towards low scores
+        return 0.95 - rng.gamma(2.0, 0.04, n)
+    if kind == "outliers":  # one population and 2% of near-duplicates far above it
+        return np.r_[rng.normal(0.6, 0.08, n), rng.normal(0.98, 0.005, n // 50)]
+    if kind == "overlapping":  # two components one std apart (D = 1): a unimodal mixture
+        return np.r_[rng.normal(0.5, 0.1, n // 2), rng.normal(0.6, 0.1, n // 2)]
+    r = float(kind)  # noisy pairs at rate r: clean around 0.85, noisy broad around 0.1
+    k = int(r * n)
+    return np.r_[rng.normal(0.85, 0.06, n - k), rng.normal(0.1, 0.35, k)]
+
+
+@pytest.mark.parametrize("kind, want", [("one gaussian", False), ("one skewed", False), ("outliers", False),
+                                        ("overlapping", False), ("0.2", True), ("0.4", True), ("0.6", True),
+                                        ("0.8", True)])
+def test_gmm_two_populations_known_answers(kind, want):
+    x = torch.as_tensor(_scores_of(kind, np.random.default_rng(0)))
+    g = gmm.GaussianMixture(2).fit(x)
+    ok, info = gmm.two_populations(g, x)
+    assert ok == want, info
+    assert (info["reason"] == "") == want
+    if kind == "outliers":  # a fit that isolates the 2% group: well separated, but too small to be a population
+        g = gmm.GaussianMixture(2, means_init=[0.6, 0.98]).fit(x)
+        ok, info = gmm.two_populations(g, x)
+        assert not ok and info["separation"] > 2 and "outliers" in info["reason"], info
+
+
 # ----------------------------------------------------------------------------- 6. degenerate data and dtypes
 
 def test_gmm_constant_data_uses_variance_floor():
