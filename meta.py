@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from gmm import GaussianMixture
+from gmm import GaussianMixture, two_populations
 
 HEAD_NAMES = ("visual.proj", "text_projection")  # the two projection layers of a CLIP-shaped dual encoder
 SCORE_EPS = 1e-6  # scores are clamped to [SCORE_EPS, 1 - SCORE_EPS] before the logit in purify
@@ -347,7 +347,8 @@ def _logit(x, name: str, eps: float) -> torch.Tensor:
     return torch.logit(x.clamp(eps, 1 - eps))
 
 
-def purify(scores, meta_pos_scores, meta_neg_scores, *, eps: float = SCORE_EPS, max_iter: int = 100) -> torch.Tensor:
+def purify(scores, meta_pos_scores, meta_neg_scores, *, eps: float = SCORE_EPS, max_iter: int = 100,
+           return_info: bool = False):
     """P(clean | score) of every training pair -> (N,) float64; keep p_clean > 0.5 (paper B, Sec. 3.4).
 
     A 2-component GMM on logit(score), started from the meta positives' and negatives' mean and variance (weights
@@ -355,6 +356,9 @@ def purify(scores, meta_pos_scores, meta_neg_scores, *, eps: float = SCORE_EPS, 
     fits a Beta mixture to the scores; a Gaussian on the logit is the logit-normal, a close cousin of the Beta on
     (0, 1), and it (1) is the corrector's own pre-sigmoid output, (2) stays well-behaved for scores that pile up at
     0 or 1, where Beta densities diverge, and (3) reuses gmm.py's exact EM instead of a second mixture family.
+    Beyond paper B: when the fitted logits do not show two populations (gmm.two_populations: BIC, separation,
+    clean weight), e.g. on clean data, nothing is split and every P(clean) is 1. return_info=True also returns
+    two_populations' dict with "two_populations": bool.
     """
     x, pos, neg = (_logit(s, name, eps) for s, name in ((scores, "scores"), (meta_pos_scores, "meta_pos_scores"),
                                                           (meta_neg_scores, "meta_neg_scores")))
@@ -371,4 +375,7 @@ def purify(scores, meta_pos_scores, meta_neg_scores, *, eps: float = SCORE_EPS, 
     if not gmm.means_[0, 0] > gmm.means_[1, 0]:
         warnings.warn("after EM the component started from the meta positives has the lower mean: the training "
                       "scores do not look like the meta pairs; check the meta set", stacklevel=2)
-    return gmm.predict_proba(x)[:, 0].to(torch.as_tensor(scores).device)
+    two, info = two_populations(gmm, x)
+    p = gmm.predict_proba(x)[:, 0] if two else torch.ones_like(x)
+    p = p.to(torch.as_tensor(scores).device)
+    return (p, {**info, "two_populations": two}) if return_info else p

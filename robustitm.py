@@ -2727,9 +2727,13 @@ def train(cfg, splits=None, log=print, vocab_captions=None):
                     pos = corrector.pair(meta_v[torch.as_tensor(meta_set.img_of_cap, device=meta_v.device)],
                                          meta_t).cpu()
                     neg = corrector.pair(v_img[meta_neg_img.to(v_img.device)], t[meta_neg_cap.to(t.device)]).cpu()
-                p_clean = purify(scores, pos, neg).float()
-                kept, g = p_clean > cfg.threshold, None
-                stats = {"mu_clean": float(pos.mean()), "mu_noisy": float(neg.mean())}
+                p_clean, test = purify(scores, pos, neg, return_info=True)
+                p_clean, kept, g = p_clean.float(), p_clean > cfg.threshold, None
+                stats = {"mu_clean": float(pos.mean()), "mu_noisy": float(neg.mean()),
+                         "two_populations": test["two_populations"], "separation": test["separation"]}
+                if not test["two_populations"]:
+                    stats["one_population"] = test["reason"]
+                    kept = torch.ones(C, dtype=torch.bool)
             diag = {**split_diagnostics(p_clean, kept, truth), **stats}
             state.update(kept=kept, p_clean=p_clean, stats=stats, split={**diag, "epoch": epoch})
             known = f", precision {diag['precision']:.3f}, recall {diag['recall']:.3f}, AUC {diag['auc']:.3f}" \
@@ -2804,7 +2808,7 @@ def train(cfg, splits=None, log=print, vocab_captions=None):
                                       "infonce" if warming else None)
                 else:  # MSCN: margins from the corrected positive score, plus paper B's hinge on corrected scores
                     c_pos = corr.pair(v.float(), t.float()).detach()  # (B,)
-                    loss = batch_loss(cfg, sims, same, c_pos, state["stats"], model.logit_scale)
+                    loss = batch_loss(cfg, sims, same, c_pos, {}, model.logit_scale)  # margins: w(c_ii)
                     loss = loss + mscn_loss(corr, v.float(), t.float(), same_image=same, reduction="mean")
                 if views is not None:  # pairs of the same image are positives of each other, never negatives
                     scale = model.logit_scale.exp().clamp(max=100)

@@ -1006,6 +1006,19 @@ def test_meta_purify_separates_clean_from_noisy():
     assert bool(torch.isfinite(p_edge).all())
 
 
+def test_meta_purify_does_not_split_one_population():
+    """Clean data (one population of corrected scores) keeps every pair; two populations are split as before."""
+    g = torch.Generator().manual_seed(0)
+    clean = torch.sigmoid(2.0 + 0.8 * torch.randn(5000, generator=g, dtype=torch.float64))
+    pos = torch.sigmoid(2.0 + 0.8 * torch.randn(200, generator=g, dtype=torch.float64))
+    neg = torch.sigmoid(-2.0 + 0.8 * torch.randn(200, generator=g, dtype=torch.float64))
+    p, info = meta.purify(clean, pos, neg, return_info=True)
+    assert (p == 1).all() and not info["two_populations"] and info["reason"]
+    noisy = torch.cat([clean[:3000], torch.sigmoid(-2.0 + 0.8 * torch.randn(2000, generator=g, dtype=torch.float64))])
+    p, info = meta.purify(noisy, pos, neg, return_info=True)
+    assert info["two_populations"] and 0.55 < float((p > 0.5).double().mean()) < 0.65
+
+
 def test_meta_negatives_are_never_true_pairs_and_meta_set_is_disjoint():
     img_of_cap = torch.arange(30).repeat_interleave(5)  # 30 images x 5 captions
     for n, seed in ((40, 0), (400, 1)):  # without and with replacement

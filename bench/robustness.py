@@ -7,7 +7,7 @@ an interrupted grid resumes where it stopped; the report (bench/results/robustne
 docs/robustness.png drawn with Pillow) is rebuilt from every run in that file that belongs to the grid.
 
 A method is a preset of robustitm.py (clip, vse, dsdmr, mscn, iuccl, all; clean is the reference: clip on exactly
-the pairs the noise left intact) or a variant in VARIANTS (dsdmr-<margin schedule>, clean-dsdm).
+the pairs the noise left intact) or a variant in VARIANTS (dsdmr-<margin schedule>, clean-dsdm, iuccl-<part off>).
 
     python bench/robustness.py --quick                     # clip vs dsdmr, caption noise 0/40/80%: minutes, 2 cores
     python bench/robustness.py --device cuda --workers 16  # the full grid, the clean reference and the margin-schedule
@@ -37,7 +37,11 @@ METHODS = "clip,vse,dsdmr,mscn,iuccl,all,clean"  # clean: a reference (trains on
 SCHEDULES = ("sharpened", "posterior", "gap", "fixed")  # paper A's margin schedules (ablation rows dsdmr-<name>)
 # A method name <preset>-<variant> is the preset with these switches changed
 VARIANTS = {**{f"dsdmr-{s}": dict(margin_schedule=s) for s in SCHEDULES},
-            "clean-dsdm": dict(loss="dsdm")}  # the perfect filter with paper A's loss (fixed margins: P(clean) = 1)
+            "clean-dsdm": dict(loss="dsdm"),  # the perfect filter with paper A's loss (fixed margins: P(clean) = 1)
+            # paper C's parts one at a time: without the clustered batches, without the uni-modal terms, and
+            # without the dropout its text-text view adds to a dropout-free tower
+            "iuccl-random": dict(batches="random"), "iuccl-nounimodal": dict(unimodal=False),
+            "iuccl-nodropout": dict(view_dropout=0.0)}
 FULL_SIZES, QUICK_SIZES = "6000,1000,1000", "3000,500,1000"  # train, val, test images (5 captions each)
 COST = {"mscn": 3, "all": 3, "iuccl": 2}  # rough relative run time: the slow ones start first
 
