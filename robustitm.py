@@ -101,7 +101,8 @@ class TrainConfig:
     tokenizer: str = _opt(None, "CLIP vocabulary: bpe_simple_vocab_16e6.txt.gz or a dir with vocab.json+merges.txt")
     allow_torchscript: bool = _opt(False, "allow loading TorchScript .pt archives (this EXECUTES code from the file)")
     # noise
-    noise_ratio: float = _opt(0.4, "fraction of training pairs to mismatch (0 = keep the data as it is)")
+    noise_ratio: float = _opt(0.0, "fraction of training pairs to mismatch on purpose (default 0: the pairs as "
+                              "given; the demo and benchmarks ask for theirs)")
     noise_protocol: str = _opt("caption", "caption: NCR, captions get random images; image: DECL/RCL, images are "
                                "permuted with all their captions", choices=["caption", "image"])
     noise_file: str = _opt(None, "noise index file (.npy): read if it exists, else generated and saved there")
@@ -158,7 +159,24 @@ class TrainConfig:
             for k, v in PRESETS[self.preset].items():
                 setattr(self, k, v)
         if not 0 <= self.noise_ratio < 1:
-            raise ValueError(f"noise_ratio must be in [0, 1), got {self.noise_ratio}")
+            raise ValueError(f"--noise_ratio must be in [0, 1), got {self.noise_ratio}")
+        for name in ("epochs", "lr_decay_epochs", "log_every", "refit_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_epochs", "frozen_epochs", "clustered_from", "lr_warmup_steps", "workers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        if self.batch_size < 2:
+            raise ValueError(f"--batch_size must be >= 2 (a batch needs negatives), got {self.batch_size}")
+        if not 0 <= self.threshold <= 1:
+            raise ValueError(f"--threshold is a probability P(clean) in [0, 1], got {self.threshold}")
+        if self.image_size < 4 or self.image_size % 4:
+            raise ValueError(f"--image_size must be a positive multiple of 4 (the from-scratch model's 4x4 patch "
+                             f"grid), got {self.image_size}")
+        sizes = str(self.synthetic_sizes).split(",")
+        if len(sizes) != 3 or not all(x.strip().isdigit() and int(x) > 0 for x in sizes):
+            raise ValueError(f"--synthetic_sizes must be three positive integers train,val,test (e.g. "
+                             f"3000,500,1000), got {self.synthetic_sizes!r}")
         if not 0 <= self.view_dropout < 1:
             raise ValueError(f"--view_dropout must be in [0, 1), got {self.view_dropout}")
         if self.margin_schedule == "gap" and self.loss == "dsdm" and self.filter != "gmm":
@@ -1741,8 +1759,10 @@ def make_noise(img_of_cap, n_images, ratio, protocol="caption", seed=0) -> np.nd
     return _noise(img_of_cap, n_images, ratio, protocol, seed)[1]
 
 
-def noise_file(path, img_of_cap, n_images, ratio, protocol="caption", seed=0) -> np.ndarray:
+def noise_file(path, img_of_cap, n_images, ratio, protocol="caption", seed=0, create=True) -> np.ndarray:
     """Read the noise file at `path`, or create it (with a `.json` sidecar) if missing; returns assigned (C,).
+    create=False: a missing file is an error (for reading someone's file, e.g. in `score`); ratio=None: no
+    comparison with an asked-for ratio.
 
     An existing file is never overwritten. Its format is detected by length: (C,) caption-level, used as is;
     (N,) image-level, converted by x[img_of_cap] (= np.repeat(x, 5) for 5 sorted captions per image).
@@ -1751,6 +1771,8 @@ def noise_file(path, img_of_cap, n_images, ratio, protocol="caption", seed=0) ->
     C, N = len(true), n_images
     if path.suffix != ".npy":
         raise ValueError(f"noise file {path} must end in .npy.")
+    if not path.exists() and not create:
+        raise ValueError(f"noise file {path} does not exist; give the path of an existing noise file (.npy)")
     if not path.exists():
         x, assigned, n_sel, landed = _noise(true, N, ratio, protocol, seed)
         meta = {"protocol": protocol, "ratio": ratio, "seed": seed, "rng": "numpy.random.default_rng (PCG64)",
@@ -1779,7 +1801,7 @@ def noise_file(path, img_of_cap, n_images, ratio, protocol="caption", seed=0) ->
     assigned = x.astype(np.int64) if len(x) == C else x.astype(np.int64)[true]
     n_noisy = int((assigned != true).sum())
     measured = n_noisy / C if C else 0.0
-    if abs(measured - ratio) > 0.05:
+    if ratio is not None and abs(measured - ratio) > 0.05:
         warnings.warn(f"noise file {path} makes {measured:.1%} of pairs noisy but ratio {ratio} was asked; "
                       f"using the file as it is.")
     _check_noise_claim(path, n_noisy, C)
@@ -2521,14 +2543,43 @@ def batch_loss(cfg, sims, same, p_clean, stats, logit_scale, loss=None):
     return triplet_ranking_loss(sims, cfg.margin_i2t * w, cfg.margin_t2i * w, same_image=same).mean()
 
 
+# What a run writes into its output_dir (a run started with --overwrite removes these, and nothing else).
+RUN_FILES = ("config.json", "noise.npy", "noise.npy.json", "log.jsonl", "best.pt", "last.pt", "results.json")
+RESUMABLE_CHANGES = {"epochs", "device", "workers", "resume", "overwrite"}  # may differ between a run and its resume
+
+
 def _prepare_output(cfg):
+    """Checks output_dir before anything is loaded or written: not someone else's non-empty folder, and, with
+    --resume, a last.pt of the same run (its config equal but for RESUMABLE_CHANGES)."""
     out = Path(cfg.output_dir)
     if out.exists() and any(out.iterdir()) and not (cfg.overwrite or cfg.resume):
         raise ValueError(f"output_dir {out} is not empty; pass --overwrite to write into it or --resume to continue")
-    if cfg.resume and not (out / "last.pt").is_file():
-        raise ValueError(f"--resume: {out / 'last.pt'} does not exist")
-    out.mkdir(parents=True, exist_ok=True)
+    if cfg.resume:
+        if not (out / "last.pt").is_file():
+            raise ValueError(f"--resume: {out / 'last.pt'} does not exist")
+        saved = torch.load(out / "last.pt", map_location="cpu", weights_only=True).get("config", {})
+        diff = [f"--{k} {saved.get(k)!r} -> {v!r}" for k, v in asdict(cfg).items()
+                if k not in RESUMABLE_CHANGES and saved.get(k) != v]
+        if diff:
+            raise ValueError(f"--resume continues the run in {out}, but these settings differ from it: "
+                             f"{'; '.join(diff)}. Use the run's own settings (only --epochs, --device and "
+                             f"--workers may change), or a new --output_dir.")
     return out
+
+
+def _start_output(cfg, out):
+    """Creates output_dir; removes this project's temp files left by a killed run; with --overwrite (a new run),
+    removes the previous run's files so that nothing of it is mixed in (an explicit --noise_file is kept)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for tmp in [*out.glob(".*.tmp[0-9]*"), *out.glob("noise.npy*.tmp[0-9]*")]:  # our writers' temp names
+        tmp.unlink(missing_ok=True)
+    if cfg.overwrite and not cfg.resume:
+        keep = Path(cfg.noise_file).resolve() if cfg.noise_file else None
+        for name in RUN_FILES:
+            if (out / name).resolve() != keep and not (keep and (out / name).resolve() == Path(f"{keep}.json")):
+                (out / name).unlink(missing_ok=True)
+        for png in out.glob("scores_epoch*.png"):
+            png.unlink()
 
 
 def splits_for(cfg, preprocess):
@@ -2613,12 +2664,20 @@ def train(cfg, splits=None, log=print, vocab_captions=None):
         splits = splits or splits_for(cfg, Preprocess(cfg.image_size))
         model, tokenizer, preprocess = build_model(cfg, vocab_captions or splits["train"].captions)
     train_set, val_set, test_set = splits["train"], splits["val"], splits["test"]
+    C, N = len(train_set.captions), len(train_set.images)
+    if cfg.batch_size > C:
+        raise ValueError(f"--batch_size {cfg.batch_size} is larger than the {C} training pairs: not one batch could "
+                         f"be formed; lower --batch_size")
+    vocab = model.token_embedding.num_embeddings
+    if getattr(tokenizer, "vocab_size", 0) > vocab:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's text vocabulary holds "
+                         f"{vocab}: they do not belong together; pass the tokenizer of these weights (--tokenizer)")
     model.to(device)
     if main_rank:
+        _start_output(cfg, out)
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
 
     # Noise: the image each training caption is paired with. Ground truth is known when we injected it.
-    C, N = len(train_set.captions), len(train_set.images)
     if cfg.noise_ratio > 0 or cfg.noise_file:
         spec = (cfg.noise_file or out / "noise.npy", train_set.img_of_cap, N, cfg.noise_ratio, cfg.noise_protocol,
                 cfg.seed)
@@ -2631,9 +2690,12 @@ def train(cfg, splits=None, log=print, vocab_captions=None):
         assigned = train_set.img_of_cap.copy()
     assigned = torch.as_tensor(assigned, dtype=torch.long)
     noisy = assigned != torch.as_tensor(train_set.img_of_cap)
-    truth = noisy if (cfg.noise_ratio > 0 or cfg.noise_file) else None  # real pairs as given: truth unknown
-    log(f"train: {N} images, {C} captions, {int(noisy.sum())} noisy pairs ({noisy.float().mean():.1%}); "
-        f"filter={cfg.filter} loss={cfg.loss} batches={cfg.batches} unimodal={cfg.unimodal}")
+    known = cfg.noise_ratio > 0 or cfg.noise_file or cfg.data == "synthetic"  # real pairs as given: truth unknown
+    truth = noisy if known else None
+    pairs = f"{int(noisy.sum())} noisy pairs ({noisy.float().mean():.1%})" if known else \
+        "pairs as given (their noise is unknown)"
+    log(f"train: {N} images, {C} captions, {pairs}; filter={cfg.filter} loss={cfg.loss} batches={cfg.batches} "
+        f"unimodal={cfg.unimodal}")
 
     # MSCN (paper B): a clean meta set from validation, removed from what model selection sees.
     corrector = meta_set = None
@@ -2669,6 +2731,10 @@ def train(cfg, splits=None, log=print, vocab_captions=None):
             corrector_opt.load_state_dict(ckpt["corrector_optimizer"])
         state = ckpt["state"]
         log(f"resumed from {out / 'last.pt'} at epoch {state['epoch']}")
+        if main_rank and (out / "log.jsonl").is_file():  # drop what a killed run logged after its checkpoint
+            lines = (out / "log.jsonl").read_text().splitlines()
+            kept_lines = [x for x in lines if x.strip() and json.loads(x).get("epoch", 0) < state["epoch"]]
+            _atomic_write(out / "log.jsonl", lambda f: f.write("".join(x + "\n" for x in kept_lines).encode()))
     if cfg.compile:
         tokenizer.pad_multiple = 8  # a new caption length is a new shape to compile: round lengths up to 8
     fmodel = torch.compile(model) if cfg.compile else model
@@ -2750,6 +2816,10 @@ def train(cfg, splits=None, log=print, vocab_captions=None):
 
         # -- batches over the kept pairs: random, or B distinct images of one k-means cluster (paper C) --
         kept = torch.ones(C, dtype=torch.bool) if warming else state["kept"]
+        if int(kept.sum()) < cfg.batch_size:  # never an epoch without steps
+            log(f"epoch {epoch}: the split keeps {int(kept.sum())} pairs, fewer than one batch of {cfg.batch_size}; "
+                f"this round trains on all {C} pairs (check --threshold and the score histogram)")
+            kept = torch.ones(C, dtype=torch.bool)
         kept_idx = kept.nonzero().squeeze(1)
         batches, clusters = random_batches(kept_idx, cfg.batch_size, gen), None
         if clustered:
@@ -2863,6 +2933,7 @@ def train(cfg, splits=None, log=print, vocab_captions=None):
                            f"diverged") from None
         log(f"epoch {epoch} val rsum {metrics['rsum']:.1f}")
         logf.write(json.dumps({"epoch": epoch, "val": metrics, "loss": float(loss_sum) / max(1, len(batches)),
+                               "trained_pairs": int(kept.sum()), "steps": len(batches),
                                "batches": "clustered" if clustered else "random", "warm_up": warming,
                                **({"clusters": clusters} if clusters else {})}) + "\n")
         logf.flush()
@@ -2977,6 +3048,11 @@ def results_table(rows):
     return "\n".join(lines)
 
 
+def cli():
+    """The `robustitm` console script: exit status 0 on success (main's return value is for Python callers)."""
+    main()
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="robustitm", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -3041,17 +3117,23 @@ def _refuse_overwrite(path):
 
 def score_command(args):
     """Scores every pair with the checkpoint, fits the GMM, writes a CSV (and optionally the kept pairs)."""
+    if not 0 <= args.threshold <= 1:
+        raise ValueError(f"--threshold is a probability P(clean) in [0, 1], got {args.threshold}")
     device = _device(args.device)
     model, tokenizer, preprocess, _ = load_checkpoint(args.checkpoint)
     pairs = _load_split(args, preprocess, args.split)
+    for path in (args.output, args.export_clean):  # every output checked before any is written
+        if path:
+            _refuse_overwrite(path)
+    if args.export_clean and pairs.images.paths is None:
+        image_name(pairs.images, 0)  # raises: synthetic images have no files to export
     assigned = pairs.img_of_cap
     if args.noise_file:
-        assigned = noise_file(args.noise_file, pairs.img_of_cap, len(pairs.images), 0.0, "caption", args.seed)
+        assigned = noise_file(args.noise_file, pairs.img_of_cap, len(pairs.images), None, create=False)
     v, t = score_pairs(model.to(device), pairs.images, pairs.captions, assigned, tokenizer, preprocess, 256, device,
                        workers=args.workers)
     scores = (v * t).sum(1).float().cpu()  # (C,) cosine of each pair
     (p_clean, kept, stats), _ = gmm_split(scores, args.threshold, args.seed)
-    _refuse_overwrite(args.output)
     with open(args.output, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["caption_index", "image_index", "caption", "cosine", "p_clean", "kept"])
@@ -3064,7 +3146,6 @@ def score_command(args):
         print(f"the scores show one population ({stats['one_population']}): all {len(kept)} pairs kept; "
               f"wrote {args.output}")
     if args.export_clean:
-        _refuse_overwrite(args.export_clean)
         with open(args.export_clean, "w") as f:
             for c in kept.nonzero().squeeze(1).tolist():
                 f.write(json.dumps({"image": image_name(pairs.images, int(assigned[c])),

@@ -15,6 +15,7 @@ import re
 import unicodedata
 import warnings
 import zipfile
+from pathlib import Path
 
 from PIL import Image
 from sklearn.cluster import KMeans
@@ -1522,7 +1523,8 @@ def _weights(path):
 
 def test_train_end_to_end_in_process(tmp_path):
     out = tmp_path / "run"
-    res = R.main(["train", "--preset", "dsdmr", "--epochs", "2", "--output_dir", str(out), *_TINY])
+    res = R.main(["train", "--preset", "dsdmr", "--noise_ratio", "0.4", "--epochs", "2", "--output_dir", str(out),
+                  *_TINY])
     assert 0 <= res["rsum"] <= 600 and res["filter"]["kept"] > 0
     for name in ("config.json", "noise.npy", "noise.npy.json", "log.jsonl", "best.pt", "last.pt", "results.json",
                  "scores_epoch0.png", "scores_epoch1.png"):
@@ -1555,7 +1557,7 @@ def test_train_clean_reference_keeps_exactly_the_clean_pairs(tmp_path, monkeypat
 
 
 def test_train_resume_is_exact(tmp_path):
-    args = ["train", "--preset", "dsdmr", *_TINY]
+    args = ["train", "--preset", "dsdmr", "--noise_ratio", "0.4", *_TINY]
     R.main(args + ["--epochs", "2", "--output_dir", str(tmp_path / "a")])
     R.main(args + ["--epochs", "1", "--output_dir", str(tmp_path / "b")])
     R.main(args + ["--epochs", "2", "--output_dir", str(tmp_path / "b"), "--resume"])
@@ -1625,6 +1627,7 @@ def test_train_image_files_decoded_by_workers_give_the_same_run(tmp_path):
 def test_train_every_switch_combination_runs(tmp_path, filter_, loss, batches, unimodal):
     splits = _tiny_splits()
     cfg = R.TrainConfig(filter=filter_, loss=loss, batches=batches, unimodal=unimodal, epochs=1, batch_size=16,
+                        noise_ratio=0.4,
                         lr_warmup_steps=1, output_dir=str(tmp_path), meta_fraction=0.1, device="cpu")
     res = R.train(cfg, splits, log=lambda *a: None)
     assert 0 <= res["rsum"] <= 600
@@ -1715,7 +1718,7 @@ def test_warmup_trains_with_infonce_not_the_hardest_negative_loss(tmp_path, monk
     real_nce, real_tri = R.info_nce, R.triplet_ranking_loss
     monkeypatch.setattr(R, "info_nce", lambda *a, **k: used.append("infonce") or real_nce(*a, **k))
     monkeypatch.setattr(R, "triplet_ranking_loss", lambda *a, **k: used.append("dsdm") or real_tri(*a, **k))
-    R.main(["train", "--preset", "dsdmr", "--warmup_epochs", "1", "--epochs", "2", "--output_dir",
+    R.main(["train", "--preset", "dsdmr", "--noise_ratio", "0.4", "--warmup_epochs", "1", "--epochs", "2", "--output_dir",
             str(tmp_path / "run"), *_TINY])
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     n_warm = sum(1 for e in log if e.get("warm_up"))
@@ -1747,7 +1750,8 @@ def test_gap_schedule_refused_without_gmm_and_runs_with_warmup(tmp_path, filter_
     with pytest.raises(ValueError, match="--margin_schedule gap.*--filter gmm"):
         R.TrainConfig(filter=filter_, loss="dsdm", margin_schedule="gap", noise_ratio=0.4)
     if filter_ == "none":  # gmm + gap with a warm-up (no GMM means yet) runs
-        res = R.main(["train", "--filter", "gmm", "--loss", "dsdm", "--margin_schedule", "gap", "--warmup_epochs",
+        res = R.main(["train", "--filter", "gmm", "--loss", "dsdm", "--margin_schedule", "gap", "--noise_ratio", "0.4",
+                      "--warmup_epochs",
                       "1", "--epochs", "2", "--output_dir", str(tmp_path / "run"), *_TINY])
         assert 0 <= res["rsum"] <= 600
 
@@ -2436,3 +2440,140 @@ def test_train_split_diagnostics_against_sklearn():
     assert d["precision"] == pytest.approx(float((kept & ~noisy).sum() / kept.sum()))
     assert d["recall"] == pytest.approx(float((kept & ~noisy).sum() / (~noisy).sum()))
     assert set(R.split_diagnostics(p, kept)) == {"kept", "estimated_noise_rate"}  # truth unknown: no P/R
+
+
+# --------------------------------------------------------------------------------------------------------------
+# No silent failures: every run does what was asked or stops with a clear error; nothing of the user's changes
+# --------------------------------------------------------------------------------------------------------------
+
+def _snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+def test_silent_real_data_is_used_as_given_without_noise_flags(tmp_path, capsys):
+    data = R.export_karpathy(R.synthetic_splits(40, 10, 10, seed=0), tmp_path / "data")
+    R.main(["train", "--data", str(data), "--epochs", "1", "--output_dir", str(tmp_path / "run"), *_TINY])
+    assert not (tmp_path / "run" / "noise.npy").exists()
+    assert "pairs as given (their noise is unknown)" in capsys.readouterr().out
+    R.main(["train", "--data", str(data), "--epochs", "1", "--noise_ratio", "0.4", "--output_dir",
+            str(tmp_path / "noisy"), *_TINY])
+    assert (tmp_path / "noisy" / "noise.npy").is_file()  # asked for: injected and saved
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--batch_size", "1"], "--batch_size must be >= 2"),
+    (["--batch_size", "5000"], "--batch_size 5000 is larger than the 600 training pairs"),
+    (["--threshold", "1.5"], "--threshold is a probability"),
+    (["--epochs", "0"], "--epochs must be >= 1"),
+    (["--lr_decay_epochs", "0"], "--lr_decay_epochs must be >= 1"),
+    (["--log_every", "0"], "--log_every must be >= 1"),
+    (["--refit_every", "0"], "--refit_every must be >= 1"),
+    (["--image_size", "30"], "--image_size must be a positive multiple of 4"),
+    (["--synthetic_sizes", "10,5"], "--synthetic_sizes must be three positive integers"),
+    (["--synthetic_sizes", "10,0,5"], "--synthetic_sizes must be three positive integers"),
+    (["--view_dropout", "1"], "--view_dropout must be in"),
+])
+def test_silent_impossible_settings_are_refused_before_anything_is_written(tmp_path, flags, match):
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=match):
+        R.main(["train", "--output_dir", str(out), *_TINY, *flags])
+    assert not out.exists()
+
+
+def test_silent_a_split_that_keeps_too_few_pairs_trains_on_all(tmp_path, capsys, monkeypatch):
+    real = R.gmm_split
+
+    def keeps_five(scores, threshold, seed):
+        (p, kept, stats), g = real(scores, threshold, seed)
+        kept = torch.zeros_like(kept)
+        kept[:5] = True
+        return (p, kept, {**stats, "two_populations": True}), g
+    monkeypatch.setattr(R, "gmm_split", keeps_five)
+    out = tmp_path / "run"
+    R.main(["train", "--preset", "dsdmr", "--noise_ratio", "0.4", "--epochs", "1", "--output_dir", str(out), *_TINY])
+    assert "fewer than one batch" in capsys.readouterr().out
+    entry = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines() if "val" in json.loads(x)][0]
+    assert entry["steps"] > 0 and entry["trained_pairs"] == 600
+
+
+def test_silent_overwrite_starts_a_clean_run(tmp_path):
+    out = tmp_path / "run"
+    R.main(["train", "--noise_ratio", "0.4", "--epochs", "1", "--output_dir", str(out), *_TINY])
+    R.main(["train", "--noise_ratio", "0.4", "--noise_protocol", "image", "--seed", "1", "--epochs", "1",
+            "--output_dir", str(out), "--overwrite", *_TINY])
+    side = json.loads((out / "noise.npy.json").read_text())
+    assert side["protocol"] == "image" and side["seed"] == 1  # made from this run's flags
+    assert len((out / "log.jsonl").read_text().splitlines()) == 1  # one epoch: a fresh log
+    # an explicit --noise_file that exists is read, never replaced, even inside the folder
+    mine = tmp_path / "mine.npy"
+    np.save(mine, make_noise(R.synthetic_splits(120, 40, 40, seed=0)["train"].img_of_cap, 120, 0.2, seed=5))
+    before = mine.read_bytes()
+    R.main(["train", "--noise_file", str(mine), "--epochs", "1", "--output_dir", str(out), "--overwrite", *_TINY])
+    assert mine.read_bytes() == before
+
+
+def test_silent_resume_refuses_another_run_and_truncates_the_log(tmp_path):
+    out = tmp_path / "run"
+    args = ["train", "--noise_ratio", "0.4", "--output_dir", str(out), *_TINY]
+    R.main(args + ["--epochs", "1"])
+    config = (out / "config.json").read_text()
+    with pytest.raises(ValueError, match=r"settings differ.*--batch_size 32 -> 16.*--seed 0 -> 1"):
+        R.main(args + ["--epochs", "2", "--resume", "--seed", "1", "--batch_size", "16"])
+    assert (out / "config.json").read_text() == config
+    with open(out / "log.jsonl", "a") as f:  # a run killed after logging epoch 1, before its checkpoint
+        f.write(json.dumps({"epoch": 1, "val": {"rsum": 1.0}}) + "\n")
+    (out / ".last.pt.tmp12345").write_bytes(b"x" * 100)  # and a killed checkpoint write
+    R.main(args + ["--epochs", "2", "--resume"])
+    epochs = [json.loads(x)["epoch"] for x in (out / "log.jsonl").read_text().splitlines()]
+    assert epochs == [0, 1] and not list(out.glob(".*.tmp*"))
+
+
+def test_silent_score_never_writes_a_noise_file_and_checks_outputs_first(tmp_path):
+    splits = R.synthetic_splits(30, 10, 10, seed=0)
+    data = R.export_karpathy(splits, tmp_path / "data")
+    R.main(["train", "--data", str(data), "--epochs", "1", "--output_dir", str(tmp_path / "run"), *_TINY])
+    ckpt = str(tmp_path / "run" / "best.pt")
+    with pytest.raises(ValueError, match="noise file .*typo.npy does not exist"):
+        R.main(["score", ckpt, "--data", str(data), "--output", str(tmp_path / "a.csv"), "--noise_file",
+                str(tmp_path / "typo.npy")])
+    assert not (tmp_path / "typo.npy").exists() and not (tmp_path / "a.csv").exists()
+    good = tmp_path / "good.npy"
+    noise_file(good, splits["train"].img_of_cap, 30, 0.4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a correct file: no "ratio 0.0 was asked" warning
+        R.main(["score", ckpt, "--data", str(data), "--output", str(tmp_path / "b.csv"), "--noise_file", str(good)])
+    (tmp_path / "taken.jsonl").write_text("mine")
+    with pytest.raises(ValueError, match="taken.jsonl exists"):
+        R.main(["score", ckpt, "--data", str(data), "--output", str(tmp_path / "c.csv"), "--export_clean",
+                str(tmp_path / "taken.jsonl")])
+    assert not (tmp_path / "c.csv").exists() and (tmp_path / "taken.jsonl").read_text() == "mine"
+    with pytest.raises(ValueError, match="not files"):  # synthetic scenes have no image files to export
+        R.main(["score", ckpt, "--output", str(tmp_path / "d.csv"), "--export_clean", str(tmp_path / "d.jsonl")])
+    assert not (tmp_path / "d.csv").exists() and not (tmp_path / "d.jsonl").exists()
+
+
+def test_silent_nan_in_the_first_epoch_does_not_name_a_missing_checkpoint(tmp_path, monkeypatch):
+    real = R.batch_loss
+    monkeypatch.setattr(R, "batch_loss", lambda *a, **k: real(*a, **k) * float("nan"))
+    with pytest.raises(FloatingPointError, match="no checkpoint was written yet"):
+        R.main(["train", "--epochs", "1", "--output_dir", str(tmp_path / "run"), *_TINY])
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_silent_console_script_exits_zero(tmp_path, monkeypatch):
+    monkeypatch.setattr(R, "main", lambda argv=None: {"rsum": 1.0})
+    assert R.cli() is None  # sys.exit(None) == exit status 0
+    text = (Path(R.__file__).parent / "setup.py").read_text()
+    assert '"robustitm = robustitm:cli"' in text
+
+
+def test_silent_tokenizer_larger_than_the_model_vocabulary_is_refused(tmp_path, monkeypatch):
+    real = R.build_model
+
+    def small_vocab(cfg, captions):
+        model, tok, pre = real(cfg, captions)
+        return R.tiny_model(vocab_size=tok.vocab_size - 5, context_length=tok.context_length), tok, pre
+    monkeypatch.setattr(R, "build_model", small_vocab)
+    with pytest.raises(ValueError, match="tokenizer has .* tokens but the model's text vocabulary holds"):
+        R.main(["train", "--epochs", "1", "--output_dir", str(tmp_path / "run"), *_TINY])
+    assert not (tmp_path / "run").exists()
