@@ -21,6 +21,7 @@ import gc
 import gzip
 import html
 import html.entities
+import io
 import json
 import math
 import os
@@ -954,7 +955,12 @@ _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, 
 
 
 def read_safetensors(path):
-    """Reads a .safetensors file (8-byte little-endian header size, JSON header, raw little-endian data)."""
+    """Reads a .safetensors file (8-byte little-endian header size, JSON header, raw little-endian data).
+
+    The header is checked in full before any tensor is built: a JSON object of {name: {dtype, shape,
+    data_offsets}}, known dtypes, shapes of non-negative integers, offsets inside the data, sizes equal to
+    dtype size x number of elements, no two tensors overlapping. Errors name the file and the tensor.
+    """
     data = Path(path).read_bytes()
     if len(data) < 8:
         raise ValueError(f"{path}: truncated safetensors file ({len(data)} bytes)")
@@ -963,17 +969,38 @@ def read_safetensors(path):
         raise ValueError(f"{path}: truncated safetensors file (header says {n} bytes, file has {len(data) - 8})")
     try:
         header = json.loads(data[8:8 + n])
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not a safetensors file (header is not JSON: {e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: not a safetensors file (the header is a JSON {type(header).__name__}, not an "
+                         f"object of tensors)")
     header.pop("__metadata__", None)
-    body, out = memoryview(data)[8 + n:], {}
+    body, spans = memoryview(data)[8 + n:], []
     for name, info in header.items():
-        start, end = info["data_offsets"]
-        if end > len(body):
-            raise ValueError(f"{path}: truncated safetensors file (tensor {name!r} ends at byte {end} of {len(body)})")
-        dtype = _ST_DTYPES.get(info["dtype"])
+        bad = lambda why: ValueError(f"{path}: tensor {name!r}: {why}; the file is corrupt or not safetensors")  # noqa: E731
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+            raise bad(f"needs dtype, shape and data_offsets, got {info!r:.80}")
+        dtype, shape, offsets = _ST_DTYPES.get(info["dtype"]), info["shape"], info["data_offsets"]
         if dtype is None:
-            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+            raise bad(f"unsupported dtype {info['dtype']!r} (known: {', '.join(_ST_DTYPES)})")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise bad(f"shape must be a list of non-negative integers, got {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            raise bad(f"data_offsets must be [start, end] with 0 <= start <= end, got {offsets!r}")
+        if offsets[1] > len(body):
+            raise bad(f"ends at byte {offsets[1]} of {len(body)} (truncated file)")
+        size = math.prod(shape) * dtype.itemsize
+        if offsets[1] - offsets[0] != size:
+            raise bad(f"{offsets[1] - offsets[0]} bytes for shape {shape} of {info['dtype']} ({size} bytes)")
+        spans.append((offsets[0], offsets[1], name))
+    spans.sort()
+    for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
+        if start < end:
+            raise ValueError(f"{path}: tensors {first!r} and {second!r} overlap in the data; the file is corrupt")
+    out = {}
+    for name, info in header.items():
+        (start, end), dtype = info["data_offsets"], _ST_DTYPES[info["dtype"]]
         t = torch.frombuffer(bytearray(body[start:end]), dtype=dtype) if end > start else torch.empty(0, dtype=dtype)
         out[name] = t.reshape(info["shape"])
     return out
@@ -1015,6 +1042,8 @@ def read_state_dict(path, allow_torchscript=False):
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"checkpoint {path} does not exist")
+    if path.stat().st_size == 0:
+        raise ValueError(f"checkpoint {path} is empty (0 bytes): an interrupted download or copy? Fetch it again")
     with open(path, "rb") as f:
         head = f.read(8)
     if path.suffix == ".safetensors":
@@ -1109,8 +1138,26 @@ def _detect_layout(sd):
                      f"CLIP, BERT, ViT or DINOv2 model. First keys: {sorted(sd)[:8]}")
 
 
+# The tensors an OpenAI-layout state dict's architecture is read from, with the shape each must have.
+_OPENAI_ARCH = {"visual.conv1.weight": "(D, 3, p, p), D a multiple of 64", "visual.positional_embedding":
+                "(grid^2 + 1, D)", "ln_final.weight": "(W,), W a multiple of 64", "text_projection": "(W, E)",
+                "token_embedding.weight": "(vocab, W)", "positional_embedding": "(context, W)",
+                "visual.transformer.resblocks.0.mlp.c_fc.weight": "(hidden, D)",
+                "transformer.resblocks.0.mlp.c_fc.weight": "(hidden, W)"}
+
+
 def _openai_config(sd, act):
     """ModelConfig of an OpenAI-layout CLIP state dict, from its tensor shapes (as OpenAI's build_model does)."""
+    shape = {k: tuple(sd[k].shape) if k in sd else None for k in _OPENAI_ARCH}
+    vw, pe, lw = shape["visual.conv1.weight"], shape["visual.positional_embedding"], shape["ln_final.weight"]
+    ok = (all(v is not None and len(v) == (4 if k == "visual.conv1.weight" else 1 if k == "ln_final.weight" else 2)
+              for k, v in shape.items())
+          and vw[1] == 3 and vw[2] == vw[3] > 0 and vw[0] > 0 and vw[0] % 64 == 0 and lw[0] > 0 and lw[0] % 64 == 0
+          and round((pe[0] - 1) ** 0.5) ** 2 == pe[0] - 1 and pe[1] == vw[0])
+    if not ok:
+        listing = "; ".join(f"{k}: {shape[k]} (expected {want})" for k, want in _OPENAI_ARCH.items())
+        raise ValueError(f"the checkpoint's architecture cannot be read from its shapes: {listing}. The file is "
+                         f"damaged or not an OpenAI/open_clip CLIP state dict")
     vw = sd["visual.conv1.weight"]  # (D, 3, p, p)
     grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
     tw = sd["ln_final.weight"].shape[0]
@@ -1384,6 +1431,20 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SPLITS = ("train", "val", "test")
 
 
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit, 32-bit integer and float grey images -> 8-bit "L", scaled (Pillow's convert("RGB") clips them, so a
+    16-bit PNG would turn white). 16-bit: v / 257; "I": the same when it holds 16-bit values, else as is; "F":
+    [0, 1] -> [0, 255] when it lies in [0, 1], else clipped to [0, 255]. Other modes are returned unchanged."""
+    if not (img.mode.startswith("I") or img.mode == "F"):
+        return img
+    a = np.asarray(img, dtype=np.float64)
+    if img.mode.startswith("I;16") or (img.mode == "I" and a.max(initial=0) > 255):
+        a = a / 257
+    elif img.mode == "F" and a.min(initial=0) >= 0 and a.max(initial=0) <= 1:
+        a = a * 255
+    return Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8), "L")
+
+
 @dataclass(frozen=True)
 class Preprocess:
     """CLIP eval preprocessing: shorter side to `size` (PIL bicubic), centre crop, RGB, then normalise.
@@ -1396,6 +1457,7 @@ class Preprocess:
     std: tuple = CLIP_STD
 
     def to_uint8(self, img: Image.Image) -> torch.Tensor:
+        img = _to_8bit(img)
         S, (w, h) = self.size, img.size
         if min(w, h) != S:  # torchvision's rule: short side to S, long side int(S * long / short)
             w, h = (S, int(S * h / w)) if w <= h else (int(S * w / h), S)
@@ -1581,6 +1643,22 @@ def _group_rows(rows):
     return list(index), [c for _, c in rows], ioc
 
 
+def _read_text(path):
+    """A text file's contents; a clear error when it is not UTF-8."""
+    try:
+        return Path(path).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); re-save it "
+                         f"as UTF-8") from None
+
+
+def _text(value, where):
+    """A caption must be a string: None, numbers and lists are refused with where they are."""
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: caption {value!r} is not text; every caption must be a string")
+    return value
+
+
 def read_karpathy(d, root, max_captions=5):
     """Karpathy split JSON (parsed) -> {split: (paths, captions, img_of_cap)}; `restval` joins train.
 
@@ -1588,11 +1666,16 @@ def read_karpathy(d, root, max_captions=5):
     image = root / filepath / filename. The first `max_captions` (5) sentences are kept, as the field does.
     """
     raw = {}
-    for im in d["images"]:
+    for k, im in enumerate(d["images"]):
+        name = im.get("filename", "no filename") if isinstance(im, dict) else repr(im)[:40]
+        where = f"images[{k}] ({name})"
+        if not isinstance(im, dict) or not {"filename", "split", "sentences"} <= set(im) \
+                or not isinstance(im["sentences"], list):
+            raise ValueError(f"Karpathy file: {where} needs 'filename', 'split' and a 'sentences' list")
         split = {"restval": "train"}.get(im["split"], im["split"])
         paths, caps, ioc = raw.setdefault(split, ([], [], []))
         for s in im["sentences"][:max_captions]:
-            caps.append(s["raw"])
+            caps.append(_text(s.get("raw") if isinstance(s, dict) else s, f"Karpathy file: {where}"))
             ioc.append(len(paths))
         paths.append(str(root / im.get("filepath", "") / im["filename"]))
     return raw
@@ -1608,7 +1691,7 @@ def read_coco(d, root, split, max_captions=5):
     for a in d["annotations"]:
         if a["image_id"] not in order:
             raise ValueError(f"annotation {a.get('id')} refers to image_id {a['image_id']}, absent from 'images'.")
-        by_image[order[a["image_id"]]].append(a["caption"])
+        by_image[order[a["image_id"]]].append(_text(a.get("caption"), f"annotation {a.get('id')}"))
     by_image = [cs[:max_captions] for cs in by_image]
     caps = [c for cs in by_image for c in cs]
     ioc = [k for k, cs in enumerate(by_image) for _ in cs]
@@ -1643,22 +1726,39 @@ def read_table(path, splits, image_root=None):
     Several rows with the same image = several captions of one image. Image paths are relative to image_root
     (default: the file's folder) unless absolute. Without a `split` field the whole file is the one split named.
     """
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        if path.suffix == ".jsonl":
-            recs = [json.loads(line) for line in f if line.strip()]
-        else:
-            recs = list(csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ","))
-    cols = set(recs[0]) if recs else set()
+    text, recs = _read_text(path), []
+    if path.suffix == ".jsonl":
+        for k, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} line {k} is not valid JSON ({e.msg}); each line must be one JSON object "
+                                 f"with 'image' and 'caption'") from None
+            if not isinstance(r, dict):
+                raise ValueError(f"{path} line {k} is a JSON {type(r).__name__}, not an object with 'image' and "
+                                 f"'caption'")
+            recs.append((k, r))
+    else:
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if path.suffix == ".tsv" else ",",
+                                strict=True)
+        try:
+            recs = [(reader.line_num, r) for r in reader]
+        except csv.Error as e:
+            raise ValueError(f"{path} line {reader.line_num}: {e} (a quote opened and never closed?); fix the "
+                             f"quoting of that row") from None
+    cols = set(recs[0][1]) if recs else set()
     if not {"image", "caption"} <= cols:
         raise ValueError(f"{path} needs 'image' and 'caption' columns/fields, found {sorted(cols)}.")
     if "split" not in cols and len(splits or ()) != 1:
         raise ValueError(f"{path} has no 'split' column, so it is one split: name it (e.g. split='train').")
     root, raw = Path(image_root) if image_root is not None else path.parent, {}
-    for r in recs:
-        if not r.get("image"):
-            raise ValueError(f"{path}: a row has no image: {r}. Every row needs an image path.")
-        raw.setdefault(r.get("split", splits[0] if splits else None), []).append((str(root / r["image"]),
-                                                                                  r.get("caption") or ""))
+    for k, r in recs:
+        if not isinstance(r.get("image"), str) or not r["image"]:
+            raise ValueError(f"{path} line {k}: no image path ({r.get('image')!r}); every row needs one")
+        caption = _text(r.get("caption"), f"{path} line {k}")
+        raw.setdefault(r.get("split", splits[0] if splits else None), []).append((str(root / r["image"]), caption))
     return {s: _group_rows(rows) for s, rows in raw.items()}
 
 
@@ -1670,7 +1770,11 @@ def _parse(path, splits, image_root, max_captions):
     if (p.is_dir() and any(p.glob("*_caps.tsv"))) or p.name.endswith("_caps.tsv"):
         return read_cc152k(p if p.is_dir() else p.parent, splits, image_root)
     if p.suffix == ".json":
-        d = json.loads(p.read_text(encoding="utf-8"))
+        try:
+            d = json.loads(_read_text(p))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); a truncated "
+                             f"download?") from None
         root = Path(image_root) if image_root is not None else p.parent
         if isinstance(d, dict) and "annotations" in d and "images" in d:
             if len(splits or ()) != 1:
@@ -1697,10 +1801,30 @@ def load_splits(path, splits=None, image_root=None, size=224, mean=CLIP_MEAN, st
     raw = _parse(path, splits, image_root, max_captions)
     missing = [s for s in (splits or []) if s not in raw]
     if missing:
-        raise ValueError(f"split(s) {missing} not found in {path}; it holds {sorted(raw)}.")
+        raise ValueError(f"split(s) {missing} not found in {path}; it holds {sorted(raw)}. Training needs train, val "
+                         f"(model selection) and test: add a 'split' column/field, or name the split you have.")
+    _warn_duplicate_images(raw, path)
     pre = Preprocess(size, tuple(mean), tuple(std))
     return {s: _build(s, *raw[s], pre, cache_dir, skip_bad_images, skip_bad_captions, num_workers, str(path))
             for s in (splits or raw)}
+
+
+def _warn_duplicate_images(raw, source):
+    """Warn (counts and first examples) when an image file is listed twice in a split, each copy then ranked as a
+    separate image, or when a training image is also in val/test (leakage inflates the results)."""
+    norm = {s: [os.path.normpath(p) for p in paths] for s, (paths, _, _) in raw.items()}
+    for s, paths in norm.items():
+        twice = [p for p, n in Counter(paths).items() if n > 1]
+        if twice:
+            warnings.warn(f"{len(twice)} image files are listed more than once in split '{s}' of {source}, e.g. "
+                          f"{', '.join(twice[:3])}: each copy counts as a separate image (in ranking, a copy of the "
+                          f"true image is a competitor). Merge the entries.")
+    train = set(norm.get("train", ()))
+    for s in ("val", "test"):
+        both = sorted(train.intersection(norm.get(s, ())))
+        if both:
+            warnings.warn(f"{len(both)} images of split '{s}' of {source} are also training images (leakage), e.g. "
+                          f"{', '.join(both[:3])}: the {s} results will be optimistic. Remove them from one side.")
 
 
 def load_pairs(path, split, **kw) -> Pairs:
@@ -1790,7 +1914,15 @@ def noise_file(path, img_of_cap, n_images, ratio, protocol="caption", seed=0, cr
             _atomic_json(meta, side)
         os.replace(tmp, path)
         return assigned
-    x = np.load(path, allow_pickle=False)
+    try:
+        x = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise ValueError(f"noise file {path} is not a readable .npy array ({e}); point to the .npy file saved "
+                         f"with np.save") from None
+    if not isinstance(x, np.ndarray):  # an .npz archive renamed .npy
+        x.close()
+        raise ValueError(f"noise file {path} is an .npz archive, not a .npy array; save the index array with "
+                         f"np.save(path, array)")
     if x.ndim != 1 or len(x) not in (C, N) or not np.issubdtype(x.dtype, np.integer):
         raise ValueError(f"noise file {path} holds a {x.dtype} array of shape {x.shape}; expected integers of "
                          f"shape ({C},) (caption-level) or ({N},) (image-level) for this split. Point to the "
@@ -2230,13 +2362,22 @@ def load_checkpoint(path):
     return model, tokenizer_from_state(ckpt["tokenizer"]), Preprocess(p["size"], tuple(p["mean"]), tuple(p["std"])), ckpt
 
 
+def _is_robustitm_checkpoint(path):
+    """True for a checkpoint this project wrote (a weights-only torch pickle with a model_config). Anything else is
+    read, and judged, by load_pretrained, so one file gets one verdict whichever way it is given."""
+    if Path(path).stat().st_size == 0:
+        return False
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # not a weights-only torch pickle: safetensors, TorchScript, damaged
+        return False
+    return isinstance(ckpt, dict) and "model_config" in ckpt
+
+
 def build_model(cfg, captions):
     """The model the config asks for -> (model, tokenizer, preprocess)."""
-    if cfg.pretrained and Path(cfg.pretrained).is_file():
-        try:
-            return load_checkpoint(cfg.pretrained)[:3]
-        except ValueError:
-            pass  # not a robustitm checkpoint: an OpenAI/open_clip/HF file, read (and checked) by load_pretrained
+    if cfg.pretrained and Path(cfg.pretrained).is_file() and _is_robustitm_checkpoint(cfg.pretrained):
+        return load_checkpoint(cfg.pretrained)[:3]
     if cfg.pretrained or cfg.image_tower:
         return load_pretrained(cfg.pretrained, cfg.image_tower, cfg.text_tower, embed_dim=cfg.embed_dim,
                                activation=cfg.activation, allow_torchscript=cfg.allow_torchscript,
@@ -2587,9 +2728,9 @@ def splits_for(cfg, preprocess):
     if cfg.data == "synthetic":
         n_train, n_val, n_test = (int(x) for x in cfg.synthetic_sizes.split(","))
         return synthetic_splits(n_train, n_val, n_test, seed=cfg.seed, image_size=preprocess.size)
-    return load_splits(cfg.data, image_root=cfg.image_root, size=preprocess.size, mean=preprocess.mean,
-                       std=preprocess.std, cache_dir=cfg.cache_dir, skip_bad_images=cfg.skip_bad_images,
-                       num_workers=cfg.workers)
+    return load_splits(cfg.data, ["train", "val", "test"], image_root=cfg.image_root, size=preprocess.size,
+                       mean=preprocess.mean, std=preprocess.std, cache_dir=cfg.cache_dir,
+                       skip_bad_images=cfg.skip_bad_images, num_workers=cfg.workers)
 
 
 def subset_pairs(pairs, image_idx):

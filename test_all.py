@@ -2577,3 +2577,114 @@ def test_silent_tokenizer_larger_than_the_model_vocabulary_is_refused(tmp_path, 
     with pytest.raises(ValueError, match="tokenizer has .* tokens but the model's text vocabulary holds"):
         R.main(["train", "--epochs", "1", "--output_dir", str(tmp_path / "run"), *_TINY])
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "F"])
+def test_silent_high_bit_depth_images_decode_scaled_not_white(tmp_path, mode):
+    """A 16-bit PNG (I;16), a 32-bit integer and a float TIFF decode to their scaled 8-bit grey, not to white."""
+    a = (np.arange(48 * 64).reshape(48, 64) * 21 % 65536).astype(np.uint16)  # spans the 16-bit range
+    arr = {"I;16": a, "I": a.astype(np.int32), "F": (a / 65535).astype(np.float32)}[mode]
+    path = tmp_path / ("x.png" if mode == "I;16" else "x.tif")
+    Image.fromarray(arr).save(path)
+    with Image.open(path) as im:
+        assert im.mode == mode
+    got = R.decode_image(str(path), Preprocess(48))  # (3, 48, 48): the centre crop of the 64-wide image
+    want = np.round(a[:, 8:56] / 257).astype(np.uint8)
+    assert (got[0].numpy().astype(int) - want).__abs__().max() <= 1 and (got[0] == got[1]).all()
+
+
+def _karpathy_file(tmp_path, images):
+    for im in images:
+        _png(tmp_path / im["filename"], seed=len(im["filename"]))
+    path = tmp_path / "dataset_x.json"
+    path.write_text(json.dumps({"images": images}))
+    return path
+
+
+def test_silent_duplicate_and_leaked_images_warn(tmp_path):
+    caps = [{"raw": f"caption {k}"} for k in range(5)]
+    images = [{"filename": "a.png", "split": "train", "sentences": caps},
+              {"filename": "a.png", "split": "train", "sentences": caps},  # listed twice
+              {"filename": "b.png", "split": "train", "sentences": caps},
+              {"filename": "b.png", "split": "test", "sentences": caps},  # a training image in test
+              {"filename": "c.png", "split": "val", "sentences": caps}]
+    path = _karpathy_file(tmp_path, images)
+    with pytest.warns(UserWarning) as got:
+        load_splits(path, size=32)
+    text = " ".join(str(w.message) for w in got)
+    assert "1 image files are listed more than once in split 'train'" in text and "a.png" in text
+    assert "1 images of split 'test'" in text and "leakage" in text and "b.png" in text
+
+
+@pytest.mark.parametrize("name, content, match", [
+    ("d.json", b'{"images": [{"filename": "a.png", "split": "tr', r"d.json is not valid JSON \(line 1, column"),
+    ("d.json", '{"images": [{"filename": "\xe9.png"}]}'.encode("latin-1"), "is not UTF-8 text"),
+    ("p.csv", "image,caption\na.png,caf\xe9\n".encode("latin-1"), "p.csv is not UTF-8 text"),
+    ("p.jsonl", b'{"image": "a.png", "caption": "x"}\n\n{"image": "a.png", "caption": \n', r"p.jsonl line 3 is not valid JSON"),
+    ("p.jsonl", b'{"image": "a.png", "caption": "x"}\n["a.png", "x"]\n', "p.jsonl line 2 is a JSON list, not an object"),
+    ("p.jsonl", b'{"image": "a.png", "caption": null}\n', r"p.jsonl line 1: caption None is not text"),
+    ("p.jsonl", b'{"image": "a.png", "caption": 7}\n', r"p.jsonl line 1: caption 7 is not text"),
+    ("p.csv", b'image,caption\na.png,"unbalanced\nb.png,fine\nc.png,fine too\n', r"p.csv line \d+: .*quote"),
+    ("dataset_k.json", b'{"images": [{"filename": "a.png", "sentences": [{"raw": "x"}]}]}',
+     r"images\[0\] \(a.png\) needs 'filename', 'split' and a 'sentences' list"),
+    ("dataset_k.json", b'{"images": [{"filename": "a.png", "split": "train", "sentences": [{"raw": null}]}]}',
+     r"images\[0\] \(a.png\): caption None is not text"),
+])
+def test_silent_bad_annotation_files_name_the_file_and_line(tmp_path, name, content, match):
+    _png(tmp_path / "a.png", 0)
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(ValueError, match=match):
+        load_splits(tmp_path / name, ["train"] if name != "d.json" else None, size=32)
+
+
+def test_silent_training_needs_train_val_and_test_splits(tmp_path):
+    _png(tmp_path / "a.png", 0)
+    (tmp_path / "p.csv").write_text("image,caption,split\na.png,one,val\na.png,two,test\n")
+    with pytest.raises(ValueError, match=r"split\(s\) \['train'\] not found.*Training needs train, val"):
+        R.main(["train", "--data", str(tmp_path / "p.csv"), "--output_dir", str(tmp_path / "run"), *_TINY])
+    assert not (tmp_path / "run").exists()
+
+
+def test_silent_bad_weight_files_give_one_clear_verdict(tmp_path, tiny_ckpt):
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    bad_arch = dict(tiny_ckpt[1])
+    bad_arch["visual.conv1.weight"] = torch.zeros(3, 5)
+    torch.save(bad_arch, tmp_path / "arch.pt")
+    for path, match in ((empty, "is empty \\(0 bytes\\)"), (tmp_path / "arch.pt",
+                                                          "architecture cannot be read.*visual.conv1.weight: \\(3, 5\\)")):
+        with pytest.raises(ValueError, match=match):
+            R.load_pretrained(str(path))
+        with pytest.raises(ValueError, match=match):  # the same verdict through --pretrained
+            R.build_model(R.TrainConfig(pretrained=str(path)), None)
+    z = tmp_path / "noise.npy"
+    np.savez(tmp_path / "n.npz", a=np.arange(5))
+    (tmp_path / "n.npz").rename(z)
+    with pytest.raises(ValueError, match="is an .npz archive"):
+        noise_file(z, np.arange(5), 5, 0.0)
+
+
+def _st_file(path, header, body=b""):
+    head = json.dumps(header).encode()
+    path.write_bytes(len(head).to_bytes(8, "little") + head + body)
+    return path
+
+
+@pytest.mark.parametrize("header, body, match", [
+    ([1, 2], b"", "header is a JSON list"),
+    ({"w": {"dtype": "F32", "shape": [2]}}, b"\0" * 8, "'w': needs dtype, shape and data_offsets"),
+    ({"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 8]}}, b"\0" * 8, "'w': shape must be"),
+    ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [-4, 8]}}, b"\0" * 8, "'w': data_offsets must be"),
+    ({"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8, "'w': 8 bytes for shape \\[3\\]"),
+    ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [1, 7]}}, b"\0" * 8, "'w': 6 bytes for shape"),
+    ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+      "v": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12, "'v'.*'w'.* overlap|'w'.*'v'.* overlap"),
+    ({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8, "'w': ends at byte 16 of 8"),
+    ({"w": {"dtype": "Q7", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8, "unsupported dtype"),
+])
+def test_silent_safetensors_header_is_validated_in_full(tmp_path, header, body, match):
+    path = _st_file(tmp_path / "m.safetensors", header, body)
+    with pytest.raises(ValueError, match=match):
+        R.read_safetensors(path)
+    with pytest.raises(ValueError, match=match):  # one reader: the same verdict through --pretrained
+        R.build_model(R.TrainConfig(pretrained=str(path)), None)
