@@ -2984,8 +2984,8 @@ def train(cfg, splits=None, log=print, vocab_captions=None):
         loader = torch.utils.data.DataLoader(train_set.images, batch_sampler=[assigned[b].tolist() for b in batches],
                                              num_workers=workers, pin_memory=device.type == "cuda")
         for i, (cap_idx, raw) in enumerate(zip(batches, loader)):
-            if len(cap_idx) < world:
-                continue  # too small to give every rank a pair (the same decision on every rank)
+            if len(cap_idx) < max(2, world):  # (the same decision on every rank)
+                continue  # a lone pair has no negatives; a batch must also give every rank a pair
             lr = get_lr(cfg, state["step"], epoch)
             for group in opt.param_groups:
                 group["lr"] = lr

@@ -1682,6 +1682,16 @@ def test_paperC_train_logs_single_cluster_fraction_and_hardness(tmp_path):
     assert c["single_cluster_fraction"] >= 0.8 and c["hardness_clustered"] > c["hardness_random"], c
 
 
+def test_paperC_a_leftover_batch_of_one_pair_is_skipped(tmp_path, monkeypatch):
+    """Clustered batches can end in a mixed batch of a single pair (no negatives): training skips it, with every
+    filter (paper B's hinge needs B >= 2)."""
+    real = R.clustered_batches
+    monkeypatch.setattr(R, "clustered_batches", lambda *a: real(*a) + [a[0][:1]])
+    res = R.main(["train", "--preset", "all", "--noise_ratio", "0.4", "--epochs", "1", "--output_dir",
+                  str(tmp_path / "run"), *_TINY])
+    assert 0 <= res["rsum"] <= 600
+
+
 def test_paperC_text_partner_is_another_kept_caption_of_the_same_image():
     assigned = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 3])
     kept = torch.tensor([1, 1, 0, 1, 0, 1, 1, 1, 1], dtype=torch.bool)
