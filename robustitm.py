@@ -989,7 +989,8 @@ def read_safetensors(path):
                 and 0 <= offsets[0] <= offsets[1]):
             raise bad(f"data_offsets must be [start, end] with 0 <= start <= end, got {offsets!r}")
         if offsets[1] > len(body):
-            raise bad(f"ends at byte {offsets[1]} of {len(body)} (truncated file)")
+            raise ValueError(f"{path}: truncated safetensors file (tensor {name!r} ends at byte {offsets[1]} of "
+                             f"{len(body)})")
         size = math.prod(shape) * dtype.itemsize
         if offsets[1] - offsets[0] != size:
             raise bad(f"{offsets[1] - offsets[0]} bytes for shape {shape} of {info['dtype']} ({size} bytes)")
