@@ -1729,7 +1729,7 @@ def read_table(path, splits, image_root=None):
     """
     text, recs = _read_text(path), []
     if path.suffix == ".jsonl":
-        for k, line in enumerate(text.splitlines(), 1):
+        for k, line in enumerate(text.split("\n"), 1):  # not splitlines(): captions may hold U+2028 etc.
             if not line.strip():
                 continue
             try:
@@ -2701,7 +2701,7 @@ def _prepare_output(cfg):
             raise ValueError(f"--resume: {out / 'last.pt'} does not exist")
         saved = torch.load(out / "last.pt", map_location="cpu", weights_only=True).get("config", {})
         diff = [f"--{k} {saved.get(k)!r} -> {v!r}" for k, v in asdict(cfg).items()
-                if k not in RESUMABLE_CHANGES and saved.get(k) != v]
+                if k not in RESUMABLE_CHANGES and k in saved and saved[k] != v]  # (new settings: absent)
         if diff:
             raise ValueError(f"--resume continues the run in {out}, but these settings differ from it: "
                              f"{'; '.join(diff)}. Use the run's own settings (only --epochs, --device and "

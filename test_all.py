@@ -2698,3 +2698,10 @@ def test_silent_safetensors_header_is_validated_in_full(tmp_path, header, body, 
         R.read_safetensors(path)
     with pytest.raises(ValueError, match=match):  # one reader: the same verdict through --pretrained
         R.build_model(R.TrainConfig(pretrained=str(path)), None)
+
+
+def test_silent_jsonl_captions_may_hold_unicode_line_separators(tmp_path):
+    _png(tmp_path / "a.png", 0)
+    row = {"image": "a.png", "caption": "one\u2028two \x85 three", "split": "train"}
+    (tmp_path / "p.jsonl").write_text(json.dumps(row, ensure_ascii=False) + "\r\n", encoding="utf-8")
+    assert load_pairs(tmp_path / "p.jsonl", "train", size=32).captions == [row["caption"]]
