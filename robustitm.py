@@ -64,7 +64,8 @@ def _opt(default, help, **kw):
 # A method is a preset over four independent switches (DESIGN: "The pipeline"). Presets are data, not code paths.
 PRESETS = {
     "clip": dict(filter="none", loss="infonce", batches="random", unimodal=False),   # plain fine-tuning baseline
-    "vse": dict(filter="none", loss="triplet", batches="random", unimodal=False),    # VSE++ hardest negative
+    "vse": dict(filter="none", loss="triplet", batches="random", unimodal=False,     # VSE++ hardest negative
+                margin_i2t=0.2, margin_t2i=0.2),
     "dsdmr": dict(filter="gmm", loss="dsdm", batches="random", unimodal=False),      # paper A
     "mscn": dict(filter="mscn", loss="dsdm", batches="random", unimodal=False, margin_i2t=0.2),  # paper B
     "iuccl": dict(filter="none", loss="infonce", batches="clustered", unimodal=True,  # paper C, three stages
@@ -112,11 +113,12 @@ class TrainConfig:
                                                            for k, v in PRESETS.items()), choices=list(PRESETS))
     filter: str = _opt("none", "clean/noisy split: none | gmm (paper A) | mscn (paper B) | truth (the injected "
                        "noise's own labels: a reference)", choices=list(FILTERS))
-    loss: str = _opt("infonce", "infonce | triplet (VSE++ fixed margin) | dsdm (dynamic margin, paper A)",
+    loss: str = _opt("infonce", "infonce | triplet (VSE++, fixed margins --margin_i2t/--margin_t2i) | dsdm (dynamic margin, "
+                     "paper A)",
                      choices=list(LOSSES))
     batches: str = _opt("random", "random | clustered (k-means hard-negative batches, paper C)", choices=list(BATCHES))
     unimodal: bool = _opt(False, "add image-image and text-text contrastive terms (paper C)")
-    margin_i2t: float = _opt(0.3, "base margin image->text (paper A: 0.3)")
+    margin_i2t: float = _opt(0.3, "base margin image->text (paper A: 0.3; the vse preset: VSE++'s 0.2)")
     margin_t2i: float = _opt(0.2, "base margin text->image (paper A: 0.2)")
     margin_schedule: str = _opt("sharpened", "dynamic margin weight w(p): " + ", ".join(MARGIN_SCHEDULES),
                                 choices=list(MARGIN_SCHEDULES))
@@ -1552,10 +1554,7 @@ class _Decode(torch.utils.data.Dataset):
 
 
 def _atomic_json(obj, path):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
 
 
 def cache_images(paths, preprocess, cache_dir, num_workers=0):
@@ -1905,15 +1904,12 @@ def noise_file(path, img_of_cap, n_images, ratio, protocol="caption", seed=0, cr
                 "n_noisy_captions": int((assigned != true).sum()), "format": f"({len(x)},) int64 " + (
                     "caption -> image" if protocol == "caption" else "image -> image whose captions it takes")}
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "wb") as f:
-            np.save(f, x)
         side = Path(f"{path}.json")
         if side.exists():
             warnings.warn(f"{side} exists; not overwriting it.")
         else:
             _atomic_json(meta, side)
-        os.replace(tmp, path)
+        _atomic_write(path, lambda f: np.save(f, x))
         return assigned
     try:
         x = np.load(path, allow_pickle=False)
@@ -2678,7 +2674,7 @@ def batch_loss(cfg, sims, same, p_clean, stats, logit_scale, loss=None):
     if loss == "infonce":
         return info_nce(sims, logit_scale.exp().clamp(max=100), same)
     if loss == "triplet":
-        return triplet_ranking_loss(sims, 0.2, 0.2, same_image=same).mean()
+        return triplet_ranking_loss(sims, cfg.margin_i2t, cfg.margin_t2i, same_image=same).mean()
     # paper A; with no split (one population: every P(clean) = 1) the margins take their full weight, w = 1
     schedule = cfg.margin_schedule if stats.get("two_populations", True) else "fixed"
     w = dynamic_margin(p_clean, sims.diagonal().detach(), stats, schedule)  # (B,)
@@ -2713,7 +2709,7 @@ def _start_output(cfg, out):
     """Creates output_dir; removes this project's temp files left by a killed run; with --overwrite (a new run),
     removes the previous run's files so that nothing of it is mixed in (an explicit --noise_file is kept)."""
     out.mkdir(parents=True, exist_ok=True)
-    for tmp in [*out.glob(".*.tmp[0-9]*"), *out.glob("noise.npy*.tmp[0-9]*")]:  # our writers' temp names
+    for tmp in out.glob(".*.tmp[0-9]*"):  # _atomic_write's temp names
         tmp.unlink(missing_ok=True)
     if cfg.overwrite and not cfg.resume:
         keep = Path(cfg.noise_file).resolve() if cfg.noise_file else None

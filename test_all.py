@@ -2705,3 +2705,15 @@ def test_silent_jsonl_captions_may_hold_unicode_line_separators(tmp_path):
     row = {"image": "a.png", "caption": "one\u2028two \x85 three", "split": "train"}
     (tmp_path / "p.jsonl").write_text(json.dumps(row, ensure_ascii=False) + "\r\n", encoding="utf-8")
     assert load_pairs(tmp_path / "p.jsonl", "train", size=32).captions == [row["caption"]]
+
+
+def test_train_triplet_loss_uses_the_margin_flags_and_vse_keeps_vse_plus_plus_margins(tmp_path, monkeypatch):
+    seen = []
+    real = R.triplet_ranking_loss
+    monkeypatch.setattr(R, "triplet_ranking_loss", lambda s, a, b, **k: seen.append((a, b)) or real(s, a, b, **k))
+    R.main(["train", "--loss", "triplet", "--margin_i2t", "0.5", "--margin_t2i", "0.1", "--epochs", "1",
+            "--output_dir", str(tmp_path / "a"), *_TINY])
+    assert set(seen) == {(0.5, 0.1)}
+    seen.clear()
+    R.main(["train", "--preset", "vse", "--epochs", "1", "--output_dir", str(tmp_path / "b"), *_TINY])
+    assert set(seen) == {(0.2, 0.2)}
