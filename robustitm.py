@@ -49,7 +49,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 from gmm import GaussianMixture, clean_probability, kmeans, two_populations
-from meta import HEAD_NAMES, SimilarityCorrector, meta_step, mscn_loss, purify, sample_meta_negatives, split_meta_set
+from meta import (HEAD_NAMES, SimilarityCorrector, meta_step, mscn_loss, purify, sample_meta_negatives,
+                  split_meta_set)
 from losses import MARGIN_SCHEDULES, dynamic_margin, info_nce, triplet_ranking_loss, unimodal_info_nce
 
 # --------------------------------------------------------------------------------------------------------------
@@ -113,9 +114,8 @@ class TrainConfig:
                                                            for k, v in PRESETS.items()), choices=list(PRESETS))
     filter: str = _opt("none", "clean/noisy split: none | gmm (paper A) | mscn (paper B) | truth (the injected "
                        "noise's own labels: a reference)", choices=list(FILTERS))
-    loss: str = _opt("infonce", "infonce | triplet (VSE++, fixed margins --margin_i2t/--margin_t2i) | dsdm (dynamic margin, "
-                     "paper A)",
-                     choices=list(LOSSES))
+    loss: str = _opt("infonce", "infonce | triplet (VSE++, fixed margins --margin_i2t/--margin_t2i) | dsdm "
+                     "(dynamic margin, paper A)", choices=list(LOSSES))
     batches: str = _opt("random", "random | clustered (k-means hard-negative batches, paper C)", choices=list(BATCHES))
     unimodal: bool = _opt(False, "add image-image and text-text contrastive terms (paper C)")
     margin_i2t: float = _opt(0.3, "base margin image->text (paper A: 0.3; the vse preset: VSE++'s 0.2)")
@@ -186,6 +186,14 @@ class TrainConfig:
             raise ValueError(f"--margin_schedule gap places each pair's cosine between the GMM's clean and noisy "
                              f"means, which only --filter gmm fits (got --filter {self.filter}); choose another "
                              f"--margin_schedule or --filter gmm")
+        if self.warmup_epochs and self.filter not in ("gmm", "mscn"):
+            raise ValueError(f"--warmup_epochs trains on all pairs before the first split, which only --filter gmm or "
+                             f"mscn makes (got --filter {self.filter}); drop it or choose a filter")
+        if self.eval_score == "corrected" and self.filter != "mscn":
+            raise ValueError("--eval_score corrected ranks by MSCN's corrector, which only --filter mscn trains")
+        if self.clustered_from and self.batches != "clustered":
+            raise ValueError(f"--clustered_from is the first epoch of clustered batches; it needs --batches "
+                             f"clustered (got --batches {self.batches})")
         if self.filter == "truth" and self.noise_ratio == 0 and not self.noise_file and self.data != "synthetic":
             raise ValueError("--filter truth keeps the pairs our injected noise left intact: it needs --noise_ratio "
                              "> 0 or --noise_file (of real pairs as given, which are clean is unknown)")
@@ -978,24 +986,26 @@ def read_safetensors(path):
                          f"object of tensors)")
     header.pop("__metadata__", None)
     body, spans = memoryview(data)[8 + n:], []
+
+    def bad(name, why):
+        return ValueError(f"{path}: tensor {name!r}: {why}; the file is corrupt or not safetensors")
     for name, info in header.items():
-        bad = lambda why: ValueError(f"{path}: tensor {name!r}: {why}; the file is corrupt or not safetensors")  # noqa: E731
         if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
-            raise bad(f"needs dtype, shape and data_offsets, got {info!r:.80}")
+            raise bad(name, f"needs dtype, shape and data_offsets, got {info!r:.80}")
         dtype, shape, offsets = _ST_DTYPES.get(info["dtype"]), info["shape"], info["data_offsets"]
         if dtype is None:
-            raise bad(f"unsupported dtype {info['dtype']!r} (known: {', '.join(_ST_DTYPES)})")
+            raise bad(name, f"unsupported dtype {info['dtype']!r} (known: {', '.join(_ST_DTYPES)})")
         if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-            raise bad(f"shape must be a list of non-negative integers, got {shape!r}")
+            raise bad(name, f"shape must be a list of non-negative integers, got {shape!r}")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
                 and 0 <= offsets[0] <= offsets[1]):
-            raise bad(f"data_offsets must be [start, end] with 0 <= start <= end, got {offsets!r}")
+            raise bad(name, f"data_offsets must be [start, end] with 0 <= start <= end, got {offsets!r}")
         if offsets[1] > len(body):
             raise ValueError(f"{path}: truncated safetensors file (tensor {name!r} ends at byte {offsets[1]} of "
                              f"{len(body)})")
         size = math.prod(shape) * dtype.itemsize
         if offsets[1] - offsets[0] != size:
-            raise bad(f"{offsets[1] - offsets[0]} bytes for shape {shape} of {info['dtype']} ({size} bytes)")
+            raise bad(name, f"{offsets[1] - offsets[0]} bytes for shape {shape} of {info['dtype']} ({size} bytes)")
         spans.append((offsets[0], offsets[1], name))
     spans.sort()
     for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
@@ -1151,12 +1161,15 @@ _OPENAI_ARCH = {"visual.conv1.weight": "(D, 3, p, p), D a multiple of 64", "visu
 
 def _openai_config(sd, act):
     """ModelConfig of an OpenAI-layout CLIP state dict, from its tensor shapes (as OpenAI's build_model does)."""
-    shape = {k: tuple(sd[k].shape) if k in sd else None for k in _OPENAI_ARCH}
-    vw, pe, lw = shape["visual.conv1.weight"], shape["visual.positional_embedding"], shape["ln_final.weight"]
-    ok = (all(v is not None and len(v) == (4 if k == "visual.conv1.weight" else 1 if k == "ln_final.weight" else 2)
-              for k, v in shape.items())
-          and vw[1] == 3 and vw[2] == vw[3] > 0 and vw[0] > 0 and vw[0] % 64 == 0 and lw[0] > 0 and lw[0] % 64 == 0
-          and round((pe[0] - 1) ** 0.5) ** 2 == pe[0] - 1 and pe[1] == vw[0])
+    shape = {k: tuple(sd[k].shape) if k in sd else () for k in _OPENAI_ARCH}
+    ndim = {k: 4 if k == "visual.conv1.weight" else 1 if k == "ln_final.weight" else 2 for k in _OPENAI_ARCH}
+    ok = all(len(shape[k]) == n for k, n in ndim.items())
+    if ok:
+        (D, rgb, p, q), (tokens, width), (W,) = (shape["visual.conv1.weight"], shape["visual.positional_embedding"],
+                                                 shape["ln_final.weight"])
+        grid = round((tokens - 1) ** 0.5)
+        ok = rgb == 3 and p == q > 0 and D > 0 and D % 64 == 0 and W > 0 and W % 64 == 0 \
+            and grid * grid == tokens - 1 and width == D
     if not ok:
         listing = "; ".join(f"{k}: {shape[k]} (expected {want})" for k, want in _OPENAI_ARCH.items())
         raise ValueError(f"the checkpoint's architecture cannot be read from its shapes: {listing}. The file is "
@@ -2263,7 +2276,8 @@ def _warn_nonfinite(what, x):
                       f"they take part in counts as a miss", RuntimeWarning, stacklevel=3)
 
 
-def evaluate(img_emb, cap_emb, img_of_cap, protocol="full", fold_size=1000, tile_elems=1 << 23, score=None) -> dict:
+def evaluate(img_emb, cap_emb, img_of_cap, protocol="full", fold_size=1000, tile_elems=1 << 23,
+             score=None) -> dict:
     """Metrics from (N, E) image and (C, E) caption embeddings without building the (N, C) matrix.
 
     "full": one ranking over everything (Flickr30K 1K test, COCO 5K). "coco1k": N / fold_size sequential folds
@@ -2365,8 +2379,8 @@ def _is_robustitm_checkpoint(path):
     if Path(path).stat().st_size == 0:
         return False
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # not a weights-only torch pickle: safetensors, TorchScript, damaged
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: no second full read
+    except Exception:  # not a weights-only torch zip pickle: safetensors, TorchScript, legacy, damaged
         return False
     return isinstance(ckpt, dict) and "model_config" in ckpt
 
@@ -2557,12 +2571,17 @@ def _fill(img, batch_size):
     batches, waiting, pos = [], [], 0
     while pos < len(img) or waiting:
         batch, seen, still = [], set(), []
+
+        def offer(p):  # into the batch if it has room and not this image yet, else wait
+            if len(batch) < batch_size and img[p] not in seen:
+                batch.append(p)
+                seen.add(img[p])
+            else:
+                still.append(p)
         for p in waiting:
-            (still if len(batch) == batch_size or img[p] in seen else batch).append(p)
-            seen.add(img[p])
+            offer(p)
         while len(batch) < batch_size and pos < len(img):
-            (still if img[pos] in seen else batch).append(pos)
-            seen.add(img[pos])
+            offer(pos)
             pos += 1
         batches.append(batch)
         waiting = still
@@ -2662,9 +2681,11 @@ def caption_partners(assigned, kept):
 
 def pick_partners(cap_idx, partners, generator):
     """One random partner per caption of the batch (the caption itself when it has none) -> list of indices."""
-    u = torch.rand(len(cap_idx), generator=generator).tolist()
-    return [p[int(x * len(p))] if p else c for c, x, p in zip(cap_idx.tolist(), u, (partners[c] for c in
-                                                                                   cap_idx.tolist()))]
+    out = []
+    for c, u in zip(cap_idx.tolist(), torch.rand(len(cap_idx), generator=generator).tolist()):
+        others = partners[c]
+        out.append(others[int(u * len(others))] if others else c)
+    return out
 
 
 def batch_loss(cfg, sims, same, p_clean, stats, logit_scale, loss=None):
@@ -2695,7 +2716,7 @@ def _prepare_output(cfg):
     if cfg.resume:
         if not (out / "last.pt").is_file():
             raise ValueError(f"--resume: {out / 'last.pt'} does not exist")
-        saved = torch.load(out / "last.pt", map_location="cpu", weights_only=True).get("config", {})
+        saved = torch.load(out / "last.pt", map_location="cpu", weights_only=True, mmap=True).get("config", {})
         diff = [f"--{k} {saved.get(k)!r} -> {v!r}" for k, v in asdict(cfg).items()
                 if k not in RESUMABLE_CHANGES and k in saved and saved[k] != v]  # (new settings: absent)
         if diff:
@@ -2712,9 +2733,9 @@ def _start_output(cfg, out):
     for tmp in out.glob(".*.tmp[0-9]*"):  # _atomic_write's temp names
         tmp.unlink(missing_ok=True)
     if cfg.overwrite and not cfg.resume:
-        keep = Path(cfg.noise_file).resolve() if cfg.noise_file else None
+        keep = {Path(cfg.noise_file).resolve(), Path(f"{cfg.noise_file}.json").resolve()} if cfg.noise_file else set()
         for name in RUN_FILES:
-            if (out / name).resolve() != keep and not (keep and (out / name).resolve() == Path(f"{keep}.json")):
+            if (out / name).resolve() not in keep:
                 (out / name).unlink(missing_ok=True)
         for png in out.glob("scores_epoch*.png"):
             png.unlink()
@@ -2740,8 +2761,8 @@ def subset_pairs(pairs, image_idx):
                  pairs.name)
 
 
-def evaluate_pairs(model, pairs, tokenizer, preprocess, cfg, device, corrector=None, rank=0, world=1, protocol=None,
-                   strict=False):
+def evaluate_pairs(model, pairs, tokenizer, preprocess, cfg, device, corrector=None, rank=0, world=1,
+                   protocol=None, strict=False):
     """Recall metrics of `pairs` (the field's protocol, cfg.eval_protocol unless `protocol` is given): cosine, or
     MSCN's corrected score when a corrector is given. Under torchrun the embedding is shared out across ranks;
     every rank gets the metrics. strict: raise FloatingPointError on non-finite embeddings (a diverged model)
@@ -2828,11 +2849,11 @@ def train(cfg, splits=None, log=print, vocab_captions=None):
         assigned = train_set.img_of_cap.copy()
     assigned = torch.as_tensor(assigned, dtype=torch.long)
     noisy = assigned != torch.as_tensor(train_set.img_of_cap)
-    known = cfg.noise_ratio > 0 or cfg.noise_file or cfg.data == "synthetic"  # real pairs as given: truth unknown
-    truth = noisy if known else None
-    pairs = f"{int(noisy.sum())} noisy pairs ({noisy.float().mean():.1%})" if known else \
+    truth_known = bool(cfg.noise_ratio > 0 or cfg.noise_file or cfg.data == "synthetic")  # else: pairs as given
+    truth = noisy if truth_known else None
+    noise_msg = f"{int(noisy.sum())} noisy pairs ({noisy.float().mean():.1%})" if truth_known else \
         "pairs as given (their noise is unknown)"
-    log(f"train: {N} images, {C} captions, {pairs}; filter={cfg.filter} loss={cfg.loss} batches={cfg.batches} "
+    log(f"train: {N} images, {C} captions, {noise_msg}; filter={cfg.filter} loss={cfg.loss} batches={cfg.batches} "
         f"unimodal={cfg.unimodal}")
 
     # MSCN (paper B): a clean meta set from validation, removed from what model selection sees.
@@ -3264,7 +3285,8 @@ def score_command(args):
         if path:
             _refuse_overwrite(path)
     if args.export_clean and pairs.images.paths is None:
-        image_name(pairs.images, 0)  # raises: synthetic images have no files to export
+        raise ValueError("--export_clean writes image paths, but these images are not files (synthetic scenes are "
+                         "generated in memory); export them first with export_karpathy(...) and score that")
     assigned = pairs.img_of_cap
     if args.noise_file:
         assigned = noise_file(args.noise_file, pairs.img_of_cap, len(pairs.images), None, create=False)

@@ -2482,6 +2482,9 @@ def test_silent_real_data_is_used_as_given_without_noise_flags(tmp_path, capsys)
     (["--synthetic_sizes", "10,5"], "--synthetic_sizes must be three positive integers"),
     (["--synthetic_sizes", "10,0,5"], "--synthetic_sizes must be three positive integers"),
     (["--view_dropout", "1"], "--view_dropout must be in"),
+    (["--warmup_epochs", "2"], "--warmup_epochs trains on all pairs before the first split"),  # no filter: a no-op
+    (["--eval_score", "corrected"], "--eval_score corrected ranks by MSCN's corrector"),
+    (["--clustered_from", "2"], "--clustered_from is the first epoch of clustered batches"),
 ])
 def test_silent_impossible_settings_are_refused_before_anything_is_written(tmp_path, flags, match):
     out = tmp_path / "run"
