@@ -55,11 +55,25 @@ from losses import MARGIN_SCHEDULES, dynamic_margin, info_nce, triplet_ranking_l
 
 # --------------------------------------------------------------------------------------------------------------
 # Config
-# One dataclass per concern; every field's help text becomes the CLI's --help, so the two cannot drift apart.
+# One dataclass per concern; a command's flags are generated from the concerns it uses, and every field's help
+# text becomes its --help, so flags, defaults and documentation cannot drift apart.
 # --------------------------------------------------------------------------------------------------------------
 
 def _opt(default, help, **kw):
     return field(default=default, metadata={"help": help, **kw})
+
+
+def _check_concerns(cfg, cls):
+    """Runs the checks of every concern `cls` is made of (a dataclass calls only the first __post_init__)."""
+    for concern in cls.__mro__[1:]:
+        if "__post_init__" in vars(concern):
+            concern.__post_init__(cfg)
+
+
+def _at_least(cfg, minimum, *names):
+    for name in names:
+        if getattr(cfg, name) < minimum:
+            raise ValueError(f"--{name} must be >= {minimum}, got {getattr(cfg, name)}")
 
 
 # A method is a preset over four independent switches (DESIGN: "The pipeline"). Presets are data, not code paths.
@@ -75,60 +89,107 @@ PRESETS = {
     # InfoNCE: a hardest-negative hinge on clustered batches collapsed on the synthetic task (near-duplicate
     # scenes make the hardest "negative" a near match).
     "all": dict(filter="mscn", loss="infonce", batches="clustered", unimodal=True),
-    # A reference, not a method: plain fine-tuning on the pairs the injected noise left intact (a perfect filter),
-    # the ceiling of any filter that drops the noisy pairs.
+    # A reference, not a method: plain fine-tuning on the pairs the injected noise left intact (a perfect
+    # filter), the ceiling of any filter that drops the noisy pairs.
     "clean": dict(filter="truth", loss="infonce", batches="random", unimodal=False),
 }
 FILTERS, LOSSES, BATCHES = ("none", "gmm", "mscn", "truth"), ("infonce", "triplet", "dsdm"), ("random", "clustered")
 
 
 @dataclass
-class TrainConfig:
-    # data
-    data: str = _opt("synthetic", "dataset: 'synthetic' (embedded scenes) or a Karpathy/COCO JSON, {split}_caps.tsv "
-                     "or CSV/TSV/JSONL file")
+class DataConfig:
+    data: str = _opt("synthetic", "dataset: 'synthetic' (embedded scenes) or a Karpathy/COCO JSON, "
+                     "{split}_caps.tsv or CSV/TSV/JSONL file")
     image_root: str = _opt(None, "folder the dataset's image paths are relative to (default: next to the file)")
     synthetic_sizes: str = _opt("3000,500,1000", "synthetic train,val,test image counts")
-    image_size: int = _opt(32, "image side for a from-scratch model (pretrained models use their own)")
     cache_dir: str = _opt(None, "memory-mapped uint8 image cache (decode once, reuse every epoch and round)")
     skip_bad_images: bool = _opt(False, "drop pairs whose image is missing or corrupt instead of stopping")
-    workers: int = _opt(2, "processes that load images ahead of training (image files without a cache, any on a GPU)")
-    # model
+
+    def __post_init__(self):
+        sizes = str(self.synthetic_sizes).split(",")
+        if len(sizes) != 3 or not all(x.strip().isdigit() and int(x) > 0 for x in sizes):
+            raise ValueError(f"--synthetic_sizes must be three positive integers train,val,test (e.g. "
+                             f"3000,500,1000), got {self.synthetic_sizes!r}")
+
+
+@dataclass
+class SystemConfig:
+    seed: int = _opt(0, "seed for noise, sampling, initialisation, dropout and the synthetic data")
+    device: str = _opt("auto", "auto | cpu | cuda | cuda:N")
+    workers: int = _opt(2, "processes that load images ahead (image files without a cache, any on a GPU)")
+    embed_batch_size: int = _opt(256, "images or captions per forward pass when embedding a whole split "
+                                 "(scoring, validation, test)")
+
+    def __post_init__(self):
+        _at_least(self, 0, "workers")
+        _at_least(self, 1, "embed_batch_size")
+
+
+@dataclass
+class ModelSourceConfig:
     pretrained: str = _opt(None, "CLIP weights: OpenAI/open_clip state dict, Hugging Face CLIP dir, or a "
                            "robustitm checkpoint; none = a tiny model from scratch")
     image_tower: str = _opt(None, "Hugging Face ViT/DINOv2 directory (with --text_tower, new projection heads)")
     text_tower: str = _opt(None, "Hugging Face BERT directory (with --image_tower)")
     embed_dim: int = _opt(512, "embedding size E of new projection heads")
+    image_size: int = _opt(32, "image side for a from-scratch model (pretrained models use their own)")
     activation: str = _opt("quick_gelu", "MLP activation of state-dict checkpoints (shapes cannot tell)",
                            choices=["quick_gelu", "gelu"])
-    tokenizer: str = _opt(None, "CLIP vocabulary: bpe_simple_vocab_16e6.txt.gz or a dir with vocab.json+merges.txt")
-    allow_torchscript: bool = _opt(False, "allow loading TorchScript .pt archives (this EXECUTES code from the file)")
-    # noise
+    tokenizer: str = _opt(None, "CLIP vocabulary: bpe_simple_vocab_16e6.txt.gz or a dir with vocab.json + "
+                          "merges.txt")
+    allow_torchscript: bool = _opt(False, "allow loading TorchScript .pt archives (this EXECUTES code from the "
+                                   "file)")
+
+    def __post_init__(self):
+        if self.image_size < 4 or self.image_size % 4:
+            raise ValueError(f"--image_size must be a positive multiple of 4 (the from-scratch model's 4x4 patch "
+                             f"grid), got {self.image_size}")
+
+
+@dataclass
+class NoiseConfig:
     noise_ratio: float = _opt(0.0, "fraction of training pairs to mismatch on purpose (default 0: the pairs as "
                               "given; the demo and benchmarks ask for theirs)")
-    noise_protocol: str = _opt("caption", "caption: NCR, captions get random images; image: DECL/RCL, images are "
-                               "permuted with all their captions", choices=["caption", "image"])
+    noise_protocol: str = _opt("caption", "caption: NCR, captions get random images; image: DECL/RCL, images "
+                               "are permuted with all their captions", choices=["caption", "image"])
     noise_file: str = _opt(None, "noise index file (.npy): read if it exists, else generated and saved there")
-    # method
-    preset: str = _opt(None, "method preset (overrides the switches it names): " + "; ".join(f"{k}={'/'.join(str(x) for x in v.values())}"
-                                                           for k, v in PRESETS.items()), choices=list(PRESETS))
+
+    def __post_init__(self):
+        if not 0 <= self.noise_ratio < 1:
+            raise ValueError(f"--noise_ratio must be in [0, 1), got {self.noise_ratio}")
+
+
+@dataclass
+class SplitConfig:
+    threshold: float = _opt(0.5, "keep pairs with P(clean) above this")
+
+    def __post_init__(self):
+        if not 0 <= self.threshold <= 1:
+            raise ValueError(f"--threshold is a probability P(clean) in [0, 1], got {self.threshold}")
+
+
+@dataclass
+class MethodConfig:
+    preset: str = _opt(None, "method preset (overrides the switches it names): " + "; ".join(
+        f"{k}={'/'.join(str(x) for x in v.values())}" for k, v in PRESETS.items()), choices=list(PRESETS))
     filter: str = _opt("none", "clean/noisy split: none | gmm (paper A) | mscn (paper B) | truth (the injected "
                        "noise's own labels: a reference)", choices=list(FILTERS))
     loss: str = _opt("infonce", "infonce | triplet (VSE++, fixed margins --margin_i2t/--margin_t2i) | dsdm "
                      "(dynamic margin, paper A)", choices=list(LOSSES))
-    batches: str = _opt("random", "random | clustered (k-means hard-negative batches, paper C)", choices=list(BATCHES))
+    batches: str = _opt("random", "random | clustered (k-means hard-negative batches, paper C)",
+                        choices=list(BATCHES))
     unimodal: bool = _opt(False, "add image-image and text-text contrastive terms (paper C)")
     margin_i2t: float = _opt(0.3, "base margin image->text (paper A: 0.3; the vse preset: VSE++'s 0.2)")
     margin_t2i: float = _opt(0.2, "base margin text->image (paper A: 0.2)")
     margin_schedule: str = _opt("sharpened", "dynamic margin weight w(p): " + ", ".join(MARGIN_SCHEDULES),
                                 choices=list(MARGIN_SCHEDULES))
-    threshold: float = _opt(0.5, "keep pairs with P(clean) above this")
     unimodal_weight: float = _opt(1.0, "weight of each uni-modal term (image-image, text-text)")
     view_dropout: float = _opt(0.1, "with --unimodal, dropout in a text tower that has none, so that a caption "
                                "with no other kept caption gets two different dropout passes as its two views "
                                "(SimCSE's 0.1); 0 leaves the tower as it is")
     frozen_epochs: int = _opt(0, "stage 1 (paper C): epochs training only the projection heads and temperature")
-    clustered_from: int = _opt(0, "stage 3 (paper C): first epoch with clustered batches (with --batches clustered)")
+    clustered_from: int = _opt(0, "stage 3 (paper C): first epoch with clustered batches (with --batches "
+                               "clustered)")
     augment: bool = _opt(False, "random resized crop + colour jitter on the cross-modal images too")
     meta_fraction: float = _opt(0.02, "MSCN meta set size as a fraction of the training captions (from val)")
     meta_lr: float = _opt(1e-3, "learning rate of the MSCN similarity corrector")
@@ -138,48 +199,10 @@ class TrainConfig:
                            choices=["cosine", "corrected"])
     refit_every: int = _opt(1, "re-score and re-split every this many epochs (paper A iterates)")
     warmup_epochs: int = _opt(0, "epochs on all pairs before the first split (needed without a pretrained model)")
-    # optimisation
-    epochs: int = _opt(6, "training epochs")
-    batch_size: int = _opt(128, "pairs per batch")
-    lr: float = _opt(5e-4, "peak learning rate (AdamW); CLIP ViT-B/32 fine-tuning uses ~1e-6..2e-5")
-    weight_decay: float = _opt(0.1, "AdamW weight decay on matrices (not on gains, biases, embeddings)")
-    lr_warmup_steps: int = _opt(50, "linear learning-rate warm-up steps")
-    lr_decay_epochs: int = _opt(10, "multiply the learning rate by 0.1 every this many epochs (paper A)")
-    seed: int = _opt(0, "seed for noise, sampling, initialisation and dropout")
-    device: str = _opt("auto", "auto | cpu | cuda | cuda:N")
-    amp: bool = _opt(True, "bf16 autocast on CUDA (weights stay fp32)")
-    compile: bool = _opt(False, "torch.compile the model")
-    log_every: int = _opt(20, "steps between progress updates (the only host syncs in the loop)")
-    eval_protocol: str = _opt("full", "full ranking, or coco1k (mean of 5 folds of 1,000 images)",
-                              choices=["full", "coco1k"])
-    # output
-    output_dir: str = _opt("runs/robustitm", "where config, noise file, logs, plots and checkpoints go")
-    overwrite: bool = _opt(False, "allow writing into a non-empty output_dir")
-    resume: bool = _opt(False, "continue from output_dir/last.pt")
 
     def __post_init__(self):
-        if self.preset is not None:
-            for k, v in PRESETS[self.preset].items():
-                setattr(self, k, v)
-        if not 0 <= self.noise_ratio < 1:
-            raise ValueError(f"--noise_ratio must be in [0, 1), got {self.noise_ratio}")
-        for name in ("epochs", "lr_decay_epochs", "log_every", "refit_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_epochs", "frozen_epochs", "clustered_from", "lr_warmup_steps", "workers"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
-        if self.batch_size < 2:
-            raise ValueError(f"--batch_size must be >= 2 (a batch needs negatives), got {self.batch_size}")
-        if not 0 <= self.threshold <= 1:
-            raise ValueError(f"--threshold is a probability P(clean) in [0, 1], got {self.threshold}")
-        if self.image_size < 4 or self.image_size % 4:
-            raise ValueError(f"--image_size must be a positive multiple of 4 (the from-scratch model's 4x4 patch "
-                             f"grid), got {self.image_size}")
-        sizes = str(self.synthetic_sizes).split(",")
-        if len(sizes) != 3 or not all(x.strip().isdigit() and int(x) > 0 for x in sizes):
-            raise ValueError(f"--synthetic_sizes must be three positive integers train,val,test (e.g. "
-                             f"3000,500,1000), got {self.synthetic_sizes!r}")
+        _at_least(self, 1, "refit_every")
+        _at_least(self, 0, "warmup_epochs", "frozen_epochs", "clustered_from")
         if not 0 <= self.view_dropout < 1:
             raise ValueError(f"--view_dropout must be in [0, 1), got {self.view_dropout}")
         if self.margin_schedule == "gap" and self.loss == "dsdm" and self.filter != "gmm":
@@ -187,16 +210,87 @@ class TrainConfig:
                              f"means, which only --filter gmm fits (got --filter {self.filter}); choose another "
                              f"--margin_schedule or --filter gmm")
         if self.warmup_epochs and self.filter not in ("gmm", "mscn"):
-            raise ValueError(f"--warmup_epochs trains on all pairs before the first split, which only --filter gmm or "
-                             f"mscn makes (got --filter {self.filter}); drop it or choose a filter")
+            raise ValueError(f"--warmup_epochs trains on all pairs before the first split, which only --filter gmm "
+                             f"or mscn makes (got --filter {self.filter}); drop it or choose a filter")
         if self.eval_score == "corrected" and self.filter != "mscn":
             raise ValueError("--eval_score corrected ranks by MSCN's corrector, which only --filter mscn trains")
         if self.clustered_from and self.batches != "clustered":
             raise ValueError(f"--clustered_from is the first epoch of clustered batches; it needs --batches "
                              f"clustered (got --batches {self.batches})")
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = _opt(6, "training epochs")
+    batch_size: int = _opt(128, "pairs per batch")
+    lr: float = _opt(5e-4, "peak learning rate (AdamW); CLIP ViT-B/32 fine-tuning uses ~1e-6..2e-5")
+    weight_decay: float = _opt(0.1, "AdamW weight decay on matrices (not on gains, biases, embeddings)")
+    lr_warmup_steps: int = _opt(50, "linear learning-rate warm-up steps")
+    lr_decay_epochs: int = _opt(10, "multiply the learning rate by 0.1 every this many epochs (paper A)")
+    amp: bool = _opt(True, "bf16 autocast on CUDA (weights stay fp32)")
+    compile: bool = _opt(False, "torch.compile the model")
+    log_every: int = _opt(20, "steps between progress updates (the only host syncs in the loop)")
+
+    def __post_init__(self):
+        _at_least(self, 1, "epochs", "lr_decay_epochs", "log_every")
+        _at_least(self, 0, "lr_warmup_steps")
+        if self.batch_size < 2:
+            raise ValueError(f"--batch_size must be >= 2 (a batch needs negatives), got {self.batch_size}")
+
+
+@dataclass
+class EvalConfig:
+    eval_protocol: str = _opt("full", "full ranking, or coco1k (mean of 5 folds of 1,000 images)",
+                              choices=["full", "coco1k"])
+
+
+@dataclass
+class OutputConfig:
+    output_dir: str = _opt("runs/robustitm", "where config, noise file, logs, plots and checkpoints go")
+    overwrite: bool = _opt(False, "allow writing into a non-empty output_dir")
+    resume: bool = _opt(False, "continue from output_dir/last.pt")
+
+
+@dataclass
+class TrainConfig(OutputConfig, EvalConfig, OptimConfig, MethodConfig, SplitConfig, NoiseConfig, ModelSourceConfig,
+                  SystemConfig, DataConfig):
+    """Every concern of a training run in one flat config (cfg.lr, --lr): data, system, model, noise, split,
+    method, optimisation, evaluation, output, in that order in --help."""
+
+    def __post_init__(self):
+        if self.preset is not None:
+            for k, v in PRESETS[self.preset].items():
+                setattr(self, k, v)
+        _check_concerns(self, TrainConfig)
         if self.filter == "truth" and self.noise_ratio == 0 and not self.noise_file and self.data != "synthetic":
             raise ValueError("--filter truth keeps the pairs our injected noise left intact: it needs --noise_ratio "
                              "> 0 or --noise_file (of real pairs as given, which are clean is unknown)")
+
+
+@dataclass
+class EvalCommandConfig(EvalConfig, SystemConfig, DataConfig):
+    checkpoint: str = _opt(None, "a robustitm checkpoint (best.pt / last.pt)", positional=True)
+    split: str = _opt("test", "the split to rank")
+    output: str = _opt(None, "also write the metrics as JSON here")
+
+    def __post_init__(self):
+        _check_concerns(self, EvalCommandConfig)
+
+
+@dataclass
+class ScoreCommandConfig(SplitConfig, NoiseConfig, SystemConfig, DataConfig):
+    checkpoint: str = _opt(None, "a robustitm checkpoint (best.pt / last.pt)", positional=True)
+    split: str = _opt("train", "the split whose pairs are scored")
+    output: str = _opt(None, "write the CSV (caption, image, cosine, P(clean), kept) here", required=True)
+    export_clean: str = _opt(None, "also write the kept pairs as JSONL (image, caption)")
+
+    def __post_init__(self):
+        _check_concerns(self, ScoreCommandConfig)
+
+
+# The demo trains twice with TrainConfig; its flags are these fields, and where its defaults differ, they are here.
+DEMO_FLAGS = ("noise_ratio", "epochs", "seed", "device", "output_dir", "overwrite")
+DEMO_DEFAULTS = {"noise_ratio": 0.4, "epochs": 5, "output_dir": "runs/demo"}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -2149,27 +2243,6 @@ def export_karpathy(splits, out_dir, name="scenes") -> Path:
     return js
 
 
-def draw_scenes_figure(pairs, path, n=6, scale=6, captions_shown=3, per_row=3):
-    """Save a PNG of the first n images of `pairs`, upscaled (nearest), each above some of its captions."""
-    try:
-        font = ImageFont.load_default(size=13)
-    except TypeError:  # Pillow < 10.1 has only the fixed bitmap font
-        font = ImageFont.load_default()
-    S, tile_w, line = pairs.images.size * scale, 420, 17
-    tile_h = S + 12 + 2 * line * captions_shown
-    canvas = Image.new("RGB", (tile_w * min(n, per_row), tile_h * math.ceil(n / per_row)), "white")
-    draw = ImageDraw.Draw(canvas)
-    for k in range(n):
-        x0, y0 = (k % per_row) * tile_w, (k // per_row) * tile_h
-        im = Image.fromarray(pairs.images[k].permute(1, 2, 0).numpy()).resize((S, S), Image.NEAREST)
-        canvas.paste(im, (x0 + (tile_w - S) // 2, y0 + 6))
-        caps = [c for c, i in zip(pairs.captions, pairs.img_of_cap) if i == k][:captions_shown]
-        lines = [w for c in caps for w in textwrap.wrap(c, 56, initial_indent="- ", subsequent_indent="  ")]
-        for j, text in enumerate(lines):
-            draw.text((x0 + 10, y0 + S + 10 + line * j), text, fill="black", font=font)
-    canvas.save(path)
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Evaluation
 # --------------------------------------------------------------------------------------------------------------
@@ -2707,12 +2780,19 @@ RUN_FILES = ("config.json", "noise.npy", "noise.npy.json", "log.jsonl", "best.pt
 RESUMABLE_CHANGES = {"epochs", "device", "workers", "resume", "overwrite"}  # may differ between a run and its resume
 
 
+def _refuse_overwrite(path, allowed=False, hint="choose another path (nothing is overwritten)"):
+    """The one guard of every output: an existing file or a non-empty folder is only written into when allowed."""
+    path = Path(path)
+    if allowed or not path.exists() or (path.is_dir() and not any(path.iterdir())):
+        return
+    raise ValueError(f"{path} {'is not empty' if path.is_dir() else 'exists'}; {hint}")
+
+
 def _prepare_output(cfg):
     """Checks output_dir before anything is loaded or written: not someone else's non-empty folder, and, with
     --resume, a last.pt of the same run (its config equal but for RESUMABLE_CHANGES)."""
     out = Path(cfg.output_dir)
-    if out.exists() and any(out.iterdir()) and not (cfg.overwrite or cfg.resume):
-        raise ValueError(f"output_dir {out} is not empty; pass --overwrite to write into it or --resume to continue")
+    _refuse_overwrite(out, cfg.overwrite or cfg.resume, "pass --overwrite to write into it or --resume to continue")
     if cfg.resume:
         if not (out / "last.pt").is_file():
             raise ValueError(f"--resume: {out / 'last.pt'} does not exist")
@@ -2739,14 +2819,16 @@ def _start_output(cfg, out):
                 (out / name).unlink(missing_ok=True)
         for png in out.glob("scores_epoch*.png"):
             png.unlink()
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
 
 
-def splits_for(cfg, preprocess):
-    """{train, val, test} Pairs of the configured dataset, images prepared by `preprocess` (size, mean, std)."""
+def splits_for(cfg, preprocess, names=SPLITS):
+    """The configured dataset's splits {name: Pairs}, images prepared by `preprocess` (size, mean, std)."""
     if cfg.data == "synthetic":
         n_train, n_val, n_test = (int(x) for x in cfg.synthetic_sizes.split(","))
-        return synthetic_splits(n_train, n_val, n_test, seed=cfg.seed, image_size=preprocess.size)
-    return load_splits(cfg.data, ["train", "val", "test"], image_root=cfg.image_root, size=preprocess.size,
+        splits = synthetic_splits(n_train, n_val, n_test, seed=cfg.seed, image_size=preprocess.size)
+        return {name: splits[name] for name in names}
+    return load_splits(cfg.data, list(names), image_root=cfg.image_root, size=preprocess.size,
                        mean=preprocess.mean, std=preprocess.std, cache_dir=cfg.cache_dir,
                        skip_bad_images=cfg.skip_bad_images, num_workers=cfg.workers)
 
@@ -2767,20 +2849,24 @@ def evaluate_pairs(model, pairs, tokenizer, preprocess, cfg, device, corrector=N
     MSCN's corrected score when a corrector is given. Under torchrun the embedding is shared out across ranks;
     every rank gets the metrics. strict: raise FloatingPointError on non-finite embeddings (a diverged model)
     instead of scoring them as misses."""
-    v, t = embed_pairs(model, pairs.images, pairs.captions, tokenizer, preprocess, 256, device, rank, world,
-                       cfg.workers)
+    v, t = embed_pairs(model, pairs.images, pairs.captions, tokenizer, preprocess, cfg.embed_batch_size, device,
+                       rank, world, cfg.workers)
     if strict and not (bool(torch.isfinite(v).all()) and bool(torch.isfinite(t).all())):
         raise FloatingPointError("non-finite embeddings")
+    protocol = protocol or cfg.eval_protocol
     if corrector is None:
-        return evaluate(v, t, pairs.img_of_cap, protocol=protocol or cfg.eval_protocol)
+        return evaluate(v, t, pairs.img_of_cap, protocol=protocol)
     with torch.no_grad():  # tiles of (rows, cols, hidden) corrector pre-activations: 1/hidden of the cosine tile
-        return evaluate(v, t, pairs.img_of_cap, protocol=protocol or cfg.eval_protocol, score=corrector,
+        return evaluate(v, t, pairs.img_of_cap, protocol=protocol, score=corrector,
                         tile_elems=(1 << 23) // corrector.fc1.out_features)
 
 
+# --- distributed data parallel: every rank runs the same loop on the same data and random draws, and embeds its
+# share of every batch; the loss sees the gathered global batch ---
+
 def _distributed(cfg):
     """(rank, world size, device). Under torchrun (WORLD_SIZE > 1) joins the process group: NCCL on GPUs, gloo on
-    CPUs. Every rank runs the same loop on the same data and random draws; each takes its share of every batch."""
+    CPUs."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1, _device(cfg.device)
@@ -2792,9 +2878,24 @@ def _distributed(cfg):
     return torch.distributed.get_rank(), world, device
 
 
+def wrap_model(model, cfg, device, world):
+    """What a training step calls: the model compiled (--compile) and, under torchrun, in DDP."""
+    fmodel = torch.compile(model) if cfg.compile else model
+    if world > 1:
+        # The temperature enters the loss outside forward (or not at all: the ranking losses); every rank's loss
+        # is the global batch's, so its gradient is already the same on every rank and DDP leaves it alone.
+        # (DDP tracks only the parameters that require grad when it is built.)
+        model.logit_scale.requires_grad_(False)
+        fmodel = torch.nn.parallel.DistributedDataParallel(
+            fmodel, device_ids=[device] if device.type == "cuda" else None,
+            find_unused_parameters=cfg.frozen_epochs > 0)  # a frozen stage leaves the towers without gradients
+        model.logit_scale.requires_grad_(True)
+    return fmodel
+
+
 def gather_with_grad(x, world, sizes):
-    """Concatenate (B_local, ...) tensors of all ranks in rank order -> (B_global, ...), differentiable: each rank's
-    loss is the loss of the global batch, and DistributedDataParallel's gradient average then equals the
+    """Concatenate (B_local, ...) tensors of all ranks in rank order -> (B_global, ...), differentiable: each
+    rank's loss is the loss of the global batch, and DistributedDataParallel's gradient average then equals the
     single-process gradient of that batch. `sizes`: every rank's B_local (they differ by one when the global
     batch does not split evenly; all_gather needs equal shapes, so shares are padded and trimmed)."""
     if world == 1:
@@ -2804,343 +2905,480 @@ def gather_with_grad(x, world, sizes):
     return torch.cat([part[:n] for part, n in zip(all_gather(x), sizes)])
 
 
-def train(cfg, splits=None, log=print, vocab_captions=None):
-    """The whole job: noise -> (warm-up) -> every round: score, split, train on the kept pairs, select on val.
+# --- one training run: its state, then the phases train() calls in order ---
 
-    Returns the test metrics of the model selected by validation rSum (with the last split's diagnostics).
-    """
+@dataclass
+class Mscn:
+    """Paper B's part of a run: the similarity corrector, its optimiser, the clean meta set (from val) and the
+    epoch's meta negatives (training pairs re-paired at random, 1:1 with the meta positives)."""
+    corrector: SimilarityCorrector
+    opt: torch.optim.Optimizer
+    meta: Pairs
+    neg_img: torch.Tensor = None  # (M,)
+    neg_cap: torch.Tensor = None  # (M,)
+
+
+@dataclass
+class Run:
+    """Everything a training run holds. `state` is what last.pt keeps for --resume: epoch, step, best_rsum, the
+    current split (kept, p_clean, stats, split diagnostics) and the split of the best epoch (best_split)."""
+    cfg: TrainConfig
+    out: Path
+    rank: int
+    world: int
+    device: torch.device
+    model: DualEncoder  # the module itself: checkpoints, scoring, MSCN's look-ahead
+    step_model: nn.Module  # what a training step calls (wrap_model); MSCN's double backward needs the module
+    tokenizer: object
+    preprocess: Preprocess
+    splits: dict  # train, val (less MSCN's meta set), test
+    assigned: torch.Tensor  # (C,) the image each training caption is paired with, noise included
+    noisy: torch.Tensor  # (C,) bool: assigned != the true image
+    truth: Optional[torch.Tensor]  # `noisy` where it is known (injected noise, synthetic data), else None
+    opt: torch.optim.Optimizer
+    state: dict
+    log: object
+    logf: object = None
+    mscn: Optional[Mscn] = None
+
+
+def prepare_run(cfg, splits=None, log=print, vocab_captions=None) -> Run:
+    """Everything before the first epoch: checks, output_dir, model and data, noise, MSCN's meta set, optimiser,
+    resume, wrapping."""
     rank, world, device = _distributed(cfg)
     if world > 1 and cfg.filter == "mscn":
         raise ValueError("--filter mscn runs in one process (its look-ahead is not distributed); drop torchrun")
-    main_rank = rank == 0  # only rank 0 writes files and logs
-    log = log if main_rank else (lambda *a, **k: None)
-    out = _prepare_output(cfg) if main_rank else Path(cfg.output_dir)
+    log = log if rank == 0 else (lambda *a, **k: None)  # only rank 0 writes files and logs
+    out = _prepare_output(cfg) if rank == 0 else Path(cfg.output_dir)
     torch.manual_seed(cfg.seed)
-    if splits is None and (cfg.pretrained or cfg.image_tower):  # images are prepared as the checkpoint expects
-        model, tokenizer, preprocess = build_model(cfg, None)
-        splits = splits_for(cfg, preprocess)
-    else:
-        splits = splits or splits_for(cfg, Preprocess(cfg.image_size))
-        model, tokenizer, preprocess = build_model(cfg, vocab_captions or splits["train"].captions)
-    train_set, val_set, test_set = splits["train"], splits["val"], splits["test"]
-    C, N = len(train_set.captions), len(train_set.images)
-    if cfg.batch_size > C:
-        raise ValueError(f"--batch_size {cfg.batch_size} is larger than the {C} training pairs: not one batch could "
-                         f"be formed; lower --batch_size")
-    vocab = model.token_embedding.num_embeddings
-    if getattr(tokenizer, "vocab_size", 0) > vocab:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's text vocabulary holds "
-                         f"{vocab}: they do not belong together; pass the tokenizer of these weights (--tokenizer)")
+    model, tokenizer, preprocess, splits = _model_and_data(cfg, splits, vocab_captions)
     model.to(device)
-    if main_rank:
+    if rank == 0:
         _start_output(cfg, out)
-        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-
-    # Noise: the image each training caption is paired with. Ground truth is known when we injected it.
-    if cfg.noise_ratio > 0 or cfg.noise_file:
-        spec = (cfg.noise_file or out / "noise.npy", train_set.img_of_cap, N, cfg.noise_ratio, cfg.noise_protocol,
-                cfg.seed)
-        assigned = noise_file(*spec) if main_rank else None  # rank 0 writes a missing noise file ...
-        if world > 1:
-            torch.distributed.barrier()
-            if not main_rank:
-                assigned = noise_file(*spec)  # ... the others read it
-    else:
-        assigned = train_set.img_of_cap.copy()
-    assigned = torch.as_tensor(assigned, dtype=torch.long)
-    noisy = assigned != torch.as_tensor(train_set.img_of_cap)
-    truth_known = bool(cfg.noise_ratio > 0 or cfg.noise_file or cfg.data == "synthetic")  # else: pairs as given
-    truth = noisy if truth_known else None
-    noise_msg = f"{int(noisy.sum())} noisy pairs ({noisy.float().mean():.1%})" if truth_known else \
-        "pairs as given (their noise is unknown)"
-    log(f"train: {N} images, {C} captions, {noise_msg}; filter={cfg.filter} loss={cfg.loss} batches={cfg.batches} "
-        f"unimodal={cfg.unimodal}")
-
-    # MSCN (paper B): a clean meta set from validation, removed from what model selection sees.
-    corrector = meta_set = None
-    if cfg.filter == "mscn":
-        n_meta = max(2, round(cfg.meta_fraction * C))
-        meta_caps, rest_caps = split_meta_set(val_set.img_of_cap, n_meta, cfg.seed)
-        meta_set = subset_pairs(val_set, np.unique(val_set.img_of_cap[meta_caps.numpy()]))
-        val_set = subset_pairs(val_set, np.unique(val_set.img_of_cap[rest_caps.numpy()]))
-        corrector = SimilarityCorrector(model.cfg.embed_dim).to(device)
-        corrector_opt = torch.optim.Adam(corrector.parameters(), lr=cfg.meta_lr)
-        log(f"MSCN meta set: {len(meta_set.captions)} clean pairs from val; selection on the other "
-            f"{len(val_set.captions)} (full ranking)")
-        if cfg.compile:
-            log("--compile: the MSCN step differentiates through a look-ahead step (a double backward), which "
-                "compiled graphs do not support; training steps run uncompiled")
+    assigned, noisy, truth = assign_noise(cfg, splits["train"], out, rank, world, log)
+    mscn = prepare_mscn(cfg, model, splits, device, log) if cfg.filter == "mscn" else None
     if cfg.unimodal:  # paper C's text-text view: a caption with no other kept caption uses two dropout passes
         for m in model.transformer.modules():  # the text tower
             if isinstance(m, nn.Dropout) and m.p == 0:
                 m.p = cfg.view_dropout
-
-    opt = make_optimizer(model, cfg, device)
+    C = len(assigned)
     state = {"epoch": 0, "step": 0, "best_rsum": -1.0, "kept": torch.ones(C, dtype=torch.bool),
              "p_clean": torch.ones(C), "stats": {}, "split": None, "best_split": None}
     if cfg.filter == "truth":  # fixed for the whole run: no scoring, no refits
         state.update(kept=~noisy, p_clean=(~noisy).float())
         state["split"] = split_diagnostics(state["p_clean"], state["kept"], truth)
+    run = Run(cfg, out, rank, world, device, model, model, tokenizer, preprocess, splits, assigned, noisy, truth,
+              make_optimizer(model, cfg, device), state, log, mscn=mscn)
     if cfg.resume:
-        ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        if corrector is not None:
-            corrector.load_state_dict(ckpt["corrector"])
-            corrector_opt.load_state_dict(ckpt["corrector_optimizer"])
-        state = ckpt["state"]
-        log(f"resumed from {out / 'last.pt'} at epoch {state['epoch']}")
-        if main_rank and (out / "log.jsonl").is_file():  # drop what a killed run logged after its checkpoint
-            lines = (out / "log.jsonl").read_text().splitlines()
-            kept_lines = [x for x in lines if x.strip() and json.loads(x).get("epoch", 0) < state["epoch"]]
-            _atomic_write(out / "log.jsonl", lambda f: f.write("".join(x + "\n" for x in kept_lines).encode()))
+        resume(run)
     if cfg.compile:
         tokenizer.pad_multiple = 8  # a new caption length is a new shape to compile: round lengths up to 8
-    fmodel = torch.compile(model) if cfg.compile else model
-    if world > 1:
-        # The temperature enters the loss outside forward (or not at all: the ranking losses); every rank's loss is
-        # the global batch's, so its gradient is already the same on every rank and DDP leaves it alone.
-        # (DDP tracks only the parameters that require grad when it is built.)
-        model.logit_scale.requires_grad_(False)
-        fmodel = torch.nn.parallel.DistributedDataParallel(
-            fmodel, device_ids=[device] if device.type == "cuda" else None,
-            find_unused_parameters=cfg.frozen_epochs > 0)  # a frozen stage leaves the towers without gradients
-        model.logit_scale.requires_grad_(True)
-    # The MSCN step differentiates twice (look-ahead), which compiled graphs cannot: it uses the plain module.
-    encoder = model if corrector is not None else fmodel
-    logf = open(out / "log.jsonl", "a") if main_rank else open(os.devnull, "w")
-    heads = {*HEAD_NAMES, "logit_scale"}  # the projection heads meta.py looks ahead through, and the temperature
+    if mscn is None:  # the MSCN step differentiates twice (look-ahead), which compiled graphs cannot
+        run.step_model = wrap_model(model, cfg, device, world)
+    run.logf = open(out / "log.jsonl", "a") if rank == 0 else open(os.devnull, "w")
+    return run
 
-    def diverged(what):
-        last = out / "last.pt"
-        where = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint was written yet"
-        return FloatingPointError(f"{what}; {where}. Lower --lr or check the data.")
 
-    for epoch in range(state["epoch"], cfg.epochs):
+def _model_and_data(cfg, splits, vocab_captions):
+    """(model, tokenizer, preprocess, splits): pretrained weights decide how images are prepared; a model from
+    scratch takes its vocabulary from the training captions (or `vocab_captions`)."""
+    if splits is None and (cfg.pretrained or cfg.image_tower):
+        model, tokenizer, preprocess = build_model(cfg, None)
+        splits = splits_for(cfg, preprocess)
+    else:
+        splits = splits or splits_for(cfg, Preprocess(cfg.image_size))
+        model, tokenizer, preprocess = build_model(cfg, vocab_captions or splits["train"].captions)
+    C = len(splits["train"].captions)
+    if cfg.batch_size > C:
+        raise ValueError(f"--batch_size {cfg.batch_size} is larger than the {C} training pairs: not one batch "
+                         f"could be formed; lower --batch_size")
+    vocab = model.token_embedding.num_embeddings
+    if getattr(tokenizer, "vocab_size", 0) > vocab:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's text vocabulary holds "
+                         f"{vocab}: they do not belong together; pass the tokenizer of these weights (--tokenizer)")
+    return model, tokenizer, preprocess, dict(splits)  # (a copy: MSCN takes its meta set out of val)
+
+
+def assign_noise(cfg, train_set, out, rank, world, log):
+    """The image each training caption is paired with -> (assigned (C,), noisy (C,) bool, truth or None).
+    Injected noise (or a noise file) is written by rank 0 and read by the others. The truth is known when we
+    injected the noise (or the data is synthetic); real pairs as given have unknown noise."""
+    C, N = len(train_set.captions), len(train_set.images)
+    if cfg.noise_ratio > 0 or cfg.noise_file:
+        spec = (cfg.noise_file or out / "noise.npy", train_set.img_of_cap, N, cfg.noise_ratio, cfg.noise_protocol,
+                cfg.seed)
+        assigned = noise_file(*spec) if rank == 0 else None  # rank 0 writes a missing noise file ...
+        if world > 1:
+            torch.distributed.barrier()
+            if rank != 0:
+                assigned = noise_file(*spec)  # ... the others read it
+    else:
+        assigned = train_set.img_of_cap.copy()
+    assigned = torch.as_tensor(assigned, dtype=torch.long)
+    noisy = assigned != torch.as_tensor(train_set.img_of_cap)
+    known = bool(cfg.noise_ratio > 0 or cfg.noise_file or cfg.data == "synthetic")
+    noise_msg = f"{int(noisy.sum())} noisy pairs ({noisy.float().mean():.1%})" if known else \
+        "pairs as given (their noise is unknown)"
+    log(f"train: {N} images, {C} captions, {noise_msg}; filter={cfg.filter} loss={cfg.loss} batches={cfg.batches} "
+        f"unimodal={cfg.unimodal}")
+    return assigned, noisy, noisy if known else None
+
+
+def prepare_mscn(cfg, model, splits, device, log) -> Mscn:
+    """Paper B: a clean meta set from validation, removed from what model selection sees, and the corrector."""
+    val, n_meta = splits["val"], max(2, round(cfg.meta_fraction * len(splits["train"].captions)))
+    meta_caps, rest_caps = split_meta_set(val.img_of_cap, n_meta, cfg.seed)
+    meta = subset_pairs(val, np.unique(val.img_of_cap[meta_caps.numpy()]))
+    splits["val"] = subset_pairs(val, np.unique(val.img_of_cap[rest_caps.numpy()]))
+    corrector = SimilarityCorrector(model.cfg.embed_dim).to(device)
+    log(f"MSCN meta set: {len(meta.captions)} clean pairs from val; selection on the other "
+        f"{len(splits['val'].captions)} (full ranking)")
+    if cfg.compile:
+        log("--compile: the MSCN step differentiates through a look-ahead step (a double backward), which "
+            "compiled graphs do not support; training steps run uncompiled")
+    return Mscn(corrector, torch.optim.Adam(corrector.parameters(), lr=cfg.meta_lr), meta)
+
+
+def resume(run):
+    """Loads last.pt into the run; drops what a killed run logged after that checkpoint."""
+    ckpt = torch.load(run.out / "last.pt", map_location="cpu", weights_only=True)
+    run.model.load_state_dict(ckpt["model"])
+    run.opt.load_state_dict(ckpt["optimizer"])
+    if run.mscn is not None:
+        run.mscn.corrector.load_state_dict(ckpt["corrector"])
+        run.mscn.opt.load_state_dict(ckpt["corrector_optimizer"])
+    run.state = ckpt["state"]
+    run.log(f"resumed from {run.out / 'last.pt'} at epoch {run.state['epoch']}")
+    log = run.out / "log.jsonl"
+    if run.rank == 0 and log.is_file():
+        lines = [x for x in log.read_text().splitlines()
+                 if x.strip() and json.loads(x).get("epoch", 0) < run.state["epoch"]]
+        _atomic_write(log, lambda f: f.write("".join(x + "\n" for x in lines).encode()))
+
+
+def _diverged(run, what):
+    last = run.out / "last.pt"
+    where = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint was written yet"
+    return FloatingPointError(f"{what}; {where}. Lower --lr or check the data.")
+
+
+def embed_training_pairs(run):
+    """(v_img (N, E), v (C, E), t (C, E)): every training image and caption embedded, and v[c] = the image caption
+    c is paired with (sharded across ranks, gathered on every rank)."""
+    train = run.splits["train"]
+    v_img, t = embed_pairs(run.model, train.images, train.captions, run.tokenizer, run.preprocess,
+                           run.cfg.embed_batch_size, run.device, run.rank, run.world, run.cfg.workers)
+    return v_img, v_img[run.assigned.to(v_img.device)], t
+
+
+def refit_split(run, epoch, emb):
+    """Paper A's round: split the training pairs into clean and noisy by the current model's scores, a GMM on
+    the cosines (gmm) or MSCN's purification of the corrected scores (mscn); logs and plots the split."""
+    cfg, C = run.cfg, len(run.assigned)
+    if cfg.filter == "gmm":
+        scores = (emb[1] * emb[2]).sum(1).float().cpu()  # (C,) cosine of each training pair
+        split, g = gmm_split(scores, cfg.threshold, cfg.seed) if run.rank == 0 else (None, None)
+        if run.world > 1:  # one fit, on rank 0 (every rank holds the gathered scores); the others get its split
+            box = [split]
+            torch.distributed.broadcast_object_list(box, src=0)
+            split = box[0]
+        p_clean, kept, stats = split
+    else:
+        (scores, p_clean, kept, stats), g = mscn_split(run, emb), None
+    diag = {**split_diagnostics(p_clean, kept, run.truth), **stats}
+    run.state.update(kept=kept, p_clean=p_clean, stats=stats, split={**diag, "epoch": epoch})
+    known = f", precision {diag['precision']:.3f}, recall {diag['recall']:.3f}, AUC {diag['auc']:.3f}" \
+        if run.truth is not None else ""
+    if stats.get("two_populations", True):
+        run.log(f"epoch {epoch} split: kept {diag['kept']}/{C}, estimated noise "
+                f"{diag['estimated_noise_rate']:.1%}{known}")
+    else:
+        run.log(f"epoch {epoch} split: the scores show one population, keeping all {C} pairs "
+                f"({stats['one_population']})")
+    run.logf.write(json.dumps({"epoch": epoch, "split": diag}) + "\n")
+    if run.rank == 0:
+        plot_scores(run.out / f"scores_epoch{epoch}.png", scores, run.noisy, g, f"epoch {epoch} ({cfg.filter})")
+
+
+def mscn_split(run, emb):
+    """Paper B's purification: a GMM on the corrected scores of the training pairs, initialised from the meta
+    pairs and this epoch's meta negatives -> (scores, P(clean), kept, stats)."""
+    m, (v_img, v, t) = run.mscn, emb
+    meta_v, meta_t = embed_pairs(run.model, m.meta.images, m.meta.captions, run.tokenizer, run.preprocess,
+                                 run.cfg.embed_batch_size, run.device)
+    with torch.no_grad():
+        scores = torch.cat([m.corrector.pair(a, b) for a, b in zip(v.split(4096), t.split(4096))]).cpu()
+        pos = m.corrector.pair(meta_v[torch.as_tensor(m.meta.img_of_cap, device=meta_v.device)], meta_t).cpu()
+        neg = m.corrector.pair(v_img[m.neg_img.to(v_img.device)], t[m.neg_cap.to(t.device)]).cpu()
+    p_clean, test = purify(scores, pos, neg, return_info=True)
+    p_clean, kept = p_clean.float(), p_clean > run.cfg.threshold
+    stats = {"mu_clean": float(pos.mean()), "mu_noisy": float(neg.mean()),
+             "two_populations": test["two_populations"], "separation": test["separation"]}
+    if not test["two_populations"]:
+        stats["one_population"] = test["reason"]
+        kept = torch.ones(len(kept), dtype=torch.bool)
+    return scores, p_clean, kept, stats
+
+
+def epoch_batches(run, epoch, warming, clustered, emb, gen):
+    """The epoch's batches over the kept pairs (all pairs during the warm-up, or when the split keeps under one
+    batch: never an epoch without steps) -> (batches, kept, cluster report or None). Random, or B distinct
+    images of one k-means cluster (paper C)."""
+    cfg, C = run.cfg, len(run.assigned)
+    kept = torch.ones(C, dtype=torch.bool) if warming else run.state["kept"]
+    if int(kept.sum()) < cfg.batch_size:
+        run.log(f"epoch {epoch}: the split keeps {int(kept.sum())} pairs, fewer than one batch of "
+                f"{cfg.batch_size}; this round trains on all {C} pairs (check --threshold and the score histogram)")
+        kept = torch.ones(C, dtype=torch.bool)
+    kept_idx = kept.nonzero().squeeze(1)
+    batches = random_batches(kept_idx, cfg.batch_size, gen)
+    if not clustered:
+        return batches, kept, None
+    v_img, v, t = (x.float().cpu() for x in emb)
+    image_cluster = cluster_images(v_img, t, kept_idx, run.assigned, cfg.batch_size, cfg.seed + epoch)
+    clustered_b = clustered_batches(kept_idx, image_cluster, run.assigned, cfg.batch_size, gen)
+    report = cluster_report(v, t, clustered_b, batches, image_cluster, run.assigned)  # vs random, same pairs
+    run.log(f"epoch {epoch} clustered batches: {report['single_cluster_fraction']:.0%} from one of "
+            f"{report['n_clusters']} clusters; hardest in-batch negative cosine "
+            f"{report['hardness_clustered']:.3f} vs {report['hardness_random']:.3f} in random batches")
+    return clustered_b, kept, report
+
+
+def train_epoch(run, epoch, batches, kept, warming, gen):
+    """One pass over the epoch's batches -> the mean loss. The batches are fixed, so a DataLoader reads the next
+    ones' images ahead, in worker processes where that pays (files to decode, or a GPU to keep busy)."""
+    cfg, device, images = run.cfg, run.device, run.splits["train"].images
+    run.model.train()
+    partners = caption_partners(run.assigned, kept) if cfg.unimodal else None
+    bar = Progress(len(batches), f"epoch {epoch}") if run.rank == 0 else None
+    workers = cfg.workers if images.array is None or device.type == "cuda" else 0
+    loader = torch.utils.data.DataLoader(images, batch_sampler=[run.assigned[b].tolist() for b in batches],
+                                         num_workers=workers, pin_memory=device.type == "cuda")
+    loss_sum = torch.zeros((), device=device)
+    for i, (cap_idx, raw) in enumerate(zip(batches, loader)):
+        if len(cap_idx) < max(2, run.world):  # (the same decision on every rank)
+            continue  # a lone pair has no negatives; a batch must also give every rank a pair
+        lr = get_lr(cfg, run.state["step"], epoch)
+        loss_sum += train_step(run, make_batch(run, cap_idx, raw, warming, partners, gen), lr, gen)
+        run.state["step"] += 1
+        if (i + 1) % cfg.log_every == 0 or i + 1 == len(batches):
+            avg = float(loss_sum) / (i + 1)  # the only host sync: every log_every steps
+            if not math.isfinite(avg):
+                raise _diverged(run, f"loss became {avg} at epoch {epoch} step {i}")
+            if bar:
+                bar.update(i + 1, loss=avg, lr=lr)
+    if bar:
+        bar.close()
+    return float(loss_sum) / max(1, len(batches))
+
+
+@dataclass
+class Batch:
+    """One training batch on the device: this rank's rows of the inputs (all rows in one process), and for the
+    global batch the same-image mask (B, B), P(clean) (B,) and every rank's number of rows."""
+    images: torch.Tensor  # (b, 3, S, S) normalised
+    ids: torch.Tensor  # (b, L)
+    mask: torch.Tensor  # (b, L)
+    same: torch.Tensor  # (B, B) bool: another caption of the same image is no negative
+    p_clean: torch.Tensor  # (B,)
+    sizes: list
+    warming: bool
+    views: Optional[tuple] = None  # paper C: (second image view, another caption of the image, its mask)
+
+
+def make_batch(run, cap_idx, raw, warming, partners, gen) -> Batch:
+    """Caption indices + their images (uint8, from the loader) -> a Batch. Every rank draws the same global batch
+    and random numbers and keeps rows [lo, hi). Host -> device copies are queued, never waited for."""
+    cfg, device, captions = run.cfg, run.device, run.splits["train"].captions
+    sizes = [len(x) for x in cap_idx.tensor_split(run.world)]
+    lo, hi = sum(sizes[:run.rank]), sum(sizes[:run.rank + 1])
+    raw = raw.to(device, non_blocking=True)  # uint8 (B, 3, S, S); augmentation runs on the device
+    images = run.preprocess.normalize((augment(raw, gen) if cfg.augment else raw)[lo:hi])
+    ids, mask = run.tokenizer([captions[c] for c in cap_idx[lo:hi].tolist()])
+    ids, mask, img = (x.to(device, non_blocking=True) for x in (ids, mask, run.assigned[cap_idx]))
+    batch = Batch(images, ids, mask, img[:, None] == img[None, :],
+                  run.state["p_clean"][cap_idx].to(device, non_blocking=True), sizes, warming)
+    if cfg.unimodal:  # paper C: a second augmented view of each image, another kept caption of its image
+        other = pick_partners(cap_idx, partners, gen)
+        ids2, mask2 = run.tokenizer([captions[c] for c in other[lo:hi]])
+        batch.views = (run.preprocess.normalize(augment(raw, gen)[lo:hi]), ids2.to(device, non_blocking=True),
+                       mask2.to(device, non_blocking=True))
+    return batch
+
+
+def train_step(run, batch, lr, gen):
+    """One optimisation step -> its loss (detached, on the device)."""
+    for group in run.opt.param_groups:
+        group["lr"] = lr
+    if run.mscn is not None and not batch.warming:
+        loss = mscn_step(run, batch, lr, gen)
+    else:
+        with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.cfg.amp and run.device.type == "cuda"):
+            v, t = run.step_model(batch.images, batch.ids, batch.mask)  # (b, E), (b, E)
+        loss = step_loss(run, batch, None, v, t)
+        run.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        run.opt.step()
+    with torch.no_grad():
+        run.model.logit_scale.clamp_(0, math.log(100))  # CLIP's cap on the temperature
+    return loss.detach()
+
+
+def step_loss(run, batch, corrector, v, t):
+    """The loss of a batch from this rank's embeddings v, t (b, E): the cross-modal loss on the gathered global
+    batch (the warm-up: InfoNCE; MSCN: margins from the corrected positive score plus paper B's hinge on
+    corrected scores), plus paper C's uni-modal terms. `corrector`: MSCN's (meta_step passes it), else None."""
+    cfg, scale, world = run.cfg, run.model.logit_scale, run.world
+    with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=cfg.amp and run.device.type == "cuda"):
+        if batch.views is not None:
+            v2, t2 = (gather_with_grad(x, world, batch.sizes) for x in run.step_model(*batch.views))
+    v, t = gather_with_grad(v, world, batch.sizes), gather_with_grad(t, world, batch.sizes)  # (B, E) global
+    sims = v.float() @ t.float().t()  # (B, B) cosine
+    if corrector is None:
+        loss = batch_loss(cfg, sims, batch.same, batch.p_clean, run.state["stats"], scale,
+                          "infonce" if batch.warming else None)
+    else:
+        c_pos = corrector.pair(v.float(), t.float()).detach()  # (B,)
+        loss = batch_loss(cfg, sims, batch.same, c_pos, {}, scale)  # margins: w(c_ii)
+        loss = loss + mscn_loss(corrector, v.float(), t.float(), same_image=batch.same, reduction="mean")
+    if batch.views is not None:  # pairs of the same image are positives of each other, never negatives
+        s = scale.exp().clamp(max=100)
+        loss = loss + cfg.unimodal_weight * (unimodal_info_nce(v.float(), v2.float(), s, batch.same) +
+                                             unimodal_info_nce(t.float(), t2.float(), s, batch.same))
+    return loss
+
+
+def mscn_step(run, batch, lr, gen):
+    """Paper B's step (meta.meta_step): a look-ahead on the batch, a meta update of the corrector on clean meta
+    pairs and as many meta negatives, then the real step -> the loss."""
+    cfg, m, device, train = run.cfg, run.mscn, run.device, run.splits["train"]
+    for group in m.opt.param_groups:  # the corrector follows the main schedule
+        group["lr"] = cfg.meta_lr * lr / cfg.lr
+    n = max(1, sum(batch.sizes) // 2)
+    pos = torch.randint(len(m.meta.captions), (n,), generator=gen)
+    neg = torch.randint(len(m.neg_cap), (n,), generator=gen)  # from this epoch's negatives
+    images = torch.cat([image_batch(m.meta.images, m.meta.img_of_cap[pos.numpy()]),
+                        image_batch(train.images, m.neg_img[neg])])
+    ids, mask = run.tokenizer([m.meta.captions[c] for c in pos.tolist()] +
+                              [train.captions[c] for c in m.neg_cap[neg].tolist()])
+    labels = torch.cat([torch.ones(n), torch.zeros(n)])
+    meta_batch = (run.preprocess.normalize(images.to(device, non_blocking=True)),
+                  *(x.to(device, non_blocking=True) for x in (ids, mask, labels)))
+    out = meta_step(run.model, m.corrector, (batch.images, batch.ids, batch.mask), meta_batch, inner_lr=None,
+                    loss_fn=functools.partial(step_loss, run, batch), optimizer=run.opt,
+                    corrector_optimizer=m.opt, params=cfg.lookahead)
+    return out["loss"]
+
+
+def select_and_checkpoint(run, epoch, record):
+    """Validation rSum on the full val split (DESIGN: full ranking, whatever the test protocol); best.pt when it
+    improves, last.pt every epoch. A model with non-finite embeddings stops the run and never becomes best."""
+    cfg, state = run.cfg, run.state
+    corrector = run.mscn.corrector if cfg.eval_score == "corrected" else None
+    try:
+        metrics = evaluate_pairs(run.model, run.splits["val"], run.tokenizer, run.preprocess, cfg, run.device,
+                                 corrector, run.rank, run.world, protocol="full", strict=True)
+    except FloatingPointError:
+        raise _diverged(run, f"the validation embeddings became non-finite (NaN/Inf) after epoch {epoch}: the "
+                             f"model diverged") from None
+    run.log(f"epoch {epoch} val rsum {metrics['rsum']:.1f}")
+    run.logf.write(json.dumps({"epoch": epoch, "val": metrics, **record}) + "\n")
+    run.logf.flush()
+    state["epoch"] = epoch + 1
+    extra = {} if run.mscn is None else {"corrector": run.mscn.corrector.state_dict()}
+    save = functools.partial(save_checkpoint, model=run.model, tokenizer=run.tokenizer, preprocess=run.preprocess)
+    if metrics["rsum"] > state["best_rsum"]:
+        state["best_rsum"] = metrics["rsum"]
+        state["best_split"] = None if record["warm_up"] else state.get("split")  # the kept set it trained on
+        if run.rank == 0:
+            save(run.out / "best.pt", epoch=epoch, val=metrics, **extra)
+    if run.mscn is not None:
+        extra["corrector_optimizer"] = run.mscn.opt.state_dict()
+    if run.rank == 0:
+        save(run.out / "last.pt", optimizer=run.opt.state_dict(), state=state, config=asdict(cfg), **extra)
+
+
+def test_selected(run):
+    """Closes the run, then the test metrics of the model selected on validation (rank 0; the others get {})."""
+    run.logf.close()
+    if run.world > 1:
+        # DDP's reducer holds the process group and with it gloo's worker threads. Left to the garbage collector
+        # (DDP has reference cycles), they may be destroyed during interpreter shutdown, which aborts the process
+        # ("terminate called without an active exception"): free them now, then close the group.
+        run.step_model = None
+        gc.collect()
+        torch.distributed.destroy_process_group()
+        if run.rank != 0:
+            return {}
+    cfg, state = run.cfg, run.state
+    best, _, _, ckpt = load_checkpoint(run.out / "best.pt")
+    corrector = None
+    if cfg.eval_score == "corrected":
+        corrector = run.mscn.corrector
+        corrector.load_state_dict(ckpt["corrector"])
+    results = evaluate_pairs(best.to(run.device), run.splits["test"], run.tokenizer, run.preprocess, cfg,
+                             run.device, corrector)
+    results["best_epoch"] = ckpt["epoch"]
+    if cfg.filter != "none":  # the split the selected epoch trained on (None: it was a warm-up epoch, all pairs)
+        results["filter"] = state["best_split"] if "best_split" in state else \
+            split_diagnostics(state["p_clean"], state["kept"], run.truth)  # a checkpoint from before: its last split
+    (run.out / "results.json").write_text(json.dumps(results, indent=2))
+    run.log(format_metrics(results))
+    return results
+
+
+def train(cfg, splits=None, log=print, vocab_captions=None):
+    """The whole job: noise -> (warm-up) -> every round: score, split, train on the kept pairs, select on val.
+
+    Returns the test metrics of the model selected by validation rSum, with the split that epoch trained on.
+    """
+    run = prepare_run(cfg, splits, log, vocab_captions)
+    heads = {*HEAD_NAMES, "logit_scale"}  # the projection heads (meta.py's) and the temperature
+    for epoch in range(run.state["epoch"], cfg.epochs):
         # Every source of randomness in an epoch derives from (seed, epoch): resuming replays it exactly.
         torch.manual_seed(cfg.seed * 1000 + epoch)
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-        for n, p in model.named_parameters():  # paper C stage 1: towers frozen, heads and temperature train
-            p.requires_grad_(epoch >= cfg.frozen_epochs or n in heads)
+        for name, p in run.model.named_parameters():  # paper C stage 1: towers frozen, heads and temperature train
+            p.requires_grad_(epoch >= cfg.frozen_epochs or name in heads)
         # The warm-up (before the first split) trains on all pairs with InfoNCE: the method's own loss, a
         # hardest-negative hinge, collapses a fresh model (as NCR warms up with a loss over all negatives).
         warming = cfg.filter in ("gmm", "mscn") and epoch < cfg.warmup_epochs
-        if corrector is not None:  # paper B: the meta negatives, 1:1 with the meta positives, redrawn every epoch
-            meta_neg_img, meta_neg_cap = sample_meta_negatives(len(meta_set.captions), assigned, N, gen)
+        if run.mscn is not None:  # paper B's meta negatives, 1:1 with the meta positives, redrawn every epoch
+            run.mscn.neg_img, run.mscn.neg_cap = sample_meta_negatives(
+                len(run.mscn.meta.captions), run.assigned, len(run.splits["train"].images), gen)
 
         # -- round: re-score every training pair with the current model and re-split (paper A iterates) --
         refit = cfg.filter in ("gmm", "mscn") and not warming and (epoch - cfg.warmup_epochs) % cfg.refit_every == 0
         clustered = cfg.batches == "clustered" and epoch >= cfg.clustered_from
-        if refit or clustered:
-            v_img, t = embed_pairs(model, train_set.images, train_set.captions, tokenizer, preprocess, 256, device,
-                                   rank, world, cfg.workers)  # sharded across ranks, gathered on every rank
-            v = v_img[assigned.to(v_img.device)]  # (C, E) the image each caption is paired with
+        emb = embed_training_pairs(run) if refit or clustered else None
         if refit:
-            if cfg.filter == "gmm":
-                scores = (v * t).sum(1).float().cpu()  # (C,) cosine of each training pair
-                split, g = gmm_split(scores, cfg.threshold, cfg.seed) if main_rank else (None, None)
-                if world > 1:  # one fit, on rank 0 (every rank holds the gathered scores); the others get its split
-                    box = [split]
-                    torch.distributed.broadcast_object_list(box, src=0)
-                    split = box[0]
-                p_clean, kept, stats = split
-            else:  # MSCN purification: a GMM on corrected scores, initialised from the meta pairs
-                meta_v, meta_t = embed_pairs(model, meta_set.images, meta_set.captions, tokenizer, preprocess, 256,
-                                             device)
-                with torch.no_grad():
-                    scores = torch.cat([corrector.pair(a, b) for a, b in zip(v.split(4096), t.split(4096))]).cpu()
-                    pos = corrector.pair(meta_v[torch.as_tensor(meta_set.img_of_cap, device=meta_v.device)],
-                                         meta_t).cpu()
-                    neg = corrector.pair(v_img[meta_neg_img.to(v_img.device)], t[meta_neg_cap.to(t.device)]).cpu()
-                p_clean, test = purify(scores, pos, neg, return_info=True)
-                p_clean, kept, g = p_clean.float(), p_clean > cfg.threshold, None
-                stats = {"mu_clean": float(pos.mean()), "mu_noisy": float(neg.mean()),
-                         "two_populations": test["two_populations"], "separation": test["separation"]}
-                if not test["two_populations"]:
-                    stats["one_population"] = test["reason"]
-                    kept = torch.ones(C, dtype=torch.bool)
-            diag = {**split_diagnostics(p_clean, kept, truth), **stats}
-            state.update(kept=kept, p_clean=p_clean, stats=stats, split={**diag, "epoch": epoch})
-            known = f", precision {diag['precision']:.3f}, recall {diag['recall']:.3f}, AUC {diag['auc']:.3f}" \
-                if truth is not None else ""
-            if stats.get("two_populations", True):
-                log(f"epoch {epoch} split: kept {diag['kept']}/{C}, estimated noise "
-                    f"{diag['estimated_noise_rate']:.1%}{known}")
-            else:
-                log(f"epoch {epoch} split: the scores show one population, keeping all {C} pairs "
-                    f"({stats['one_population']})")
-            logf.write(json.dumps({"epoch": epoch, "split": diag}) + "\n")
-            if main_rank:
-                plot_scores(out / f"scores_epoch{epoch}.png", scores, noisy, g, f"epoch {epoch} ({cfg.filter})")
+            refit_split(run, epoch, emb)
 
         # -- batches over the kept pairs: random, or B distinct images of one k-means cluster (paper C) --
-        kept = torch.ones(C, dtype=torch.bool) if warming else state["kept"]
-        if int(kept.sum()) < cfg.batch_size:  # never an epoch without steps
-            log(f"epoch {epoch}: the split keeps {int(kept.sum())} pairs, fewer than one batch of {cfg.batch_size}; "
-                f"this round trains on all {C} pairs (check --threshold and the score histogram)")
-            kept = torch.ones(C, dtype=torch.bool)
-        kept_idx = kept.nonzero().squeeze(1)
-        batches, clusters = random_batches(kept_idx, cfg.batch_size, gen), None
-        if clustered:
-            v_img, v, t = v_img.float().cpu(), v.float().cpu(), t.float().cpu()
-            image_cluster = cluster_images(v_img, t, kept_idx, assigned, cfg.batch_size, cfg.seed + epoch)
-            random_b = batches  # for the report: random batches of the same pairs, same model
-            batches = clustered_batches(kept_idx, image_cluster, assigned, cfg.batch_size, gen)
-            clusters = cluster_report(v, t, batches, random_b, image_cluster, assigned)
-            log(f"epoch {epoch} clustered batches: {clusters['single_cluster_fraction']:.0%} from one of "
-                f"{clusters['n_clusters']} clusters; hardest in-batch negative cosine "
-                f"{clusters['hardness_clustered']:.3f} vs {clusters['hardness_random']:.3f} in random batches")
-        partners = caption_partners(assigned, kept) if cfg.unimodal else None
+        batches, kept, clusters = epoch_batches(run, epoch, warming, clustered, emb, gen)
 
-        # -- train one epoch --
-        model.train()
-        bar, loss_sum = Progress(len(batches), f"epoch {epoch}") if main_rank else None, torch.zeros((), device=device)
-        p_dev = state["p_clean"].to(device)
-        # The epoch's batches are fixed, so a DataLoader reads the next ones ahead, in worker processes where that
-        # pays (files to decode, or a GPU to keep busy) and into pinned memory on a GPU.
-        workers = cfg.workers if train_set.images.array is None or device.type == "cuda" else 0
-        loader = torch.utils.data.DataLoader(train_set.images, batch_sampler=[assigned[b].tolist() for b in batches],
-                                             num_workers=workers, pin_memory=device.type == "cuda")
-        for i, (cap_idx, raw) in enumerate(zip(batches, loader)):
-            if len(cap_idx) < max(2, world):  # (the same decision on every rank)
-                continue  # a lone pair has no negatives; a batch must also give every rank a pair
-            lr = get_lr(cfg, state["step"], epoch)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            # Distributed: every rank draws the same global batch and random numbers; it embeds rows [lo, hi) and
-            # the loss sees the gathered global batch.
-            sizes = [len(x) for x in cap_idx.tensor_split(world)]
-            lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
-            img_idx = assigned[cap_idx]
-            raw = raw.to(device, non_blocking=True)  # uint8 (B, 3, S, S); augmentation runs on the device
-            images = preprocess.normalize((augment(raw, gen) if cfg.augment else raw)[lo:hi])
-            ids, mask = tokenizer([train_set.captions[c] for c in cap_idx[lo:hi].tolist()])
-            # Host -> device copies are queued (non_blocking), never waited for: the step has no host sync.
-            ids, mask, img_dev = (x.to(device, non_blocking=True) for x in (ids, mask, img_idx))
-            same = img_dev[:, None] == img_dev[None, :]  # (B, B) another caption of the same image is no negative
-            p_b = p_dev[cap_idx.to(device, non_blocking=True)]
-            views = None
-            if cfg.unimodal:  # paper C: a second augmented view of each image, another kept caption of its image
-                other = pick_partners(cap_idx, partners, gen)
-                ids2, mask2 = tokenizer([train_set.captions[c] for c in other[lo:hi]])
-                views = (preprocess.normalize(augment(raw, gen)[lo:hi]), ids2.to(device, non_blocking=True),
-                         mask2.to(device, non_blocking=True))
-
-            def loss_fn(corr, v, t):
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
-                    if views is not None:
-                        v2, t2 = (gather_with_grad(x, world, sizes) for x in encoder(*views))
-                v, t = gather_with_grad(v, world, sizes), gather_with_grad(t, world, sizes)  # (B, E) global batch
-                sims = v.float() @ t.float().t()  # (B, B) cosine
-                if corr is None:
-                    loss = batch_loss(cfg, sims, same, p_b, state["stats"], model.logit_scale,
-                                      "infonce" if warming else None)
-                else:  # MSCN: margins from the corrected positive score, plus paper B's hinge on corrected scores
-                    c_pos = corr.pair(v.float(), t.float()).detach()  # (B,)
-                    loss = batch_loss(cfg, sims, same, c_pos, {}, model.logit_scale)  # margins: w(c_ii)
-                    loss = loss + mscn_loss(corr, v.float(), t.float(), same_image=same, reduction="mean")
-                if views is not None:  # pairs of the same image are positives of each other, never negatives
-                    scale = model.logit_scale.exp().clamp(max=100)
-                    loss = loss + cfg.unimodal_weight * (unimodal_info_nce(v.float(), v2.float(), scale, same) +
-                                                         unimodal_info_nce(t.float(), t2.float(), scale, same))
-                return loss
-
-            if corrector is not None and not warming:  # MSCN: look-ahead, meta update of the corrector, real step
-                for group in corrector_opt.param_groups:  # the corrector follows the main schedule
-                    group["lr"] = cfg.meta_lr * lr / cfg.lr
-                n = max(1, len(cap_idx) // 2)
-                pos = torch.randint(len(meta_set.captions), (n,), generator=gen)
-                neg = torch.randint(len(meta_neg_cap), (n,), generator=gen)  # from this epoch's negatives
-                m_img = torch.cat([image_batch(meta_set.images, meta_set.img_of_cap[pos.numpy()]),
-                                   image_batch(train_set.images, meta_neg_img[neg])])
-                m_ids, m_mask = tokenizer([meta_set.captions[c] for c in pos.tolist()] +
-                                          [train_set.captions[c] for c in meta_neg_cap[neg].tolist()])
-                labels = torch.cat([torch.ones(n), torch.zeros(n)]).to(device, non_blocking=True)
-                out_ = meta_step(encoder, corrector, (images, ids, mask),
-                                 (preprocess.normalize(m_img.to(device, non_blocking=True)),
-                                  m_ids.to(device, non_blocking=True), m_mask.to(device, non_blocking=True), labels),
-                                 inner_lr=None, loss_fn=loss_fn, optimizer=opt, corrector_optimizer=corrector_opt,
-                                 params=cfg.lookahead)
-                loss = out_["loss"]
-            else:
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
-                    v, t = fmodel(images, ids, mask)  # (B, E), (B, E)
-                loss = loss_fn(None, v, t)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-            with torch.no_grad():
-                model.logit_scale.clamp_(0, math.log(100))  # CLIP's cap on the temperature
-            state["step"] += 1
-            loss_sum += loss.detach()
-            if (i + 1) % cfg.log_every == 0 or i + 1 == len(batches):
-                avg = float(loss_sum) / (i + 1)  # the only host sync: every log_every steps
-                if not math.isfinite(avg):
-                    raise diverged(f"loss became {avg} at epoch {epoch} step {i}")
-                if bar:
-                    bar.update(i + 1, loss=avg, lr=lr)
-        if bar:
-            bar.close()
-
-        # -- select on the full validation split (DESIGN: full ranking, whatever the test protocol) --
-        ev_corr = corrector if cfg.eval_score == "corrected" else None
-        try:
-            metrics = evaluate_pairs(model, val_set, tokenizer, preprocess, cfg, device, ev_corr, rank, world,
-                                     protocol="full", strict=True)
-        except FloatingPointError:
-            raise diverged(f"the validation embeddings became non-finite (NaN/Inf) after epoch {epoch}: the model "
-                           f"diverged") from None
-        log(f"epoch {epoch} val rsum {metrics['rsum']:.1f}")
-        logf.write(json.dumps({"epoch": epoch, "val": metrics, "loss": float(loss_sum) / max(1, len(batches)),
-                               "trained_pairs": int(kept.sum()), "steps": len(batches),
-                               "batches": "clustered" if clustered else "random", "warm_up": warming,
-                               **({"clusters": clusters} if clusters else {})}) + "\n")
-        logf.flush()
-        state["epoch"] = epoch + 1
-        extra = {} if corrector is None else {"corrector": corrector.state_dict()}
-        if metrics["rsum"] > state["best_rsum"]:
-            state["best_rsum"] = metrics["rsum"]
-            state["best_split"] = None if warming else state.get("split")  # the kept set this epoch trained on
-            if main_rank:
-                save_checkpoint(out / "best.pt", model, tokenizer, preprocess, epoch=epoch, val=metrics, **extra)
-        if corrector is not None:
-            extra["corrector_optimizer"] = corrector_opt.state_dict()
-        if main_rank:
-            save_checkpoint(out / "last.pt", model, tokenizer, preprocess, optimizer=opt.state_dict(), state=state,
-                            config=asdict(cfg), **extra)
-    logf.close()
-    if world > 1:
-        # DDP's reducer holds the process group and with it gloo's worker threads. Left to the garbage collector
-        # (DDP has reference cycles), they may be destroyed during interpreter shutdown, which aborts the process
-        # ("terminate called without an active exception"): free them now, then close the group.
-        del fmodel
-        gc.collect()
-        torch.distributed.destroy_process_group()
-        if not main_rank:
-            return {}
-
-    # -- test the model selected on validation --
-    best, _, _, ckpt = load_checkpoint(out / "best.pt")
-    if corrector is not None:
-        corrector.load_state_dict(ckpt["corrector"])
-    results = evaluate_pairs(best.to(device), test_set, tokenizer, preprocess, cfg, device,
-                             corrector if cfg.eval_score == "corrected" else None)
-    results["best_epoch"] = ckpt["epoch"]
-    if cfg.filter != "none":  # the split the selected epoch trained on (None: it was a warm-up epoch, all pairs)
-        results["filter"] = state["best_split"] if "best_split" in state else \
-            split_diagnostics(state["p_clean"], state["kept"], truth)  # a checkpoint from before: its last split
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    log(format_metrics(results))
-    return results
+        # -- train one epoch, then select on the validation split --
+        loss = train_epoch(run, epoch, batches, kept, warming, gen)
+        select_and_checkpoint(run, epoch, {"loss": loss, "trained_pairs": int(kept.sum()), "steps": len(batches),
+                                           "batches": "clustered" if clustered else "random", "warm_up": warming,
+                                           **({"clusters": clusters} if clusters else {})})
+    return test_selected(run)
 
 
 # --------------------------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------------------------
 
-def _add_dataclass_args(parser, cls):
+def _add_dataclass_args(parser, cls, only=None, defaults=None):
+    """One flag per field of `cls` (or of the fields named in `only`), with its default, help and choices."""
     for f in fields(cls):
-        kw = {"default": f.default, "help": f.metadata.get("help", "")}
+        if only is not None and f.name not in only:
+            continue
+        default = (defaults or {}).get(f.name, f.default)
+        if f.metadata.get("positional"):
+            parser.add_argument(f.name, help=f.metadata["help"])
+            continue
+        kw = {"default": default, "help": f.metadata.get("help", ""), "required": f.metadata.get("required", False)}
         if "choices" in f.metadata:
             kw["choices"] = f.metadata["choices"]
         if isinstance(f.default, bool):
@@ -3173,24 +3411,23 @@ def _demo_pretrained(cfg, log):
     return path
 
 
-def demo(args, log=print):
-    """Synthetic scenes at 40% caption-level noise: plain fine-tuning (clip) vs GMM filter + dynamic margin (dsdmr)."""
-    t0 = time.time()
-    base = TrainConfig(noise_ratio=args.noise_ratio, seed=args.seed, device=args.device, epochs=args.epochs)
-    out = Path(args.output_dir)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise ValueError(f"{out} is not empty; pass --overwrite or another --output_dir")
-    pretrained = _demo_pretrained(base, log)
-    splits = synthetic_splits(*(int(x) for x in base.synthetic_sizes.split(",")), seed=base.seed,
-                              image_size=base.image_size)
+def demo(cfg=None, log=print):
+    """Synthetic scenes at 40% caption-level noise: plain fine-tuning (clip) vs GMM filter + dynamic margin
+    (dsdmr), both from the same small pretrained model. `cfg`: a TrainConfig (default: DEMO_DEFAULTS)."""
+    t0, cfg = time.time(), cfg or TrainConfig(**DEMO_DEFAULTS)
+    out = Path(cfg.output_dir)
+    _refuse_overwrite(out, cfg.overwrite, "pass --overwrite or another --output_dir")
+    pretrained = _demo_pretrained(cfg, log)
+    splits = splits_for(cfg, Preprocess(cfg.image_size))
     model, tokenizer, preprocess, _ = load_checkpoint(pretrained)
-    rows = {"pretrained (no fine-tuning)": evaluate_pairs(model.to(_device(base.device)), splits["test"], tokenizer,
-                                                          preprocess, base, _device(base.device))}
+    device = _device(cfg.device)
+    rows = {"pretrained (no fine-tuning)": evaluate_pairs(model.to(device), splits["test"], tokenizer, preprocess,
+                                                          cfg, device)}
     for method in ("clip", "dsdmr"):
-        cfg = replace(base, preset=method, pretrained=str(pretrained), output_dir=str(out / method), overwrite=True)
         log(f"\n== {method} ==")
-        rows[method] = train(cfg, splits, log)
-    log(f"\nSynthetic scenes, {base.noise_ratio:.0%} caption-level noise, test split "
+        rows[method] = train(replace(cfg, preset=method, pretrained=str(pretrained), output_dir=str(out / method),
+                                     overwrite=True), splits, log)
+    log(f"\nSynthetic scenes, {cfg.noise_ratio:.0%} caption-level noise, test split "
         f"({len(splits['test'].images)} images), {time.time() - t0:.0f} s in all")
     log(results_table(rows))
     (out / "demo.json").write_text(json.dumps(rows, indent=2))
@@ -3207,110 +3444,87 @@ def results_table(rows):
     return "\n".join(lines)
 
 
-def cli():
-    """The `robustitm` console script: exit status 0 on success (main's return value is for Python callers)."""
-    main()
+def load_split(cfg, preprocess):
+    """The split `cfg.split` of cfg's dataset (eval and score commands), images prepared by `preprocess`."""
+    return splits_for(cfg, preprocess, [cfg.split])[cfg.split]
+
+
+def evaluate_command(cfg: EvalCommandConfig):
+    """Checkpoint + data -> the SCAN-style recall table (and the metrics as JSON with cfg.output)."""
+    if cfg.output:
+        _refuse_overwrite(cfg.output)
+    device = _device(cfg.device)
+    model, tokenizer, preprocess, _ = load_checkpoint(cfg.checkpoint)
+    m = evaluate_pairs(model.to(device), load_split(cfg, preprocess), tokenizer, preprocess, cfg, device)
+    print(format_metrics(m))
+    if cfg.output:
+        Path(cfg.output).write_text(json.dumps(m, indent=2))
+    return m
+
+
+def score_command(cfg: ScoreCommandConfig):
+    """Scores every pair with the checkpoint, fits the GMM, writes a CSV (and optionally the kept pairs)."""
+    for path in (cfg.output, cfg.export_clean):  # every output checked before any is written
+        if path:
+            _refuse_overwrite(path)
+    device = _device(cfg.device)
+    model, tokenizer, preprocess, _ = load_checkpoint(cfg.checkpoint)
+    pairs = load_split(cfg, preprocess)
+    if cfg.export_clean and pairs.images.paths is None:
+        raise ValueError("--export_clean writes image paths, but these images are not files (synthetic scenes are "
+                         "generated in memory); export them first with export_karpathy(...) and score that")
+    assigned = pairs.img_of_cap
+    if cfg.noise_file:  # read it; with --noise_ratio, made first when missing
+        assigned = noise_file(cfg.noise_file, pairs.img_of_cap, len(pairs.images), cfg.noise_ratio or None,
+                              cfg.noise_protocol, cfg.seed, create=cfg.noise_ratio > 0)
+    elif cfg.noise_ratio > 0:
+        assigned = make_noise(pairs.img_of_cap, len(pairs.images), cfg.noise_ratio, cfg.noise_protocol, cfg.seed)
+    v, t = score_pairs(model.to(device), pairs.images, pairs.captions, assigned, tokenizer, preprocess,
+                       cfg.embed_batch_size, device, workers=cfg.workers)
+    scores = (v * t).sum(1).float().cpu()  # (C,) cosine of each pair
+    (p_clean, kept, stats), _ = gmm_split(scores, cfg.threshold, cfg.seed)
+    rows = ([c, int(assigned[c]), pairs.captions[c], f"{scores[c]:.6f}", f"{p_clean[c]:.6f}", int(kept[c])]
+            for c in range(len(scores)))
+    with open(cfg.output, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["caption_index", "image_index", "caption", "cosine", "p_clean", "kept"])
+        w.writerows(rows)
+    if stats["two_populations"]:
+        print(f"{int(kept.sum())}/{len(kept)} pairs kept (P(clean) > {cfg.threshold}); clean mean "
+              f"{stats['mu_clean']:.3f}, noisy mean {stats['mu_noisy']:.3f}; wrote {cfg.output}")
+    else:
+        print(f"the scores show one population ({stats['one_population']}): all {len(kept)} pairs kept; "
+              f"wrote {cfg.output}")
+    if cfg.export_clean:
+        with open(cfg.export_clean, "w") as f:
+            for c in kept.nonzero().squeeze(1).tolist():
+                f.write(json.dumps({"image": image_name(pairs.images, int(assigned[c])),
+                                    "caption": pairs.captions[c]}) + "\n")
+    return {"kept": int(kept.sum()), **stats}
+
+
+COMMANDS = {  # name: (help, config class, function)
+    "demo": ("synthetic scenes: clip vs dsdmr at 40%% noise, no downloads", TrainConfig, demo),
+    "train": ("fine-tune with any combination of filter, loss, batches and unimodal terms", TrainConfig, train),
+    "eval": ("checkpoint + data -> SCAN-style recall table", EvalCommandConfig, evaluate_command),
+    "score": ("checkpoint + data -> CSV of every pair's cosine, P(clean), kept", ScoreCommandConfig, score_command),
+}
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="robustitm", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="synthetic scenes: clip vs dsdmr at 40%% noise, no downloads")
-    p.add_argument("--noise_ratio", type=float, default=0.4)
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--output_dir", default="runs/demo")
-    p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False)
-    p = sub.add_parser("train", help="fine-tune with any combination of filter, loss, batches and unimodal terms")
-    _add_dataclass_args(p, TrainConfig)
-    for name, helptext in (("eval", "checkpoint + data -> SCAN-style recall table"),
-                           ("score", "checkpoint + data -> CSV of every pair's cosine, P(clean), kept")):
-        p = sub.add_parser(name, help=helptext)
-        p.add_argument("checkpoint", help="a robustitm checkpoint (best.pt / last.pt)")
-        p.add_argument("--data", default="synthetic")
-        p.add_argument("--image_root", default=None)
-        p.add_argument("--split", default="test" if name == "eval" else "train")
-        p.add_argument("--device", default="auto")
-        p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
-        p.add_argument("--workers", type=int, default=2, help="image-decoding worker processes (image files)")
-        p.add_argument("--output", required=name == "score", help="write the JSON (eval) or CSV (score) here")
-        if name == "eval":
-            p.add_argument("--eval_protocol", default="full", choices=["full", "coco1k"])
-        else:
-            p.add_argument("--noise_file", default=None, help="pair captions with these images (default: as given)")
-            p.add_argument("--threshold", type=float, default=0.5)
-            p.add_argument("--export_clean", default=None, help="write the kept pairs as JSONL (image, caption)")
+    for name, (help_text, cls, _) in COMMANDS.items():
+        demo_only = (DEMO_FLAGS, DEMO_DEFAULTS) if name == "demo" else (None, None)
+        _add_dataclass_args(sub.add_parser(name, help=help_text), cls, *demo_only)
     args = parser.parse_args(argv)
-    if args.command == "demo":
-        return demo(args)
-    if args.command == "train":
-        return train(_config_from(args, TrainConfig))
-    return (evaluate_command if args.command == "eval" else score_command)(args)
+    _, cls, command = COMMANDS[args.command]
+    return command(_config_from(args, cls))
 
 
-def _load_split(args, preprocess, split):
-    cfg = TrainConfig(data=args.data, image_root=args.image_root, seed=args.seed)
-    if args.data == "synthetic":
-        return splits_for(cfg, preprocess)[split]
-    return load_pairs(args.data, split, image_root=args.image_root, size=preprocess.size, mean=preprocess.mean,
-                      std=preprocess.std)
-
-
-def evaluate_command(args):
-    device = _device(args.device)
-    model, tokenizer, preprocess, _ = load_checkpoint(args.checkpoint)
-    pairs = _load_split(args, preprocess, args.split)
-    m = evaluate_pairs(model.to(device), pairs, tokenizer, preprocess, args, device)
-    print(format_metrics(m))
-    if args.output:
-        _refuse_overwrite(args.output)
-        Path(args.output).write_text(json.dumps(m, indent=2))
-    return m
-
-
-def _refuse_overwrite(path):
-    if Path(path).exists():
-        raise ValueError(f"{path} exists; choose another path (nothing is overwritten)")
-
-
-def score_command(args):
-    """Scores every pair with the checkpoint, fits the GMM, writes a CSV (and optionally the kept pairs)."""
-    if not 0 <= args.threshold <= 1:
-        raise ValueError(f"--threshold is a probability P(clean) in [0, 1], got {args.threshold}")
-    device = _device(args.device)
-    model, tokenizer, preprocess, _ = load_checkpoint(args.checkpoint)
-    pairs = _load_split(args, preprocess, args.split)
-    for path in (args.output, args.export_clean):  # every output checked before any is written
-        if path:
-            _refuse_overwrite(path)
-    if args.export_clean and pairs.images.paths is None:
-        raise ValueError("--export_clean writes image paths, but these images are not files (synthetic scenes are "
-                         "generated in memory); export them first with export_karpathy(...) and score that")
-    assigned = pairs.img_of_cap
-    if args.noise_file:
-        assigned = noise_file(args.noise_file, pairs.img_of_cap, len(pairs.images), None, create=False)
-    v, t = score_pairs(model.to(device), pairs.images, pairs.captions, assigned, tokenizer, preprocess, 256, device,
-                       workers=args.workers)
-    scores = (v * t).sum(1).float().cpu()  # (C,) cosine of each pair
-    (p_clean, kept, stats), _ = gmm_split(scores, args.threshold, args.seed)
-    with open(args.output, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["caption_index", "image_index", "caption", "cosine", "p_clean", "kept"])
-        for c in range(len(scores)):
-            w.writerow([c, int(assigned[c]), pairs.captions[c], f"{scores[c]:.6f}", f"{p_clean[c]:.6f}", int(kept[c])])
-    if stats["two_populations"]:
-        print(f"{int(kept.sum())}/{len(kept)} pairs kept (P(clean) > {args.threshold}); clean mean "
-              f"{stats['mu_clean']:.3f}, noisy mean {stats['mu_noisy']:.3f}; wrote {args.output}")
-    else:
-        print(f"the scores show one population ({stats['one_population']}): all {len(kept)} pairs kept; "
-              f"wrote {args.output}")
-    if args.export_clean:
-        with open(args.export_clean, "w") as f:
-            for c in kept.nonzero().squeeze(1).tolist():
-                f.write(json.dumps({"image": image_name(pairs.images, int(assigned[c])),
-                                    "caption": pairs.captions[c]}) + "\n")
-    return {"kept": int(kept.sum()), **stats}
+def cli():
+    """The `robustitm` console script: exit status 0 on success (main's return value is for Python callers)."""
+    main()
 
 
 if __name__ == "__main__":
