@@ -38,7 +38,8 @@ def _as_2d(x, name: str, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
                          f"reshape it first, e.g. {name}.reshape(len({name}), -1)")
     x = x[:, None] if x.ndim == 1 else x  # (N, D)
     if x.shape[0] == 0 or x.shape[1] == 0:
-        raise ValueError(f"{name} is empty (shape {tuple(x.shape)}); pass at least one point with one feature")
+        raise ValueError(f"{name} is empty (shape {tuple(x.shape)}); "
+                         f"pass at least one point with one feature")
     if dtype is not None:
         x = x.to(dtype)
     elif not x.dtype.is_floating_point or x.dtype in (torch.float16, torch.bfloat16):
@@ -59,7 +60,8 @@ def _sq_dist(x: torch.Tensor, x_sq: torch.Tensor, c: torch.Tensor) -> torch.Tens
 
 
 def _assign(x: torch.Tensor, x_sq: torch.Tensor, centers: torch.Tensor):
-    """Nearest center of every row, in chunks so (N, K) is never held at once -> labels (N,), sq. dists (N,)."""
+    """Nearest center of every row, in chunks so (N, K) is never held at once -> labels (N,),
+    sq. dists (N,)."""
     N, K = x.shape[0], centers.shape[0]
     c_sq = (centers * centers).sum(1)  # (K,)
     labels = torch.empty(N, dtype=torch.long, device=x.device)
@@ -135,8 +137,9 @@ def kmeans(x, k: int, *, iters: int = 100, seed: int = 0, tol: float = 1e-4, ini
 # ----------------------------------------------------------------------------- Gaussian mixture
 
 def _features(x: torch.Tensor) -> torch.Tensor:
-    """(N, D) -> (1 + 2D, N) rows [1, x, x^2]: the sufficient statistics of a diagonal Gaussian. The log-density
-    is linear in them (E-step = one matmul) and so are the moments N_k, sum x, sum x^2 (M-step = one matmul)."""
+    """(N, D) -> (1 + 2D, N) rows [1, x, x^2]: the sufficient statistics of a diagonal Gaussian.
+    The log-density is linear in them (E-step = one matmul) and so are the moments N_k, sum x, sum x^2
+    (M-step = one matmul)."""
     return torch.cat([torch.ones_like(x[:, :1]), x, x * x], 1).T.contiguous()  # (1 + 2D, N), rows contiguous
 
 
@@ -145,7 +148,8 @@ class GaussianMixture:
 
     Fitted attributes (torch tensors on the data's device, in `dtype`): means_ (K, D), variances_ (K, D)
     (alias covariances_, as scikit-learn's diag), weights_ (K,), converged_, n_iter_, lower_bound_ (mean
-    log-likelihood at the last E-step, as scikit-learn), lower_bounds_ (one per iteration; EM never lowers it).
+    log-likelihood at the last E-step, as scikit-learn),
+    lower_bounds_ (one per iteration; EM never lowers it).
     init: "kmeans" (hard k-means labels) or "quantile" (K equal-count slices along the data, or along its
     first principal axis when D > 1; deterministic). means_init / weights_init / variances_init override it;
     given means_init but not all three, the missing ones come from each point's nearest initial mean.
@@ -203,8 +207,8 @@ class GaussianMixture:
         if len(shape) == 2 and shape[1] == 1 and tuple(v.shape) == shape[:1]:
             v = v[:, None]  # (K,) is accepted for 1-D data
         if tuple(v.shape) != shape:
-            raise ValueError(f"{name} must have shape {shape} (one row per component, one column per feature), "
-                             f"got {tuple(v.shape)}")
+            raise ValueError(f"{name} must have shape {shape} (one row per component, one column per "
+                             f"feature), got {tuple(v.shape)}")
         if not bool(torch.isfinite(v).all()):
             raise ValueError(f"{name} must be finite, got {v.tolist()}")
         return v
@@ -228,13 +232,15 @@ class GaussianMixture:
                 proj = x[:, 0] if D == 1 else x @ torch.linalg.eigh(x.T @ x)[1][:, -1]  # (N,)
                 labels = torch.empty(N, dtype=torch.long, device=x.device)
                 labels[proj.argsort()] = torch.arange(N, device=x.device) * K // N
-            resp = torch.zeros(K, N, dtype=self.dtype, device=x.device).scatter_(0, labels[None], 1.0)  # (K, N)
+            resp = torch.zeros(K, N, dtype=self.dtype,
+                               device=x.device).scatter_(0, labels[None], 1.0)  # (K, N)
             m, v, w = self._m_step(feats, resp)  # moments of the hard assignment
             means = m if means is None else means
             variances = v if variances is None else variances
             weights = w if weights is None else weights
         assert means.shape == variances.shape == (K, D) and weights.shape == (K,), \
-            f"initial shapes {tuple(means.shape)}, {tuple(variances.shape)}, {tuple(weights.shape)} for K={K}, D={D}"
+            f"initial shapes {tuple(means.shape)}, {tuple(variances.shape)}, {tuple(weights.shape)} " \
+            f"for K={K}, D={D}"
         return means, variances, weights
 
     # -- fit ----------------------------------------------------------------------------------------------
@@ -244,8 +250,8 @@ class GaussianMixture:
         if not (isinstance(K, int) and K >= 1 and self.max_iter >= 0 and self.tol >= 0
                 and self.reg_covar >= 0 and self.n_init >= 1 and self.init in ("kmeans", "quantile")):
             raise ValueError(f"bad settings: n_components={K} (int >= 1), max_iter={self.max_iter} (>= 0), "
-                             f"tol={self.tol} (>= 0), reg_covar={self.reg_covar} (>= 0), n_init={self.n_init} "
-                             f"(>= 1), init={self.init!r} ('kmeans' or 'quantile')")
+                             f"tol={self.tol} (>= 0), reg_covar={self.reg_covar} (>= 0), "
+                             f"n_init={self.n_init} (>= 1), init={self.init!r} ('kmeans' or 'quantile')")
         x = _as_2d(x, "x", self.dtype)  # (N, D)
         if x.shape[0] < K:
             raise ValueError(f"{K} components need at least {K} points, got {x.shape[0]}; "
@@ -263,8 +269,9 @@ class GaussianMixture:
                 params = self._m_step(feats, resp)  # M-step
                 prev, lower_bound = lower_bound, float(log_norm.mean())  # likelihood before this M-step
                 if not math.isfinite(lower_bound):
-                    raise ValueError("the log-likelihood became NaN/Inf (a component collapsed to zero variance); "
-                                     "set reg_covar > 0, use fewer components, or rescale the data")
+                    raise ValueError("the log-likelihood became NaN/Inf (a component collapsed to zero "
+                                     "variance); set reg_covar > 0, use fewer components, or rescale "
+                                     "the data")
                 history.append(lower_bound)
                 if abs(lower_bound - prev) < self.tol:  # scikit-learn's rule
                     converged = True
@@ -276,9 +283,10 @@ class GaussianMixture:
         self.means_ = means + self._shift
         if not self.converged_ and self.max_iter > 0:
             last = self.lower_bounds_[-1] - self.lower_bounds_[-2] if self.max_iter > 1 else math.nan
-            warnings.warn(f"GaussianMixture did not converge in max_iter={self.max_iter} iterations (last change "
-                          f"of the mean log-likelihood {last:.3g}, tol={self.tol}); raise max_iter or tol, or "
-                          f"check the data for outliers and duplicates", ConvergenceWarning, stacklevel=2)
+            warnings.warn(f"GaussianMixture did not converge in max_iter={self.max_iter} iterations "
+                          f"(last change of the mean log-likelihood {last:.3g}, tol={self.tol}); raise "
+                          f"max_iter or tol, or check the data for outliers and duplicates",
+                          ConvergenceWarning, stacklevel=2)
         return self
 
     # -- inference ----------------------------------------------------------------------------------------

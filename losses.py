@@ -152,7 +152,8 @@ def triplet_ranking_loss(sims: torch.Tensor, margin_i2t: Scalar, margin_t2i: Sca
 # training code, so the exact weight is unknown; each schedule below is this implementation's reading.
 
 def _w_sharpened(p: torch.Tensor, s: Optional[torch.Tensor], stats: Optional[Mapping]) -> torch.Tensor:
-    """w = p^2 / (p^2 + (1 - p)^2): 0 and 1 kept, pushed away from 0.5 (the MSCN form, Han et al. CVPR 2023)."""
+    """w = p^2 / (p^2 + (1 - p)^2): 0 and 1 kept, pushed away from 0.5
+    (the MSCN form, Han et al. CVPR 2023)."""
     return p * p / (p * p + (1 - p) * (1 - p))  # denominator >= 1/2
 
 
@@ -162,7 +163,8 @@ def _w_posterior(p: torch.Tensor, s: Optional[torch.Tensor], stats: Optional[Map
 
 
 def _w_gap(p: torch.Tensor, s: Optional[torch.Tensor], stats: Optional[Mapping]) -> torch.Tensor:
-    """w = clip((s - mu_noisy) / (mu_clean - mu_noisy), 0, 1): where the pair's cosine sits between the means."""
+    """w = clip((s - mu_noisy) / (mu_clean - mu_noisy), 0, 1): where the pair's cosine sits between
+    the means."""
     if s is None or stats is None or "mu_clean" not in stats or "mu_noisy" not in stats:
         raise ValueError("schedule 'gap' needs sims_pos (each pair's cosine, shape (B,)) and stats with "
                          "'mu_clean' and 'mu_noisy' (the two GMM component means)")
@@ -170,8 +172,8 @@ def _w_gap(p: torch.Tensor, s: Optional[torch.Tensor], stats: Optional[Mapping])
         raise ValueError(f"sims_pos must have the shape of p_clean {tuple(p.shape)}, got {tuple(s.shape)}")
     mu_clean, mu_noisy = float(stats["mu_clean"]), float(stats["mu_noisy"])  # per-round constants
     if not mu_clean > mu_noisy:
-        raise ValueError(f"stats must have mu_clean > mu_noisy, got mu_clean={mu_clean}, mu_noisy={mu_noisy}; "
-                         f"the clean component is the one with the higher mean")
+        raise ValueError(f"stats must have mu_clean > mu_noisy, got mu_clean={mu_clean}, "
+                         f"mu_noisy={mu_noisy}; the clean component is the one with the higher mean")
     return ((_upcast(s) - mu_noisy) / (mu_clean - mu_noisy)).clamp(0, 1).to(p.dtype)
 
 
@@ -206,5 +208,6 @@ def dynamic_margin(p_clean: torch.Tensor, sims_pos: Optional[torch.Tensor] = Non
     p = _upcast(p_clean.detach()).clamp(0, 1)  # (B,)
     s = None if sims_pos is None else sims_pos.detach()  # (B,)
     w = MARGIN_SCHEDULES[schedule](p, s, stats)  # (B,)
-    assert w.shape == p.shape, f"schedule {schedule!r} returned shape {tuple(w.shape)}, expected {tuple(p.shape)}"
+    assert w.shape == p.shape, \
+        f"schedule {schedule!r} returned shape {tuple(w.shape)}, expected {tuple(p.shape)}"
     return w

@@ -19,6 +19,7 @@ import csv
 import functools
 import gc
 import gzip
+import hashlib
 import html
 import html.entities
 import io
@@ -26,20 +27,18 @@ import json
 import math
 import os
 import pickle
+import random
 import re
 import struct
 import sys
+import textwrap
 import time
 import unicodedata
+import warnings
 import zipfile
 from collections import Counter, OrderedDict
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-
-import hashlib
-import random
-import textwrap
-import warnings
 from typing import Optional
 
 import numpy as np
@@ -49,15 +48,15 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 from gmm import GaussianMixture, clean_probability, kmeans, two_populations
+from losses import MARGIN_SCHEDULES, dynamic_margin, info_nce, triplet_ranking_loss, unimodal_info_nce
 from meta import (HEAD_NAMES, SimilarityCorrector, meta_step, mscn_loss, purify, sample_meta_negatives,
                   split_meta_set)
-from losses import MARGIN_SCHEDULES, dynamic_margin, info_nce, triplet_ranking_loss, unimodal_info_nce
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Config
 # One dataclass per concern; a command's flags are generated from the concerns it uses, and every field's help
 # text becomes its --help, so flags, defaults and documentation cannot drift apart.
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 def _opt(default, help, **kw):
     return field(default=default, metadata={"help": help, **kw})
@@ -293,18 +292,19 @@ DEMO_FLAGS = ("noise_ratio", "epochs", "seed", "device", "output_dir", "overwrit
 DEMO_DEFAULTS = {"noise_ratio": 0.4, "epochs": 5, "output_dir": "runs/demo"}
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Tokenizers
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Text -> (ids, mask) for CLIP byte-level BPE, BERT WordPiece, raw UTF-8 bytes and a tiny word vocabulary.
-# Every tokenizer is called the same way: `ids, mask = tok(captions)`, ids (B, L) long, mask (B, L) bool, True on
-# real tokens, padded to the longest caption of the batch (not to the context length). A caption longer than
-# `context_length` is cut so that the end token stays in the last position, as open_clip and transformers do.
+# Every tokenizer is called the same way: `ids, mask = tok(captions)`, ids (B, L) long, mask (B, L) bool,
+# True on real tokens, padded to the longest caption of the batch (not to the context length). A caption
+# longer than `context_length` is cut so that the end token stays in the last position, as open_clip and
+# transformers do.
 
 
 def _pad_batch(rows, pad_id, multiple=1, limit=None):
-    """Lists of ids -> (ids (B, L) long, mask (B, L) bool), padded with `pad_id` to the longest row, rounded up
-    to a multiple of `multiple` (at most `limit`)."""
+    """Lists of ids -> (ids (B, L) long, mask (B, L) bool), padded with `pad_id` to the longest row, rounded
+    up to a multiple of `multiple` (at most `limit`)."""
     lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)  # (B,)
     L = -(-int(lengths.max()) // multiple) * multiple
     L = max(int(lengths.max()), min(L, limit or L))
@@ -318,7 +318,8 @@ class _Tokenizer:
     """Shared batching for all tokenizers: input checks, start/end tokens, truncation, padding.
 
     Subclasses set `context_length`, `vocab_size`, `pad_id`, `start_id`, `end_id` and define `encode(text)`.
-    `pad_multiple` rounds the padded length up (training sets 8 under --compile: fewer shapes, fewer recompiles).
+    `pad_multiple` rounds the padded length up (training sets 8 under --compile:
+    fewer shapes, fewer recompiles).
     """
     pad_multiple = 1
 
@@ -333,25 +334,26 @@ class _Tokenizer:
         rows = []
         for i, text in enumerate(texts):
             if not isinstance(text, str):
-                raise ValueError(f"caption {i} is a {type(text).__name__}, not a str: pass captions as strings")
+                raise ValueError(f"caption {i} is a {type(text).__name__}, not a str: "
+                                 f"pass captions as strings")
             if not text.strip():
-                raise ValueError(f"caption {i} is empty or whitespace-only ({text!r}): drop it, or filter empty "
-                                 f"captions upstream before tokenizing")
+                raise ValueError(f"caption {i} is empty or whitespace-only ({text!r}): drop it, or filter "
+                                 f"empty captions upstream before tokenizing")
             rows.append([self.start_id] + self.encode(text)[:keep] + [self.end_id])
         return _pad_batch(rows, self.pad_id, self.pad_multiple, self.context_length)
 
     def _check_context_length(self, context_length):
         if not isinstance(context_length, int) or context_length < 2:
-            raise ValueError(f"context_length={context_length!r} leaves no room for the start and end tokens: "
-                             f"use an int >= 2 (CLIP uses 77, BERT 512)")
+            raise ValueError(f"context_length={context_length!r} leaves no room for the start and end "
+                             f"tokens: use an int >= 2 (CLIP uses 77, BERT 512)")
         return context_length
 
 
 # --- ftfy.fix_text, reproduced without the mojibake repair (ftfy is not a runtime dependency) ---
 # open_clip cleans every caption with ftfy.fix_text (ftfy 6.x defaults). Reproduced here, in ftfy's order and
-# until nothing changes: HTML entities (only those ending in ';', plus upper-cased Latin ones; skipped from the
-# first line holding '<' on), C1 controls read as Windows-1252, Latin ligatures, full/half-width forms, curly
-# quotes, line breaks, UTF-16 surrogates, ANSI terminal escapes, invisible control characters, NFC.
+# until nothing changes: HTML entities (only those ending in ';', plus upper-cased Latin ones; skipped from
+# the first line holding '<' on), C1 controls read as Windows-1252, Latin ligatures, full/half-width forms,
+# curly quotes, line breaks, UTF-16 surrogates, ANSI terminal escapes, invisible control characters, NFC.
 # Not reproduced (implementation choice): ftfy's mojibake detection and repair ("SchÃ¶n" -> "Schön"), which
 # rests on its statistical "badness" heuristic; such text is tokenized as written.
 _PLAIN_ASCII_RE = re.compile("[\t\n\x20-\x25\x27-\x7e]*")
@@ -361,14 +363,15 @@ _C1_RE = re.compile("[\x80-\x9f]")
 _SURROGATE_RE = re.compile("[\ud800-\udfff]")
 _SURROGATE_PAIR_RE = re.compile("[\ud800-\udbff][\udc00-\udfff]")
 _LIGATURES = {ord(k): v for k, v in {
-    "Ĳ": "IJ", "ĳ": "ij", "ŉ": "ʼn", "Ǳ": "DZ", "ǲ": "Dz", "ǳ": "dz", "Ǆ": "DŽ", "ǅ": "Dž", "ǆ": "dž",
+    "Ĳ": "IJ", "ĳ": "ij", "ŉ": "ʼn",
+    "Ǳ": "DZ", "ǲ": "Dz", "ǳ": "dz", "Ǆ": "DŽ", "ǅ": "Dž", "ǆ": "dž",
     "Ǉ": "LJ", "ǈ": "Lj", "ǉ": "lj", "Ǌ": "NJ", "ǋ": "Nj", "ǌ": "nj",
     "ﬀ": "ff", "ﬁ": "fi", "ﬂ": "fl", "ﬃ": "ffi", "ﬄ": "ffl", "ﬅ": "ſt", "ﬆ": "st"}.items()}
 _QUOTES = {**{cp: "'" for cp in (0x02BC, 0x2018, 0x2019, 0x201A, 0x201B)},
            **{cp: '"' for cp in (0x201C, 0x201D, 0x201E, 0x201F)}}
 _LINE_BREAKS = {0x2028: "\n", 0x2029: "\n", 0x85: "\n"}  # "\r\n" and "\r" are handled before the table
-_INVISIBLE_CONTROLS = dict.fromkeys([*range(0x00, 0x09), 0x0B, *range(0x0E, 0x20), 0x7F, *range(0x206A, 0x2070),
-                                     0xFEFF, *range(0xFFF9, 0xFFFD)])
+_INVISIBLE_CONTROLS = dict.fromkeys([*range(0x00, 0x09), 0x0B, *range(0x0E, 0x20), 0x7F,
+                                     *range(0x206A, 0x2070), 0xFEFF, *range(0xFFF9, 0xFFFD)])
 
 
 @functools.lru_cache(maxsize=None)
@@ -378,7 +381,8 @@ def _ftfy_tables():
     for name, char in html.entities.html5.items():
         if name.endswith(";"):
             entities["&" + name] = char
-            # ftfy also reads upper-cased names ("&EACUTE;" -> "É") when that spelling is not an entity itself.
+            # ftfy also reads upper-cased names ("&EACUTE;" -> "É") when that spelling is not
+            # an entity itself.
             upper = "&" + name.upper()
             if name == name.lower() and html.unescape(upper) == upper:
                 entities[upper] = char.upper()
@@ -386,7 +390,8 @@ def _ftfy_tables():
     for cp in range(0x80, 0xA0):
         try:
             c1[cp] = bytes([cp]).decode("cp1252")
-        except UnicodeDecodeError:  # five bytes Windows-1252 leaves undefined stay as they are ("sloppy" codec)
+        except UnicodeDecodeError:
+            # five bytes Windows-1252 leaves undefined stay as they are ("sloppy" codec)
             c1[cp] = chr(cp)
     width = {0x3000: " "}  # ideographic space -> space
     for cp in range(0xFF01, 0xFFF0):
@@ -449,7 +454,8 @@ def _bytes_to_unicode():
     """Byte -> printable character, as GPT-2 / CLIP: printable Latin-1 bytes map to themselves, the other 68
     bytes to U+0100 onwards, so BPE never sees whitespace or control characters. The order of the dict is the
     order of the first 256 vocabulary entries (printable bytes first)."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+            *range(ord("®"), ord("ÿ") + 1)]
     rest = [b for b in range(256) if b not in keep]
     return {**{b: chr(b) for b in keep}, **{b: chr(256 + n) for n, b in enumerate(rest)}}
 
@@ -465,7 +471,8 @@ def _char_kind(c):
     """The class of one character in CLIP's split pattern, as the `regex` module sees it under IGNORECASE."""
     if c.isspace() and c not in "\x1c\x1d\x1e\x1f":  # `regex`'s \s; str.isspace also counts U+001C..U+001F
         return _SKIP
-    if c == "\u0345":  # a mark whose upper case is a letter: `regex` puts it in neither [\p{L}] nor [^\p{L}...]
+    # a mark whose upper case is a letter: `regex` puts it in neither [\p{L}] nor [^\p{L}...]
+    if c == "\u0345":
         return _SKIP
     category = unicodedata.category(c)
     return _LETTER if category[0] == "L" else _NUMBER if category[0] == "N" else _OTHER
@@ -479,8 +486,8 @@ _ASCII_SPLIT_RE = re.compile(r"'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'
 
 def clip_split(text):
     """CLIP's pre-tokenizer: the pattern
-    `'s|'t|'re|'ve|'m|'ll|'d|[\\p{L}]+|[\\p{N}]|[^\\s\\p{L}\\p{N}]+` (case-insensitive) run left to right, as a
-    hand-written scanner on `unicodedata` categories (the standard `re` has no \\p{L}); ASCII text takes a
+    `'s|'t|'re|'ve|'m|'ll|'d|[\\p{L}]+|[\\p{N}]|[^\\s\\p{L}\\p{N}]+` (case-insensitive) run left to right, as
+    a hand-written scanner on `unicodedata` categories (the standard `re` has no \\p{L}); ASCII text takes a
     standard `re` shortcut. Special-token text such as "<|endoftext|>" inside a caption is plain text here
     (open_clip spells its own markers differently)."""
     if text.isascii():
@@ -515,9 +522,9 @@ def clip_split(text):
 class ClipTokenizer(_Tokenizer):
     """OpenAI CLIP's byte-level BPE, id for id the same as open_clip's SimpleTokenizer.
 
-    Cleaning as open_clip's default: `fix_text` (ftfy without mojibake repair), HTML unescape twice, whitespace
-    collapsed, lower case. Then CLIP's split pattern, bytes -> printable characters, BPE with "</w>" marking the
-    end of a word. pad_id is 0, as open_clip (the mask, not the id, tells padding apart).
+    Cleaning as open_clip's default: `fix_text` (ftfy without mojibake repair), HTML unescape twice,
+    whitespace collapsed, lower case. Then CLIP's split pattern, bytes -> printable characters, BPE with
+    "</w>" marking the end of a word. pad_id is 0, as open_clip (the mask, not the id, tells padding apart).
 
         tok = ClipTokenizer.from_bpe_gz("bpe_simple_vocab_16e6.txt.gz"); ids, mask = tok(["a dog"])  # (1, 4)
     """
@@ -530,21 +537,26 @@ class ClipTokenizer(_Tokenizer):
         self.merges = [tuple(m) for m in merges]
         for m in self.merges:
             if len(m) != 2 or "".join(m) not in self.vocab:
-                raise ValueError(f"merge {m!r} is not a pair whose join is in the vocabulary: vocab and merges "
-                                 f"must come from the same BPE model")
-        missing = [c for c in _bytes_to_unicode().values() if c not in self.vocab or c + "</w>" not in self.vocab]
+                raise ValueError(f"merge {m!r} is not a pair whose join is in the vocabulary: "
+                                 f"vocab and merges must come from the same BPE model")
+        missing = [c for c in _bytes_to_unicode().values()
+                   if c not in self.vocab or c + "</w>" not in self.vocab]
         if missing:
-            raise ValueError(f"the vocabulary lacks byte symbols {missing[:5]}...: it is not a CLIP byte-level BPE "
-                             f"vocabulary (vocab.json of a CLIP model, or bpe_simple_vocab_16e6.txt.gz)")
-        names = [(self.START, "<start_of_text>"), (self.END, "<end_of_text>")]  # OpenAI/HF or open_clip spelling
+            raise ValueError(f"the vocabulary lacks byte symbols {missing[:5]}...: it is not a CLIP "
+                             f"byte-level BPE vocabulary (vocab.json of a CLIP model, or "
+                             f"bpe_simple_vocab_16e6.txt.gz)")
+        # OpenAI/HF or open_clip spelling
+        names = [(self.START, "<start_of_text>"), (self.END, "<end_of_text>")]
         found = [next((t for t in pair if t in self.vocab), None) for pair in names]
         if None in found:
-            raise ValueError(f"the vocabulary has no {self.START!r} / {self.END!r} tokens: pass CLIP's vocab.json")
+            raise ValueError(f"the vocabulary has no {self.START!r} / {self.END!r} tokens: "
+                             f"pass CLIP's vocab.json")
         self.sot_id, self.eot_id = self.vocab[found[0]], self.vocab[found[1]]
         self.vocab_size = max(self.vocab.values()) + 1
         if self.eot_id != self.vocab_size - 1:
-            raise ValueError(f"the end token has id {self.eot_id}, not the largest id {self.vocab_size - 1}: CLIP "
-                             f"pools the text at the end token, found as the largest id; use CLIP's vocabulary")
+            raise ValueError(f"the end token has id {self.eot_id}, not the largest id {self.vocab_size - 1}: "
+                             f"CLIP pools the text at the end token, found as the largest id; use CLIP's "
+                             f"vocabulary")
         self.start_id, self.end_id, self.pad_id = self.sot_id, self.eot_id, 0
         self.bpe_ranks = {m: r for r, m in enumerate(self.merges)}
         self._decoder = {i: t for t, i in self.vocab.items()}
@@ -553,7 +565,8 @@ class ClipTokenizer(_Tokenizer):
 
     @classmethod
     def from_files(cls, vocab_json, merges_txt, context_length=77):
-        """Hugging Face layout: vocab.json (token -> id) and merges.txt (a '#version' line, then 'a b' lines)."""
+        """Hugging Face layout: vocab.json (token -> id) and merges.txt
+        (a '#version' line, then 'a b' lines)."""
         with open(vocab_json, encoding="utf-8") as f:
             vocab = json.load(f)
         with open(merges_txt, encoding="utf-8") as f:
@@ -572,7 +585,8 @@ class ClipTokenizer(_Tokenizer):
         return cls({t: i for i, t in enumerate(tokens)}, merges, context_length)
 
     def save(self, out_dir):
-        """Writes vocab.json and merges.txt in the Hugging Face layout (what transformers.CLIPTokenizer reads)."""
+        """Writes vocab.json and merges.txt in the Hugging Face layout
+        (what transformers.CLIPTokenizer reads)."""
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "vocab.json"), "w", encoding="utf-8") as f:
             json.dump(self.vocab, f, ensure_ascii=False)
@@ -580,7 +594,8 @@ class ClipTokenizer(_Tokenizer):
             f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in self.merges))
 
     def clean(self, text):
-        """The text the BPE sees: open_clip's 'lower' cleaning (ftfy, HTML unescape, whitespace, lower case)."""
+        """The text the BPE sees: open_clip's 'lower' cleaning
+        (ftfy, HTML unescape, whitespace, lower case)."""
         text = html.unescape(html.unescape(fix_text(text)))
         return " ".join(text.split()).lower()
 
@@ -627,9 +642,9 @@ class ClipTokenizer(_Tokenizer):
 # --- BERT WordPiece ---
 def _is_cjk(cp):
     """CJK Unified Ideographs blocks, as BERT defines them (not Hangul, Hiragana or Katakana)."""
-    return (0x4E00 <= cp <= 0x9FFF or 0x3400 <= cp <= 0x4DBF or 0x20000 <= cp <= 0x2A6DF or 0x2A700 <= cp <= 0x2B73F
-            or 0x2B740 <= cp <= 0x2B81F or 0x2B820 <= cp <= 0x2CEAF or 0xF900 <= cp <= 0xFAFF
-            or 0x2F800 <= cp <= 0x2FA1F)
+    return (0x4E00 <= cp <= 0x9FFF or 0x3400 <= cp <= 0x4DBF or 0x20000 <= cp <= 0x2A6DF
+            or 0x2A700 <= cp <= 0x2B73F or 0x2B740 <= cp <= 0x2B81F or 0x2B820 <= cp <= 0x2CEAF
+            or 0xF900 <= cp <= 0xFAFF or 0x2F800 <= cp <= 0x2FA1F)
 
 
 def _is_bert_punctuation(c):
@@ -640,16 +655,17 @@ def _is_bert_punctuation(c):
     return unicodedata.category(c).startswith("P")
 
 
-# ASCII shortcut of the basic tokenizer: control characters dropped, then alphanumeric runs and single symbols.
+# ASCII shortcut of the basic tokenizer: control characters dropped, then alphanumeric runs and
+# single symbols.
 _ASCII_CONTROLS = dict.fromkeys([*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F])
 _ASCII_BERT_RE = re.compile(r"[A-Za-z0-9]+|[^A-Za-z0-9\s]")
 
 
 class WordPieceTokenizer(_Tokenizer):
-    """BERT's tokenizer as transformers' Python BertTokenizer: basic tokenization (drop NUL, U+FFFD and control
-    characters, whitespace -> space, spaces around CJK ideographs, NFC, lower case + accent stripping, split off
-    punctuation), then greedy longest-match-first WordPiece with '##' continuations; a word over 100 characters
-    or with no segmentation becomes [UNK]. Ids are [CLS] ... [SEP], padded with [PAD].
+    """BERT's tokenizer as transformers' Python BertTokenizer: basic tokenization (drop NUL, U+FFFD and
+    control characters, whitespace -> space, spaces around CJK ideographs, NFC, lower case + accent stripping,
+    split off punctuation), then greedy longest-match-first WordPiece with '##' continuations; a word over 100
+    characters or with no segmentation becomes [UNK]. Ids are [CLS] ... [SEP], padded with [PAD].
 
         tok = WordPieceTokenizer.from_file("bert-base-uncased/vocab.txt"); ids, mask = tok(["a dog"])
     """
@@ -674,7 +690,8 @@ class WordPieceTokenizer(_Tokenizer):
 
     @staticmethod
     def _read_vocab(path):
-        with open(path, encoding="utf-8") as f:  # one token per line, id = line number (as transformers reads it)
+        # one token per line, id = line number (as transformers reads it)
+        with open(path, encoding="utf-8") as f:
             return {line.rstrip("\n"): i for i, line in enumerate(f.readlines())}
 
     @classmethod
@@ -749,7 +766,8 @@ class WordPieceTokenizer(_Tokenizer):
 # --- tokenizers for models trained from scratch ---
 class ByteTokenizer(_Tokenizer):
     """UTF-8 bytes as tokens, no vocabulary file: pad 0, start 1, end 2, byte b -> b + 3 (vocab_size 259).
-    Text is NFC-normalised and its whitespace collapsed; case is kept. Truncation may cut a multi-byte character.
+    Text is NFC-normalised and its whitespace collapsed; case is kept.
+    Truncation may cut a multi-byte character.
 
         tok = ByteTokenizer(context_length=77); ids, mask = tok(["a dog"])  # (1, 7)
     """
@@ -776,8 +794,9 @@ _WORD_RE = re.compile(r"[^\W_]+|[^\w\s]|_")  # runs of letters/digits; each othe
 
 class WordTokenizer(_Tokenizer):
     """A word-level tokenizer for small vocabularies: lower case, words = runs of letters and digits, every
-    punctuation mark a token of its own (kept: "left of" vs "left, of" is information). Ids: pad 0, start 1, end 2,
-    unknown 3, then `vocab[k]` -> k + 4. `vocab` is a plain list of words, so a checkpoint can store it.
+    punctuation mark a token of its own (kept: "left of" vs "left, of" is information).
+    Ids: pad 0, start 1, end 2, unknown 3, then `vocab[k]` -> k + 4. `vocab` is a plain list of words, so a
+    checkpoint can store it.
 
         tok = WordTokenizer.build(captions, min_count=2); ids, mask = tok(["a red square."])
     """
@@ -789,8 +808,8 @@ class WordTokenizer(_Tokenizer):
         self.vocab = list(vocab)
         bad = [w for w in self.vocab if not isinstance(w, str) or _WORD_RE.findall(w.lower()) != [w]]
         if bad:
-            raise ValueError(f"vocabulary entries {bad[:5]} are not single lower-case tokens: build the vocabulary "
-                             f"with WordTokenizer.build(captions)")
+            raise ValueError(f"vocabulary entries {bad[:5]} are not single lower-case tokens: "
+                             f"build the vocabulary with WordTokenizer.build(captions)")
         if len(set(self.vocab)) != len(self.vocab):
             raise ValueError("the vocabulary has duplicate words: pass each word once")
         self.pad_id, self.start_id, self.end_id, self.unk_id = range(len(self.SPECIALS))
@@ -815,13 +834,13 @@ class WordTokenizer(_Tokenizer):
                  for i in ids if i not in (self.pad_id, self.start_id, self.end_id)]
         return " ".join(words)
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Model
-# One pre-LN/post-LN transformer block family covers CLIP (pre-LN, quick_gelu or gelu, causal text, EOT pooling),
-# BERT (post-LN, gelu, token types, padding mask), ViT (pre-LN, CLS) and DINOv2 (pre-LN + layer scale).
-# Module names follow OpenAI's CLIP checkpoint (ln_1, attn.in_proj_weight, mlp.c_fc, c_proj, proj,
-# text_projection, logit_scale), so OpenAI state dicts load strictly with no remapping.
-# --------------------------------------------------------------------------------------------------------------
+# One pre-LN/post-LN transformer block family covers CLIP (pre-LN, quick_gelu or gelu, causal text,
+# EOT pooling), BERT (post-LN, gelu, token types, padding mask), ViT (pre-LN, CLS) and DINOv2
+# (pre-LN + layer scale). Module names follow OpenAI's CLIP checkpoint (ln_1, attn.in_proj_weight, mlp.c_fc,
+# c_proj, proj, text_projection, logit_scale), so OpenAI state dicts load strictly with no remapping.
+# ------------------------------------------------------------------------------------------------------------
 
 @dataclass
 class TowerConfig:
@@ -829,7 +848,8 @@ class TowerConfig:
     layers: int = 12              # number of transformer blocks
     heads: int = 8                # attention heads (D must divide evenly)
     mlp_width: int = 2048         # hidden width of the MLP
-    act: str = "quick_gelu"       # quick_gelu (OpenAI CLIP), gelu (BERT, ViT, DINOv2, open_clip non-quickgelu)
+    act: str = "quick_gelu"       # quick_gelu (OpenAI CLIP), gelu (BERT, ViT, DINOv2,
+                                  # open_clip non-quickgelu)
     post_norm: bool = False       # BERT normalises after the residual add; everyone else before
     ln_eps: float = 1e-5          # CLIP 1e-5, BERT/ViT 1e-12, DINOv2 1e-6
     layer_scale: bool = False     # DINOv2 scales each residual branch by a learned per-channel vector
@@ -883,7 +903,8 @@ class Attention(nn.Module):
 
     def forward(self, x, attn_mask=None, causal=False):
         B, L, D = x.shape
-        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(B, L, 3, self.heads, D // self.heads).unbind(2)
+        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(B, L, 3, self.heads,
+                                                                           D // self.heads).unbind(2)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, L, D/H)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal)
         return self.out_proj(y.transpose(1, 2).reshape(B, L, D))
@@ -892,7 +913,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, width, hidden, act):
         super().__init__()
-        self.c_fc, self.c_proj, self.act = nn.Linear(width, hidden), nn.Linear(hidden, width), ACTIVATIONS[act]
+        self.c_fc, self.c_proj, self.act = (nn.Linear(width, hidden), nn.Linear(hidden, width),
+                                            ACTIVATIONS[act])
 
     def forward(self, x):
         return self.c_proj(self.act(self.c_fc(x)))
@@ -963,7 +985,8 @@ class VisionTower(nn.Module):
         pos = self.positional_embedding
         if n_tokens == pos.shape[0]:
             return pos
-        # A different input size: resample the patch grid bicubically (as DINOv2 and ViT do), keep the CLS row.
+        # A different input size: resample the patch grid bicubically (as DINOv2 and ViT do),
+        # keep the CLS row.
         g, D = int(round((pos.shape[0] - 1) ** 0.5)), pos.shape[1]
         p = self.cfg.patch_size
         grid = pos[1:].reshape(1, g, g, D).permute(0, 3, 1, 2).float()
@@ -1015,8 +1038,8 @@ class DualEncoder(nn.Module):
         if t.pool == "mean":
             m = mask.unsqueeze(-1).to(x.dtype)
             return (x * m).sum(1) / m.sum(1).clamp_min(1)
-        # EOT pooling (CLIP): the end token is the last real token; padding to the batch's longest caption keeps
-        # it at position length-1 (OpenAI uses argmax over ids, which finds the same place).
+        # EOT pooling (CLIP): the end token is the last real token; padding to the batch's longest caption
+        # keeps it at position length-1 (OpenAI uses argmax over ids, which finds the same place).
         return x[torch.arange(B, device=x.device), mask.sum(1) - 1]
 
     def encode_text(self, ids, mask):  # (B, L), (B, L) -> (B, E), L2-normalised
@@ -1025,16 +1048,16 @@ class DualEncoder(nn.Module):
     def forward(self, images, ids, mask):
         """Returns the pair (image embeddings (B, E), caption embeddings (B, E)), both L2-normalised.
 
-        The similarity matrix is `img @ txt.T` (B, B); forward returns embeddings rather than that matrix so the
-        whole computation runs inside forward (needed by DistributedDataParallel, which gathers embeddings across
-        ranks, and by torch.func.functional_call in meta.py).
+        The similarity matrix is `img @ txt.T` (B, B); forward returns embeddings rather than that matrix so
+        the whole computation runs inside forward (needed by DistributedDataParallel, which gathers embeddings
+        across ranks, and by torch.func.functional_call in meta.py).
         """
         return self.encode_image(images), self.encode_text(ids, mask)
 
 
 def tiny_model(embed_dim=64, image_size=32, vocab_size=259, context_length=32, width=128, layers=2):
-    """A small CLIP-shaped model for synthetic data and tests: a ViT on a 4x4 patch grid (patchify early: a fine
-    first layer is too slow on a CPU) + a causal text transformer."""
+    """A small CLIP-shaped model for synthetic data and tests: a ViT on a 4x4 patch grid (patchify early: a
+    fine first layer is too slow on a CPU) + a causal text transformer."""
     heads = max(1, width // 64)
     vis = VisionConfig(width=width, layers=layers, heads=heads, mlp_width=4 * width, act="gelu",
                        image_size=image_size, patch_size=image_size // 4)
@@ -1045,13 +1068,14 @@ def tiny_model(embed_dim=64, image_size=32, vocab_size=259, context_length=32, w
 
 def clip_vit_b32(act="quick_gelu"):
     """OpenAI CLIP ViT-B/32's architecture (151M parameters) with random weights."""
-    return DualEncoder(ModelConfig(VisionConfig(768, 12, 12, 3072, act), TextConfig(512, 12, 8, 2048, act), 512))
-# --------------------------------------------------------------------------------------------------------------
+    return DualEncoder(ModelConfig(VisionConfig(768, 12, 12, 3072, act),
+                                   TextConfig(512, 12, 8, 2048, act), 512))
+# ------------------------------------------------------------------------------------------------------------
 # Weights
-# Readers for OpenAI/open_clip state dicts, Hugging Face CLIP, BERT, ViT and DINOv2 directories. Architecture is
-# read from tensor shapes (and config.json where shapes cannot tell), every format has an explicit key map, and
-# loads are strict: a mismatch lists the missing, unexpected and mis-shaped keys.
-# --------------------------------------------------------------------------------------------------------------
+# Readers for OpenAI/open_clip state dicts, Hugging Face CLIP, BERT, ViT and DINOv2 directories. Architecture
+# is read from tensor shapes (and config.json where shapes cannot tell), every format has an explicit key map,
+# and loads are strict: a mismatch lists the missing, unexpected and mis-shaped keys.
+# ------------------------------------------------------------------------------------------------------------
 
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -1070,14 +1094,15 @@ def read_safetensors(path):
         raise ValueError(f"{path}: truncated safetensors file ({len(data)} bytes)")
     n = struct.unpack("<Q", data[:8])[0]
     if 8 + n > len(data):
-        raise ValueError(f"{path}: truncated safetensors file (header says {n} bytes, file has {len(data) - 8})")
+        raise ValueError(f"{path}: truncated safetensors file "
+                         f"(header says {n} bytes, file has {len(data) - 8})")
     try:
         header = json.loads(data[8:8 + n])
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not a safetensors file (header is not JSON: {e})") from None
     if not isinstance(header, dict):
-        raise ValueError(f"{path}: not a safetensors file (the header is a JSON {type(header).__name__}, not an "
-                         f"object of tensors)")
+        raise ValueError(f"{path}: not a safetensors file (the header is a JSON {type(header).__name__}, "
+                         f"not an object of tensors)")
     header.pop("__metadata__", None)
     body, spans = memoryview(data)[8 + n:], []
 
@@ -1095,20 +1120,23 @@ def read_safetensors(path):
                 and 0 <= offsets[0] <= offsets[1]):
             raise bad(name, f"data_offsets must be [start, end] with 0 <= start <= end, got {offsets!r}")
         if offsets[1] > len(body):
-            raise ValueError(f"{path}: truncated safetensors file (tensor {name!r} ends at byte {offsets[1]} of "
-                             f"{len(body)})")
+            raise ValueError(f"{path}: truncated safetensors file (tensor {name!r} ends at byte "
+                             f"{offsets[1]} of {len(body)})")
         size = math.prod(shape) * dtype.itemsize
         if offsets[1] - offsets[0] != size:
-            raise bad(name, f"{offsets[1] - offsets[0]} bytes for shape {shape} of {info['dtype']} ({size} bytes)")
+            raise bad(name, f"{offsets[1] - offsets[0]} bytes for shape {shape} of {info['dtype']} "
+                            f"({size} bytes)")
         spans.append((offsets[0], offsets[1], name))
     spans.sort()
     for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
         if start < end:
-            raise ValueError(f"{path}: tensors {first!r} and {second!r} overlap in the data; the file is corrupt")
+            raise ValueError(f"{path}: tensors {first!r} and {second!r} overlap in the data; "
+                             f"the file is corrupt")
     out = {}
     for name, info in header.items():
         (start, end), dtype = info["data_offsets"], _ST_DTYPES[info["dtype"]]
-        t = torch.frombuffer(bytearray(body[start:end]), dtype=dtype) if end > start else torch.empty(0, dtype=dtype)
+        t = torch.frombuffer(bytearray(body[start:end]), dtype=dtype) if end > start else \
+            torch.empty(0, dtype=dtype)
         out[name] = t.reshape(info["shape"])
     return out
 
@@ -1122,12 +1150,14 @@ def write_safetensors(tensors, path, metadata=None):
     for name, t in tensors.items():
         t = t.detach().contiguous().cpu()
         raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + len(raw)]}
         blobs.append(raw)
         offset += len(raw)
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)  # the format pads the header to an 8-byte boundary
-    _atomic_write(path, lambda f: (f.write(struct.pack("<Q", len(head))), f.write(head), [f.write(b) for b in blobs]))
+    _atomic_write(path, lambda f: (f.write(struct.pack("<Q", len(head))), f.write(head),
+                                   [f.write(b) for b in blobs]))
 
 
 def _atomic_write(path, write):
@@ -1150,7 +1180,8 @@ def read_state_dict(path, allow_torchscript=False):
     if not path.is_file():
         raise ValueError(f"checkpoint {path} does not exist")
     if path.stat().st_size == 0:
-        raise ValueError(f"checkpoint {path} is empty (0 bytes): an interrupted download or copy? Fetch it again")
+        raise ValueError(f"checkpoint {path} is empty (0 bytes): "
+                         f"an interrupted download or copy? Fetch it again")
     with open(path, "rb") as f:
         head = f.read(8)
     if path.suffix == ".safetensors":
@@ -1159,14 +1190,17 @@ def read_state_dict(path, allow_torchscript=False):
         with zipfile.ZipFile(path) as z:
             if any(n.endswith("constants.pkl") for n in z.namelist()):
                 if not allow_torchscript:
-                    raise ValueError(f"{path} is a TorchScript archive; loading it executes code from the file. "
-                                     f"If you trust it, pass --allow_torchscript (allow_torchscript=True).")
-                return {k: v.float() for k, v in torch.jit.load(str(path), map_location="cpu").state_dict().items()}
+                    raise ValueError(f"{path} is a TorchScript archive; "
+                                     f"loading it executes code from the file. If you trust it, "
+                                     f"pass --allow_torchscript (allow_torchscript=True).")
+                return {k: v.float()
+                        for k, v in torch.jit.load(str(path), map_location="cpu").state_dict().items()}
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise ValueError(f"{path} is not a weights-only checkpoint (it pickles Python objects, which can run "
-                         f"code): {str(e).splitlines()[0]}. Re-save it as a plain state dict or safetensors.") from None
+                         f"code): {str(e).splitlines()[0]}. "
+                         f"Re-save it as a plain state dict or safetensors.") from None
     except (RuntimeError, EOFError) as e:
         raise ValueError(f"{path} could not be read as a torch checkpoint (truncated or corrupt?): "
                          f"{str(e).splitlines()[0]}") from None
@@ -1183,16 +1217,18 @@ _BLOCK_KEYS = {
     "self_attn.q_proj": "attn.q", "self_attn.k_proj": "attn.k", "self_attn.v_proj": "attn.v",  # HF CLIP
     "self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2",
     "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
-    "attention.self.query": "attn.q", "attention.self.key": "attn.k", "attention.self.value": "attn.v",  # BERT
+    "attention.self.query": "attn.q", "attention.self.key": "attn.k",  # BERT
+    "attention.self.value": "attn.v",
     "attention.output.dense": "attn.out_proj", "attention.output.LayerNorm": "ln_1",
     "intermediate.dense": "mlp.c_fc", "output.dense": "mlp.c_proj", "output.LayerNorm": "ln_2",
     "attention.attention.query": "attn.q", "attention.attention.key": "attn.k",  # ViT/DINOv2 (hub files)
     "attention.attention.value": "attn.v", "layernorm_before": "ln_1", "layernorm_after": "ln_2",
-    "attention.q_proj": "attn.q", "attention.k_proj": "attn.k", "attention.v_proj": "attn.v",  # ViT/DINOv2 (v5)
-    "attention.o_proj": "attn.out_proj", "norm1": "ln_1", "norm2": "ln_2",
+    "attention.q_proj": "attn.q", "attention.k_proj": "attn.k",  # ViT/DINOv2 (v5)
+    "attention.v_proj": "attn.v", "attention.o_proj": "attn.out_proj", "norm1": "ln_1", "norm2": "ln_2",
     "layer_scale1.lambda1": "ls_1", "layer_scale2.lambda1": "ls_2",
 }
-_BLOCK_RE = re.compile(r"^(?:text_model\.|vision_model\.)?(?:encoder\.)?layers?\.(\d+)\.(.+?)(\.weight|\.bias)?$")
+_BLOCK_RE = re.compile(r"^(?:text_model\.|vision_model\.)?(?:encoder\.)?layers?\.(\d+)\."
+                       r"(.+?)(\.weight|\.bias)?$")
 
 # Keys a format carries that this model deliberately does not use.
 _UNUSED = re.compile(r"(^|\.)position_ids$|^pooler\.|^embeddings\.mask_token$|^input_resolution$|"
@@ -1200,7 +1236,8 @@ _UNUSED = re.compile(r"(^|\.)position_ids$|^pooler\.|^embeddings\.mask_token$|^i
 
 
 def _map_keys(sd, top, prefix):
-    """Renames a Hugging Face tower's keys to ours: `top` maps whole non-block names, blocks go via _BLOCK_KEYS.
+    """Renames a Hugging Face tower's keys to ours: `top` maps whole non-block names,
+    blocks go via _BLOCK_KEYS.
 
     Returns (mapped, unexpected). Separate q/k/v projections are fused into attn.in_proj_{weight,bias}.
     """
@@ -1219,7 +1256,8 @@ def _map_keys(sd, top, prefix):
         out[f"{prefix}transformer.resblocks.{m.group(1)}.{sub}{m.group(3) or ''}"] = t
     for qkey in [k for k in out if ".attn.q." in k]:
         k, v = qkey.replace(".attn.q.", ".attn.k."), qkey.replace(".attn.q.", ".attn.v.")
-        fused = qkey.replace(".attn.q.weight", ".attn.in_proj_weight").replace(".attn.q.bias", ".attn.in_proj_bias")
+        fused = (qkey.replace(".attn.q.weight", ".attn.in_proj_weight")
+                 .replace(".attn.q.bias", ".attn.in_proj_bias"))
         if k in out and v in out:
             out[fused] = torch.cat([out.pop(qkey), out.pop(k), out.pop(v)])
     return out, unexpected
@@ -1235,14 +1273,15 @@ def _detect_layout(sd):
         raise ValueError("ResNet CLIP image towers (RN50, ...) are not supported; use a ViT CLIP checkpoint")
     if "visual.conv1.weight" in sd and "token_embedding.weight" in sd:
         return "openai"
-    if "text_model.embeddings.token_embedding.weight" in sd and "vision_model.embeddings.patch_embedding.weight" in sd:
+    if "text_model.embeddings.token_embedding.weight" in sd \
+            and "vision_model.embeddings.patch_embedding.weight" in sd:
         return "hf_clip"
     if "embeddings.word_embeddings.weight" in sd:
         return "bert"
     if "embeddings.patch_embeddings.projection.weight" in sd:
         return "dinov2" if any("layer_scale1" in k for k in sd) else "vit"
-    raise ValueError("unknown checkpoint layout; expected an OpenAI/open_clip CLIP state dict, a Hugging Face "
-                     f"CLIP, BERT, ViT or DINOv2 model. First keys: {sorted(sd)[:8]}")
+    raise ValueError("unknown checkpoint layout; expected an OpenAI/open_clip CLIP state dict, "
+                     f"a Hugging Face CLIP, BERT, ViT or DINOv2 model. First keys: {sorted(sd)[:8]}")
 
 
 # The tensors an OpenAI-layout state dict's architecture is read from, with the shape each must have.
@@ -1254,25 +1293,28 @@ _OPENAI_ARCH = {"visual.conv1.weight": "(D, 3, p, p), D a multiple of 64", "visu
 
 
 def _openai_config(sd, act):
-    """ModelConfig of an OpenAI-layout CLIP state dict, from its tensor shapes (as OpenAI's build_model does)."""
+    """ModelConfig of an OpenAI-layout CLIP state dict, from its tensor shapes
+    (as OpenAI's build_model does)."""
     shape = {k: tuple(sd[k].shape) if k in sd else () for k in _OPENAI_ARCH}
     ndim = {k: 4 if k == "visual.conv1.weight" else 1 if k == "ln_final.weight" else 2 for k in _OPENAI_ARCH}
     ok = all(len(shape[k]) == n for k, n in ndim.items())
     if ok:
-        (D, rgb, p, q), (tokens, width), (W,) = (shape["visual.conv1.weight"], shape["visual.positional_embedding"],
+        (D, rgb, p, q), (tokens, width), (W,) = (shape["visual.conv1.weight"],
+                                                 shape["visual.positional_embedding"],
                                                  shape["ln_final.weight"])
         grid = round((tokens - 1) ** 0.5)
         ok = rgb == 3 and p == q > 0 and D > 0 and D % 64 == 0 and W > 0 and W % 64 == 0 \
             and grid * grid == tokens - 1 and width == D
     if not ok:
         listing = "; ".join(f"{k}: {shape[k]} (expected {want})" for k, want in _OPENAI_ARCH.items())
-        raise ValueError(f"the checkpoint's architecture cannot be read from its shapes: {listing}. The file is "
-                         f"damaged or not an OpenAI/open_clip CLIP state dict")
+        raise ValueError(f"the checkpoint's architecture cannot be read from its shapes: {listing}. "
+                         f"The file is damaged or not an OpenAI/open_clip CLIP state dict")
     vw = sd["visual.conv1.weight"]  # (D, 3, p, p)
     grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
     tw = sd["ln_final.weight"].shape[0]
     vis = VisionConfig(width=vw.shape[0], layers=_n_blocks(sd, r"visual\.transformer\.resblocks\.(\d+)\."),
-                       heads=vw.shape[0] // 64, mlp_width=sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+                       heads=vw.shape[0] // 64,
+                       mlp_width=sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
                        act=act, image_size=grid * vw.shape[-1], patch_size=vw.shape[-1])
     txt = TextConfig(width=tw, layers=_n_blocks(sd, r"transformer\.resblocks\.(\d+)\."), heads=tw // 64,
                      mlp_width=sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0], act=act,
@@ -1284,11 +1326,15 @@ def _openai_config(sd, act):
 def _hf_clip(sd, config):
     tc, vc = config.get("text_config", {}), config.get("vision_config", {})
     T, V = "text_model.embeddings.", "vision_model.embeddings."
-    top = {T + "token_embedding.weight": "token_embedding.weight", T + "position_embedding.weight": "positional_embedding",
-           "text_model.final_layer_norm.weight": "ln_final.weight", "text_model.final_layer_norm.bias": "ln_final.bias",
-           V + "class_embedding": "visual.class_embedding", V + "patch_embedding.weight": "visual.conv1.weight",
+    top = {T + "token_embedding.weight": "token_embedding.weight",
+           T + "position_embedding.weight": "positional_embedding",
+           "text_model.final_layer_norm.weight": "ln_final.weight",
+           "text_model.final_layer_norm.bias": "ln_final.bias",
+           V + "class_embedding": "visual.class_embedding",
+           V + "patch_embedding.weight": "visual.conv1.weight",
            V + "position_embedding.weight": "visual.positional_embedding",
-           "vision_model.pre_layrnorm.weight": "visual.ln_pre.weight", "vision_model.pre_layrnorm.bias": "visual.ln_pre.bias",
+           "vision_model.pre_layrnorm.weight": "visual.ln_pre.weight",
+           "vision_model.pre_layrnorm.bias": "visual.ln_pre.bias",
            "vision_model.post_layernorm.weight": "visual.ln_post.weight",
            "vision_model.post_layernorm.bias": "visual.ln_post.bias",
            "visual_projection.weight": ("visual.proj", lambda w: w.t()),  # nn.Linear (E, D) -> our (D, E)
@@ -1303,7 +1349,8 @@ def _hf_clip(sd, config):
                        heads=vc.get("num_attention_heads", vw.shape[0] // 64),
                        mlp_width=out["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
                        act=vc.get("hidden_act", "quick_gelu"), ln_eps=vc.get("layer_norm_eps", 1e-5),
-                       image_size=round((out["visual.positional_embedding"].shape[0] - 1) ** 0.5) * vw.shape[-1],
+                       image_size=round((out["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+                                  * vw.shape[-1],
                        patch_size=vw.shape[-1])
     txt = TextConfig(width=tw, layers=_n_blocks(out, r"transformer\.resblocks\.(\d+)\."),
                      heads=tc.get("num_attention_heads", tw // 64),
@@ -1318,7 +1365,8 @@ def _hf_bert(sd, config):
     """A Hugging Face BertModel as text tower (post-LN, bidirectional, token types)."""
     sd = {k.removeprefix("bert."): v for k, v in sd.items()}
     E = "embeddings."
-    top = {E + "word_embeddings.weight": "token_embedding.weight", E + "position_embeddings.weight": "positional_embedding",
+    top = {E + "word_embeddings.weight": "token_embedding.weight",
+           E + "position_embeddings.weight": "positional_embedding",
            E + "token_type_embeddings.weight": "token_type_embedding.weight",
            E + "LayerNorm.weight": "ln_embed.weight", E + "LayerNorm.bias": "ln_embed.bias"}
     out, unexpected = _map_keys(sd, top, "")
@@ -1326,15 +1374,18 @@ def _hf_bert(sd, config):
     cfg = TextConfig(width=D, layers=_n_blocks(out, r"transformer\.resblocks\.(\d+)\."),
                      heads=config.get("num_attention_heads", D // 64),
                      mlp_width=out["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
-                     act=config.get("hidden_act", "gelu"), post_norm=True, ln_eps=config.get("layer_norm_eps", 1e-12),
+                     act=config.get("hidden_act", "gelu"), post_norm=True,
+                     ln_eps=config.get("layer_norm_eps", 1e-12),
                      vocab_size=out["token_embedding.weight"].shape[0],
                      context_length=out["positional_embedding"].shape[0], causal=False,
-                     token_types=out["token_type_embedding.weight"].shape[0], ln_embed=True, ln_final=False, pool="cls")
+                     token_types=out["token_type_embedding.weight"].shape[0], ln_embed=True, ln_final=False,
+                     pool="cls")
     return out, unexpected, cfg
 
 
 def _hf_vit(sd, config, layout):
-    """A Hugging Face ViTModel or Dinov2Model as image tower (pre-LN, CLS, no pre-norm; DINOv2 adds layer scale)."""
+    """A Hugging Face ViTModel or Dinov2Model as image tower
+    (pre-LN, CLS, no pre-norm; DINOv2 adds layer scale)."""
     sd = {k.removeprefix("vit.").removeprefix("dinov2."): v for k, v in sd.items()}
     if config.get("use_swiglu_ffn"):
         raise ValueError("DINOv2 checkpoints with SwiGLU MLPs (giant) are not supported")
@@ -1352,7 +1403,8 @@ def _hf_vit(sd, config, layout):
                        heads=config.get("num_attention_heads", D // 64), mlp_width=out[mlp_key].shape[0],
                        act=config.get("hidden_act", "gelu"),
                        ln_eps=config.get("layer_norm_eps", 1e-6 if layout == "dinov2" else 1e-12),
-                       layer_scale=layout == "dinov2", image_size=round((out["visual.positional_embedding"].shape[0] - 1) ** 0.5) * p,
+                       layer_scale=layout == "dinov2",
+                       image_size=round((out["visual.positional_embedding"].shape[0] - 1) ** 0.5) * p,
                        patch_size=p, patch_bias=True, ln_pre=False)
     return out, unexpected, cfg
 
@@ -1369,7 +1421,8 @@ def load_state_strict(model, sd, unexpected=(), only=None):
                     for k, v in own.items() if k in sd and sd[k].shape != v.shape)
     if missing or unexpected or shapes:
         lines = [f"{title} ({len(items)}): {', '.join(items[:12])}{' ...' if len(items) > 12 else ''}"
-                 for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)) if items]
+                 for title, items in (("missing", missing), ("unexpected", unexpected),
+                                      ("mis-shaped", shapes)) if items]
         raise ValueError("checkpoint does not match the model:\n  " + "\n  ".join(lines))
     with torch.no_grad():
         for k, v in own.items():
@@ -1377,7 +1430,8 @@ def load_state_strict(model, sd, unexpected=(), only=None):
 
 
 def _read_dir_or_file(path, allow_torchscript):
-    """Returns (state dict, config.json dict or {}, directory) for a model file or a Hugging Face directory."""
+    """Returns (state dict, config.json dict or {}, directory)
+    for a model file or a Hugging Face directory."""
     path = Path(path)
     if path.is_dir():
         cfg = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
@@ -1406,19 +1460,22 @@ def _clip_tokenizer(directory, context_length, tokenizer_path=None):
     bpe = directory / "bpe_simple_vocab_16e6.txt.gz"
     if bpe.is_file():
         return ClipTokenizer.from_bpe_gz(bpe, context_length)
-    raise ValueError(f"no CLIP vocabulary found next to the checkpoint in {directory}: put vocab.json + merges.txt "
-                     f"or bpe_simple_vocab_16e6.txt.gz there, or pass --tokenizer PATH")
+    raise ValueError(f"no CLIP vocabulary found next to the checkpoint in {directory}: "
+                     f"put vocab.json + merges.txt or bpe_simple_vocab_16e6.txt.gz there, "
+                     f"or pass --tokenizer PATH")
 
 
 def load_model(path=None, image_tower=None, text_tower=None, *, embed_dim=512, activation="quick_gelu",
                allow_torchscript=False):
-    """Builds a DualEncoder from pretrained weights (float32) -> (model, info dict: layout, directories, configs).
+    """Builds a DualEncoder from pretrained weights (float32)
+    -> (model, info dict: layout, directories, configs).
 
     path: an OpenAI/open_clip CLIP state dict (.pt/.bin/.safetensors) or a Hugging Face CLIP directory.
-          `activation` is the one thing shapes cannot tell for state dicts: OpenAI's and open_clip's `-quickgelu`
-          models use quick_gelu, other open_clip models gelu. Hugging Face directories say it in config.json.
-    image_tower / text_tower: Hugging Face ViT or DINOv2 / BERT directories joined with new projection heads to
-          `embed_dim` (separately pretrained towers, paper C's setting).
+          `activation` is the one thing shapes cannot tell for state dicts: OpenAI's and open_clip's
+          `-quickgelu` models use quick_gelu, other open_clip models gelu.
+          Hugging Face directories say it in config.json.
+    image_tower / text_tower: Hugging Face ViT or DINOv2 / BERT directories joined with new projection heads
+          to `embed_dim` (separately pretrained towers, paper C's setting).
     """
     if path is not None:
         sd, config, directory = _read_dir_or_file(path, allow_torchscript)
@@ -1429,7 +1486,8 @@ def load_model(path=None, image_tower=None, text_tower=None, *, embed_dim=512, a
         elif layout == "hf_clip":
             sd, unexpected, cfg = _hf_clip(sd, config)
         else:
-            raise ValueError(f"{path} is a {layout} model; pass it as --{'text' if layout == 'bert' else 'image'}"
+            raise ValueError(f"{path} is a {layout} model; "
+                             f"pass it as --{'text' if layout == 'bert' else 'image'}"
                              f"_tower together with the other tower")
         model = DualEncoder(cfg)
         load_state_strict(model, {k: v.float() for k, v in sd.items()}, unexpected)
@@ -1487,12 +1545,14 @@ def export_hf(model, tokenizer, out_dir, preprocess=None):
            "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
     T, V = "text_model.", "vision_model."
     top = {"token_embedding.weight": T + "embeddings.token_embedding.weight",
-           "positional_embedding": T + "embeddings.position_embedding.weight", "ln_final.weight": T + "final_layer_norm.weight",
-           "ln_final.bias": T + "final_layer_norm.bias", "visual.class_embedding": V + "embeddings.class_embedding",
+           "positional_embedding": T + "embeddings.position_embedding.weight",
+           "ln_final.weight": T + "final_layer_norm.weight", "ln_final.bias": T + "final_layer_norm.bias",
+           "visual.class_embedding": V + "embeddings.class_embedding",
            "visual.conv1.weight": V + "embeddings.patch_embedding.weight",
            "visual.positional_embedding": V + "embeddings.position_embedding.weight",
            "visual.ln_pre.weight": V + "pre_layrnorm.weight", "visual.ln_pre.bias": V + "pre_layrnorm.bias",
-           "visual.ln_post.weight": V + "post_layernorm.weight", "visual.ln_post.bias": V + "post_layernorm.bias",
+           "visual.ln_post.weight": V + "post_layernorm.weight",
+           "visual.ln_post.bias": V + "post_layernorm.bias",
            "logit_scale": "logit_scale"}
     sd, out = model.state_dict(), {}
     for k, w in sd.items():
@@ -1501,7 +1561,8 @@ def export_hf(model, tokenizer, out_dir, preprocess=None):
         elif k in ("visual.proj", "text_projection"):
             out["visual_projection.weight" if k == "visual.proj" else "text_projection.weight"] = w.t()
         else:
-            m = re.match(r"(visual\.)?transformer\.resblocks\.(\d+)\.(.+?)(\.weight|\.bias|_weight|_bias)$", k)
+            m = re.match(r"(visual\.)?transformer\.resblocks\.(\d+)\."
+                         r"(.+?)(\.weight|\.bias|_weight|_bias)$", k)
             assert m, f"no Hugging Face name for {k}"
             pre = f"{V if m.group(1) else T}encoder.layers.{m.group(2)}."
             if m.group(3) == "attn.in_proj":
@@ -1512,13 +1573,14 @@ def export_hf(model, tokenizer, out_dir, preprocess=None):
     write_safetensors({k: w.float().contiguous() for k, w in out.items()}, out_dir / "model.safetensors",
                       {"format": "pt"})
     tower = lambda cfg: {"hidden_size": cfg.width, "intermediate_size": cfg.mlp_width,
-                         "num_hidden_layers": cfg.layers, "num_attention_heads": cfg.heads, "hidden_act": cfg.act,
-                         "layer_norm_eps": cfg.ln_eps}
+                         "num_hidden_layers": cfg.layers, "num_attention_heads": cfg.heads,
+                         "hidden_act": cfg.act, "layer_norm_eps": cfg.ln_eps}
     eot = getattr(tokenizer, "eot_id", t.vocab_size - 1)  # no tokenizer: ids end with vocab_size - 1
     config = {"architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": c.embed_dim,
               "logit_scale_init_value": float(model.logit_scale.detach()), "torch_dtype": "float32",
-              "text_config": {**tower(t), "vocab_size": t.vocab_size, "max_position_embeddings": t.context_length,
-                              "bos_token_id": eot - 1, "eos_token_id": eot, "pad_token_id": getattr(tokenizer, "pad_id", 0)},
+              "text_config": {**tower(t), "vocab_size": t.vocab_size,
+                              "max_position_embeddings": t.context_length, "bos_token_id": eot - 1,
+                              "eos_token_id": eot, "pad_token_id": getattr(tokenizer, "pad_id", 0)},
               "vision_config": {**tower(v), "image_size": v.image_size, "patch_size": v.patch_size,
                                 "num_channels": 3}}
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
@@ -1532,9 +1594,9 @@ def export_hf(model, tokenizer, out_dir, preprocess=None):
     return out_dir
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Data
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's normalisation (also open_clip's default)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -1542,9 +1604,10 @@ SPLITS = ("train", "val", "test")
 
 
 def _to_8bit(img: Image.Image) -> Image.Image:
-    """16-bit, 32-bit integer and float grey images -> 8-bit "L", scaled (Pillow's convert("RGB") clips them, so a
-    16-bit PNG would turn white). 16-bit: v / 257; "I": the same when it holds 16-bit values, else as is; "F":
-    [0, 1] -> [0, 255] when it lies in [0, 1], else clipped to [0, 255]. Other modes are returned unchanged."""
+    """16-bit, 32-bit integer and float grey images -> 8-bit "L", scaled (Pillow's convert("RGB") clips them,
+    so a 16-bit PNG would turn white). 16-bit: v / 257; "I": the same when it holds 16-bit values, else as is;
+    "F": [0, 1] -> [0, 255] when it lies in [0, 1], else clipped to [0, 255].
+    Other modes are returned unchanged."""
     if not (img.mode.startswith("I") or img.mode == "F"):
         return img
     a = np.asarray(img, dtype=np.float64)
@@ -1559,8 +1622,9 @@ def _to_8bit(img: Image.Image) -> Image.Image:
 class Preprocess:
     """CLIP eval preprocessing: shorter side to `size` (PIL bicubic), centre crop, RGB, then normalise.
 
-    Same order as open_clip's `image_transform(size, is_train=False)`: resize and crop in the image's own mode,
-    convert to RGB last (it matters for palette and RGBA images). EXIF orientation is not applied (nor there).
+    Same order as open_clip's `image_transform(size, is_train=False)`: resize and crop in the image's own
+    mode, convert to RGB last (it matters for palette and RGBA images).
+    EXIF orientation is not applied (nor there).
     """
     size: int = 224
     mean: tuple = CLIP_MEAN
@@ -1586,13 +1650,15 @@ class Preprocess:
 
 
 def decode_image(path: str, preprocess: Preprocess) -> torch.Tensor:
-    """One image file -> uint8 (3, S, S); a ValueError naming the file if it is missing or cannot be decoded."""
+    """One image file -> uint8 (3, S, S);
+    a ValueError naming the file if it is missing or cannot be decoded."""
     try:
         with Image.open(path) as img:
             return preprocess.to_uint8(img)
     except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise ValueError(f"cannot read image {path}: {e}. Fix or remove the file, or pass skip_bad_images=True "
-                         f"together with cache_dir so bad images are found and dropped up front.") from e
+        raise ValueError(f"cannot read image {path}: {e}. Fix or remove the file, "
+                         f"or pass skip_bad_images=True together with cache_dir "
+                         f"so bad images are found and dropped up front.") from e
 
 
 class ImageSet(torch.utils.data.Dataset):
@@ -1618,7 +1684,8 @@ class ImageSet(torch.utils.data.Dataset):
     def batches(self, batch_size: int, num_workers: int = 0, pin_memory: bool = False):
         """Yield uint8 (B, 3, S, S) batches in order: array slices, or a DataLoader with workers for paths."""
         if self.array is None:
-            yield from torch.utils.data.DataLoader(self, batch_size, num_workers=num_workers, pin_memory=pin_memory)
+            yield from torch.utils.data.DataLoader(self, batch_size, num_workers=num_workers,
+                                                   pin_memory=pin_memory)
             return
         for i in range(0, len(self), batch_size):
             x = torch.from_numpy(np.asarray(self.array[self.rows[i:i + batch_size]]))  # (B, 3, S, S)
@@ -1639,12 +1706,15 @@ class Pairs:
 
     def __post_init__(self):
         self.img_of_cap = np.asarray(self.img_of_cap, dtype=np.int64)
-        assert self.img_of_cap.shape == (len(self.captions),), f"{self.img_of_cap.shape} vs {len(self.captions)}"
-        assert len(self.captions) == 0 or 0 <= self.img_of_cap.min() <= self.img_of_cap.max() < len(self.images)
+        assert self.img_of_cap.shape == (len(self.captions),), \
+            f"{self.img_of_cap.shape} vs {len(self.captions)}"
+        assert len(self.captions) == 0 \
+            or 0 <= self.img_of_cap.min() <= self.img_of_cap.max() < len(self.images)
 
 
 class _Decode(torch.utils.data.Dataset):
-    """Decode worker: (index, uint8 image or zeros, error message or '') so bad files are collected, not fatal."""
+    """Decode worker: (index, uint8 image or zeros, error message or '')
+    so bad files are collected, not fatal."""
 
     def __init__(self, paths, preprocess):
         self.paths, self.preprocess = paths, preprocess
@@ -1667,8 +1737,8 @@ def _atomic_json(obj, path):
 def cache_images(paths, preprocess, cache_dir, num_workers=0):
     """Decode every image once into `cache_dir/images_{S}px_{key}.npy` (uint8 (N, 3, S, S), memory-mapped).
 
-    The key hashes the paths, their byte sizes and mtimes (an edited file gives a new cache) and S. Written to a
-    temp file and renamed, so an interrupted run never leaves a half cache. Returns (array, {row: error}).
+    The key hashes the paths, their byte sizes and mtimes (an edited file gives a new cache) and S. Written to
+    a temp file and renamed, so an interrupted run never leaves a half cache. Returns (array, {row: error}).
     """
     S, h = preprocess.size, hashlib.sha1(str(preprocess.size).encode())
     for p in paths:
@@ -1682,7 +1752,8 @@ def cache_images(paths, preprocess, cache_dir, num_workers=0):
         print(f"caching {len(paths)} images at {S}px into {final} ...")
         try:
             arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), 3, S, S))
-            loader = torch.utils.data.DataLoader(_Decode(paths, preprocess), batch_size=64, num_workers=num_workers)
+            loader = torch.utils.data.DataLoader(_Decode(paths, preprocess), batch_size=64,
+                                                 num_workers=num_workers)
             for idx, x, err in loader:
                 arr[idx.numpy()] = x.numpy()
                 bad.update({int(i): e for i, e in zip(idx, err) if e})
@@ -1724,10 +1795,11 @@ def _build(name, paths, captions, img_of_cap, preprocess, cache_dir=None, skip_b
                 bad[i] = f"{type(e).__name__}: {e}"
     if bad:
         first = "; ".join(f"{paths[i]} ({bad[i]})" for i in sorted(bad)[:3])
-        msg = f"{len(bad)} of {len(paths)} images of {source} (split '{name}') are missing or unreadable: {first}"
+        msg = (f"{len(bad)} of {len(paths)} images of {source} (split '{name}') are missing or unreadable: "
+               f"{first}")
         if not skip_bad_images:
-            raise ValueError(msg + ". Check image_root, or pass skip_bad_images=True to drop these images and "
-                             "their captions.")
+            raise ValueError(msg + ". Check image_root, or pass skip_bad_images=True to drop these images "
+                             "and their captions.")
         warnings.warn(msg + f"; dropped them and their {int(np.isin(ioc, list(bad)).sum())} captions.")
     has_cap = np.zeros(len(paths), dtype=bool)
     has_cap[ioc] = True
@@ -1755,8 +1827,8 @@ def _read_text(path):
     try:
         return Path(path).read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); re-save it "
-                         f"as UTF-8") from None
+        raise ValueError(f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                         f"re-save it as UTF-8") from None
 
 
 def _text(value, where):
@@ -1797,7 +1869,8 @@ def read_coco(d, root, split, max_captions=5):
     by_image = [[] for _ in order]
     for a in d["annotations"]:
         if a["image_id"] not in order:
-            raise ValueError(f"annotation {a.get('id')} refers to image_id {a['image_id']}, absent from 'images'.")
+            raise ValueError(f"annotation {a.get('id')} refers to image_id {a['image_id']}, "
+                             f"absent from 'images'.")
         by_image[order[a["image_id"]]].append(_text(a.get("caption"), f"annotation {a.get('id')}"))
     by_image = [cs[:max_captions] for cs in by_image]
     caps = [c for cs in by_image for c in cs]
@@ -1828,10 +1901,12 @@ def read_cc152k(folder, splits, image_root=None):
 
 
 def read_table(path, splits, image_root=None):
-    """Generic CSV / TSV (header row) or JSONL with `image` and `caption` fields and an optional `split` field.
+    """Generic CSV / TSV (header row) or JSONL with `image` and `caption` fields
+    and an optional `split` field.
 
     Several rows with the same image = several captions of one image. Image paths are relative to image_root
-    (default: the file's folder) unless absolute. Without a `split` field the whole file is the one split named.
+    (default: the file's folder) unless absolute.
+    Without a `split` field the whole file is the one split named.
     """
     text, recs = _read_text(path), []
     if path.suffix == ".jsonl":
@@ -1841,20 +1916,20 @@ def read_table(path, splits, image_root=None):
             try:
                 r = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path} line {k} is not valid JSON ({e.msg}); each line must be one JSON object "
-                                 f"with 'image' and 'caption'") from None
+                raise ValueError(f"{path} line {k} is not valid JSON ({e.msg}); each line must be "
+                                 f"one JSON object with 'image' and 'caption'") from None
             if not isinstance(r, dict):
-                raise ValueError(f"{path} line {k} is a JSON {type(r).__name__}, not an object with 'image' and "
-                                 f"'caption'")
+                raise ValueError(f"{path} line {k} is a JSON {type(r).__name__}, not an object "
+                                 f"with 'image' and 'caption'")
             recs.append((k, r))
     else:
-        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if path.suffix == ".tsv" else ",",
-                                strict=True)
+        reader = csv.DictReader(io.StringIO(text, newline=""),
+                                delimiter="\t" if path.suffix == ".tsv" else ",", strict=True)
         try:
             recs = [(reader.line_num, r) for r in reader]
         except csv.Error as e:
-            raise ValueError(f"{path} line {reader.line_num}: {e} (a quote opened and never closed?); fix the "
-                             f"quoting of that row") from None
+            raise ValueError(f"{path} line {reader.line_num}: {e} (a quote opened and never closed?); "
+                             f"fix the quoting of that row") from None
     cols = set(recs[0][1]) if recs else set()
     if not {"image", "caption"} <= cols:
         raise ValueError(f"{path} needs 'image' and 'caption' columns/fields, found {sorted(cols)}.")
@@ -1865,7 +1940,8 @@ def read_table(path, splits, image_root=None):
         if not isinstance(r.get("image"), str) or not r["image"]:
             raise ValueError(f"{path} line {k}: no image path ({r.get('image')!r}); every row needs one")
         caption = _text(r.get("caption"), f"{path} line {k}")
-        raw.setdefault(r.get("split", splits[0] if splits else None), []).append((str(root / r["image"]), caption))
+        raw.setdefault(r.get("split", splits[0] if splits else None),
+                       []).append((str(root / r["image"]), caption))
     return {s: _group_rows(rows) for s, rows in raw.items()}
 
 
@@ -1880,17 +1956,19 @@ def _parse(path, splits, image_root, max_captions):
         try:
             d = json.loads(_read_text(p))
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); a truncated "
-                             f"download?") from None
+            raise ValueError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); "
+                             f"a truncated download?") from None
         root = Path(image_root) if image_root is not None else p.parent
         if isinstance(d, dict) and "annotations" in d and "images" in d:
             if len(splits or ()) != 1:
-                raise ValueError(f"{path} is a COCO captions file, which holds one split: name it (split='val').")
+                raise ValueError(f"{path} is a COCO captions file, which holds one split: "
+                                 f"name it (split='val').")
             return read_coco(d, root, splits[0], max_captions)
         if isinstance(d, dict) and d.get("images") and "sentences" in d["images"][0]:
             return read_karpathy(d, root, max_captions)
         raise ValueError(f"{path}: a JSON file must be Karpathy (images[].sentences) or COCO captions "
-                         f"(images + annotations); found {sorted(d)[:8] if isinstance(d, dict) else type(d)}.")
+                         f"(images + annotations); "
+                         f"found {sorted(d)[:8] if isinstance(d, dict) else type(d)}.")
     if p.suffix in (".csv", ".tsv", ".jsonl"):
         return read_table(p, splits, image_root)
     raise ValueError(f"unknown dataset format: {path}. Supported: dataset_*.json (Karpathy), COCO captions "
@@ -1908,8 +1986,9 @@ def load_splits(path, splits=None, image_root=None, size=224, mean=CLIP_MEAN, st
     raw = _parse(path, splits, image_root, max_captions)
     missing = [s for s in (splits or []) if s not in raw]
     if missing:
-        raise ValueError(f"split(s) {missing} not found in {path}; it holds {sorted(raw)}. Training needs train, val "
-                         f"(model selection) and test: add a 'split' column/field, or name the split you have.")
+        raise ValueError(f"split(s) {missing} not found in {path}; it holds {sorted(raw)}. "
+                         f"Training needs train, val (model selection) and test: "
+                         f"add a 'split' column/field, or name the split you have.")
     _warn_duplicate_images(raw, path)
     pre = Preprocess(size, tuple(mean), tuple(std))
     return {s: _build(s, *raw[s], pre, cache_dir, skip_bad_images, skip_bad_captions, num_workers, str(path))
@@ -1917,21 +1996,22 @@ def load_splits(path, splits=None, image_root=None, size=224, mean=CLIP_MEAN, st
 
 
 def _warn_duplicate_images(raw, source):
-    """Warn (counts and first examples) when an image file is listed twice in a split, each copy then ranked as a
-    separate image, or when a training image is also in val/test (leakage inflates the results)."""
+    """Warn (counts and first examples) when an image file is listed twice in a split, each copy then ranked
+    as a separate image, or when a training image is also in val/test (leakage inflates the results)."""
     norm = {s: [os.path.normpath(p) for p in paths] for s, (paths, _, _) in raw.items()}
     for s, paths in norm.items():
         twice = [p for p, n in Counter(paths).items() if n > 1]
         if twice:
-            warnings.warn(f"{len(twice)} image files are listed more than once in split '{s}' of {source}, e.g. "
-                          f"{', '.join(twice[:3])}: each copy counts as a separate image (in ranking, a copy of the "
-                          f"true image is a competitor). Merge the entries.")
+            warnings.warn(f"{len(twice)} image files are listed more than once in split '{s}' of {source}, "
+                          f"e.g. {', '.join(twice[:3])}: each copy counts as a separate image (in ranking, "
+                          f"a copy of the true image is a competitor). Merge the entries.")
     train = set(norm.get("train", ()))
     for s in ("val", "test"):
         both = sorted(train.intersection(norm.get(s, ())))
         if both:
-            warnings.warn(f"{len(both)} images of split '{s}' of {source} are also training images (leakage), e.g. "
-                          f"{', '.join(both[:3])}: the {s} results will be optimistic. Remove them from one side.")
+            warnings.warn(f"{len(both)} images of split '{s}' of {source} are also training images "
+                          f"(leakage), e.g. {', '.join(both[:3])}: the {s} results will be optimistic. "
+                          f"Remove them from one side.")
 
 
 def load_pairs(path, split, **kw) -> Pairs:
@@ -1944,21 +2024,25 @@ def augment(x: torch.Tensor, generator=None, flip=False, scale=(0.8, 1.0), jitte
     `scale`, aspect 3/4-4/3), optional horizontal flip (off: scene captions say left/right), brightness,
     contrast and saturation jitter by factors in [1 - jitter, 1 + jitter]. Returns uint8 (B, 3, S, S)."""
     B, _, S, _ = x.shape
-    u = torch.rand(B, 8, generator=generator).to(x.device, non_blocking=True)  # (B, 8) the batch's random numbers
+    # (B, 8) the batch's random numbers
+    u = torch.rand(B, 8, generator=generator).to(x.device, non_blocking=True)
     area = scale[0] + (scale[1] - scale[0]) * u[:, 0]
     aspect = torch.exp(math.log(3 / 4) + math.log(16 / 9) * u[:, 1])
-    w, h = (area * aspect).sqrt().clamp(max=1), (area / aspect).sqrt().clamp(max=1)  # crop size, fraction of S
+    # crop size, fraction of S
+    w, h = (area * aspect).sqrt().clamp(max=1), (area / aspect).sqrt().clamp(max=1)
     sx = w * (1 - 2 * (u[:, 4] < 0.5).float()) if flip else w
     theta = torch.zeros(B, 2, 3, device=x.device)
     theta[:, 0, 0], theta[:, 0, 2] = sx, (2 * u[:, 2] - 1) * (1 - w)
     theta[:, 1, 1], theta[:, 1, 2] = h, (2 * u[:, 3] - 1) * (1 - h)
     grid = F.affine_grid(theta, [B, 3, S, S], align_corners=False)
-    y = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)  # (B,3,S,S)
+    y = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border",
+                      align_corners=False)  # (B,3,S,S)
     b, c, s = (1 + jitter * (2 * u[:, 5:8] - 1)).unbind(1)
     luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1).to(x.device, non_blocking=True)
     gray = (y * luma).sum(1, keepdim=True)
     y = gray + (y - gray) * s.view(B, 1, 1, 1)  # saturation
-    y = y.mean((1, 2, 3), keepdim=True) + (y - y.mean((1, 2, 3), keepdim=True)) * c.view(B, 1, 1, 1)  # contrast
+    # contrast
+    y = y.mean((1, 2, 3), keepdim=True) + (y - y.mean((1, 2, 3), keepdim=True)) * c.view(B, 1, 1, 1)
     return (y * b.view(B, 1, 1, 1)).round().clamp(0, 255).to(torch.uint8)
 
 
@@ -1967,7 +2051,8 @@ def augment(x: torch.Tensor, generator=None, flip=False, scale=(0.8, 1.0), jitte
 def _noise(img_of_cap, n_images, ratio, protocol, seed):
     """-> (array to save: (C,) caption- or (N,) image-level, assigned (C,), n_selected, landed on itself)."""
     if protocol not in ("caption", "image") or not 0 <= ratio <= 1:
-        raise ValueError(f"noise protocol must be 'caption' or 'image' and ratio in [0, 1], got {protocol}, {ratio}.")
+        raise ValueError(f"noise protocol must be 'caption' or 'image' and ratio in [0, 1], "
+                         f"got {protocol}, {ratio}.")
     rng, true = np.random.default_rng(seed), np.asarray(img_of_cap, dtype=np.int64)
     n = len(true) if protocol == "caption" else n_images
     sel = rng.permutation(n)[:round(ratio * n)]  # exactly round(r * n) captions or images are selected
@@ -1981,11 +2066,11 @@ def _noise(img_of_cap, n_images, ratio, protocol, seed):
 def make_noise(img_of_cap, n_images, ratio, protocol="caption", seed=0) -> np.ndarray:
     """Noisy training assignment, (C,) int64: the image each caption is paired with.
 
-    caption (NCR, MSCN, BiCro, NPC): exactly round(r * C) captions are selected and the images of those captions
-    are permuted among themselves (as NCR's data.py does; NCR takes int() where this takes round()).
-    image (DECL, RCL, L2RM, DSDMR): exactly round(r * N) images are selected and permuted among themselves; all
-    captions of an image move together. A pair is noisy iff assigned != img_of_cap; a permutation can send an
-    item back to itself, so slightly fewer than r are noisy. RNG: numpy default_rng(seed) (PCG64).
+    caption (NCR, MSCN, BiCro, NPC): exactly round(r * C) captions are selected and the images of those
+    captions are permuted among themselves (as NCR's data.py does; NCR takes int() where this takes round()).
+    image (DECL, RCL, L2RM, DSDMR): exactly round(r * N) images are selected and permuted among themselves;
+    all captions of an image move together. A pair is noisy iff assigned != img_of_cap; a permutation can send
+    an item back to itself, so slightly fewer than r are noisy. RNG: numpy default_rng(seed) (PCG64).
     """
     return _noise(img_of_cap, n_images, ratio, protocol, seed)[1]
 
@@ -2009,7 +2094,8 @@ def noise_file(path, img_of_cap, n_images, ratio, protocol="caption", seed=0, cr
         meta = {"protocol": protocol, "ratio": ratio, "seed": seed, "rng": "numpy.random.default_rng (PCG64)",
                 "n_images": N, "n_captions": C, "n_selected": n_sel, "landed_on_itself": landed,
                 "n_noisy_captions": int((assigned != true).sum()), "format": f"({len(x)},) int64 " + (
-                    "caption -> image" if protocol == "caption" else "image -> image whose captions it takes")}
+                    "caption -> image" if protocol == "caption"
+                    else "image -> image whose captions it takes")}
         path.parent.mkdir(parents=True, exist_ok=True)
         side = Path(f"{path}.json")
         if side.exists():
@@ -2021,19 +2107,19 @@ def noise_file(path, img_of_cap, n_images, ratio, protocol="caption", seed=0, cr
     try:
         x = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
-        raise ValueError(f"noise file {path} is not a readable .npy array ({e}); point to the .npy file saved "
-                         f"with np.save") from None
+        raise ValueError(f"noise file {path} is not a readable .npy array ({e}); "
+                         f"point to the .npy file saved with np.save") from None
     if not isinstance(x, np.ndarray):  # an .npz archive renamed .npy
         x.close()
         raise ValueError(f"noise file {path} is an .npz archive, not a .npy array; save the index array with "
                          f"np.save(path, array)")
     if x.ndim != 1 or len(x) not in (C, N) or not np.issubdtype(x.dtype, np.integer):
-        raise ValueError(f"noise file {path} holds a {x.dtype} array of shape {x.shape}; expected integers of "
-                         f"shape ({C},) (caption-level) or ({N},) (image-level) for this split. Point to the "
-                         f"file made for this dataset/split, or a new path to generate one.")
+        raise ValueError(f"noise file {path} holds a {x.dtype} array of shape {x.shape}; expected integers "
+                         f"of shape ({C},) (caption-level) or ({N},) (image-level) for this split. Point to "
+                         f"the file made for this dataset/split, or a new path to generate one.")
     if len(x) and (x.min() < 0 or x.max() >= N):
-        raise ValueError(f"noise file {path} has image indices in [{x.min()}, {x.max()}], outside [0, {N - 1}]; "
-                         f"it was made for another dataset or split.")
+        raise ValueError(f"noise file {path} has image indices in [{x.min()}, {x.max()}], "
+                         f"outside [0, {N - 1}]; it was made for another dataset or split.")
     assigned = x.astype(np.int64) if len(x) == C else x.astype(np.int64)[true]
     n_noisy = int((assigned != true).sum())
     measured = n_noisy / C if C else 0.0
@@ -2046,15 +2132,17 @@ def noise_file(path, img_of_cap, n_images, ratio, protocol="caption", seed=0, cr
 
 def _check_noise_claim(path, n_noisy, n_captions):
     """Warn when a noise file's realised noise differs from what its sidecar (n_noisy_captions) or its name (a
-    ratio such as 0.2) claims: a file indexes captions by position, so one made for another caption order (e.g.
-    SCAN's precomp order) or another dataset mismatches other pairs than it says."""
+    ratio such as 0.2) claims: a file indexes captions by position, so one made for another caption order
+    (e.g. SCAN's precomp order) or another dataset mismatches other pairs than it says."""
     side, claim = Path(f"{path}.json"), None
     if side.is_file():
         try:
             meta = json.loads(side.read_text())
-            claim = (int(meta["n_noisy_captions"]), f"its sidecar {side.name} says {meta['n_noisy_captions']}")
+            claim = (int(meta["n_noisy_captions"]),
+                     f"its sidecar {side.name} says {meta['n_noisy_captions']}")
         except (ValueError, KeyError, TypeError):
-            warnings.warn(f"{side} is not a noise sidecar (no n_noisy_captions); cannot check the file against it")
+            warnings.warn(f"{side} is not a noise sidecar (no n_noisy_captions); "
+                          f"cannot check the file against it")
     else:
         named = re.findall(r"(?<![\d.])0?\.\d+(?![\d.])", Path(path).stem)
         if len(named) == 1:
@@ -2063,9 +2151,10 @@ def _check_noise_claim(path, n_noisy, n_captions):
             if abs(n_noisy - claim[0]) <= 0.05 * n_captions:  # a permutation may send a few items home
                 claim = None
     if claim is not None and claim[0] != n_noisy:
-        warnings.warn(f"noise file {path} makes {n_noisy} of {n_captions} pairs noisy ({n_noisy / n_captions:.1%}), "
-                      f"but {claim[1]}: it was made for another caption order or dataset. A noise file indexes "
-                      f"captions in the order this reader produces (see the README); make one for this data.")
+        warnings.warn(f"noise file {path} makes {n_noisy} of {n_captions} pairs noisy "
+                      f"({n_noisy / n_captions:.1%}), but {claim[1]}: it was made for another caption order "
+                      f"or dataset. A noise file indexes captions in the order this reader produces "
+                      f"(see the README); make one for this data.")
 
 
 # Synthetic scenes: the embedded default dataset. Coloured shapes on a grid, captions from templates.
@@ -2120,7 +2209,8 @@ def _caption(objs, kind, grid, rnd, p_size):
     if kind == "relation":  # (callers ensure >= 2 objects) a true relation between the first two
         a, b = objs[0], objs[1]
         if a["row"] == b["row"] or (a["col"] != b["col"] and rnd.random() < 0.5):
-            rel = pick(("left of", "to the left of") if a["col"] < b["col"] else ("right of", "to the right of"))
+            rel = pick(("left of", "to the left of") if a["col"] < b["col"]
+                       else ("right of", "to the right of"))
         else:
             rel = pick(("above", "over") if a["row"] < b["row"] else ("below", "under"))
         rest = [np_(o) for o in objs[2:]]
@@ -2140,15 +2230,19 @@ def _caption(objs, kind, grid, rnd, p_size):
 
 
 def _draw_backgrounds(rng, n, S):
-    """Tinted grey backgrounds with low-frequency blotches, stripes on some, pixel noise. (n, 3, S, S) float."""
+    """Tinted grey backgrounds with low-frequency blotches, stripes on some, pixel noise.
+    (n, 3, S, S) float."""
     f32 = np.float32
     img = rng.standard_normal((n, 3, S, S), dtype=f32) * 6  # pixel noise
-    img += (rng.uniform(60, 150, (n, 1, 1, 1)) + rng.uniform(-25, 25, (n, 3, 1, 1))).astype(f32)  # tinted grey
+    img += (rng.uniform(60, 150, (n, 1, 1, 1))
+            + rng.uniform(-25, 25, (n, 3, 1, 1))).astype(f32)  # tinted grey
     up = F.interpolate(torch.eye(4)[None], size=S, mode="linear", align_corners=False)[0].numpy()  # (4, S)
     img += np.einsum("as,ncab,bt->ncst", up, rng.normal(0, 14, (n, 3, 4, 4)).astype(f32), up)  # 4x4 blotches
     t = np.arange(S, dtype=f32)
-    ang, freq, ph = (rng.uniform(lo, hi, (n, 1, 1)).astype(f32) for lo, hi in ((0, np.pi), (0.3, 1.2), (0, 6.3)))
-    stripes = np.sin(freq * (np.cos(ang) * t[None, None, :] + np.sin(ang) * t[None, :, None]) + ph)  # (n, S, S)
+    ang, freq, ph = (rng.uniform(lo, hi, (n, 1, 1)).astype(f32)
+                     for lo, hi in ((0, np.pi), (0.3, 1.2), (0, 6.3)))
+    stripes = np.sin(freq * (np.cos(ang) * t[None, None, :]
+                             + np.sin(ang) * t[None, :, None]) + ph)  # (n, S, S)
     img += (stripes * ((rng.random((n, 1, 1)) < 0.3) * 12).astype(f32))[:, None]  # stripes on 30%
     return img
 
@@ -2161,9 +2255,10 @@ def make_scenes(n_images, seed=0, *, image_size=32, domain="target", vague=0.0, 
     `vague` = fraction of less specific captions (a colour or a shape alone). Deterministic from `seed`.
     The (colour, shape) pairs of one scene are distinct, so every caption names its objects unambiguously.
     """
-    if domain not in _TEMPLATE_MIX or grid not in (2, 3) or not 1 <= n_objects[0] <= n_objects[1] <= grid ** 2:
-        raise ValueError(f"domain must be one of {list(_TEMPLATE_MIX)}, grid 2 or 3, 1 <= n_objects <= grid^2, "
-                         f"got {domain}, {n_objects}, grid={grid}.")
+    if domain not in _TEMPLATE_MIX or grid not in (2, 3) \
+            or not 1 <= n_objects[0] <= n_objects[1] <= grid ** 2:
+        raise ValueError(f"domain must be one of {list(_TEMPLATE_MIX)}, grid 2 or 3, "
+                         f"1 <= n_objects <= grid^2, got {domain}, {n_objects}, grid={grid}.")
     rng, S, cell, N, K = np.random.default_rng(seed), image_size, image_size / grid, n_images, n_objects[1]
     rnd = random.Random(int(rng.integers(1 << 62)))
     cn, sn = list(COLOURS), list(SHAPES)
@@ -2182,10 +2277,13 @@ def make_scenes(n_images, seed=0, *, image_size=32, domain="target", vague=0.0, 
     dia = np.array([max(2, round(0.5 * cell)), max(3, round(0.82 * cell))])  # (small, large) in pixels
     d = dia[size]  # (N, K)
     slack = (cell - d) / 2 * 0.8  # jitter keeps the object inside its cell
-    y0 = np.clip(np.rint(row * cell + (cell - d) / 2 + rng.uniform(-1, 1, (N, K)) * slack), 0, S - d).astype(int)
-    x0 = np.clip(np.rint(col * cell + (cell - d) / 2 + rng.uniform(-1, 1, (N, K)) * slack), 0, S - d).astype(int)
+    y0 = np.clip(np.rint(row * cell + (cell - d) / 2 + rng.uniform(-1, 1, (N, K)) * slack),
+                 0, S - d).astype(int)
+    x0 = np.clip(np.rint(col * cell + (cell - d) / 2 + rng.uniform(-1, 1, (N, K)) * slack),
+                 0, S - d).astype(int)
     palette = np.array([COLOURS[c] for c in cn], dtype=np.float32)
-    rgb = np.clip(palette[colour] + rng.uniform(-12, 12, (N, K, 3)), 0, 255).astype(np.float32)[..., None, None]
+    rgb = np.clip(palette[colour] + rng.uniform(-12, 12, (N, K, 3)),
+                  0, 255).astype(np.float32)[..., None, None]
     img = _draw_backgrounds(rng, N, S)  # (N, 3, S, S)
     masks = {(s, z): _shape_mask(sn[s], dia[z]) for s in range(len(sn)) for z in (0, 1)}
     mix = _TEMPLATE_MIX[domain]
@@ -2243,9 +2341,9 @@ def export_karpathy(splits, out_dir, name="scenes") -> Path:
     return js
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Evaluation
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
 def embed_images(model, images, preprocess, batch_size=256, device="cpu", num_workers=0) -> torch.Tensor:
@@ -2388,9 +2486,9 @@ def format_metrics(m: dict) -> str:
     return f"Image to text: {row('i2t')}\nText to image: {row('t2i')}\nrsum: {m['rsum']:.1f}"
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Training
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 def _device(name):
     if name == "auto":
@@ -3365,9 +3463,9 @@ def train(cfg, splits=None, log=print, vocab_captions=None):
     return test_selected(run)
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # CLI
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 def _add_dataclass_args(parser, cls, only=None, defaults=None):
     """One flag per field of `cls` (or of the fields named in `only`), with its default, help and choices."""
