@@ -181,7 +181,8 @@ def test_tok_clip_matches_open_clip():
     wrong = [captions[i] for i in range(len(captions)) if not torch.equal(padded[i], ref[i])]
     assert not wrong, f"{len(wrong)} captions differ from open_clip, e.g. {wrong[:3]}"
     lengths = mask.sum(1)
-    assert (ids[torch.arange(len(captions)), lengths - 1] == tok.eot_id).all()  # end token last, also when cut
+    # end token last, also when cut
+    assert (ids[torch.arange(len(captions)), lengths - 1] == tok.eot_id).all()
     assert (lengths == 77).sum() > 10 and (lengths < 20).sum() > 100
 
 
@@ -198,8 +199,8 @@ def test_tok_clip_split_matches_regex_module():
     tok = _tok_clip()
     for text in [*(tok.clean(c) for c in _tok_captions()[:400]), *_tok_ascii_strings()]:
         assert clip_split(text) == pattern.findall(text), repr(text)
-    assert clip_split("it's 'sun ''s x123 \u0345e'\u017f") == ["it", "'s", "'s", "un", "''", "s", "x", "1", "2", "3",
-                                                                "e", "'\u017f"]
+    assert clip_split("it's 'sun ''s x123 \u0345e'\u017f") == ["it", "'s", "'s", "un", "''", "s", "x", "1",
+                                                                "2", "3", "e", "'\u017f"]
 
 
 def test_tok_fix_text_matches_ftfy_without_mojibake_repair():
@@ -244,7 +245,8 @@ def test_tok_clip_batch_contract():
     assert (ids[0, 4:] == tok.pad_id).all() and tok.pad_id == 0
     short = ClipTokenizer(tok.vocab, tok.merges, context_length=5)
     ids, mask = short(["one two three four five six", "one"])
-    assert ids.shape == (2, 5) and ids[0].tolist() == [tok.sot_id] + tok.encode("one two three") + [tok.eot_id]
+    assert (ids.shape == (2, 5)
+            and ids[0].tolist() == [tok.sot_id] + tok.encode("one two three") + [tok.eot_id])
     assert tok.encode("Hello   World") == tok.encode("hello world") == tok.encode("&nbsp;hello\n\tworld ")
     assert tok.decode(tok("Two dogs, one ball!")[0][0].tolist()) == "two dogs , one ball !"
     with pytest.raises(ValueError, match="caption 1 is empty"):
@@ -344,7 +346,8 @@ def test_tok_word_build_roundtrip_padding_truncation():
     assert ids.shape == (2, 5) and mask.sum(1).tolist() == [4, 5]
     assert ids[1, 2] == tok.unk_id and tok.decode(ids[0].tolist()) == "red square"
     ids, mask = tok(captions[0])  # 9 tokens cut to 6 with the end token kept
-    assert ids.shape == (1, 6) and ids[0, -1] == tok.end_id and tok.decode(ids[0].tolist()) == "a red square left"
+    assert (ids.shape == (1, 6) and ids[0, -1] == tok.end_id
+            and tok.decode(ids[0].tolist()) == "a red square left")
     again = WordTokenizer(list(tok.vocab), context_length=6)  # the plain list a checkpoint stores
     assert torch.equal(again(captions)[0], tok(captions)[0])
     assert WordTokenizer.build(captions, min_count=2).vocab == ["a", "blue", "circle", "red", "square"]
@@ -370,7 +373,8 @@ def test_tok_pad_multiple_changes_shapes_not_embeddings():
         m = R.tiny_model(context_length=12).eval()
         m.cfg.text.causal, m.cfg.text.pool = causal, pool
         with torch.no_grad():
-            torch.testing.assert_close(m.encode_text(ids8, mask8), m.encode_text(ids, mask), atol=1e-6, rtol=0)
+            torch.testing.assert_close(m.encode_text(ids8, mask8), m.encode_text(ids, mask), atol=1e-6,
+                                       rtol=0)
 
 
 def test_tok_pickle_roundtrip():
@@ -548,7 +552,8 @@ def test_model_export_hf_round_trip(tmp_path):
         img, txt = model.eval()(images, ids, mask)
     torch.testing.assert_close(img, out.image_embeds, atol=1e-4, rtol=0)
     torch.testing.assert_close(txt, out.text_embeds, atol=1e-4, rtol=0)
-    torch.testing.assert_close(out.logits_per_image, model.logit_scale.exp() * img @ txt.t(), atol=1e-4, rtol=0)
+    torch.testing.assert_close(out.logits_per_image, model.logit_scale.exp() * img @ txt.t(), atol=1e-4,
+                               rtol=0)
     # ... and it loads back into ours strictly.
     again, _ = R.load_model(tmp_path / "export")
     for (k, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
@@ -595,7 +600,8 @@ def test_model_bad_checkpoint_extra_key(tiny_ckpt):
 def test_model_bad_checkpoint_wrong_shape(tiny_ckpt):
     tmp, sd = tiny_ckpt
     torch.save({**sd, "ln_final.bias": torch.zeros(3)}, tmp / "m.pt")
-    with pytest.raises(ValueError, match=r"mis-shaped \(1\): ln_final.bias: checkpoint \(3,\) vs model \(64,\)"):
+    with pytest.raises(ValueError,
+                       match=r"mis-shaped \(1\): ln_final.bias: checkpoint \(3,\) vs model \(64,\)"):
         R.load_model(tmp / "m.pt")
 
 
@@ -812,7 +818,8 @@ def test_data_noise_exact_counts_and_seed(protocol, tmp_path):
     a = make_noise(true, N, 0.4, protocol, seed=3)
     assert np.array_equal(a, make_noise(true, N, 0.4, protocol, seed=3))
     assert not np.array_equal(a, make_noise(true, N, 0.4, protocol, seed=4))
-    assert np.array_equal(np.bincount(a, minlength=N), np.bincount(true, minlength=N))  # a permutation of images
+    # a permutation of images
+    assert np.array_equal(np.bincount(a, minlength=N), np.bincount(true, minlength=N))
     meta_path = tmp_path / "n.npy"
     assert np.array_equal(noise_file(meta_path, true, N, 0.4, protocol, seed=3), a)
     meta = json.loads((tmp_path / "n.npy.json").read_text())
@@ -891,7 +898,8 @@ def test_data_scenes_deterministic_and_captions_match_pixels():
     a, b = make_scenes(300, 7, n_objects=(1, 2)), make_scenes(300, 7, n_objects=(1, 2))
     assert np.array_equal(a.images.array, b.images.array) and a.captions == b.captions
     assert not np.array_equal(a.images.array, make_scenes(300, 8).images.array)
-    assert a.images.array.shape == (300, 3, 32, 32) and a.img_of_cap.tolist() == np.repeat(np.arange(300), 5).tolist()
+    assert (a.images.array.shape == (300, 3, 32, 32)
+            and a.img_of_cap.tolist() == np.repeat(np.arange(300), 5).tolist())
     checked = {"relation": 0, "position": 0}
     for i, objs in enumerate(a.scenes):
         img = a.images.array[i].astype(int)
@@ -910,7 +918,8 @@ def test_data_scenes_deterministic_and_captions_match_pixels():
             if rel:
                 (m1, o1), (m2, o2) = found[:2]
                 axis, sign = _REL[rel.group(1)]
-                assert m1.end() <= rel.start() < m2.start() and np.sign(o1[axis] - o2[axis]) == sign, (cap, objs)
+                assert (m1.end() <= rel.start() < m2.start()
+                        and np.sign(o1[axis] - o2[axis]) == sign), (cap, objs)
                 checked["relation"] += 1
             for m, o in found:
                 after = re.match(r" (?:in|at) the (top|bottom) (left|right)", cap[m.end():])
@@ -1342,7 +1351,8 @@ def test_gmm_converged_fit_does_not_warn():
         warnings.simplefilter("error", gmm.ConvergenceWarning)
         g = gmm.GaussianMixture(2, tol=1e-3, max_iter=200).fit(x)
     assert g.converged_ and g.n_iter_ == len(g.lower_bounds_) < 200
-    assert abs(g.lower_bounds_[-1] - g.lower_bounds_[-2]) < 1e-3 <= abs(g.lower_bounds_[-2] - g.lower_bounds_[-3])
+    assert (abs(g.lower_bounds_[-1] - g.lower_bounds_[-2]) < 1e-3
+            <= abs(g.lower_bounds_[-2] - g.lower_bounds_[-3]))
 
 
 # ------------------------------------------------------------------ initial parameters (max_iter=0)
@@ -1931,7 +1941,8 @@ def test_meta_step_model_equals_plain_step_with_updated_corrector():
     phi0 = [p.detach().clone() for p in corrector.parameters()]
     out = meta.meta_step(model, corrector, batch, meta_batch, inner_lr=None, loss_fn=meta.mscn_loss,
                          optimizer=opt, corrector_optimizer=meta_opt)
-    assert any(not torch.equal(a, b) for a, b in zip(phi0, corrector.parameters())), "the corrector did not move"
+    assert any(not torch.equal(a, b)
+               for a, b in zip(phi0, corrector.parameters())), "the corrector did not move"
     ref_opt.zero_grad()
     loss = meta.mscn_loss(corrector, *ref_model(*batch))
     loss.backward()
@@ -2092,7 +2103,8 @@ def test_train_end_to_end_in_process(tmp_path):
                  "results.json", "scores_epoch0.png", "scores_epoch1.png"):
         assert (out / name).is_file(), name
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    assert {"precision", "recall", "auc", "estimated_noise_rate", "mu_clean", "mu_noisy"} <= set(log[0]["split"])
+    assert ({"precision", "recall", "auc", "estimated_noise_rate", "mu_clean", "mu_noisy"}
+            <= set(log[0]["split"]))
     splits = {e["epoch"]: e["split"] for e in log if "split" in e}
     assert res["filter"]["epoch"] == res["best_epoch"]  # the kept set the selected epoch trained on
     assert res["filter"]["precision"] == splits[res["best_epoch"]]["precision"]
@@ -2111,8 +2123,10 @@ def test_train_clean_reference_keeps_exactly_the_clean_pairs(tmp_path, monkeypat
                   str(out), *_TINY])
     assigned = np.load(out / "noise.npy")
     truth = R.synthetic_splits(120, 40, 40, seed=0)["train"].img_of_cap
-    assert len(trained) == 2 and all(t.tolist() == np.flatnonzero(assigned == truth).tolist() for t in trained)
-    assert res["filter"]["precision"] == res["filter"]["recall"] == 1.0 and 0 < res["filter"]["kept"] < len(truth)
+    assert len(trained) == 2 and all(t.tolist() == np.flatnonzero(assigned == truth).tolist()
+                                     for t in trained)
+    assert (res["filter"]["precision"] == res["filter"]["recall"] == 1.0
+            and 0 < res["filter"]["kept"] < len(truth))
     with pytest.raises(ValueError, match="--filter truth.*--noise_ratio"):
         R.main(["train", "--filter", "truth", "--noise_ratio", "0", "--data", "pairs.csv", "--output_dir",
                 str(tmp_path / "real"), *_TINY])
@@ -2162,7 +2176,8 @@ def test_train_nonfinite_validation_stops_and_best_keeps_the_good_model(tmp_path
                 v = v * float("nan")
         return v, t
     monkeypatch.setattr(R, "embed_pairs", embed)
-    with pytest.raises(FloatingPointError, match="validation embeddings became non-finite.*last good checkpoint"):
+    with pytest.raises(FloatingPointError,
+                       match="validation embeddings became non-finite.*last good checkpoint"):
         R.main(["train", "--epochs", "2", "--output_dir", str(out), *_TINY])
     ckpt = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
     assert ckpt["epoch"] == 0 and ckpt["val"]["rsum"] < 600
@@ -2462,7 +2477,8 @@ def test_train_two_processes_equal_one_process(tmp_path, preset):
             assert a["split"]["mu_clean"] == pytest.approx(b["split"]["mu_clean"], abs=1e-5)
         else:
             assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
-            assert a["val"]["rsum"] == pytest.approx(b["val"]["rsum"], abs=1e-9)  # 9 images: shares of 4 and 5
+            # 9 images: shares of 4 and 5
+            assert a["val"]["rsum"] == pytest.approx(b["val"]["rsum"], abs=1e-9)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -2503,7 +2519,8 @@ def test_bench_robustness_grid_resumes_and_reports(tmp_path, monkeypatch, capsys
             str(tmp_path / "res"), "--plot", str(tmp_path / "res" / "plot.png")]
     B.main(args)
     runs = [json.loads(x) for x in (tmp_path / "res" / "robustness_runs.jsonl").read_text().splitlines()]
-    assert len(runs) == 24 and not any("error" in r for r in runs)  # 3 methods x 2 noise x 2 protocols x 2 seeds
+    # 3 methods x 2 noise x 2 protocols x 2 seeds
+    assert len(runs) == 24 and not any("error" in r for r in runs)
     assert len({B.key(r) for r in runs}) == 24
     report = json.loads((tmp_path / "res" / "robustness.json").read_text())
     for g in report["summary"]:
@@ -2511,7 +2528,8 @@ def test_bench_robustness_grid_resumes_and_reports(tmp_path, monkeypatch, capsys
               if (r["method"], r["protocol"], r["noise"]) == (g["method"], g["protocol"], g["noise"])]
         assert g["seeds"] == 2 and g["rsum"] == pytest.approx(statistics.mean(rs))
         assert g["rsum_std"] == pytest.approx(statistics.stdev(rs))
-        assert (g["precision"] is None) == (g["method"] == "clip")  # a filter (synthetic data: the truth is known)
+        # a filter (synthetic data: the truth is known)
+        assert (g["precision"] is None) == (g["method"] == "clip")
         if g["method"] == "clean" and g["noise"]:
             assert g["precision"] == g["recall"] == 1.0
     assert all(r["split_epoch"] == r["best_epoch"] for r in runs if r["method"] == "dsdmr" and r["noise"])
