@@ -1,9 +1,9 @@
 """robustitm: robust image-text matching when training pairs are partly mismatched ("noisy correspondence").
 
-A dual encoder (CLIP, or BERT + ViT/DINOv2 towers) fine-tuned on web-style image-caption pairs of which some are
-wrong. Three methods, each a preset over four switches (filter, loss, batches, unimodal):
-  A. Shi et al., "Breaking Through the Noisy Correspondence", ACM TOIS 2024: a GMM on the model's cosine scores
-     splits clean from noisy pairs; a distribution-sensitive dynamic-margin ranking loss; iterated.
+A dual encoder (CLIP, or BERT + ViT/DINOv2 towers) fine-tuned on web-style image-caption pairs of which some
+are wrong. Three methods, each a preset over four switches (filter, loss, batches, unimodal):
+  A. Shi et al., "Breaking Through the Noisy Correspondence", ACM TOIS 2024: a GMM on the model's cosine
+     scores splits clean from noisy pairs; a distribution-sensitive dynamic-margin ranking loss; iterated.
   B. Han et al., "Noisy Correspondence Learning with Meta Similarity Correction" (MSCN), CVPR 2023 (meta.py).
   C. Zhu & Li, "Iterative Uni-modal and Cross-modal Clustered Contrastive Learning", PRMVIA 2023.
 This file holds the tokenizers, the model, weight loading, data + noise, evaluation, the training loop and the
@@ -75,9 +75,11 @@ def _at_least(cfg, minimum, *names):
             raise ValueError(f"--{name} must be >= {minimum}, got {getattr(cfg, name)}")
 
 
-# A method is a preset over four independent switches (DESIGN: "The pipeline"). Presets are data, not code paths.
+# A method is a preset over four independent switches (DESIGN: "The pipeline").
+# Presets are data, not code paths.
 PRESETS = {
-    "clip": dict(filter="none", loss="infonce", batches="random", unimodal=False),   # plain fine-tuning baseline
+    # plain fine-tuning baseline
+    "clip": dict(filter="none", loss="infonce", batches="random", unimodal=False),
     "vse": dict(filter="none", loss="triplet", batches="random", unimodal=False,     # VSE++ hardest negative
                 margin_i2t=0.2, margin_t2i=0.2),
     "dsdmr": dict(filter="gmm", loss="dsdm", batches="random", unimodal=False),      # paper A
@@ -92,14 +94,16 @@ PRESETS = {
     # filter), the ceiling of any filter that drops the noisy pairs.
     "clean": dict(filter="truth", loss="infonce", batches="random", unimodal=False),
 }
-FILTERS, LOSSES, BATCHES = ("none", "gmm", "mscn", "truth"), ("infonce", "triplet", "dsdm"), ("random", "clustered")
+FILTERS, LOSSES, BATCHES = (("none", "gmm", "mscn", "truth"), ("infonce", "triplet", "dsdm"),
+                            ("random", "clustered"))
 
 
 @dataclass
 class DataConfig:
     data: str = _opt("synthetic", "dataset: 'synthetic' (embedded scenes) or a Karpathy/COCO JSON, "
                      "{split}_caps.tsv or CSV/TSV/JSONL file")
-    image_root: str = _opt(None, "folder the dataset's image paths are relative to (default: next to the file)")
+    image_root: str = _opt(None, "folder the dataset's image paths are relative to "
+                           "(default: next to the file)")
     synthetic_sizes: str = _opt("3000,500,1000", "synthetic train,val,test image counts")
     cache_dir: str = _opt(None, "memory-mapped uint8 image cache (decode once, reuse every epoch and round)")
     skip_bad_images: bool = _opt(False, "drop pairs whose image is missing or corrupt instead of stopping")
@@ -128,7 +132,8 @@ class SystemConfig:
 class ModelSourceConfig:
     pretrained: str = _opt(None, "CLIP weights: OpenAI/open_clip state dict, Hugging Face CLIP dir, or a "
                            "robustitm checkpoint; none = a tiny model from scratch")
-    image_tower: str = _opt(None, "Hugging Face ViT/DINOv2 directory (with --text_tower, new projection heads)")
+    image_tower: str = _opt(None, "Hugging Face ViT/DINOv2 directory "
+                            "(with --text_tower, new projection heads)")
     text_tower: str = _opt(None, "Hugging Face BERT directory (with --image_tower)")
     embed_dim: int = _opt(512, "embedding size E of new projection heads")
     image_size: int = _opt(32, "image side for a from-scratch model (pretrained models use their own)")
@@ -136,19 +141,19 @@ class ModelSourceConfig:
                            choices=["quick_gelu", "gelu"])
     tokenizer: str = _opt(None, "CLIP vocabulary: bpe_simple_vocab_16e6.txt.gz or a dir with vocab.json + "
                           "merges.txt")
-    allow_torchscript: bool = _opt(False, "allow loading TorchScript .pt archives (this EXECUTES code from the "
-                                   "file)")
+    allow_torchscript: bool = _opt(False, "allow loading TorchScript .pt archives (this EXECUTES code from "
+                                   "the file)")
 
     def __post_init__(self):
         if self.image_size < 4 or self.image_size % 4:
-            raise ValueError(f"--image_size must be a positive multiple of 4 (the from-scratch model's 4x4 patch "
-                             f"grid), got {self.image_size}")
+            raise ValueError(f"--image_size must be a positive multiple of 4 (the from-scratch model's 4x4 "
+                             f"patch grid), got {self.image_size}")
 
 
 @dataclass
 class NoiseConfig:
-    noise_ratio: float = _opt(0.0, "fraction of training pairs to mismatch on purpose (default 0: the pairs as "
-                              "given; the demo and benchmarks ask for theirs)")
+    noise_ratio: float = _opt(0.0, "fraction of training pairs to mismatch on purpose (default 0: the pairs "
+                              "as given; the demo and benchmarks ask for theirs)")
     noise_protocol: str = _opt("caption", "caption: NCR, captions get random images; image: DECL/RCL, images "
                                "are permuted with all their captions", choices=["caption", "image"])
     noise_file: str = _opt(None, "noise index file (.npy): read if it exists, else generated and saved there")
@@ -171,8 +176,8 @@ class SplitConfig:
 class MethodConfig:
     preset: str = _opt(None, "method preset (overrides the switches it names): " + "; ".join(
         f"{k}={'/'.join(str(x) for x in v.values())}" for k, v in PRESETS.items()), choices=list(PRESETS))
-    filter: str = _opt("none", "clean/noisy split: none | gmm (paper A) | mscn (paper B) | truth (the injected "
-                       "noise's own labels: a reference)", choices=list(FILTERS))
+    filter: str = _opt("none", "clean/noisy split: none | gmm (paper A) | mscn (paper B) | truth (the "
+                       "injected noise's own labels: a reference)", choices=list(FILTERS))
     loss: str = _opt("infonce", "infonce | triplet (VSE++, fixed margins --margin_i2t/--margin_t2i) | dsdm "
                      "(dynamic margin, paper A)", choices=list(LOSSES))
     batches: str = _opt("random", "random | clustered (k-means hard-negative batches, paper C)",
@@ -183,10 +188,11 @@ class MethodConfig:
     margin_schedule: str = _opt("sharpened", "dynamic margin weight w(p): " + ", ".join(MARGIN_SCHEDULES),
                                 choices=list(MARGIN_SCHEDULES))
     unimodal_weight: float = _opt(1.0, "weight of each uni-modal term (image-image, text-text)")
-    view_dropout: float = _opt(0.1, "with --unimodal, dropout in a text tower that has none, so that a caption "
-                               "with no other kept caption gets two different dropout passes as its two views "
-                               "(SimCSE's 0.1); 0 leaves the tower as it is")
-    frozen_epochs: int = _opt(0, "stage 1 (paper C): epochs training only the projection heads and temperature")
+    view_dropout: float = _opt(0.1, "with --unimodal, dropout in a text tower that has none, so that a "
+                               "caption with no other kept caption gets two different dropout passes as its "
+                               "two views (SimCSE's 0.1); 0 leaves the tower as it is")
+    frozen_epochs: int = _opt(0, "stage 1 (paper C): epochs training only the projection heads "
+                              "and temperature")
     clustered_from: int = _opt(0, "stage 3 (paper C): first epoch with clustered batches (with --batches "
                                "clustered)")
     augment: bool = _opt(False, "random resized crop + colour jitter on the cross-modal images too")
@@ -194,10 +200,11 @@ class MethodConfig:
     meta_lr: float = _opt(1e-3, "learning rate of the MSCN similarity corrector")
     lookahead: str = _opt("heads", "MSCN look-ahead parameters: the projection heads, or all",
                           choices=["heads", "all"])
-    eval_score: str = _opt("cosine", "retrieval score at evaluation under mscn: cosine or the corrected score",
-                           choices=["cosine", "corrected"])
+    eval_score: str = _opt("cosine", "retrieval score at evaluation under mscn: cosine or the "
+                           "corrected score", choices=["cosine", "corrected"])
     refit_every: int = _opt(1, "re-score and re-split every this many epochs (paper A iterates)")
-    warmup_epochs: int = _opt(0, "epochs on all pairs before the first split (needed without a pretrained model)")
+    warmup_epochs: int = _opt(0, "epochs on all pairs before the first split "
+                              "(needed without a pretrained model)")
 
     def __post_init__(self):
         _at_least(self, 1, "refit_every")
@@ -205,14 +212,16 @@ class MethodConfig:
         if not 0 <= self.view_dropout < 1:
             raise ValueError(f"--view_dropout must be in [0, 1), got {self.view_dropout}")
         if self.margin_schedule == "gap" and self.loss == "dsdm" and self.filter != "gmm":
-            raise ValueError(f"--margin_schedule gap places each pair's cosine between the GMM's clean and noisy "
-                             f"means, which only --filter gmm fits (got --filter {self.filter}); choose another "
-                             f"--margin_schedule or --filter gmm")
+            raise ValueError(f"--margin_schedule gap places each pair's cosine between the GMM's clean and "
+                             f"noisy means, which only --filter gmm fits (got --filter {self.filter}); "
+                             f"choose another --margin_schedule or --filter gmm")
         if self.warmup_epochs and self.filter not in ("gmm", "mscn"):
-            raise ValueError(f"--warmup_epochs trains on all pairs before the first split, which only --filter gmm "
-                             f"or mscn makes (got --filter {self.filter}); drop it or choose a filter")
+            raise ValueError(f"--warmup_epochs trains on all pairs before the first split, which only "
+                             f"--filter gmm or mscn makes (got --filter {self.filter}); "
+                             f"drop it or choose a filter")
         if self.eval_score == "corrected" and self.filter != "mscn":
-            raise ValueError("--eval_score corrected ranks by MSCN's corrector, which only --filter mscn trains")
+            raise ValueError("--eval_score corrected ranks by MSCN's corrector, "
+                             "which only --filter mscn trains")
         if self.clustered_from and self.batches != "clustered":
             raise ValueError(f"--clustered_from is the first epoch of clustered batches; it needs --batches "
                              f"clustered (got --batches {self.batches})")
@@ -251,8 +260,8 @@ class OutputConfig:
 
 
 @dataclass
-class TrainConfig(OutputConfig, EvalConfig, OptimConfig, MethodConfig, SplitConfig, NoiseConfig, ModelSourceConfig,
-                  SystemConfig, DataConfig):
+class TrainConfig(OutputConfig, EvalConfig, OptimConfig, MethodConfig, SplitConfig, NoiseConfig,
+                  ModelSourceConfig, SystemConfig, DataConfig):
     """Every concern of a training run in one flat config (cfg.lr, --lr): data, system, model, noise, split,
     method, optimisation, evaluation, output, in that order in --help."""
 
@@ -261,9 +270,11 @@ class TrainConfig(OutputConfig, EvalConfig, OptimConfig, MethodConfig, SplitConf
             for k, v in PRESETS[self.preset].items():
                 setattr(self, k, v)
         _check_concerns(self, TrainConfig)
-        if self.filter == "truth" and self.noise_ratio == 0 and not self.noise_file and self.data != "synthetic":
-            raise ValueError("--filter truth keeps the pairs our injected noise left intact: it needs --noise_ratio "
-                             "> 0 or --noise_file (of real pairs as given, which are clean is unknown)")
+        if self.filter == "truth" and self.noise_ratio == 0 and not self.noise_file \
+                and self.data != "synthetic":
+            raise ValueError("--filter truth keeps the pairs our injected noise left intact: it needs "
+                             "--noise_ratio > 0 or --noise_file "
+                             "(of real pairs as given, which are clean is unknown)")
 
 
 @dataclass
@@ -287,7 +298,8 @@ class ScoreCommandConfig(SplitConfig, NoiseConfig, SystemConfig, DataConfig):
         _check_concerns(self, ScoreCommandConfig)
 
 
-# The demo trains twice with TrainConfig; its flags are these fields, and where its defaults differ, they are here.
+# The demo trains twice with TrainConfig; its flags are these fields, and where its defaults differ,
+# they are here.
 DEMO_FLAGS = ("noise_ratio", "epochs", "seed", "device", "output_dir", "overwrite")
 DEMO_DEFAULTS = {"noise_ratio": 0.4, "epochs": 5, "output_dir": "runs/demo"}
 
@@ -2541,12 +2553,13 @@ def load_checkpoint(path):
     model = DualEncoder(ModelConfig(VisionConfig(**mc["vision"]), TextConfig(**mc["text"]), mc["embed_dim"]))
     load_state_strict(model, ckpt["model"])
     p = ckpt["preprocess"]
-    return model, tokenizer_from_state(ckpt["tokenizer"]), Preprocess(p["size"], tuple(p["mean"]), tuple(p["std"])), ckpt
+    return (model, tokenizer_from_state(ckpt["tokenizer"]),
+            Preprocess(p["size"], tuple(p["mean"]), tuple(p["std"])), ckpt)
 
 
 def _is_robustitm_checkpoint(path):
-    """True for a checkpoint this project wrote (a weights-only torch pickle with a model_config). Anything else is
-    read, and judged, by load_pretrained, so one file gets one verdict whichever way it is given."""
+    """True for a checkpoint this project wrote (a weights-only torch pickle with a model_config). Anything
+    else is read, and judged, by load_pretrained, so one file gets one verdict whichever way it is given."""
     if Path(path).stat().st_size == 0:
         return False
     try:
@@ -2571,7 +2584,8 @@ def build_model(cfg, captions):
 
 
 def get_lr(cfg, step, epoch):
-    """Linear warm-up, then x0.1 every lr_decay_epochs (paper A's schedule). A pure function of (step, epoch)."""
+    """Linear warm-up, then x0.1 every lr_decay_epochs (paper A's schedule).
+    A pure function of (step, epoch)."""
     warm = min(1.0, (step + 1) / max(1, cfg.lr_warmup_steps))
     return cfg.lr * warm * 0.1 ** (epoch // cfg.lr_decay_epochs)
 
@@ -2599,8 +2613,8 @@ def auc_score(scores, labels):
 
 
 def split_diagnostics(p_clean, kept, noisy=None):
-    """The split's size and estimated noise rate; with the truth (`noisy`, known for synthetic or injected noise)
-    also the precision/recall/F1 of the kept set and the AUC of P(clean)."""
+    """The split's size and estimated noise rate; with the truth (`noisy`, known for synthetic or injected
+    noise) also the precision/recall/F1 of the kept set and the AUC of P(clean)."""
     diag = {"kept": int(kept.sum()), "estimated_noise_rate": float(1 - p_clean.float().mean())}
     if noisy is None:
         return diag
@@ -2629,8 +2643,10 @@ def plot_scores(path, scores, noisy, gmm=None, title=""):
     if gmm is not None:  # each component's weighted density, scaled to the histogram's count per bin
         xs = torch.linspace(lo, hi, 200, dtype=torch.float64)
         for k, colour in enumerate(((30, 30, 160), (160, 120, 0))):
-            mu, var, w = float(gmm.means_[k].reshape(-1)[0]), float(gmm.variances_[k].reshape(-1)[0]), float(gmm.weights_[k])
-            ys = w * len(s) * (hi - lo) / bins * torch.exp(-(xs - mu) ** 2 / (2 * var)) / math.sqrt(2 * math.pi * var)
+            mu, var, w = (float(gmm.means_[k].reshape(-1)[0]), float(gmm.variances_[k].reshape(-1)[0]),
+                          float(gmm.weights_[k]))
+            ys = (w * len(s) * (hi - lo) / bins * torch.exp(-(xs - mu) ** 2 / (2 * var))
+                  / math.sqrt(2 * math.pi * var))
             pts = [(pad + (x - lo) / (hi - lo) * (W - 2 * pad), H - pad - min(y, top) / top * (H - 2 * pad))
                    for x, y in zip(xs.tolist(), ys.tolist())]
             d.line(pts, fill=colour, width=2)
@@ -2673,11 +2689,12 @@ def embed_sharded(embed, n, rank=0, world=1):
     return torch.cat([p[:b - a] for p, a, b in zip(parts, bounds, bounds[1:])])
 
 
-def embed_pairs(model, images, captions, tokenizer, preprocess, batch_size, device, rank=0, world=1, workers=0):
+def embed_pairs(model, images, captions, tokenizer, preprocess, batch_size, device, rank=0, world=1,
+                workers=0):
     """(v (N, E), t (C, E)): every image and caption embedded (no grad, chunked), shared out across ranks;
     image files are decoded by `workers` processes."""
-    v = embed_sharded(lambda lo, hi: embed_images(model, images.subset(np.arange(lo, hi)), preprocess, batch_size,
-                                                  device, workers), len(images), rank, world)
+    v = embed_sharded(lambda lo, hi: embed_images(model, images.subset(np.arange(lo, hi)), preprocess,
+                                                  batch_size, device, workers), len(images), rank, world)
     t = embed_sharded(lambda lo, hi: embed_captions(model, tokenizer, captions[lo:hi], batch_size, device),
                       len(captions), rank, world)
     return v, t
@@ -2690,7 +2707,8 @@ def score_pairs(model, images, captions, assigned, tokenizer, preprocess, batch_
 
     Returns (v (C, E), t (C, E)); the pair's cosine is (v * t).sum(1).
     """
-    v, t = embed_pairs(model, images, captions, tokenizer, preprocess, batch_size, device, rank, world, workers)
+    v, t = embed_pairs(model, images, captions, tokenizer, preprocess, batch_size, device, rank, world,
+                       workers)
     return v[torch.as_tensor(assigned, device=v.device)], t
 
 
@@ -2703,7 +2721,8 @@ def gmm_split(scores, threshold, seed):
     hi = int(g.means_.reshape(-1).argmax())
     two, test = two_populations(g, scores)
     stats = {"mu_clean": float(g.means_.reshape(-1)[hi]), "mu_noisy": float(g.means_.reshape(-1)[1 - hi]),
-             "var_clean": float(g.variances_.reshape(-1)[hi]), "var_noisy": float(g.variances_.reshape(-1)[1 - hi]),
+             "var_clean": float(g.variances_.reshape(-1)[hi]),
+             "var_noisy": float(g.variances_.reshape(-1)[1 - hi]),
              "weight_clean": float(g.weights_[hi]), "converged": bool(g.converged_), "two_populations": two,
              "separation": test["separation"], "bic_1": test["bic_1"], "bic_2": test["bic_2"]}
     if not two:
@@ -2714,8 +2733,8 @@ def gmm_split(scores, threshold, seed):
 
 
 def image_batch(images, idx):
-    """uint8 (B, 3, S, S) images for indices `idx`: one fancy-index into the array (synthetic data, the cache), or
-    decoded one by one from paths (use --cache_dir to decode once)."""
+    """uint8 (B, 3, S, S) images for indices `idx`: one fancy-index into the array (synthetic data, the
+    cache), or decoded one by one from paths (use --cache_dir to decode once)."""
     idx = np.asarray(idx, dtype=np.int64)
     if images.array is not None:
         return torch.from_numpy(np.asarray(images.array[images.rows[idx]]))
@@ -2737,8 +2756,8 @@ def random_batches(kept_idx, batch_size, generator):
 
 
 def _fill(img, batch_size):
-    """Greedy batches over a sequence of pairs whose images are `img` (list): pairs are taken in order, and a pair
-    whose image is already in the batch waits for the next one -> list of lists of positions."""
+    """Greedy batches over a sequence of pairs whose images are `img` (list): pairs are taken in order, and a
+    pair whose image is already in the batch waits for the next one -> list of lists of positions."""
     batches, waiting, pos = [], [], 0
     while pos < len(img) or waiting:
         batch, seen, still = [], set(), []
@@ -2766,12 +2785,14 @@ def clustered_batches(kept_idx, image_cluster, assigned, batch_size, generator):
     cluster with its r-th kept caption; captions and images in a random order), and consecutive pairs fill
     batches, a pair whose image is already in the batch waiting for the next. The remainder of each cluster
     (under a batch) is pooled into mixed batches (this implementation's choice; paper C does not say).
-    image_cluster (N,): each image's cluster (cluster_images). Returns a list of (<= B,) caption-index tensors.
+    image_cluster (N,): each image's cluster (cluster_images). Returns a list of (<= B,) caption-index
+    tensors.
     """
     caps = kept_idx[torch.randperm(len(kept_idx), generator=generator)].numpy()  # (P,) random caption order
     img = assigned.numpy()[caps]  # (P,)
     by_img = np.argsort(img, kind="stable")
-    slot = np.empty(len(caps), dtype=np.int64)  # the round of each caption: its rank among its image's captions
+    # the round of each caption: its rank among its image's captions
+    slot = np.empty(len(caps), dtype=np.int64)
     slot[by_img] = np.arange(len(caps)) - np.searchsorted(img[by_img], img[by_img])
     image_order = torch.randperm(len(image_cluster), generator=generator).numpy()  # (N,) random image order
     cluster = image_cluster.numpy()[img]  # (P,)
@@ -2792,8 +2813,8 @@ def clustered_batches(kept_idx, image_cluster, assigned, batch_size, generator):
 
 
 def cluster_images(v_img, t, kept_idx, assigned, batch_size, seed):
-    """Paper C's clusters: k-means (gmm.py) over the images that have a kept caption, each image represented by
-    normalize(v + mean of its kept captions' t) -> (N,) long cluster of each image (-1: no kept caption).
+    """Paper C's clusters: k-means (gmm.py) over the images that have a kept caption, each image represented
+    by normalize(v + mean of its kept captions' t) -> (N,) long cluster of each image (-1: no kept caption).
 
     A cluster must hold several batches of B distinct images: K = min(images / 2B, kept pairs / 4B), and a
     cluster of fewer than B images (k-means sizes are unequal) is merged, member by member, into the nearest
@@ -2803,7 +2824,8 @@ def cluster_images(v_img, t, kept_idx, assigned, batch_size, seed):
     img = assigned[kept_idx].to(v_img.device)  # (P,)
     n_kept = torch.bincount(img, minlength=N)  # (N,)
     has = n_kept > 0
-    t_mean = torch.zeros_like(v_img).index_add_(0, img, t[kept_idx.to(t.device)]) / n_kept.clamp(min=1)[:, None]
+    t_mean = (torch.zeros_like(v_img).index_add_(0, img, t[kept_idx.to(t.device)])
+              / n_kept.clamp(min=1)[:, None])
     x = F.normalize(v_img + t_mean, dim=-1)[has]  # (N_has, E)
     k = max(1, min(len(x) // (2 * batch_size), len(kept_idx) // (4 * batch_size)))
     centers, labels = kmeans(x, k, iters=20, seed=seed)
@@ -2843,7 +2865,8 @@ def batch_hardness(v, t, batches, assigned):
 
 def caption_partners(assigned, kept):
     """Paper C's text-text view: for each caption, the OTHER kept captions paired with the same image (never
-    itself, never one the split dropped) -> list of C lists; an empty list: that row uses two dropout passes."""
+    itself, never one the split dropped) -> list of C lists; an empty list: that row uses two dropout
+    passes."""
     by_image = {}
     for c in kept.nonzero().squeeze(1).tolist():
         by_image.setdefault(int(assigned[c]), []).append(c)
@@ -2851,7 +2874,8 @@ def caption_partners(assigned, kept):
 
 
 def pick_partners(cap_idx, partners, generator):
-    """One random partner per caption of the batch (the caption itself when it has none) -> list of indices."""
+    """One random partner per caption of the batch (the caption itself when it has none)
+    -> list of indices."""
     out = []
     for c, u in zip(cap_idx.tolist(), torch.rand(len(cap_idx), generator=generator).tolist()):
         others = partners[c]
@@ -2860,8 +2884,8 @@ def pick_partners(cap_idx, partners, generator):
 
 
 def batch_loss(cfg, sims, same, p_clean, stats, logit_scale, loss=None):
-    """The cross-modal loss on (B, B) cosine similarities -> scalar. p_clean (B,) sets dsdm's per-pair margins;
-    `loss` overrides cfg.loss (the warm-up trains with InfoNCE)."""
+    """The cross-modal loss on (B, B) cosine similarities -> scalar. p_clean (B,) sets dsdm's per-pair
+    margins; `loss` overrides cfg.loss (the warm-up trains with InfoNCE)."""
     loss = loss or cfg.loss
     if loss == "infonce":
         return info_nce(sims, logit_scale.exp().clamp(max=100), same)
@@ -2875,11 +2899,13 @@ def batch_loss(cfg, sims, same, p_clean, stats, logit_scale, loss=None):
 
 # What a run writes into its output_dir (a run started with --overwrite removes these, and nothing else).
 RUN_FILES = ("config.json", "noise.npy", "noise.npy.json", "log.jsonl", "best.pt", "last.pt", "results.json")
-RESUMABLE_CHANGES = {"epochs", "device", "workers", "resume", "overwrite"}  # may differ between a run and its resume
+# may differ between a run and its resume
+RESUMABLE_CHANGES = {"epochs", "device", "workers", "resume", "overwrite"}
 
 
 def _refuse_overwrite(path, allowed=False, hint="choose another path (nothing is overwritten)"):
-    """The one guard of every output: an existing file or a non-empty folder is only written into when allowed."""
+    """The one guard of every output: an existing file or a non-empty folder is only written into
+    when allowed."""
     path = Path(path)
     if allowed or not path.exists() or (path.is_dir() and not any(path.iterdir())):
         return
@@ -2890,11 +2916,13 @@ def _prepare_output(cfg):
     """Checks output_dir before anything is loaded or written: not someone else's non-empty folder, and, with
     --resume, a last.pt of the same run (its config equal but for RESUMABLE_CHANGES)."""
     out = Path(cfg.output_dir)
-    _refuse_overwrite(out, cfg.overwrite or cfg.resume, "pass --overwrite to write into it or --resume to continue")
+    _refuse_overwrite(out, cfg.overwrite or cfg.resume,
+                      "pass --overwrite to write into it or --resume to continue")
     if cfg.resume:
         if not (out / "last.pt").is_file():
             raise ValueError(f"--resume: {out / 'last.pt'} does not exist")
-        saved = torch.load(out / "last.pt", map_location="cpu", weights_only=True, mmap=True).get("config", {})
+        saved = torch.load(out / "last.pt", map_location="cpu", weights_only=True,
+                           mmap=True).get("config", {})
         diff = [f"--{k} {saved.get(k)!r} -> {v!r}" for k, v in asdict(cfg).items()
                 if k not in RESUMABLE_CHANGES and k in saved and saved[k] != v]  # (new settings: absent)
         if diff:
@@ -2905,13 +2933,15 @@ def _prepare_output(cfg):
 
 
 def _start_output(cfg, out):
-    """Creates output_dir; removes this project's temp files left by a killed run; with --overwrite (a new run),
-    removes the previous run's files so that nothing of it is mixed in (an explicit --noise_file is kept)."""
+    """Creates output_dir; removes this project's temp files left by a killed run; with --overwrite (a new
+    run), removes the previous run's files so that nothing of it is mixed in (an explicit --noise_file is
+    kept)."""
     out.mkdir(parents=True, exist_ok=True)
     for tmp in out.glob(".*.tmp[0-9]*"):  # _atomic_write's temp names
         tmp.unlink(missing_ok=True)
     if cfg.overwrite and not cfg.resume:
-        keep = {Path(cfg.noise_file).resolve(), Path(f"{cfg.noise_file}.json").resolve()} if cfg.noise_file else set()
+        keep = ({Path(cfg.noise_file).resolve(), Path(f"{cfg.noise_file}.json").resolve()} if cfg.noise_file
+                else set())
         for name in RUN_FILES:
             if (out / name).resolve() not in keep:
                 (out / name).unlink(missing_ok=True)
@@ -2937,34 +2967,35 @@ def subset_pairs(pairs, image_idx):
     new = np.full(len(pairs.images), -1, dtype=np.int64)
     new[image_idx] = np.arange(len(image_idx))
     caps = np.flatnonzero(new[pairs.img_of_cap] >= 0)
-    return Pairs(pairs.images.subset(image_idx), [pairs.captions[c] for c in caps], new[pairs.img_of_cap[caps]],
-                 pairs.name)
+    return Pairs(pairs.images.subset(image_idx), [pairs.captions[c] for c in caps],
+                 new[pairs.img_of_cap[caps]], pairs.name)
 
 
 def evaluate_pairs(model, pairs, tokenizer, preprocess, cfg, device, corrector=None, rank=0, world=1,
                    protocol=None, strict=False):
-    """Recall metrics of `pairs` (the field's protocol, cfg.eval_protocol unless `protocol` is given): cosine, or
-    MSCN's corrected score when a corrector is given. Under torchrun the embedding is shared out across ranks;
-    every rank gets the metrics. strict: raise FloatingPointError on non-finite embeddings (a diverged model)
-    instead of scoring them as misses."""
-    v, t = embed_pairs(model, pairs.images, pairs.captions, tokenizer, preprocess, cfg.embed_batch_size, device,
-                       rank, world, cfg.workers)
+    """Recall metrics of `pairs` (the field's protocol, cfg.eval_protocol unless `protocol` is given): cosine,
+    or MSCN's corrected score when a corrector is given. Under torchrun the embedding is shared out across
+    ranks; every rank gets the metrics. strict: raise FloatingPointError on non-finite embeddings (a diverged
+    model) instead of scoring them as misses."""
+    v, t = embed_pairs(model, pairs.images, pairs.captions, tokenizer, preprocess, cfg.embed_batch_size,
+                       device, rank, world, cfg.workers)
     if strict and not (bool(torch.isfinite(v).all()) and bool(torch.isfinite(t).all())):
         raise FloatingPointError("non-finite embeddings")
     protocol = protocol or cfg.eval_protocol
     if corrector is None:
         return evaluate(v, t, pairs.img_of_cap, protocol=protocol)
-    with torch.no_grad():  # tiles of (rows, cols, hidden) corrector pre-activations: 1/hidden of the cosine tile
+    # tiles of (rows, cols, hidden) corrector pre-activations: 1/hidden of the cosine tile
+    with torch.no_grad():
         return evaluate(v, t, pairs.img_of_cap, protocol=protocol, score=corrector,
                         tile_elems=(1 << 23) // corrector.fc1.out_features)
 
 
-# --- distributed data parallel: every rank runs the same loop on the same data and random draws, and embeds its
-# share of every batch; the loss sees the gathered global batch ---
+# --- distributed data parallel: every rank runs the same loop on the same data and random draws, and embeds
+# its share of every batch; the loss sees the gathered global batch ---
 
 def _distributed(cfg):
-    """(rank, world size, device). Under torchrun (WORLD_SIZE > 1) joins the process group: NCCL on GPUs, gloo on
-    CPUs."""
+    """(rank, world size, device). Under torchrun (WORLD_SIZE > 1) joins the process group: NCCL on GPUs, gloo
+    on CPUs."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1, _device(cfg.device)
@@ -2980,22 +3011,23 @@ def wrap_model(model, cfg, device, world):
     """What a training step calls: the model compiled (--compile) and, under torchrun, in DDP."""
     fmodel = torch.compile(model) if cfg.compile else model
     if world > 1:
-        # The temperature enters the loss outside forward (or not at all: the ranking losses); every rank's loss
-        # is the global batch's, so its gradient is already the same on every rank and DDP leaves it alone.
-        # (DDP tracks only the parameters that require grad when it is built.)
+        # The temperature enters the loss outside forward (or not at all: the ranking losses); every rank's
+        # loss is the global batch's, so its gradient is already the same on every rank and DDP leaves it
+        # alone. (DDP tracks only the parameters that require grad when it is built.)
         model.logit_scale.requires_grad_(False)
         fmodel = torch.nn.parallel.DistributedDataParallel(
             fmodel, device_ids=[device] if device.type == "cuda" else None,
-            find_unused_parameters=cfg.frozen_epochs > 0)  # a frozen stage leaves the towers without gradients
+            # a frozen stage leaves the towers without gradients
+            find_unused_parameters=cfg.frozen_epochs > 0)
         model.logit_scale.requires_grad_(True)
     return fmodel
 
 
 def gather_with_grad(x, world, sizes):
     """Concatenate (B_local, ...) tensors of all ranks in rank order -> (B_global, ...), differentiable: each
-    rank's loss is the loss of the global batch, and DistributedDataParallel's gradient average then equals the
-    single-process gradient of that batch. `sizes`: every rank's B_local (they differ by one when the global
-    batch does not split evenly; all_gather needs equal shapes, so shares are padded and trimmed)."""
+    rank's loss is the loss of the global batch, and DistributedDataParallel's gradient average then equals
+    the single-process gradient of that batch. `sizes`: every rank's B_local (they differ by one when the
+    global batch does not split evenly; all_gather needs equal shapes, so shares are padded and trimmed)."""
     if world == 1:
         return x
     from torch.distributed.nn.functional import all_gather
@@ -3018,8 +3050,9 @@ class Mscn:
 
 @dataclass
 class Run:
-    """Everything a training run holds. `state` is what last.pt keeps for --resume: epoch, step, best_rsum, the
-    current split (kept, p_clean, stats, split diagnostics) and the split of the best epoch (best_split)."""
+    """Everything a training run holds. `state` is what last.pt keeps for --resume: epoch, step, best_rsum,
+    the current split (kept, p_clean, stats, split diagnostics) and the split of the best epoch
+    (best_split)."""
     cfg: TrainConfig
     out: Path
     rank: int
@@ -3041,11 +3074,12 @@ class Run:
 
 
 def prepare_run(cfg, splits=None, log=print, vocab_captions=None) -> Run:
-    """Everything before the first epoch: checks, output_dir, model and data, noise, MSCN's meta set, optimiser,
-    resume, wrapping."""
+    """Everything before the first epoch: checks, output_dir, model and data, noise, MSCN's meta set,
+    optimiser, resume, wrapping."""
     rank, world, device = _distributed(cfg)
     if world > 1 and cfg.filter == "mscn":
-        raise ValueError("--filter mscn runs in one process (its look-ahead is not distributed); drop torchrun")
+        raise ValueError("--filter mscn runs in one process (its look-ahead is not distributed); "
+                         "drop torchrun")
     log = log if rank == 0 else (lambda *a, **k: None)  # only rank 0 writes files and logs
     out = _prepare_output(cfg) if rank == 0 else Path(cfg.output_dir)
     torch.manual_seed(cfg.seed)
@@ -3065,8 +3099,8 @@ def prepare_run(cfg, splits=None, log=print, vocab_captions=None) -> Run:
     if cfg.filter == "truth":  # fixed for the whole run: no scoring, no refits
         state.update(kept=~noisy, p_clean=(~noisy).float())
         state["split"] = split_diagnostics(state["p_clean"], state["kept"], truth)
-    run = Run(cfg, out, rank, world, device, model, model, tokenizer, preprocess, splits, assigned, noisy, truth,
-              make_optimizer(model, cfg, device), state, log, mscn=mscn)
+    run = Run(cfg, out, rank, world, device, model, model, tokenizer, preprocess, splits, assigned, noisy,
+              truth, make_optimizer(model, cfg, device), state, log, mscn=mscn)
     if cfg.resume:
         resume(run)
     if cfg.compile:
@@ -3088,12 +3122,13 @@ def _model_and_data(cfg, splits, vocab_captions):
         model, tokenizer, preprocess = build_model(cfg, vocab_captions or splits["train"].captions)
     C = len(splits["train"].captions)
     if cfg.batch_size > C:
-        raise ValueError(f"--batch_size {cfg.batch_size} is larger than the {C} training pairs: not one batch "
-                         f"could be formed; lower --batch_size")
+        raise ValueError(f"--batch_size {cfg.batch_size} is larger than the {C} training pairs: not one "
+                         f"batch could be formed; lower --batch_size")
     vocab = model.token_embedding.num_embeddings
     if getattr(tokenizer, "vocab_size", 0) > vocab:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's text vocabulary holds "
-                         f"{vocab}: they do not belong together; pass the tokenizer of these weights (--tokenizer)")
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's text vocabulary "
+                         f"holds {vocab}: they do not belong together; "
+                         f"pass the tokenizer of these weights (--tokenizer)")
     return model, tokenizer, preprocess, dict(splits)  # (a copy: MSCN takes its meta set out of val)
 
 
@@ -3103,8 +3138,8 @@ def assign_noise(cfg, train_set, out, rank, world, log):
     injected the noise (or the data is synthetic); real pairs as given have unknown noise."""
     C, N = len(train_set.captions), len(train_set.images)
     if cfg.noise_ratio > 0 or cfg.noise_file:
-        spec = (cfg.noise_file or out / "noise.npy", train_set.img_of_cap, N, cfg.noise_ratio, cfg.noise_protocol,
-                cfg.seed)
+        spec = (cfg.noise_file or out / "noise.npy", train_set.img_of_cap, N, cfg.noise_ratio,
+                cfg.noise_protocol, cfg.seed)
         assigned = noise_file(*spec) if rank == 0 else None  # rank 0 writes a missing noise file ...
         if world > 1:
             torch.distributed.barrier()
@@ -3117,13 +3152,14 @@ def assign_noise(cfg, train_set, out, rank, world, log):
     known = bool(cfg.noise_ratio > 0 or cfg.noise_file or cfg.data == "synthetic")
     noise_msg = f"{int(noisy.sum())} noisy pairs ({noisy.float().mean():.1%})" if known else \
         "pairs as given (their noise is unknown)"
-    log(f"train: {N} images, {C} captions, {noise_msg}; filter={cfg.filter} loss={cfg.loss} batches={cfg.batches} "
-        f"unimodal={cfg.unimodal}")
+    log(f"train: {N} images, {C} captions, {noise_msg}; filter={cfg.filter} loss={cfg.loss} "
+        f"batches={cfg.batches} unimodal={cfg.unimodal}")
     return assigned, noisy, noisy if known else None
 
 
 def prepare_mscn(cfg, model, splits, device, log) -> Mscn:
-    """Paper B: a clean meta set from validation, removed from what model selection sees, and the corrector."""
+    """Paper B: a clean meta set from validation, removed from what model selection sees, and the
+    corrector."""
     val, n_meta = splits["val"], max(2, round(cfg.meta_fraction * len(splits["train"].captions)))
     meta_caps, rest_caps = split_meta_set(val.img_of_cap, n_meta, cfg.seed)
     meta = subset_pairs(val, np.unique(val.img_of_cap[meta_caps.numpy()]))
@@ -3161,8 +3197,8 @@ def _diverged(run, what):
 
 
 def embed_training_pairs(run):
-    """(v_img (N, E), v (C, E), t (C, E)): every training image and caption embedded, and v[c] = the image caption
-    c is paired with (sharded across ranks, gathered on every rank)."""
+    """(v_img (N, E), v (C, E), t (C, E)): every training image and caption embedded, and v[c] = the image
+    caption c is paired with (sharded across ranks, gathered on every rank)."""
     train = run.splits["train"]
     v_img, t = embed_pairs(run.model, train.images, train.captions, run.tokenizer, run.preprocess,
                            run.cfg.embed_batch_size, run.device, run.rank, run.world, run.cfg.workers)
@@ -3176,7 +3212,8 @@ def refit_split(run, epoch, emb):
     if cfg.filter == "gmm":
         scores = (emb[1] * emb[2]).sum(1).float().cpu()  # (C,) cosine of each training pair
         split, g = gmm_split(scores, cfg.threshold, cfg.seed) if run.rank == 0 else (None, None)
-        if run.world > 1:  # one fit, on rank 0 (every rank holds the gathered scores); the others get its split
+        # one fit, on rank 0 (every rank holds the gathered scores); the others get its split
+        if run.world > 1:
             box = [split]
             torch.distributed.broadcast_object_list(box, src=0)
             split = box[0]
@@ -3195,7 +3232,8 @@ def refit_split(run, epoch, emb):
                 f"({stats['one_population']})")
     run.logf.write(json.dumps({"epoch": epoch, "split": diag}) + "\n")
     if run.rank == 0:
-        plot_scores(run.out / f"scores_epoch{epoch}.png", scores, run.noisy, g, f"epoch {epoch} ({cfg.filter})")
+        plot_scores(run.out / f"scores_epoch{epoch}.png", scores, run.noisy, g,
+                    f"epoch {epoch} ({cfg.filter})")
 
 
 def mscn_split(run, emb):
@@ -3219,14 +3257,15 @@ def mscn_split(run, emb):
 
 
 def epoch_batches(run, epoch, warming, clustered, emb, gen):
-    """The epoch's batches over the kept pairs (all pairs during the warm-up, or when the split keeps under one
-    batch: never an epoch without steps) -> (batches, kept, cluster report or None). Random, or B distinct
+    """The epoch's batches over the kept pairs (all pairs during the warm-up, or when the split keeps under
+    one batch: never an epoch without steps) -> (batches, kept, cluster report or None). Random, or B distinct
     images of one k-means cluster (paper C)."""
     cfg, C = run.cfg, len(run.assigned)
     kept = torch.ones(C, dtype=torch.bool) if warming else run.state["kept"]
     if int(kept.sum()) < cfg.batch_size:
         run.log(f"epoch {epoch}: the split keeps {int(kept.sum())} pairs, fewer than one batch of "
-                f"{cfg.batch_size}; this round trains on all {C} pairs (check --threshold and the score histogram)")
+                f"{cfg.batch_size}; this round trains on all {C} pairs "
+                f"(check --threshold and the score histogram)")
         kept = torch.ones(C, dtype=torch.bool)
     kept_idx = kept.nonzero().squeeze(1)
     batches = random_batches(kept_idx, cfg.batch_size, gen)
@@ -3243,8 +3282,8 @@ def epoch_batches(run, epoch, warming, clustered, emb, gen):
 
 
 def train_epoch(run, epoch, batches, kept, warming, gen):
-    """One pass over the epoch's batches -> the mean loss. The batches are fixed, so a DataLoader reads the next
-    ones' images ahead, in worker processes where that pays (files to decode, or a GPU to keep busy)."""
+    """One pass over the epoch's batches -> the mean loss. The batches are fixed, so a DataLoader reads the
+    next ones' images ahead, in worker processes where that pays (files to decode, or a GPU to keep busy)."""
     cfg, device, images = run.cfg, run.device, run.splits["train"].images
     run.model.train()
     partners = caption_partners(run.assigned, kept) if cfg.unimodal else None
@@ -3285,8 +3324,8 @@ class Batch:
 
 
 def make_batch(run, cap_idx, raw, warming, partners, gen) -> Batch:
-    """Caption indices + their images (uint8, from the loader) -> a Batch. Every rank draws the same global batch
-    and random numbers and keeps rows [lo, hi). Host -> device copies are queued, never waited for."""
+    """Caption indices + their images (uint8, from the loader) -> a Batch. Every rank draws the same global
+    batch and random numbers and keeps rows [lo, hi). Host -> device copies are queued, never waited for."""
     cfg, device, captions = run.cfg, run.device, run.splits["train"].captions
     sizes = [len(x) for x in cap_idx.tensor_split(run.world)]
     lo, hi = sum(sizes[:run.rank]), sum(sizes[:run.rank + 1])
@@ -3311,7 +3350,8 @@ def train_step(run, batch, lr, gen):
     if run.mscn is not None and not batch.warming:
         loss = mscn_step(run, batch, lr, gen)
     else:
-        with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.cfg.amp and run.device.type == "cuda"):
+        with torch.autocast(run.device.type, dtype=torch.bfloat16,
+                            enabled=run.cfg.amp and run.device.type == "cuda"):
             v, t = run.step_model(batch.images, batch.ids, batch.mask)  # (b, E), (b, E)
         loss = step_loss(run, batch, None, v, t)
         run.opt.zero_grad(set_to_none=True)
@@ -3323,9 +3363,10 @@ def train_step(run, batch, lr, gen):
 
 
 def step_loss(run, batch, corrector, v, t):
-    """The loss of a batch from this rank's embeddings v, t (b, E): the cross-modal loss on the gathered global
-    batch (the warm-up: InfoNCE; MSCN: margins from the corrected positive score plus paper B's hinge on
-    corrected scores), plus paper C's uni-modal terms. `corrector`: MSCN's (meta_step passes it), else None."""
+    """The loss of a batch from this rank's embeddings v, t (b, E): the cross-modal loss on the gathered
+    global batch (the warm-up: InfoNCE; MSCN: margins from the corrected positive score plus paper B's hinge
+    on corrected scores), plus paper C's uni-modal terms. `corrector`: MSCN's (meta_step passes it), else
+    None."""
     cfg, scale, world = run.cfg, run.model.logit_scale, run.world
     with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=cfg.amp and run.device.type == "cuda"):
         if batch.views is not None:
@@ -3347,8 +3388,8 @@ def step_loss(run, batch, corrector, v, t):
 
 
 def mscn_step(run, batch, lr, gen):
-    """Paper B's step (meta.meta_step): a look-ahead on the batch, a meta update of the corrector on clean meta
-    pairs and as many meta negatives, then the real step -> the loss."""
+    """Paper B's step (meta.meta_step): a look-ahead on the batch, a meta update of the corrector on clean
+    meta pairs and as many meta negatives, then the real step -> the loss."""
     cfg, m, device, train = run.cfg, run.mscn, run.device, run.splits["train"]
     for group in m.opt.param_groups:  # the corrector follows the main schedule
         group["lr"] = cfg.meta_lr * lr / cfg.lr
@@ -3369,22 +3410,24 @@ def mscn_step(run, batch, lr, gen):
 
 
 def select_and_checkpoint(run, epoch, record):
-    """Validation rSum on the full val split (DESIGN: full ranking, whatever the test protocol); best.pt when it
-    improves, last.pt every epoch. A model with non-finite embeddings stops the run and never becomes best."""
+    """Validation rSum on the full val split (DESIGN: full ranking, whatever the test protocol); best.pt when
+    it improves, last.pt every epoch. A model with non-finite embeddings stops the run and never becomes
+    best."""
     cfg, state = run.cfg, run.state
     corrector = run.mscn.corrector if cfg.eval_score == "corrected" else None
     try:
         metrics = evaluate_pairs(run.model, run.splits["val"], run.tokenizer, run.preprocess, cfg, run.device,
                                  corrector, run.rank, run.world, protocol="full", strict=True)
     except FloatingPointError:
-        raise _diverged(run, f"the validation embeddings became non-finite (NaN/Inf) after epoch {epoch}: the "
-                             f"model diverged") from None
+        raise _diverged(run, f"the validation embeddings became non-finite (NaN/Inf) after epoch {epoch}: "
+                             f"the model diverged") from None
     run.log(f"epoch {epoch} val rsum {metrics['rsum']:.1f}")
     run.logf.write(json.dumps({"epoch": epoch, "val": metrics, **record}) + "\n")
     run.logf.flush()
     state["epoch"] = epoch + 1
     extra = {} if run.mscn is None else {"corrector": run.mscn.corrector.state_dict()}
-    save = functools.partial(save_checkpoint, model=run.model, tokenizer=run.tokenizer, preprocess=run.preprocess)
+    save = functools.partial(save_checkpoint, model=run.model, tokenizer=run.tokenizer,
+                             preprocess=run.preprocess)
     if metrics["rsum"] > state["best_rsum"]:
         state["best_rsum"] = metrics["rsum"]
         state["best_split"] = None if record["warm_up"] else state.get("split")  # the kept set it trained on
@@ -3397,12 +3440,14 @@ def select_and_checkpoint(run, epoch, record):
 
 
 def test_selected(run):
-    """Closes the run, then the test metrics of the model selected on validation (rank 0; the others get {})."""
+    """Closes the run, then the test metrics of the model selected on validation (rank 0;
+    the others get {})."""
     run.logf.close()
     if run.world > 1:
-        # DDP's reducer holds the process group and with it gloo's worker threads. Left to the garbage collector
-        # (DDP has reference cycles), they may be destroyed during interpreter shutdown, which aborts the process
-        # ("terminate called without an active exception"): free them now, then close the group.
+        # DDP's reducer holds the process group and with it gloo's worker threads. Left to the garbage
+        # collector (DDP has reference cycles), they may be destroyed during interpreter shutdown, which
+        # aborts the process ("terminate called without an active exception"): free them now,
+        # then close the group.
         run.step_model = None
         gc.collect()
         torch.distributed.destroy_process_group()
@@ -3417,9 +3462,11 @@ def test_selected(run):
     results = evaluate_pairs(best.to(run.device), run.splits["test"], run.tokenizer, run.preprocess, cfg,
                              run.device, corrector)
     results["best_epoch"] = ckpt["epoch"]
-    if cfg.filter != "none":  # the split the selected epoch trained on (None: it was a warm-up epoch, all pairs)
-        results["filter"] = state["best_split"] if "best_split" in state else \
-            split_diagnostics(state["p_clean"], state["kept"], run.truth)  # a checkpoint from before: its last split
+    # the split the selected epoch trained on (None: it was a warm-up epoch, all pairs)
+    if cfg.filter != "none":
+        results["filter"] = (state["best_split"] if "best_split" in state
+                             # a checkpoint from before: its last split
+                             else split_diagnostics(state["p_clean"], state["kept"], run.truth))
     (run.out / "results.json").write_text(json.dumps(results, indent=2))
     run.log(format_metrics(results))
     return results
@@ -3436,7 +3483,8 @@ def train(cfg, splits=None, log=print, vocab_captions=None):
         # Every source of randomness in an epoch derives from (seed, epoch): resuming replays it exactly.
         torch.manual_seed(cfg.seed * 1000 + epoch)
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-        for name, p in run.model.named_parameters():  # paper C stage 1: towers frozen, heads and temperature train
+        # paper C stage 1: towers frozen, heads and temperature train
+        for name, p in run.model.named_parameters():
             p.requires_grad_(epoch >= cfg.frozen_epochs or name in heads)
         # The warm-up (before the first split) trains on all pairs with InfoNCE: the method's own loss, a
         # hardest-negative hinge, collapses a fresh model (as NCR warms up with a loss over all negatives).
@@ -3446,7 +3494,8 @@ def train(cfg, splits=None, log=print, vocab_captions=None):
                 len(run.mscn.meta.captions), run.assigned, len(run.splits["train"].images), gen)
 
         # -- round: re-score every training pair with the current model and re-split (paper A iterates) --
-        refit = cfg.filter in ("gmm", "mscn") and not warming and (epoch - cfg.warmup_epochs) % cfg.refit_every == 0
+        refit = (cfg.filter in ("gmm", "mscn") and not warming
+                 and (epoch - cfg.warmup_epochs) % cfg.refit_every == 0)
         clustered = cfg.batches == "clustered" and epoch >= cfg.clustered_from
         emb = embed_training_pairs(run) if refit or clustered else None
         if refit:
@@ -3457,9 +3506,10 @@ def train(cfg, splits=None, log=print, vocab_captions=None):
 
         # -- train one epoch, then select on the validation split --
         loss = train_epoch(run, epoch, batches, kept, warming, gen)
-        select_and_checkpoint(run, epoch, {"loss": loss, "trained_pairs": int(kept.sum()), "steps": len(batches),
-                                           "batches": "clustered" if clustered else "random", "warm_up": warming,
-                                           **({"clusters": clusters} if clusters else {})})
+        select_and_checkpoint(run, epoch,
+                              {"loss": loss, "trained_pairs": int(kept.sum()), "steps": len(batches),
+                               "batches": "clustered" if clustered else "random", "warm_up": warming,
+                               **({"clusters": clusters} if clusters else {})})
     return test_selected(run)
 
 
@@ -3476,7 +3526,8 @@ def _add_dataclass_args(parser, cls, only=None, defaults=None):
         if f.metadata.get("positional"):
             parser.add_argument(f.name, help=f.metadata["help"])
             continue
-        kw = {"default": default, "help": f.metadata.get("help", ""), "required": f.metadata.get("required", False)}
+        kw = {"default": default, "help": f.metadata.get("help", ""),
+              "required": f.metadata.get("required", False)}
         if "choices" in f.metadata:
             kw["choices"] = f.metadata["choices"]
         if isinstance(f.default, bool):
@@ -3491,8 +3542,8 @@ def _config_from(args, cls):
 
 
 def _demo_pretrained(cfg, log):
-    """The demo's "pretrained" model: a tiny CLIP trained on clean scenes of a shifted domain (rarer colours and
-    shapes, other caption templates), cached under ~/.cache/robustitm and rebuilt when missing."""
+    """The demo's "pretrained" model: a tiny CLIP trained on clean scenes of a shifted domain (rarer colours
+    and shapes, other caption templates), cached under ~/.cache/robustitm and rebuilt when missing."""
     cache = Path(os.environ.get("ROBUSTITM_CACHE", Path.home() / ".cache" / "robustitm"))
     path = cache / f"demo_pretrained_s{cfg.seed}_v1.pt"
     if path.is_file():
@@ -3519,12 +3570,12 @@ def demo(cfg=None, log=print):
     splits = splits_for(cfg, Preprocess(cfg.image_size))
     model, tokenizer, preprocess, _ = load_checkpoint(pretrained)
     device = _device(cfg.device)
-    rows = {"pretrained (no fine-tuning)": evaluate_pairs(model.to(device), splits["test"], tokenizer, preprocess,
-                                                          cfg, device)}
+    rows = {"pretrained (no fine-tuning)": evaluate_pairs(model.to(device), splits["test"], tokenizer,
+                                                          preprocess, cfg, device)}
     for method in ("clip", "dsdmr"):
         log(f"\n== {method} ==")
-        rows[method] = train(replace(cfg, preset=method, pretrained=str(pretrained), output_dir=str(out / method),
-                                     overwrite=True), splits, log)
+        rows[method] = train(replace(cfg, preset=method, pretrained=str(pretrained),
+                                     output_dir=str(out / method), overwrite=True), splits, log)
     log(f"\nSynthetic scenes, {cfg.noise_ratio:.0%} caption-level noise, test split "
         f"({len(splits['test'].images)} images), {time.time() - t0:.0f} s in all")
     log(results_table(rows))
@@ -3534,7 +3585,8 @@ def demo(cfg=None, log=print):
 
 def results_table(rows):
     """Markdown table: method, rSum, R@1 both ways, the filter's precision/recall of the kept set."""
-    lines = ["| method | rSum | i2t R@1 | t2i R@1 | kept precision | kept recall |", "|---|---|---|---|---|---|"]
+    lines = ["| method | rSum | i2t R@1 | t2i R@1 | kept precision | kept recall |",
+             "|---|---|---|---|---|---|"]
     for name, m in rows.items():
         f = m.get("filter") or {}
         pr = f"{f['precision']:.3f} | {f['recall']:.3f}" if "precision" in f else "– | –"
@@ -3569,14 +3621,16 @@ def score_command(cfg: ScoreCommandConfig):
     model, tokenizer, preprocess, _ = load_checkpoint(cfg.checkpoint)
     pairs = load_split(cfg, preprocess)
     if cfg.export_clean and pairs.images.paths is None:
-        raise ValueError("--export_clean writes image paths, but these images are not files (synthetic scenes are "
-                         "generated in memory); export them first with export_karpathy(...) and score that")
+        raise ValueError("--export_clean writes image paths, but these images are not files "
+                         "(synthetic scenes are generated in memory); export them first with "
+                         "export_karpathy(...) and score that")
     assigned = pairs.img_of_cap
     if cfg.noise_file:  # read it; with --noise_ratio, made first when missing
         assigned = noise_file(cfg.noise_file, pairs.img_of_cap, len(pairs.images), cfg.noise_ratio or None,
                               cfg.noise_protocol, cfg.seed, create=cfg.noise_ratio > 0)
     elif cfg.noise_ratio > 0:
-        assigned = make_noise(pairs.img_of_cap, len(pairs.images), cfg.noise_ratio, cfg.noise_protocol, cfg.seed)
+        assigned = make_noise(pairs.img_of_cap, len(pairs.images), cfg.noise_ratio, cfg.noise_protocol,
+                              cfg.seed)
     v, t = score_pairs(model.to(device), pairs.images, pairs.captions, assigned, tokenizer, preprocess,
                        cfg.embed_batch_size, device, workers=cfg.workers)
     scores = (v * t).sum(1).float().cpu()  # (C,) cosine of each pair
@@ -3603,9 +3657,11 @@ def score_command(cfg: ScoreCommandConfig):
 
 COMMANDS = {  # name: (help, config class, function)
     "demo": ("synthetic scenes: clip vs dsdmr at 40%% noise, no downloads", TrainConfig, demo),
-    "train": ("fine-tune with any combination of filter, loss, batches and unimodal terms", TrainConfig, train),
+    "train": ("fine-tune with any combination of filter, loss, batches and unimodal terms",
+              TrainConfig, train),
     "eval": ("checkpoint + data -> SCAN-style recall table", EvalCommandConfig, evaluate_command),
-    "score": ("checkpoint + data -> CSV of every pair's cosine, P(clean), kept", ScoreCommandConfig, score_command),
+    "score": ("checkpoint + data -> CSV of every pair's cosine, P(clean), kept",
+              ScoreCommandConfig, score_command),
 }
 
 
@@ -3621,7 +3677,8 @@ def main(argv=None):
 
 
 def cli():
-    """The `robustitm` console script: exit status 0 on success (main's return value is for Python callers)."""
+    """The `robustitm` console script: exit status 0 on success (main's return value is
+    for Python callers)."""
     main()
 
 
