@@ -2700,18 +2700,6 @@ def embed_pairs(model, images, captions, tokenizer, preprocess, batch_size, devi
     return v, t
 
 
-def score_pairs(model, images, captions, assigned, tokenizer, preprocess, batch_size, device, rank=0, world=1,
-                workers=0):
-    """Embeddings of every training pair (the caption with the image it is paired with), chunked, no grad.
-    Under torchrun each rank embeds its share and all ranks receive the whole.
-
-    Returns (v (C, E), t (C, E)); the pair's cosine is (v * t).sum(1).
-    """
-    v, t = embed_pairs(model, images, captions, tokenizer, preprocess, batch_size, device, rank, world,
-                       workers)
-    return v[torch.as_tensor(assigned, device=v.device)], t
-
-
 def gmm_split(scores, threshold, seed):
     """Paper A: a 2-component GMM on the pair cosines; P(clean) = posterior of the higher-mean component.
     Beyond paper A: when the scores do not show two populations (gmm.two_populations: BIC, separation, clean
@@ -3631,8 +3619,9 @@ def score_command(cfg: ScoreCommandConfig):
     elif cfg.noise_ratio > 0:
         assigned = make_noise(pairs.img_of_cap, len(pairs.images), cfg.noise_ratio, cfg.noise_protocol,
                               cfg.seed)
-    v, t = score_pairs(model.to(device), pairs.images, pairs.captions, assigned, tokenizer, preprocess,
+    v, t = embed_pairs(model.to(device), pairs.images, pairs.captions, tokenizer, preprocess,
                        cfg.embed_batch_size, device, workers=cfg.workers)
+    v = v[torch.as_tensor(assigned, device=v.device)]  # (C, E) the image each caption is paired with
     scores = (v * t).sum(1).float().cpu()  # (C,) cosine of each pair
     (p_clean, kept, stats), _ = gmm_split(scores, cfg.threshold, cfg.seed)
     rows = ([c, int(assigned[c]), pairs.captions[c], f"{scores[c]:.6f}", f"{p_clean[c]:.6f}", int(kept[c])]

@@ -2117,7 +2117,8 @@ def test_train_clean_reference_keeps_exactly_the_clean_pairs(tmp_path, monkeypat
     trained = []
     real = R.random_batches
     monkeypatch.setattr(R, "random_batches", lambda idx, *a: trained.append(idx.clone()) or real(idx, *a))
-    monkeypatch.setattr(R, "score_pairs", lambda *a, **k: pytest.fail("the clean reference scored the pairs"))
+    for name in ("embed_training_pairs", "gmm_split"):
+        monkeypatch.setattr(R, name, lambda *a, **k: pytest.fail("the clean reference scored the pairs"))
     out = tmp_path / "run"
     res = R.main(["train", "--preset", "clean", "--noise_ratio", "0.4", "--epochs", "2", "--output_dir",
                   str(out), *_TINY])
