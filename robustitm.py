@@ -78,8 +78,7 @@ def _at_least(cfg, minimum, *names):
 # A method is a preset over four independent switches (DESIGN: "The pipeline").
 # Presets are data, not code paths.
 PRESETS = {
-    # plain fine-tuning baseline
-    "clip": dict(filter="none", loss="infonce", batches="random", unimodal=False),
+    "clip": dict(filter="none", loss="infonce", batches="random", unimodal=False),   # plain fine-tuning
     "vse": dict(filter="none", loss="triplet", batches="random", unimodal=False,     # VSE++ hardest negative
                 margin_i2t=0.2, margin_t2i=0.2),
     "dsdmr": dict(filter="gmm", loss="dsdm", batches="random", unimodal=False),      # paper A

@@ -414,6 +414,19 @@ def _hf_clip_config(act, width=64, layers=2, vocab=99, image=32, patch=8, ctx=16
         vision_config=dict(tower, image_size=image, patch_size=patch), projection_dim=24)
 
 
+def _assert_same_as_hf_clip(model, hf):
+    """Our model and a transformers CLIPModel: the same embeddings and logits on one random batch."""
+    images = torch.randn(3, 3, 32, 32)
+    ids, mask = _ids_and_mask(3, 12, 99, 98)
+    with torch.no_grad():
+        out = hf(input_ids=ids, attention_mask=mask.long(), pixel_values=images)
+        img, txt = model.eval()(images, ids, mask)
+    torch.testing.assert_close(img, out.image_embeds, atol=1e-4, rtol=0)
+    torch.testing.assert_close(txt, out.text_embeds, atol=1e-4, rtol=0)
+    logits = model.logit_scale.exp() * img @ txt.t()
+    torch.testing.assert_close(logits, out.logits_per_image, atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("act", ["quick_gelu", "gelu"])
 def test_model_parity_hf_clip(tmp_path, act):
     import transformers
@@ -422,15 +435,7 @@ def test_model_parity_hf_clip(tmp_path, act):
     ref.save_pretrained(tmp_path)
     model, info = R.load_model(tmp_path)
     assert info["layout"] == "hf_clip" and model.cfg.text.act == act
-    images = torch.randn(3, 3, 32, 32)
-    ids, mask = _ids_and_mask(3, 12, 99, 98)
-    with torch.no_grad():
-        out = ref(input_ids=ids, attention_mask=mask.long(), pixel_values=images)
-        img, txt = model.eval()(images, ids, mask)
-    torch.testing.assert_close(img, out.image_embeds, atol=1e-4, rtol=0)
-    torch.testing.assert_close(txt, out.text_embeds, atol=1e-4, rtol=0)
-    logits = model.logit_scale.exp() * img @ txt.t()
-    torch.testing.assert_close(logits, out.logits_per_image, atol=1e-4, rtol=0)
+    _assert_same_as_hf_clip(model, ref)
 
 
 @pytest.mark.parametrize("name,act", [("ViT-B-32-quickgelu", "quick_gelu"), ("ViT-B-32", "gelu")])
@@ -544,16 +549,7 @@ def test_model_export_hf_round_trip(tmp_path):
     with torch.no_grad():
         model.logit_scale.fill_(3.0)
     R.export_hf(model, None, tmp_path / "export")
-    hf = transformers.CLIPModel.from_pretrained(tmp_path / "export").eval()
-    images = torch.randn(3, 3, 32, 32)
-    ids, mask = _ids_and_mask(3, 12, 99, 98)
-    with torch.no_grad():
-        out = hf(input_ids=ids, attention_mask=mask.long(), pixel_values=images)
-        img, txt = model.eval()(images, ids, mask)
-    torch.testing.assert_close(img, out.image_embeds, atol=1e-4, rtol=0)
-    torch.testing.assert_close(txt, out.text_embeds, atol=1e-4, rtol=0)
-    torch.testing.assert_close(out.logits_per_image, model.logit_scale.exp() * img @ txt.t(), atol=1e-4,
-                               rtol=0)
+    _assert_same_as_hf_clip(model, transformers.CLIPModel.from_pretrained(tmp_path / "export").eval())
     # ... and it loads back into ours strictly.
     again, _ = R.load_model(tmp_path / "export")
     for (k, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
