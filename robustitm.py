@@ -2379,7 +2379,8 @@ def embed_captions(model, tokenizer, captions, batch_size=256, device="cpu") -> 
     for i in range(0, len(order), batch_size):
         ids, mask = tokenizer([captions[c] for c in order[i:i + batch_size]])  # (B, L), (B, L)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            out.append(model.encode_text(ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)).float())
+            ids, mask = ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+            out.append(model.encode_text(ids, mask).float())
     model.train(was_training)
     if not out:
         return torch.empty(0)
@@ -2387,46 +2388,48 @@ def embed_captions(model, tokenizer, captions, batch_size=256, device="cpu") -> 
 
 
 def _ranks(tile, n_img, n_cap, img_of_cap, device, tile_elems):
-    """1-based ranks from a similarity matrix given by tiles `tile(r0, r1, c0, c1) -> (r1-r0, c1-c0)`.
+    """1-based ranks (i2t (N,), t2i (C,) in input order) of the similarity matrix given as `tile(rows, cols)`,
+    a new tensor each call (it is overwritten).
 
     i2t: 1 + #{captions not of image i scoring >= i's best true caption}; t2i: 1 + #{other images scoring >=
-    the true image}. Ties count against the true item (pessimistic: a collapsed model gets the worst rank), and
-    so do non-finite scores: a NaN/Inf true pair scores -inf, a NaN competitor +inf (a NaN model ranks last).
-    Two passes: thresholds from the tiles holding true pairs (the diagonal band when captions are grouped by
-    image), then counts over all tiles. Tiles are recomputed identically, so comparisons are exact.
+    the true image}. Ties count against the true item (a collapsed model gets the worst rank), and so do
+    non-finite scores: a NaN/+Inf true pair scores -inf (never a hit), a NaN competitor +inf (always wins).
+    With the captions grouped by image, the true pairs of images r0:r1 lie in one column range: pass 1 reads
+    them from the grid tiles over that range, pass 2 counts the competitors over all tiles. Both passes
+    compute each tile with the same shape, hence the same floats: every comparison is exact.
     """
     ioc = torch.as_tensor(img_of_cap).cpu().numpy().astype(np.int64)  # (C,) list, numpy or tensor
-    t = torch.from_numpy(ioc).to(device)  # (C,)
-    if len(t) == 0 or torch.bincount(t, minlength=n_img).min() == 0:
-        raise ValueError(f"every image needs at least one caption to be ranked ({n_img} images, {n_cap} captions).")
+    if not 0 < len(ioc) == n_cap or not np.array_equal(np.unique(ioc), np.arange(n_img)):
+        raise ValueError(f"every image needs at least one caption to be ranked, and each caption an image "
+                         f"0..N-1 ({n_img} images, {n_cap} captions, {len(ioc)} in img_of_cap).")
+    order = np.argsort(ioc, kind="stable")  # the captions grouped by image
+    first = np.searchsorted(ioc[order], np.arange(n_img + 1)).tolist()  # image i's: first[i]:first[i + 1]
+    t = torch.from_numpy(ioc[order]).to(device)  # (C,) the image of each grouped caption
+    perm = None if (np.diff(ioc) >= 0).all() else torch.from_numpy(order).to(device)  # None: grouped
     per = max(1, round(n_cap / n_img))
     rb = max(1, min(n_img, int(math.sqrt(tile_elems / per))))
     rb -= rb % 128 if rb >= 256 else 0  # BLAS is markedly faster on multiples of 128 (measured on CPU)
-    cb = rb * per  # rb images x their ~rb*per captions: the band is about one tile per tile row
+    cb = rb * per  # rb images x their ~rb*per captions: about one tile per row block holds true pairs
+    def cut(r0, c0):  # the grid tile at (r0, c0): images r0:r0+rb x grouped captions c0:c0+cb, float32
+        return tile(slice(r0, r0 + rb), slice(c0, c0 + cb) if perm is None else perm[c0:c0 + cb]).float()
+    def pairs(r0, c0):  # (rows, cols) of the true pairs in tile (r0, c0)
+        a, b = max(first[r0], c0), min(first[min(r0 + rb, n_img)], c0 + cb)  # their grouped captions a:b
+        return t[a:b] - r0, torch.arange(a - c0, max(a, b) - c0, device=device)
     s_true = torch.empty(n_cap, device=device)
-    keys = np.unique((ioc // rb) * n_cap + np.arange(n_cap) // cb)
-    band = {(int(k // n_cap) * rb, int(k % n_cap) * cb) for k in keys}  # tiles holding true pairs
-    for r0, c0 in sorted(band):  # pass 1: true-pair scores, from the same tiles pass 2 computes
-        s = tile(r0, min(r0 + rb, n_img), c0, min(c0 + cb, n_cap))
-        c = torch.arange(c0, min(c0 + cb, n_cap), device=device)
-        c = c[(t[c] >= r0) & (t[c] < r0 + rb)]
-        s_true[c] = s[t[c] - r0, c - c0].float()
+    for r0 in range(0, n_img, rb):  # pass 1: the true-pair scores, from the tiles over the block's captions
+        for c0 in range(first[r0] // cb * cb, first[min(r0 + rb, n_img)], cb):
+            rows, cols = pairs(r0, c0)
+            s_true[c0 + cols] = cut(r0, c0)[rows, cols]
     s_true = s_true.nan_to_num(nan=-math.inf, posinf=-math.inf)  # a non-finite true-pair score is never a hit
     best = torch.full((n_img,), -math.inf, device=device).scatter_reduce(0, t, s_true, "amax")  # (N,)
-    n_i2t = torch.zeros(n_img, dtype=torch.long, device=device)
-    n_t2i = torch.zeros(n_cap, dtype=torch.long, device=device)
-    for r0 in range(0, n_img, rb):  # pass 2: count competitors at or above the threshold
-        r1 = min(r0 + rb, n_img)
+    n_i2t, n_t2i = (torch.zeros(n, dtype=torch.long, device=device) for n in (n_img, n_cap))
+    for r0 in range(0, n_img, rb):  # pass 2: count the competitors at or above each true score
         for c0 in range(0, n_cap, cb):
-            c1 = min(c0 + cb, n_cap)
-            s = tile(r0, r1, c0, c1).float().nan_to_num_(nan=math.inf)  # (rb, cb) a NaN competitor wins
-            ge_t2i, ge_i2t = s >= s_true[None, c0:c1], s >= best[r0:r1, None]  # (rb, cb) each
-            if (r0, c0) in band:  # true pairs are not competitors
-                false = t[c0:c1][None, :] != torch.arange(r0, r1, device=device)[:, None]  # (rb, cb)
-                ge_t2i, ge_i2t = ge_t2i & false, ge_i2t & false
-            n_t2i[c0:c1] += torch.count_nonzero(ge_t2i, 0)
-            n_i2t[r0:r1] += torch.count_nonzero(ge_i2t, 1)
-    return (n_i2t + 1).cpu().numpy(), (n_t2i + 1).cpu().numpy()
+            s = cut(r0, c0).nan_to_num_(nan=math.inf)  # (rb, cb) a NaN competitor wins
+            s[pairs(r0, c0)] = math.nan  # true pairs are not competitors (NaN >= x is false)
+            n_t2i[c0:c0 + cb] += torch.count_nonzero(s >= s_true[c0:c0 + cb], 0)
+            n_i2t[r0:r0 + rb] += torch.count_nonzero(s >= best[r0:r0 + rb, None], 1)
+    return (n_i2t + 1).cpu().numpy(), (n_t2i + 1).cpu().numpy()[np.argsort(order)]  # t2i in input order
 
 
 def _metrics(r_i2t, r_t2i) -> dict:
@@ -2441,21 +2444,23 @@ def _metrics(r_i2t, r_t2i) -> dict:
 
 
 def recall_at_k(sims, img_of_cap, tile_elems=1 << 23) -> dict:
-    """Retrieval metrics from a similarity matrix sims (N_img, N_cap), any device; extra memory is a few
-    tiles of about `tile_elems` entries. Keys i2t_/t2i_ r1 r5 r10 medr meanr, and rsum (0-600)."""
+    """Retrieval metrics from a similarity matrix sims (N_img, N_cap), any device, captions in any order;
+    extra memory is a few tiles of about `tile_elems` entries. Keys i2t_/t2i_ r1 r5 r10 medr meanr, and rsum
+    (0-600)."""
     sims = torch.as_tensor(sims)
     if not bool(torch.isfinite(sims).all()):
-        warnings.warn(f"{int((~torch.isfinite(sims)).sum())} similarities are not finite (NaN/Inf): they count as "
-                      f"misses", RuntimeWarning, stacklevel=2)
-    return _metrics(*_ranks(lambda r0, r1, c0, c1: sims[r0:r1, c0:c1], *sims.shape, img_of_cap, sims.device,
+        bad = int((~torch.isfinite(sims)).sum())
+        warnings.warn(f"{bad} similarities are not finite (NaN/Inf): they count as misses", RuntimeWarning,
+                      stacklevel=2)
+    return _metrics(*_ranks(lambda rows, cols: sims[rows, cols].clone(), *sims.shape, img_of_cap, sims.device,
                             tile_elems))
 
 
 def _warn_nonfinite(what, x):
     bad = int((~torch.isfinite(x)).any(-1).sum()) if x.ndim == 2 else 0
     if bad:
-        warnings.warn(f"{bad} of {len(x)} {what} are not finite (NaN/Inf; a diverged model?): every similarity "
-                      f"they take part in counts as a miss", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"{bad} of {len(x)} {what} are not finite (NaN/Inf; a diverged model?): every "
+                      f"similarity they take part in counts as a miss", RuntimeWarning, stacklevel=3)
 
 
 def evaluate(img_emb, cap_emb, img_of_cap, protocol="full", fold_size=1000, tile_elems=1 << 23,
@@ -2473,7 +2478,7 @@ def evaluate(img_emb, cap_emb, img_of_cap, protocol="full", fold_size=1000, tile
         _warn_nonfinite("image embeddings", img_emb)
         _warn_nonfinite("caption embeddings", cap_emb)
         score = score or (lambda a, b: a @ b.T)
-        return _metrics(*_ranks(lambda r0, r1, c0, c1: score(img_emb[r0:r1], cap_emb[c0:c1]),
+        return _metrics(*_ranks(lambda rows, cols: score(img_emb[rows], cap_emb[cols]),
                                 len(img_emb), len(cap_emb), ioc, img_emb.device, tile_elems))
     if protocol != "coco1k":
         raise ValueError(f"protocol must be 'full' or 'coco1k', got {protocol!r}.")
@@ -2492,8 +2497,8 @@ def evaluate(img_emb, cap_emb, img_of_cap, protocol="full", fold_size=1000, tile
 def format_metrics(m: dict) -> str:
     """SCAN-style three lines: Image to text / Text to image (R@1 R@5 R@10 medr meanr) / rsum."""
     def row(d):
-        return "  ".join(f"{n} {m[f'{d}_{k}']:.1f}" for n, k in
-                         (("R@1", "r1"), ("R@5", "r5"), ("R@10", "r10"), ("medr", "medr"), ("meanr", "meanr")))
+        names = (("R@1", "r1"), ("R@5", "r5"), ("R@10", "r10"), ("medr", "medr"), ("meanr", "meanr"))
+        return "  ".join(f"{n} {m[f'{d}_{k}']:.1f}" for n, k in names)
     return f"Image to text: {row('i2t')}\nText to image: {row('t2i')}\nrsum: {m['rsum']:.1f}"
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from _data import evaluate, recall_at_k  # noqa: E402
+from robustitm import evaluate, recall_at_k  # noqa: E402
 
 N, PER, E = 5000, 5, 512
 VARIANTS = {
