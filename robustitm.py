@@ -2410,11 +2410,14 @@ def _ranks(tile, n_img, n_cap, img_of_cap, device, tile_elems):
     rb = max(1, min(n_img, int(math.sqrt(tile_elems / per))))
     rb -= rb % 128 if rb >= 256 else 0  # BLAS is markedly faster on multiples of 128 (measured on CPU)
     cb = rb * per  # rb images x their ~rb*per captions: about one tile per row block holds true pairs
+
     def cut(r0, c0):  # the grid tile at (r0, c0): images r0:r0+rb x grouped captions c0:c0+cb, float32
         return tile(slice(r0, r0 + rb), slice(c0, c0 + cb) if perm is None else perm[c0:c0 + cb]).float()
+
     def pairs(r0, c0):  # (rows, cols) of the true pairs in tile (r0, c0)
         a, b = max(first[r0], c0), min(first[min(r0 + rb, n_img)], c0 + cb)  # their grouped captions a:b
         return t[a:b] - r0, torch.arange(a - c0, max(a, b) - c0, device=device)
+
     s_true = torch.empty(n_cap, device=device)
     for r0 in range(0, n_img, rb):  # pass 1: the true-pair scores, from the tiles over the block's captions
         for c0 in range(first[r0] // cb * cb, first[min(r0 + rb, n_img)], cb):
