@@ -5,7 +5,8 @@ setup(
     name="robustitm",
     version="0.1.0",
     description="Reference implementation of robust image-text matching with noisy correspondence "
-    "(GMM filtering + dynamic margins, MSCN meta correction, clustered uni/cross-modal contrastive learning).",
+    "(GMM filtering + dynamic margins, MSCN meta correction, clustered uni/cross-modal contrastive "
+    "learning).",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     py_modules=["robustitm", "gmm", "losses", "meta"],

@@ -2501,17 +2501,19 @@ def test_train_score_and_export_clean_read_back(tmp_path):
 
 
 def test_eval_and_score_commands_share_the_training_flags(tmp_path):
-    """eval and score take their flags from the same config concerns as train: eval reproduces the run's own test
-    metrics, score --noise_ratio pairs captions exactly as make_noise does, and the shared checks apply."""
+    """eval and score take their flags from the same config concerns as train: eval reproduces the run's own
+    test metrics, score --noise_ratio pairs captions exactly as make_noise does, and the shared checks
+    apply."""
     splits = R.synthetic_splits(60, 20, 20, seed=0)
     data = R.export_karpathy(splits, tmp_path / "data")
     R.main(["train", "--data", str(data), "--epochs", "1", "--output_dir", str(tmp_path / "run"), *_TINY])
-    ckpt, results = str(tmp_path / "run" / "best.pt"), json.loads((tmp_path / "run" / "results.json").read_text())
+    ckpt = str(tmp_path / "run" / "best.pt")
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
     m = R.main(["eval", ckpt, "--data", str(data), "--workers", "0", "--output", str(tmp_path / "m.json")])
     assert m == json.loads((tmp_path / "m.json").read_text())
     assert all(m[k] == results[k] for k in m)
-    R.main(["score", ckpt, "--data", str(data), "--noise_ratio", "0.4", "--seed", "3", "--embed_batch_size", "7",
-            "--output", str(tmp_path / "s.csv")])
+    R.main(["score", ckpt, "--data", str(data), "--noise_ratio", "0.4", "--seed", "3", "--embed_batch_size",
+            "7", "--output", str(tmp_path / "s.csv")])
     rows = list(csv.DictReader(open(tmp_path / "s.csv")))
     want = make_noise(splits["train"].img_of_cap, 60, 0.4, "caption", seed=3)
     assert [int(r["image_index"]) for r in rows] == want.tolist()
