@@ -129,8 +129,8 @@ class SystemConfig:
 
 @dataclass
 class ModelSourceConfig:
-    pretrained: str = _opt(None, "CLIP weights: OpenAI/open_clip state dict, Hugging Face CLIP dir, or a "
-                           "robustitm checkpoint; none = a tiny model from scratch")
+    pretrained: str = _opt(None, "the model: a robustitm checkpoint, an OpenAI/open_clip state dict or a "
+                           "Hugging Face CLIP dir (train without it: a tiny model from scratch)")
     image_tower: str = _opt(None, "Hugging Face ViT/DINOv2 directory "
                             "(with --text_tower, new projection heads)")
     text_tower: str = _opt(None, "Hugging Face BERT directory (with --image_tower)")
@@ -277,8 +277,7 @@ class TrainConfig(OutputConfig, EvalConfig, OptimConfig, MethodConfig, SplitConf
 
 
 @dataclass
-class EvalCommandConfig(EvalConfig, SystemConfig, DataConfig):
-    checkpoint: str = _opt(None, "a robustitm checkpoint (best.pt / last.pt)", positional=True)
+class EvalCommandConfig(EvalConfig, ModelSourceConfig, SystemConfig, DataConfig):
     split: str = _opt("test", "the split to rank")
     output: str = _opt(None, "also write the metrics as JSON here")
 
@@ -287,8 +286,7 @@ class EvalCommandConfig(EvalConfig, SystemConfig, DataConfig):
 
 
 @dataclass
-class ScoreCommandConfig(SplitConfig, NoiseConfig, SystemConfig, DataConfig):
-    checkpoint: str = _opt(None, "a robustitm checkpoint (best.pt / last.pt)", positional=True)
+class ScoreCommandConfig(SplitConfig, NoiseConfig, ModelSourceConfig, SystemConfig, DataConfig):
     split: str = _opt("train", "the split whose pairs are scored")
     output: str = _opt(None, "write the CSV (caption, image, cosine, P(clean), kept) here", required=True)
     export_clean: str = _opt(None, "also write the kept pairs as JSONL (image, caption)")
@@ -3512,14 +3510,15 @@ def train(cfg, splits=None, log=print, vocab_captions=None):
 # CLI
 # ------------------------------------------------------------------------------------------------------------
 
-def _add_dataclass_args(parser, cls, only=None, defaults=None):
-    """One flag per field of `cls` (or of the fields named in `only`), with its default, help and choices."""
+def _add_dataclass_args(parser, cls, only=None, defaults=None, positional=()):
+    """One flag per field of `cls` (or of the fields named in `only`), with its default, help and choices;
+    the fields named in `positional` become optional positional arguments."""
     for f in fields(cls):
         if only is not None and f.name not in only:
             continue
         default = (defaults or {}).get(f.name, f.default)
-        if f.metadata.get("positional"):
-            parser.add_argument(f.name, help=f.metadata["help"])
+        if f.name in positional:
+            parser.add_argument(f.name, nargs="?", default=default, help=f.metadata["help"])
             continue
         kw = {"default": default, "help": f.metadata.get("help", ""),
               "required": f.metadata.get("required", False)}
@@ -3594,12 +3593,22 @@ def load_split(cfg, preprocess):
     return splits_for(cfg, preprocess, [cfg.split])[cfg.split]
 
 
+def _command_model(cfg):
+    """The model eval and score run: anything `train --pretrained` (or --image_tower/--text_tower) takes."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("eval and score run in one process; drop torchrun")
+    if not (cfg.pretrained or cfg.image_tower):
+        raise ValueError("give the model to use: a robustitm checkpoint, CLIP weights (as train --pretrained "
+                         "takes), or --image_tower with --text_tower")
+    return build_model(cfg, None)
+
+
 def evaluate_command(cfg: EvalCommandConfig):
-    """Checkpoint + data -> the SCAN-style recall table (and the metrics as JSON with cfg.output)."""
+    """A model + data -> the SCAN-style recall table (and the metrics as JSON with cfg.output)."""
     if cfg.output:
         _refuse_overwrite(cfg.output)
     device = _device(cfg.device)
-    model, tokenizer, preprocess, _ = load_checkpoint(cfg.checkpoint)
+    model, tokenizer, preprocess = _command_model(cfg)
     m = evaluate_pairs(model.to(device), load_split(cfg, preprocess), tokenizer, preprocess, cfg, device)
     print(format_metrics(m))
     if cfg.output:
@@ -3608,12 +3617,13 @@ def evaluate_command(cfg: EvalCommandConfig):
 
 
 def score_command(cfg: ScoreCommandConfig):
-    """Scores every pair with the checkpoint, fits the GMM, writes a CSV (and optionally the kept pairs)."""
+    """Scores every pair with a model (a robustitm checkpoint or pretrained weights, as train takes), fits the
+    GMM, writes a CSV (and optionally the kept pairs)."""
     for path in (cfg.output, cfg.export_clean):  # every output checked before any is written
         if path:
             _refuse_overwrite(path)
     device = _device(cfg.device)
-    model, tokenizer, preprocess, _ = load_checkpoint(cfg.checkpoint)
+    model, tokenizer, preprocess = _command_model(cfg)
     pairs = load_split(cfg, preprocess)
     if cfg.export_clean and pairs.images.paths is None:
         raise ValueError("--export_clean writes image paths, but these images are not files "
@@ -3655,9 +3665,8 @@ COMMANDS = {  # name: (help, config class, function)
     "demo": ("synthetic scenes: clip vs dsdmr at 40%% noise, no downloads", TrainConfig, demo),
     "train": ("fine-tune with any combination of filter, loss, batches and unimodal terms",
               TrainConfig, train),
-    "eval": ("checkpoint + data -> SCAN-style recall table", EvalCommandConfig, evaluate_command),
-    "score": ("checkpoint + data -> CSV of every pair's cosine, P(clean), kept",
-              ScoreCommandConfig, score_command),
+    "eval": ("model + data -> SCAN-style recall table", EvalCommandConfig, evaluate_command),
+    "score": ("model + data -> CSV of every pair's cosine, P(clean), kept", ScoreCommandConfig, score_command),
 }
 
 
@@ -3666,7 +3675,8 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_text, cls, _) in COMMANDS.items():
         demo_only = (DEMO_FLAGS, DEMO_DEFAULTS) if name == "demo" else (None, None)
-        _add_dataclass_args(sub.add_parser(name, help=help_text), cls, *demo_only)
+        positional = ("pretrained",) if name in ("eval", "score") else ()  # `robustitm eval best.pt ...`
+        _add_dataclass_args(sub.add_parser(name, help=help_text), cls, *demo_only, positional)
     args = parser.parse_args(argv)
     _, cls, command = COMMANDS[args.command]
     return command(_config_from(args, cls))

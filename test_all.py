@@ -2523,6 +2523,26 @@ def test_eval_and_score_commands_share_the_training_flags(tmp_path):
         R.main(["eval", ckpt, "--data", str(data), "--embed_batch_size", "0"])
 
 
+def test_eval_and_score_take_pretrained_weights_as_train_does(tmp_path):
+    """Paper A's first step without training: eval and score run on a Hugging Face CLIP folder (any model
+    train --pretrained takes), with the folder's own tokenizer and preprocessing; a missing model is refused."""
+    torch.manual_seed(0)
+    tok = _tok_clip()
+    model = R.tiny_model(embed_dim=24, vocab_size=tok.vocab_size, context_length=77, width=64)
+    folder = R.export_hf(model, tok, tmp_path / "clip")
+    data = ["--synthetic_sizes", "30,10,12", "--workers", "0"]
+    m = R.main(["eval", str(folder), *data])
+    cfg = R.EvalCommandConfig(synthetic_sizes="30,10,12", workers=0)
+    pairs = R.splits_for(cfg, Preprocess(32))["test"]
+    want = R.evaluate_pairs(model, pairs, tok, Preprocess(32), cfg, torch.device("cpu"))
+    assert m == want
+    R.main(["score", str(folder), *data, "--output", str(tmp_path / "s.csv")])
+    rows = list(csv.DictReader(open(tmp_path / "s.csv")))
+    assert len(rows) == 150 and all(-1 <= float(r["cosine"]) <= 1 for r in rows)
+    with pytest.raises(ValueError, match="give the model"):
+        R.main(["eval", *data])
+
+
 def test_bench_robustness_grid_resumes_and_reports(tmp_path, monkeypatch, capsys):
     """bench/robustness.py on a tiny grid with 2 worker processes: each run once in the JSON-lines file, the
     summary's means/stds are those of the runs, a second call resumes with nothing left to run, and the tables
