@@ -2662,6 +2662,11 @@ def plot_scores(path, scores, noisy, gmm=None, title=""):
     img.save(path)
 
 
+def _number(v):
+    """A float for a progress line: 4 decimals, or scientific notation for small ones (lr 5.00e-07)."""
+    return v if not isinstance(v, float) else f"{v:.4f}" if v == 0 or abs(v) >= 1e-3 else f"{v:.2e}"
+
+
 class Progress:
     """One updating line on a terminal, plain lines otherwise."""
 
@@ -2671,7 +2676,7 @@ class Progress:
     def update(self, done, **values):
         rate = done / max(1e-9, time.time() - self.t0)
         eta = (self.total - done) / max(rate, 1e-9)
-        extra = " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
+        extra = " ".join(f"{k} {_number(v)}" for k, v in values.items())
         line = f"{self.desc} {done}/{self.total} {rate:.1f} steps/s eta {eta:.0f}s {extra}"
         print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", flush=True)
 
@@ -3404,9 +3409,9 @@ def mscn_step(run, batch, lr, gen):
 
 def select_and_checkpoint(run, epoch, record):
     """Validation rSum on the full val split (DESIGN: full ranking, whatever the test protocol); best.pt when
-    it improves, last.pt every epoch. A model with non-finite embeddings stops the run and never becomes
-    best."""
-    cfg, state = run.cfg, run.state
+    it improves, last.pt every epoch; then the epoch's line in log.jsonl, with every phase's seconds. A model
+    with non-finite embeddings stops the run and never becomes best."""
+    cfg, state, t0 = run.cfg, run.state, time.perf_counter()
     corrector = run.mscn.corrector if cfg.eval_score == "corrected" else None
     try:
         metrics = evaluate_pairs(run.model, run.splits["val"], run.tokenizer, run.preprocess, cfg, run.device,
@@ -3415,8 +3420,8 @@ def select_and_checkpoint(run, epoch, record):
         raise _diverged(run, f"the validation embeddings became non-finite (NaN/Inf) after epoch {epoch}: "
                              f"the model diverged") from None
     run.log(f"epoch {epoch} val rsum {metrics['rsum']:.1f}")
-    run.logf.write(json.dumps({"epoch": epoch, "val": metrics, **record}) + "\n")
-    run.logf.flush()
+    record["seconds"]["validation"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     state["epoch"] = epoch + 1
     extra = {} if run.mscn is None else {"corrector": run.mscn.corrector.state_dict()}
     save = functools.partial(save_checkpoint, model=run.model, tokenizer=run.tokenizer,
@@ -3430,6 +3435,9 @@ def select_and_checkpoint(run, epoch, record):
         extra["corrector_optimizer"] = run.mscn.opt.state_dict()
     if run.rank == 0:
         save(run.out / "last.pt", optimizer=run.opt.state_dict(), state=state, config=asdict(cfg), **extra)
+    record["seconds"]["checkpoint"] = time.perf_counter() - t0
+    run.logf.write(json.dumps({"epoch": epoch, "val": metrics, **record}) + "\n")
+    run.logf.flush()
 
 
 def test_selected(run):
@@ -3490,19 +3498,24 @@ def train(cfg, splits=None, log=print, vocab_captions=None):
         refit = (cfg.filter in ("gmm", "mscn") and not warming
                  and (epoch - cfg.warmup_epochs) % cfg.refit_every == 0)
         clustered = cfg.batches == "clustered" and epoch >= cfg.clustered_from
+        seconds, t0 = {}, time.perf_counter()
         emb = embed_training_pairs(run) if refit or clustered else None
+        seconds["scoring"], t0 = time.perf_counter() - t0, time.perf_counter()
         if refit:
             refit_split(run, epoch, emb)
 
         # -- batches over the kept pairs: random, or B distinct images of one k-means cluster (paper C) --
         batches, kept, clusters = epoch_batches(run, epoch, warming, clustered, emb, gen)
+        seconds["split_and_batches"], t0 = time.perf_counter() - t0, time.perf_counter()
 
         # -- train one epoch, then select on the validation split --
         loss = train_epoch(run, epoch, batches, kept, warming, gen)
+        seconds["training"] = time.perf_counter() - t0
         select_and_checkpoint(run, epoch,
                               {"loss": loss, "trained_pairs": int(kept.sum()), "steps": len(batches),
                                "batches": "clustered" if clustered else "random", "warm_up": warming,
-                               **({"clusters": clusters} if clusters else {})})
+                               **({"clusters": clusters} if clusters else {}), "seconds": seconds,
+                               "train_pairs_per_s": sum(map(len, batches)) / max(seconds["training"], 1e-9)})
     return test_selected(run)
 
 
@@ -3666,7 +3679,8 @@ COMMANDS = {  # name: (help, config class, function)
     "train": ("fine-tune with any combination of filter, loss, batches and unimodal terms",
               TrainConfig, train),
     "eval": ("model + data -> SCAN-style recall table", EvalCommandConfig, evaluate_command),
-    "score": ("model + data -> CSV of every pair's cosine, P(clean), kept", ScoreCommandConfig, score_command),
+    "score": ("model + data -> CSV of every pair's cosine, P(clean), kept",
+              ScoreCommandConfig, score_command),
 }
 
 

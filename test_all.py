@@ -2129,6 +2129,19 @@ def test_train_clean_reference_keeps_exactly_the_clean_pairs(tmp_path, monkeypat
                 str(tmp_path / "real"), *_TINY])
 
 
+def test_train_logs_every_phase_seconds_and_prints_small_lrs(tmp_path, capsys):
+    """log.jsonl gives per epoch the wall seconds of every phase and the training pairs/s; the progress line
+    shows a small learning rate in scientific notation (a fixed 4 decimals printed lr 0.0000 for 1e-5)."""
+    R.main(["train", "--preset", "dsdmr", "--noise_ratio", "0.4", "--epochs", "1", "--lr", "2e-6",
+            "--output_dir", str(tmp_path / "run"), *_TINY])
+    epoch = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()
+             if "val" in json.loads(x)][0]
+    phases = {"scoring", "split_and_batches", "training", "validation", "checkpoint"}
+    assert set(epoch["seconds"]) == phases and all(v >= 0 for v in epoch["seconds"].values())
+    assert epoch["train_pairs_per_s"] > 0
+    assert "lr 2.00e-06" in capsys.readouterr().out
+
+
 def test_train_resume_is_exact(tmp_path):
     args = ["train", "--preset", "dsdmr", "--noise_ratio", "0.4", *_TINY]
     R.main(args + ["--epochs", "2", "--output_dir", str(tmp_path / "a")])

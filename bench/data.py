@@ -5,8 +5,8 @@ JSON beside them, then images/s of a full pass over them through `ImageSet.batch
 (Pillow decode + CLIP resize/crop to uint8, DataLoader workers) and (b) the memory-mapped cache that
 `load_pairs(..., cache_dir=...)` builds once (its one-off build time is reported too). A markdown table is
 printed last.
-What it is not: a cold-disk benchmark. The files and the cache are freshly written, so both paths read from the
-page cache; the decode side also starts from images already at 224 px, where real Flickr30K / COCO photos
+What it is not: a cold-disk benchmark. The files and the cache are freshly written, so both paths read from
+the page cache; the decode side also starts from images already at 224 px, where real Flickr30K / COCO photos
 (about 500 x 375) need a resize too, so the ratio here is a lower bound.
 
 On a CPU shared with other busy processes, the in-process (0 workers) decode is dominated by torch's
@@ -33,7 +33,8 @@ from robustitm import load_pairs, synthetic_splits  # noqa: E402
 
 
 def write_jpeg_dataset(n, out_dir, size=224, quality=90, seed=0):
-    """Scenes (32 px) upscaled to size x size (bicubic), saved as JPEG + a Karpathy JSON; returns the JSON path."""
+    """Scenes (32 px) upscaled to size x size (bicubic), saved as JPEG + a Karpathy JSON; returns the
+    JSON path."""
     pairs = synthetic_splits(n, 0, 0, seed=seed)["train"]
     out = Path(out_dir)
     (out / "images").mkdir(parents=True)
@@ -62,11 +63,12 @@ def full_pass(images, batch_size, workers):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=None, help="number of JPEG files (default 2000; quick 200)")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader workers for decoding (and the cache build)")
+    p.add_argument("--workers", type=int, default=2,
+                   help="DataLoader workers for decoding (and the cache build)")
     p.add_argument("--batch", type=int, default=256, help="images per batch")
     p.add_argument("--repeats", type=int, default=None, help="passes per path, median (default 3; quick 1)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads in this process (DataLoader workers "
-                                                             "always use 1); default: as set up")
+    p.add_argument("--threads", type=int, default=None, help="torch threads in this process (DataLoader "
+                                                             "workers always use 1); default: as set up")
     p.add_argument("--quick", action="store_true", help="a smoke run in seconds")
     args = p.parse_args(argv)
     if args.threads:
@@ -91,9 +93,11 @@ def main(argv=None):
             print(rows[-1], flush=True)
 
         t0 = time.perf_counter()
-        cached = load_pairs(js, "train", size=224, cache_dir=Path(tmp) / "cache", num_workers=args.workers).images
+        cached = load_pairs(js, "train", size=224, cache_dir=Path(tmp) / "cache",
+                            num_workers=args.workers).images
         build_s = time.perf_counter() - t0
-        cached = load_pairs(js, "train", size=224, cache_dir=Path(tmp) / "cache").images  # a later run: reuses it
+        # a later run: reuses it
+        cached = load_pairs(js, "train", size=224, cache_dir=Path(tmp) / "cache").images
         secs = [full_pass(cached, args.batch, 0)[0] for _ in range(repeats)]
         rows.append(("memory-mapped uint8 cache, in-process", n / statistics.median(secs), secs))
         print(rows[-1], flush=True)

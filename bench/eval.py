@@ -1,8 +1,9 @@
-"""Benchmark: the COCO 5K ranking (5,000 images x 25,000 captions, E=512) computed in tiles vs from one dense matrix.
+"""Benchmark: the COCO 5K ranking (5,000 images x 25,000 captions, E=512) computed in tiles vs from \
+one dense matrix.
 
-What it is: wall time and peak resident memory of `evaluate` (tiles, never the full matrix) against building the
-(5000, 25000) similarity matrix and ranking it with `recall_at_k`, each variant in a fresh subprocess so its peak
-RSS (resource.getrusage, which sees torch's allocations; tracemalloc does not) is its own.
+What it is: wall time and peak resident memory of `evaluate` (tiles, never the full matrix) against building
+the (5000, 25000) similarity matrix and ranking it with `recall_at_k`, each variant in a fresh subprocess so
+its peak RSS (resource.getrusage, which sees torch's allocations; tracemalloc does not) is its own.
 What it is not: a model benchmark; embeddings are random unit vectors (captions near their image).
 Usage: python bench/eval.py [--device cpu] [--repeat 1]
 """
@@ -54,8 +55,8 @@ def run_variant(name, device):
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
     gpu_mb = torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else float("nan")
-    print(json.dumps({"variant": name, "wall_s": wall, "cpu_s": cpu, "peak_rss_mb": peak_mb, "gpu_peak_mb": gpu_mb,
-                      "rsum": m["rsum"], "threads": torch.get_num_threads()}))
+    print(json.dumps({"variant": name, "wall_s": wall, "cpu_s": cpu, "peak_rss_mb": peak_mb,
+                      "gpu_peak_mb": gpu_mb, "rsum": m["rsum"], "threads": torch.get_num_threads()}))
 
 
 def main(argv=None):
@@ -75,7 +76,8 @@ def main(argv=None):
             runs.append(json.loads(out.strip().splitlines()[-1]))
             print(runs[-1], flush=True)
         rows.append(min(runs, key=lambda r: r["wall_s"]))
-    print(f"\nCOCO 5K ranking, {N} x {N * PER}, E={E}, device {args.device}, {rows[0]['threads']} torch threads\n")
+    print(f"\nCOCO 5K ranking, {N} x {N * PER}, E={E}, device {args.device}, "
+          f"{rows[0]['threads']} torch threads\n")
     print("| variant | what | wall (s) | CPU (s) | peak RSS (MB) | GPU peak (MB) | rsum |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for r in rows:

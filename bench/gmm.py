@@ -49,21 +49,25 @@ def bench_em(n: int, repeats: int, device: torch.device, tol: float, max_iter: i
     from sklearn.mixture import GaussianMixture as SkGaussianMixture
     x = bimodal_scores(n)  # (N, 1)
     x_ours = torch.from_numpy(x).to(device)  # data already on the device: the fit is what we time
-    init = dict(means=np.array([[0.1], [0.4]]), variances=np.array([[0.01], [0.01]]), weights=np.array([0.5, 0.5]))
+    init = dict(means=np.array([[0.1], [0.4]]), variances=np.array([[0.01], [0.01]]),
+                weights=np.array([0.5, 0.5]))
     ours_t, sk_t = [], []
     for _ in range(repeats):  # interleaved, so a busy neighbour slows both sides alike
-        t, ours = _timed(lambda: GaussianMixture(2, means_init=init["means"], variances_init=init["variances"],
+        t, ours = _timed(lambda: GaussianMixture(2, means_init=init["means"],
+                                                 variances_init=init["variances"],
                                                  weights_init=init["weights"], tol=tol,
                                                  max_iter=max_iter).fit(x_ours), device)
         ours_t.append(t)
         t, sk = _timed(lambda: SkGaussianMixture(2, covariance_type="diag", means_init=init["means"],
-                                                 precisions_init=1 / init["variances"], weights_init=init["weights"],
-                                                 tol=tol, max_iter=max_iter).fit(x), torch.device("cpu"))
+                                                 precisions_init=1 / init["variances"],
+                                                 weights_init=init["weights"], tol=tol,
+                                                 max_iter=max_iter).fit(x), torch.device("cpu"))
         sk_t.append(t)
     rel = abs(ours.lower_bound_ - sk.lower_bound_) / abs(sk.lower_bound_)
-    return dict(task=f"EM, 2 comp., N={n:,} (1-D)", ours=statistics.median(ours_t), sk=statistics.median(sk_t),
-                runs=repeats, agree=f"mean log-lik {ours.lower_bound_:.9f} vs {sk.lower_bound_:.9f} "
-                                    f"(rel {rel:.1e}; {ours.n_iter_} vs {sk.n_iter_} it.)")
+    return dict(task=f"EM, 2 comp., N={n:,} (1-D)", ours=statistics.median(ours_t),
+                sk=statistics.median(sk_t), runs=repeats,
+                agree=f"mean log-lik {ours.lower_bound_:.9f} vs {sk.lower_bound_:.9f} "
+                      f"(rel {rel:.1e}; {ours.n_iter_} vs {sk.n_iter_} it.)")
 
 
 def blobs(n: int, d: int, k: int, seed: int = 0) -> np.ndarray:
@@ -85,12 +89,13 @@ def bench_lloyd(x: np.ndarray, k: int, iters: int, device: torch.device) -> dict
     init = x[np.random.default_rng(0).choice(len(x), k, replace=False)]  # (K, D)
     x_ours = torch.from_numpy(x).to(device)
     t_ours, (centers, labels) = _timed(lambda: kmeans(x_ours, k, iters=iters, tol=0.0, init=init), device)
-    t_sk, sk = _timed(lambda: KMeans(k, init=init, n_init=1, max_iter=iters, tol=0.0).fit(x), torch.device("cpu"))
+    t_sk, sk = _timed(lambda: KMeans(k, init=init, n_init=1, max_iter=iters, tol=0.0).fit(x),
+                      torch.device("cpu"))
     ours = _inertia(x_ours, centers, labels)
     n, d = x.shape
     return dict(task=f"k-means Lloyd, {n:,}x{d}, K={k}, {iters} it.", ours=t_ours, sk=t_sk, runs=1,
-                agree=f"inertia {ours:.6g} vs {sk.inertia_:.6g} (rel {abs(ours - sk.inertia_) / sk.inertia_:.1e}; "
-                      f"sklearn ran {sk.n_iter_} it.)")
+                agree=f"inertia {ours:.6g} vs {sk.inertia_:.6g} "
+                      f"(rel {abs(ours - sk.inertia_) / sk.inertia_:.1e}; sklearn ran {sk.n_iter_} it.)")
 
 
 def bench_seeded(x: np.ndarray, k: int, iters: int, device: torch.device) -> dict:
@@ -103,7 +108,8 @@ def bench_seeded(x: np.ndarray, k: int, iters: int, device: torch.device) -> dic
     ours = _inertia(x_ours, centers, labels)
     n, d = x.shape
     return dict(task=f"k-means++ seeding + {iters} it., {n:,}x{d}, K={k}", ours=t_ours, sk=t_sk, runs=1,
-                agree=f"inertia {ours:.6g} vs {sk.inertia_:.6g} (rel {abs(ours - sk.inertia_) / sk.inertia_:.1e})")
+                agree=f"inertia {ours:.6g} vs {sk.inertia_:.6g} "
+                      f"(rel {abs(ours - sk.inertia_) / sk.inertia_:.1e})")
 
 
 def main(argv=None):
@@ -113,7 +119,8 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=None, help="EM runs per side (median); default 3, quick 2")
     p.add_argument("--tol", type=float, default=1e-6, help="EM tolerance, both sides")
     p.add_argument("--max-iter", type=int, default=100, help="EM iteration cap, both sides")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for both sides (default: as set up)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for both sides (default: as set up)")
     args = p.parse_args(argv)
     if args.threads:
         from threadpoolctl import threadpool_limits  # installed with scikit-learn
@@ -126,8 +133,8 @@ def main(argv=None):
     em_sizes = [20_000, 150_000] if args.quick else [150_000, 1_000_000]
     n, d, k, iters = (20_000, 64, 60, 5) if args.quick else (150_000, 512, 600, 10)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, load average {load:.1f}, "
-          f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, "
+          f"load average {load:.1f}, OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}")
 
     GaussianMixture(2).fit(torch.from_numpy(bimodal_scores(1000)).to(device))  # warm-up (kernels, allocator)
     rows = []

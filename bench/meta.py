@@ -1,14 +1,16 @@
 """Benchmark: time and peak memory of an MSCN meta step (meta.meta_step) against a plain training step.
 
 What it is: the same model, batch, loss (meta.mscn_loss) and optimiser (AdamW) timed three ways: a plain step
-(forward, backward, optimizer.step), a meta step whose look-ahead covers the two projection heads, and one over all
-parameters. Times: the median over rounds that run every configuration once, interleaved in one process (so a
-busy machine slows all alike). Peak memory: each configuration in a fresh process, above its resting state (model +
-optimiser state): on CUDA the peak allocated memory, on CPU the growth of peak RSS over the resident size after the
-first step (blocks >= 64 KiB are mmap-ed so that freed tensors leave it; approximate). Prints a markdown table last.
+(forward, backward, optimizer.step), a meta step whose look-ahead covers the two projection heads, and one
+over all parameters. Times: the median over rounds that run every configuration once, interleaved in one
+process (so a busy machine slows all alike). Peak memory: each configuration in a fresh process, above its
+resting state (model + optimiser state): on CUDA the peak allocated memory, on CPU the growth of peak RSS over
+the resident size after the first step (blocks >= 64 KiB are mmap-ed so that freed tensors leave it;
+approximate). Prints a markdown table last.
 What it is not: a training run; inputs are random tensors.
 
-Usage: python bench/meta.py [--model tiny|vitb32|fallback] [--batch-size 32] [--steps 10] [--device cuda] [--amp]
+Usage: python bench/meta.py [--model tiny|vitb32|fallback] [--batch-size 32] [--steps 10]
+       [--device cuda] [--amp]
 """
 import argparse
 import json
@@ -21,11 +23,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = {"plain": None, "meta-heads": "heads", "meta-all": "all"}  # name -> meta_step's params (None: no meta)
+# name -> meta_step's params (None: no meta)
+CONFIGS = {"plain": None, "meta-heads": "heads", "meta-all": "all"}
 
 
 def _fallback_model(embed_dim=64, image_size=32, vocab_size=259, width=128):
-    """A small dual encoder with the project's contract and head names, for when robustitm is not importable."""
+    """A small dual encoder with the project's contract and head names, for when robustitm is not
+    importable."""
     import torch
     import torch.nn as nn
     import torch.nn.functional as F
@@ -137,7 +141,8 @@ def peak_memory(args):
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) - rest
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rest  # ru_maxrss is in KiB on Linux
+        # ru_maxrss is in KiB on Linux
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rest
     print(json.dumps({"config": args.one, "peak_mb": peak / 2 ** 20}))
 
 
@@ -163,15 +168,18 @@ def main(argv=None):
     # memory: one fresh process per configuration, so each peak is its own
     peak = {}
     for name in configs:
-        cmd = [sys.executable, __file__, "--one", name, "--model", args.model, "--batch-size", str(args.batch_size),
+        cmd = [sys.executable, __file__, "--one", name, "--model", args.model,
+               "--batch-size", str(args.batch_size),
                "--device", args.device] + (["--amp"] if args.amp else [])
-        # glibc: serve blocks >= 64 KiB by mmap, so freed tensors leave the RSS and its peak tracks live memory
+        # glibc: serve blocks >= 64 KiB by mmap, so freed tensors leave the RSS
+        # and its peak tracks live memory
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
         out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
         if out.returncode:
             raise SystemExit(f"{name} failed:\n{out.stderr}")
         peak[name] = json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
-    # time: configurations interleaved round by round in one process, so load from other processes hits all alike
+    # time: configurations interleaved round by round in one process,
+    # so load from other processes hits all alike
     s = _setup(args)
     times = {name: [] for name in configs}
     for r in range(args.warmup + args.steps):

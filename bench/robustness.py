@@ -1,21 +1,28 @@
 """Robustness benchmark: test rSum of each method as the noise rate rises, on the synthetic scenes task.
 
-Every run fine-tunes the demo's pretrained tiny model (built and cached on first use) on synthetic splits drawn
-from the run's seed, selects its epoch on validation rSum (never the test split), and reports the test split
-(1,000 images x 5 captions, the Flickr30K test protocol). Each finished run is appended to a JSON-lines file, so
-an interrupted grid resumes where it stopped; the report (bench/results/robustness.md and .json, and the plot
-docs/robustness.png drawn with Pillow) is rebuilt from every run in that file that belongs to the grid.
+Every run fine-tunes the demo's pretrained tiny model (built and cached on first use) on synthetic splits
+drawn from the run's seed, selects its epoch on validation rSum (never the test split), and reports the test
+split (1,000 images x 5 captions, the Flickr30K test protocol). Each finished run is appended to a JSON-lines
+file, so an interrupted grid resumes where it stopped; the report (bench/results/robustness.md and .json, and
+the plot docs/robustness.png drawn with Pillow) is rebuilt from every run in that file that belongs to the
+grid.
 
-A method is a preset of robustitm.py (clip, vse, dsdmr, mscn, iuccl, all; clean is the reference: clip on exactly
-the pairs the noise left intact) or a variant in VARIANTS (dsdmr-<margin schedule>, clean-dsdm, iuccl-<part off>).
+A method is a preset of robustitm.py (clip, vse, dsdmr, mscn, iuccl, all; clean is the reference: clip on
+exactly the pairs the noise left intact) or a variant in VARIANTS (dsdmr-<margin schedule>, clean-dsdm,
+iuccl-<part off>).
 
-    python bench/robustness.py --quick                     # clip vs dsdmr, caption noise 0/40/80%: minutes, 2 cores
-    python bench/robustness.py --device cuda --workers 16  # the full grid, the clean reference and the margin-schedule
-                                                           # ablation (258 runs)
-    python bench/robustness.py --device cuda --time-limit 540   # stop starting runs after 9 min; run again to resume
-    python bench/robustness.py --methods clip,dsdmr --noise 0,0.6 --no-ablation --epochs 10 --lr-decay-epochs 5 \
-        --name robustness_10epochs                         # a longer schedule, written beside the main report
-    python bench/robustness.py --report                    # rebuild the report from the finished runs only
+    python bench/robustness.py --quick
+        # clip vs dsdmr, caption noise 0/40/80%: minutes, 2 cores
+    python bench/robustness.py --device cuda --workers 16
+        # the full grid, the clean reference and the margin-schedule
+        # ablation (258 runs)
+    python bench/robustness.py --device cuda --time-limit 540
+        # stop starting runs after 9 min; run again to resume
+    python bench/robustness.py --methods clip,dsdmr --noise 0,0.6 --no-ablation --epochs 10 \
+        --lr-decay-epochs 5 --name robustness_10epochs
+        # a longer schedule, written beside the main report
+    python bench/robustness.py --report
+        # rebuild the report from the finished runs only
 """
 import argparse
 import concurrent.futures as cf
@@ -34,10 +41,12 @@ sys.path.insert(0, str(ROOT))
 import robustitm as R  # noqa: E402
 
 METHODS = "clip,vse,dsdmr,mscn,iuccl,all,clean"  # clean: a reference (trains on the truly clean pairs only)
-SCHEDULES = ("sharpened", "posterior", "gap", "fixed")  # paper A's margin schedules (ablation rows dsdmr-<name>)
+# paper A's margin schedules (ablation rows dsdmr-<name>)
+SCHEDULES = ("sharpened", "posterior", "gap", "fixed")
 # A method name <preset>-<variant> is the preset with these switches changed
 VARIANTS = {**{f"dsdmr-{s}": dict(margin_schedule=s) for s in SCHEDULES},
-            "clean-dsdm": dict(loss="dsdm"),  # the perfect filter with paper A's loss (fixed margins: P(clean) = 1)
+            # the perfect filter with paper A's loss (fixed margins: P(clean) = 1)
+            "clean-dsdm": dict(loss="dsdm"),
             # paper C's parts one at a time: without the clustered batches, without the uni-modal terms, and
             # without the dropout its text-text view adds to a dropout-free tower
             "iuccl-random": dict(batches="random"), "iuccl-nounimodal": dict(unimodal=False),
@@ -60,8 +69,8 @@ def run_one(task):
     torch = R.torch
     torch.set_num_threads(1)  # many workers share the cores
     sys.stdout = open(os.devnull, "w")  # the per-step progress lines of parallel runs would interleave
-    row = {"method": method, "protocol": protocol, "noise": noise, "seed": seed, "sizes": sizes, "epochs": epochs,
-           "lr_decay_epochs": lr_decay}
+    row = {"method": method, "protocol": protocol, "noise": noise, "seed": seed, "sizes": sizes,
+           "epochs": epochs, "lr_decay_epochs": lr_decay}
     t0 = time.time()
     cfg = R.TrainConfig(preset=method.split("-")[0], pretrained=str(pretrained), noise_ratio=noise,
                         noise_protocol=protocol, seed=seed, epochs=epochs, device=device, overwrite=True,
@@ -70,7 +79,8 @@ def run_one(task):
         cfg.lr_decay_epochs = lr_decay
     try:
         if (sizes, seed) not in _SPLITS:
-            _SPLITS[(sizes, seed)] = R.synthetic_splits(*(int(x) for x in sizes.split(",")), seed=seed, image_size=32)
+            _SPLITS[(sizes, seed)] = R.synthetic_splits(*(int(x) for x in sizes.split(",")), seed=seed,
+                                                        image_size=32)
         for k, v in VARIANTS.get(method, {}).items():
             setattr(cfg, k, v)
         res = R.train(cfg, _SPLITS[(sizes, seed)], log=lambda *a, **k: None)
@@ -90,7 +100,8 @@ def run_one(task):
     shutil.rmtree(cfg.output_dir, ignore_errors=True)  # checkpoints and plots of a finished run are not kept
     row["seconds"] = round(time.time() - t0, 1)
     dev = R._device(device)
-    row["machine"] = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
+    row["machine"] = (torch.cuda.get_device_name(dev) if dev.type == "cuda"
+                      else f"cpu ({os.cpu_count()} cores)")
     return row
 
 
@@ -112,14 +123,15 @@ def summarise(rows):
 
 
 def tables(summary, methods, noises):
-    """Markdown: per protocol, methods x noise (mean ± std, † = below clip's mean at that noise, with the share of
-    its own 0%-noise rSum kept at 60%), then the ablation, then every group in detail."""
+    """Markdown: per protocol, methods x noise (mean ± std, † = below clip's mean at that noise, with the
+    share of its own 0%-noise rSum kept at 60%), then the ablation, then every group in detail."""
     at = {(s["method"], s["protocol"], s["noise"]): s for s in summary}
     keep_col = 0.0 in noises and 0.6 in noises
     lines = []
     for p in sorted({s["protocol"] for s in summary}):
         lines += [f"**{p}-level noise**: test rSum, mean ± std over seeds († below `clip` at that noise)", "",
-                  "| method | " + " | ".join(f"{n:.0%}" for n in noises) + (" | kept at 60% |" if keep_col else " |"),
+                  "| method | " + " | ".join(f"{n:.0%}" for n in noises)
+                  + (" | kept at 60% |" if keep_col else " |"),
                   "|---|" + "---:|" * (len(noises) + keep_col)]
         for m in methods:
             cells = []
@@ -138,23 +150,25 @@ def tables(summary, methods, noises):
     ablation = [s for s in summary if s["method"].startswith("dsdmr-")]
     if ablation:
         cols = sorted({(s["protocol"], s["noise"]) for s in ablation})
-        lines += ["**Paper A's margin schedules** (`dsdmr` with `--margin_schedule`): test rSum, mean ± std", "",
-                  "| schedule | " + " | ".join(f"{p} {n:.0%}" for p, n in cols) + " |", "|---|" + "---:|" * len(cols)]
+        lines += ["**Paper A's margin schedules** (`dsdmr` with `--margin_schedule`): test rSum, mean ± std",
+                  "", "| schedule | " + " | ".join(f"{p} {n:.0%}" for p, n in cols) + " |",
+                  "|---|" + "---:|" * len(cols)]
         for sch in SCHEDULES:
             cells = [at.get((f"dsdmr-{sch}", p, n)) for p, n in cols]
             lines.append(f"| {sch} | " + " | ".join(f"{s['rsum']:.1f} ± {s['rsum_std']:.1f}" if s else "–"
                                                     for s in cells) + " |")
         lines.append("")
-    lines += ["**Every group**: R@1 and the filter's kept set (precision = clean share of the kept pairs, recall ="
-              " share of the clean pairs kept), of the split the selected epoch trained on (‡: of the last round, runs"
-              " recorded before the selected epoch's split was kept), mean over seeds", "",
-              "| protocol | noise | method | seeds | test rSum | i2t R@1 | t2i R@1 | kept precision | kept recall "
-              "| machine |", "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    lines += ["**Every group**: R@1 and the filter's kept set (precision = clean share of the kept pairs,"
+              " recall = share of the clean pairs kept), of the split the selected epoch trained on (‡: of"
+              " the last round, runs recorded before the selected epoch's split was kept), mean over seeds",
+              "", "| protocol | noise | method | seeds | test rSum | i2t R@1 | t2i R@1 | kept precision "
+              "| kept recall | machine |", "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for s in summary:
         pr = f"{s['precision']:.3f} | {s['recall']:.3f}" if s["precision"] is not None else "– | –"
         pr += " ‡" if s.get("last_round") else ""
-        lines.append(f"| {s['protocol']} | {s['noise']:.0%} | {s['method']} | {s['seeds']} | {s['rsum']:.1f} ± "
-                     f"{s['rsum_std']:.1f} | {s['i2t_r1']:.1f} | {s['t2i_r1']:.1f} | {pr} | {s.get('machine', '')} |")
+        lines.append(f"| {s['protocol']} | {s['noise']:.0%} | {s['method']} | {s['seeds']} | "
+                     f"{s['rsum']:.1f} ± {s['rsum_std']:.1f} | {s['i2t_r1']:.1f} | {s['t2i_r1']:.1f} | "
+                     f"{pr} | {s.get('machine', '')} |")
     return "\n".join(lines)
 
 
@@ -206,7 +220,8 @@ def plot(summary, methods, path):
 
 
 def expected(durations, g):
-    """Seconds a run of g's method should take: 1.2 x the slowest of that method so far, else a cost-scaled guess."""
+    """Seconds a run of g's method should take: 1.2 x the slowest of that method so far, else a
+    cost-scaled guess."""
     if g["method"] in durations:
         return 1.2 * max(durations[g["method"]])
     seen = [s / COST.get(m, 1) for m, ds in durations.items() for s in ds]
@@ -221,25 +236,32 @@ def load_runs(path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="clip vs dsdmr, caption noise 0/40/80%%, seed 0, demo sizes")
+    p.add_argument("--quick", action="store_true",
+                   help="clip vs dsdmr, caption noise 0/40/80%%, seed 0, demo sizes")
     p.add_argument("--methods", default=METHODS)
-    p.add_argument("--no-ablation", action="store_true", help="skip paper A's margin schedules at 40%% and 60%%")
+    p.add_argument("--no-ablation", action="store_true",
+                   help="skip paper A's margin schedules at 40%% and 60%%")
     p.add_argument("--noise", default="0,0.2,0.4,0.6,0.8")
     p.add_argument("--protocols", default="caption,image")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--sizes", default=None, help=f"train,val,test images (default {FULL_SIZES}; quick {QUICK_SIZES})")
+    p.add_argument("--sizes", default=None,
+                   help=f"train,val,test images (default {FULL_SIZES}; quick {QUICK_SIZES})")
     p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--lr-decay-epochs", type=int, default=None, help="x0.1 every this many epochs (default: the "
-                                                                      "training default, 10: no decay in 5 epochs)")
+    p.add_argument("--lr-decay-epochs", type=int, default=None,
+                   help="x0.1 every this many epochs (default: the "
+                        "training default, 10: no decay in 5 epochs)")
     p.add_argument("--name", default=None, help="file stem of the runs, report and plot (default robustness; "
                                                 "quick: robustness_quick)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--workers", type=int, default=os.cpu_count(), help="runs in parallel (processes of one thread "
-                                                                       "each; default: one per CPU core)")
-    p.add_argument("--time-limit", type=float, default=None, help="seconds: start no run that would end after it")
+    p.add_argument("--workers", type=int, default=os.cpu_count(),
+                   help="runs in parallel (processes of one thread "
+                        "each; default: one per CPU core)")
+    p.add_argument("--time-limit", type=float, default=None,
+                   help="seconds: start no run that would end after it")
     p.add_argument("--report", action="store_true", help="only rebuild the report from the runs file")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
-    p.add_argument("--plot", default=None, help="default docs/robustness.png (quick: docs/robustness_quick.png)")
+    p.add_argument("--plot", default=None,
+                   help="default docs/robustness.png (quick: docs/robustness_quick.png)")
     args = p.parse_args(argv)
     if args.quick:
         args.methods, args.noise, args.protocols, args.seeds = "clip,dsdmr", "0,0.4,0.8", "caption", "0"
@@ -251,7 +273,8 @@ def main(argv=None):
     protocols, seeds = args.protocols.split(","), [int(s) for s in args.seeds.split(",")]
     bad = [m for m in methods if m.split("-")[0] not in R.PRESETS or ("-" in m and m not in VARIANTS)]
     if bad:
-        p.error(f"unknown method(s) {bad}: a preset ({', '.join(R.PRESETS)}) or a variant ({', '.join(VARIANTS)})")
+        p.error(f"unknown method(s) {bad}: a preset ({', '.join(R.PRESETS)}) "
+                f"or a variant ({', '.join(VARIANTS)})")
     grid = []
     for s in seeds:  # seed by seed, so a stopped grid has complete seeds; slow methods first within one
         block = [(m, n, pr) for pr in protocols for n in noises for m in methods]
@@ -278,7 +301,8 @@ def main(argv=None):
         with cf.ProcessPoolExecutor(args.workers, mp_context=ctx) as pool, open(runs_path, "a") as fh:
             while pending or running:
                 while pending and len(running) < args.workers:
-                    if args.time_limit and time.time() - t0 + expected(durations, pending[0]) > args.time_limit:
+                    if args.time_limit and (time.time() - t0 + expected(durations, pending[0])
+                                            > args.time_limit):
                         print(f"time limit: {len(pending)} runs left for a later call", flush=True)
                         pending = []
                         break
@@ -314,14 +338,17 @@ def main(argv=None):
     md = tables(summary, methods, noises)
     cmd = "python bench/robustness.py " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.report:
-        cmd = f"rebuilt from {runs_path.relative_to(ROOT) if runs_path.is_relative_to(ROOT) else runs_path} by {cmd}"
+        cmd = (f"rebuilt from {runs_path.relative_to(ROOT) if runs_path.is_relative_to(ROOT) else runs_path} "
+               f"by {cmd}")
     decay = f", lr x0.1 every {args.lr_decay_epochs}" if args.lr_decay_epochs else ""
     machines = ", ".join(sorted({r.get("machine", "not recorded") for r in rows}))
     (out / f"{args.name}.md").write_text(
-        f"{md}\n\n{len(rows)} of {len(grid)} runs; sizes {args.sizes} (train, val, test images); {args.epochs} "
-        f"epochs{decay}; run time summed over runs {run_s / 60:.0f} min; machine: {machines}.\n{cmd}\n")
-    (out / f"{args.name}.json").write_text(json.dumps({"sizes": args.sizes, "epochs": args.epochs, "lr_decay_epochs":
-                                                     args.lr_decay_epochs, "runs": rows, "summary": summary}, indent=1))
+        f"{md}\n\n{len(rows)} of {len(grid)} runs; sizes {args.sizes} (train, val, test images); "
+        f"{args.epochs} epochs{decay}; run time summed over runs {run_s / 60:.0f} min; "
+        f"machine: {machines}.\n{cmd}\n")
+    (out / f"{args.name}.json").write_text(json.dumps({"sizes": args.sizes, "epochs": args.epochs,
+                                                       "lr_decay_epochs": args.lr_decay_epochs, "runs": rows,
+                                                       "summary": summary}, indent=1))
     plot(summary, methods, args.plot)
     print(md)
     print(f"\n{len(rows)} of {len(grid)} runs reported; {time.time() - t0:.0f} s wall this call, "

@@ -2,18 +2,18 @@
 
 What it is: one process, one GPU, the same random weights in all three implementations (ours -> `export_hf` ->
 `CLIPModel.from_pretrained`; ours -> open_clip `ViT-B-32-quickgelu` by a strict state-dict load), the same
-batches (random images, random token ids whose lengths follow a realistic caption-length distribution), the same
-step: bf16 autocast over fp32 master weights, symmetric InfoNCE (losses.info_nce), fused AdamW. Each model runs
-eager and under `torch.compile`. Per variant: training pairs/s (median step time from CUDA events, no host sync
-inside the timed steps), encode images/s and captions/s (no grad, bf16), peak memory, and model-FLOPs
-utilisation against an 8192^3 bf16 matmul timed in the same run. A markdown table is printed last.
-What it is not: a data-loading benchmark (batches are resident on the GPU; see bench/data.py) or a quality test
-(the parity check at the start compares embeddings across the three implementations once, in fp32).
+batches (random images, random token ids whose lengths follow a realistic caption-length distribution), the
+same step: bf16 autocast over fp32 master weights, symmetric InfoNCE (losses.info_nce), fused AdamW. Each
+model runs eager and under `torch.compile`. Per variant: training pairs/s (median step time from CUDA events,
+no host sync inside the timed steps), encode images/s and captions/s (no grad, bf16), peak memory, and
+model-FLOPs utilisation against an 8192^3 bf16 matmul timed in the same run. A markdown table is printed last.
+What it is not: a data-loading benchmark (batches are resident on the GPU; see bench/data.py) or a quality
+test (the parity check at the start compares embeddings across the three implementations once, in fp32).
 
 FLOPs are counted exactly for every matmul (QKV, attention scores and values, output projection, MLP, patch
 convolution, projections, the B x B logits), forward x 3 for forward + backward; causal text attention counts
-L(L+1)/2 score entries. "MFU" counts the tokens each variant actually processes (padding included); "useful MFU"
-counts only real caption tokens, so padding shows up as lost utilisation.
+L(L+1)/2 score entries. "MFU" counts the tokens each variant actually processes (padding included);
+"useful MFU" counts only real caption tokens, so padding shows up as lost utilisation.
 
 Usage: python bench/throughput.py [--quick] [--batch 256] [--steps 30] [--budget-s 340] [--json out.json]
 """
@@ -38,9 +38,11 @@ from robustitm import CLIP_MEAN, CLIP_STD, clip_vit_b32, export_hf  # noqa: E402
 
 CONTEXT = 77                 # CLIP's context length: what open_clip's and transformers' tokenizers pad to
 SOT, EOT = 49406, 49407      # CLIP's start / end tokens (EOT = vocab_size - 1, the largest id)
-BUCKET = 8                   # compiled dynamic-length text: pad the batch's longest caption up to a multiple of this
+# compiled dynamic-length text: pad the batch's longest caption up to a multiple of this
+BUCKET = 8
 
-# (name, implementation, text padding, compiled); run in this order, the compiled ones while the time budget lasts
+# (name, implementation, text padding, compiled);
+# run in this order, the compiled ones while the time budget lasts
 VARIANTS = [
     ("ours, pad 77", "ours", "77", False),
     ("ours, dynamic", "ours", "dyn", False),
@@ -54,9 +56,9 @@ VARIANTS = [
 ]
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Inputs and FLOPs
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 def caption_lengths(n, rng, mean=16.0, sd=5.0):
     """(n,) CLIP token counts including start and end tokens: a normal(mean, sd) rounded, clipped to [5, 77]
@@ -65,8 +67,8 @@ def caption_lengths(n, rng, mean=16.0, sd=5.0):
 
 
 def make_batches(n_batches, B, image_size, device, seed=0):
-    """A pool of batches resident on the device: uint8 images (B, 3, S, S), ids (B, 77) with SOT first, EOT last
-    and 0 after it, mask (B, 77) bool, and the true lengths (B,) as numpy."""
+    """A pool of batches resident on the device: uint8 images (B, 3, S, S), ids (B, 77) with SOT first, EOT
+    last and 0 after it, mask (B, 77) bool, and the true lengths (B,) as numpy."""
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
     pos = torch.arange(CONTEXT)
@@ -109,12 +111,13 @@ def train_flops(cfg, B, text_lens):
     return 3 * (vision + text + 2 * B * B * E)
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # The three implementations behind one interface: image / text embeddings, L2-normalised, (B, E)
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 class Normalize(torch.nn.Module):
-    """uint8 (B, 3, S, S) -> CLIP-normalised float, on the device (what a training loop does with cached images)."""
+    """uint8 (B, 3, S, S) -> CLIP-normalised float, on the device (what a training loop does with cached
+    images)."""
 
     def __init__(self):
         super().__init__()
@@ -143,7 +146,8 @@ def build(impl, ref, hf_dir, device):
         m = CLIPModel.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="sdpa").to(device)
 
         def enc_img(x):
-            return F.normalize(m.visual_projection(m.vision_model(pixel_values=norm(x)).pooler_output), dim=-1)
+            return F.normalize(m.visual_projection(m.vision_model(pixel_values=norm(x)).pooler_output),
+                               dim=-1)
 
         def enc_txt(ids, mask):
             out = m.text_model(input_ids=ids, attention_mask=mask.long()).pooler_output
@@ -162,18 +166,20 @@ def parity(ref, hf_dir, batch, device, peers, n=4):
     out = {}
     for impl in peers:
         m, ei, et = build(impl, ref, hf_dir, device)
-        out[impl] = float((torch.cat([ei(images), et(batch["ids"][:n], batch["mask"][:n])]) - want).abs().max())
+        out[impl] = float((torch.cat([ei(images), et(batch["ids"][:n], batch["mask"][:n])])
+                           - want).abs().max())
         del m, ei, et
     del ours
     return out
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Timing
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 class StepTimer:
-    """Per-step seconds: CUDA events recorded around each step (read after one final synchronize) or the host clock."""
+    """Per-step seconds: CUDA events recorded around each step (read after one final synchronize) or the
+    host clock."""
 
     def __init__(self, device):
         self.cuda, self.pairs, self.host = device.type == "cuda", [], []
@@ -230,7 +236,8 @@ def run_variant(name, impl, padding, compiled, ref, hf_dir, pool, args, device, 
     logit_scale = model.logit_scale
     lens = [text_length(b["lengths"], padding, compiled) for b in pool]
     row["text_len"] = sorted(set(lens))
-    amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")  # CPU: fp32 (smoke)
+    # CPU: fp32 (smoke)
+    amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     def loss_fn(images, ids, mask):
         with torch.autocast(**amp):
@@ -238,7 +245,8 @@ def run_variant(name, impl, padding, compiled, ref, hf_dir, pool, args, device, 
         return info_nce(v.float() @ t.float().t(), logit_scale.exp())  # symmetric InfoNCE, fp32
 
     step_loss = torch.compile(loss_fn, dynamic=False, mode=args.compile_mode) if compiled else loss_fn
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.98), eps=1e-6, fused=device.type == "cuda")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.98), eps=1e-6,
+                            fused=device.type == "cuda")
     batches = [(b["images"], b["ids"][:, :L], b["mask"][:, :L]) for b, L in zip(pool, lens)]
 
     def step(i):
@@ -304,12 +312,13 @@ def run_variant(name, impl, padding, compiled, ref, hf_dir, pool, args, device, 
 
 
 class Budget:
-    """Wall-clock budget: skip a variant when its estimated cost (from the last one of its kind) would overrun.
-    Compiled training is estimated per distinct text length (one compilation each)."""
+    """Wall-clock budget: skip a variant when its estimated cost (from the last one of its kind) would
+    overrun. Compiled training is estimated per distinct text length (one compilation each)."""
 
     def __init__(self, seconds):
         self.deadline = time.perf_counter() + seconds if seconds else math.inf
-        self.seen = {"eager": 20.0, "compiled": 120.0, "encode": 45.0}  # first guesses, replaced by measurements
+        # first guesses, replaced by measurements
+        self.seen = {"eager": 20.0, "compiled": 120.0, "encode": 45.0}
 
     def left(self):
         return self.deadline - time.perf_counter()
@@ -321,19 +330,20 @@ class Budget:
         self.seen[kind] = 1.2 * seconds + 10
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Report
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 def _num(x):
-    """Rates for the table: thousands separators when large, three significant digits when small (CPU smoke)."""
+    """Rates for the table: thousands separators when large, three significant digits when small
+    (CPU smoke)."""
     return "—" if not isinstance(x, (int, float)) else f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
 
 
 def table(rows, peak, device):
     gpu = device.type == "cuda"
-    lines = ["| implementation | text tokens | compiled | train pairs/s | step ms | encode img/s | encode cap/s | "
-             "peak GiB | TFLOP/s | MFU | useful MFU | warm-up s |",
+    lines = ["| implementation | text tokens | compiled | train pairs/s | step ms | encode img/s | "
+             "encode cap/s | peak GiB | TFLOP/s | MFU | useful MFU | warm-up s |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "error" in r or "skipped" in r:
@@ -341,15 +351,16 @@ def table(rows, peak, device):
                          f"{r.get('skipped') or 'error: ' + r['error'][:80]} | | | | | | | | |")
             continue
         tl = r["text_len"]
-        tokens = "77" if r["padding"] == "77" else f"longest ({'–'.join(map(str, sorted({min(tl), max(tl)})))})"
+        tokens = ("77" if r["padding"] == "77"
+                  else f"longest ({'–'.join(map(str, sorted({min(tl), max(tl)})))})")
         mfu, useful = (100 * r[k] * 1e12 / peak for k in ("tflops", "useful_tflops"))
-        warm = f"{r['warmup_s']:.0f}" + (f" + {r['encode_warmup_s']:.0f}" if r["compiled"] and "encode_warmup_s" in r
-                                         else "")
+        warm = f"{r['warmup_s']:.0f}" + (f" + {r['encode_warmup_s']:.0f}"
+                                         if r["compiled"] and "encode_warmup_s" in r else "")
         lines.append(
             f"| {r['variant']} | {tokens} | {'yes' if r['compiled'] else 'no'} | {_num(r['pairs_s'])} | "
             f"{1e3 * r['step_s']:.1f} | {_num(r.get('images_s'))} | {_num(r.get('captions_s'))} | "
-            f"{format(r['peak_gib'], '.2f') if gpu else '—'} | {_num(r['tflops'])} | {mfu:.1f}% | {useful:.1f}% | "
-            f"{warm} |")
+            f"{format(r['peak_gib'], '.2f') if gpu else '—'} | {_num(r['tflops'])} | {mfu:.1f}% | "
+            f"{useful:.1f}% | {warm} |")
     return "\n".join(lines)
 
 
@@ -359,13 +370,14 @@ def main(argv=None):
     p.add_argument("--device", default=None, help="default: cuda when visible, else cpu")
     p.add_argument("--batch", type=int, default=None, help="pairs per step (default 256; quick 2)")
     p.add_argument("--steps", type=int, default=None, help="timed training steps (default 30; quick 2)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 10; quick 1); at least "
-                                                            "one pass over the batch pool")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 10; quick 1); "
+                                                            "at least one pass over the batch pool")
     p.add_argument("--pool", type=int, default=None, help="distinct batches cycled (default 8; quick 2)")
     p.add_argument("--encode-reps", type=int, default=None, help="timed encode batches (default 20; quick 2)")
     p.add_argument("--no-compile", action="store_true", help="eager variants only")
-    p.add_argument("--compile-mode", default=None, help="torch.compile mode of every compiled variant (default: "
-                                                        "torch's; e.g. max-autotune-no-cudagraphs), same for all")
+    p.add_argument("--compile-mode", default=None,
+                   help="torch.compile mode of every compiled variant (default: "
+                        "torch's; e.g. max-autotune-no-cudagraphs), same for all")
     p.add_argument("--only", default=None, help="comma-separated implementations to run (ours,open_clip,hf)")
     p.add_argument("--budget-s", type=float, default=None, help="wall-clock budget (s): a variant whose "
                                                                 "estimated cost would overrun it is skipped")
@@ -386,9 +398,10 @@ def main(argv=None):
     pool = make_batches(args.pool, args.batch, ref.cfg.vision.image_size, device)
     all_lens = np.concatenate([b["lengths"] for b in pool])
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"device {device_name}, torch {torch.__version__}, batch {args.batch}, {n_params / 1e6:.1f}M parameters, "
-          f"caption tokens mean {all_lens.mean():.1f} (5th-95th pct {np.percentile(all_lens, 5):.0f}-"
-          f"{np.percentile(all_lens, 95):.0f}), batch maxima {[int(b['lengths'].max()) for b in pool]}", flush=True)
+    print(f"device {device_name}, torch {torch.__version__}, batch {args.batch}, "
+          f"{n_params / 1e6:.1f}M parameters, caption tokens mean {all_lens.mean():.1f} "
+          f"(5th-95th pct {np.percentile(all_lens, 5):.0f}-{np.percentile(all_lens, 95):.0f}), "
+          f"batch maxima {[int(b['lengths'].max()) for b in pool]}", flush=True)
     peak = matmul_peak(device, 1024 if q else 8192, reps=3 if q else 50)
     print(f"measured {'bf16' if device.type == 'cuda' else 'fp32'} matmul peak: {peak / 1e12:.1f} TFLOP/s "
           f"({1024 if q else 8192}^3)", flush=True)
@@ -417,7 +430,8 @@ def main(argv=None):
         shapes = lambda padding, compiled: len({text_length(b["lengths"], padding, compiled) for b in pool})
         for k, (name, impl, padding, compiled) in enumerate(variants):
             kind = "compiled" if compiled else "eager"
-            later = [v for v in variants[k + 1:] if v[3]]  # keep time for the next compiled variant's training
+            # keep time for the next compiled variant's training
+            later = [v for v in variants[k + 1:] if v[3]]
             reserve = budget.estimate("compiled") * shapes(later[0][2], True) if later else 0.0
             if budget.left() < budget.estimate(kind) * (shapes(padding, True) if compiled else 1):
                 rows.append(dict(variant=name, impl=impl, padding=padding, compiled=compiled,
@@ -426,7 +440,8 @@ def main(argv=None):
                 continue
             t0 = time.perf_counter()
             try:
-                row = run_variant(name, impl, padding, compiled, ref, hf_dir, pool, args, device, budget, reserve)
+                row = run_variant(name, impl, padding, compiled, ref, hf_dir, pool, args, device, budget,
+                                  reserve)
             except Exception as e:  # a peer failing to compile must not lose the other rows
                 row = dict(variant=name, impl=impl, padding=padding, compiled=compiled,
                            error=f"{type(e).__name__}: {e}")
@@ -438,13 +453,15 @@ def main(argv=None):
             save(peak)
 
     peak_end = matmul_peak(device, 1024 if q else 8192, reps=3 if q else 50)
-    print(f"matmul peak again after the variants: {peak_end / 1e12:.1f} TFLOP/s; MFU uses the larger", flush=True)
+    print(f"matmul peak again after the variants: {peak_end / 1e12:.1f} TFLOP/s; MFU uses the larger",
+          flush=True)
     peak = max(peak, peak_end)
     save(peak)
     precision = "bf16 autocast" if device.type == "cuda" else "fp32"
-    print(f"\nbatch {args.batch}, {precision}, fused AdamW, symmetric InfoNCE; {args.steps} timed steps (median); "
-          f"peak matmul {_num(peak / 1e12)} TFLOP/s; compiled dynamic text is padded to a multiple of {BUCKET} "
-          f"(dynamic=False, mode={args.compile_mode or 'default'}); warm-up s = untimed first steps incl. compilation (+ encoder compilation)\n")
+    print(f"\nbatch {args.batch}, {precision}, fused AdamW, symmetric InfoNCE; {args.steps} timed steps "
+          f"(median); peak matmul {_num(peak / 1e12)} TFLOP/s; compiled dynamic text is padded to a multiple "
+          f"of {BUCKET} (dynamic=False, mode={args.compile_mode or 'default'}); "
+          "warm-up s = untimed first steps incl. compilation (+ encoder compilation)\n")
     print(table(rows, peak, device))
 
 
