@@ -100,12 +100,16 @@ FILTERS, LOSSES, BATCHES = (("none", "gmm", "mscn", "truth"), ("infonce", "tripl
 @dataclass
 class DataConfig:
     data: str = _opt("synthetic", "dataset: 'synthetic' (embedded scenes) or a Karpathy/COCO JSON, "
-                     "{split}_caps.tsv or CSV/TSV/JSONL file")
+                     "{split}_caps.tsv, or a CSV/TSV/JSONL table or JSON lines/array of objects")
     image_root: str = _opt(None, "folder the dataset's image paths are relative to "
                            "(default: next to the file)")
     synthetic_sizes: str = _opt("3000,500,1000", "synthetic train,val,test image counts")
     cache_dir: str = _opt(None, "memory-mapped uint8 image cache (decode once, reuse every epoch and round)")
     skip_bad_images: bool = _opt(False, "drop pairs whose image is missing or corrupt instead of stopping")
+    image_key: str = _opt("image", "column/field of a CSV/TSV/JSON table that holds the image path "
+                          "(open_clip's --csv-img-key, e.g. filepath; Hugging Face run_clip's image_path)")
+    caption_key: str = _opt("caption", "column/field of a CSV/TSV/JSON table that holds the caption "
+                            "(open_clip's --csv-caption-key, e.g. title)")
 
     def __post_init__(self):
         sizes = str(self.synthetic_sizes).split(",")
@@ -1712,11 +1716,16 @@ class Pairs:
     img_of_cap: np.ndarray  # (C,) int64
     name: str
     scenes: Optional[list] = None  # synthetic data only: the objects drawn in each image
+    # The input's other fields, one dict per caption (CC152K's url; a table's columns other than the image,
+    # caption and split ones), so that an exporter can keep them; None when the input has none.
+    extras: Optional[list] = None
 
     def __post_init__(self):
         self.img_of_cap = np.asarray(self.img_of_cap, dtype=np.int64)
         assert self.img_of_cap.shape == (len(self.captions),), \
             f"{self.img_of_cap.shape} vs {len(self.captions)}"
+        assert self.extras is None or len(self.extras) == len(self.captions), \
+            f"{len(self.extras)} extras vs {len(self.captions)} captions"
         assert len(self.captions) == 0 \
             or 0 <= self.img_of_cap.min() <= self.img_of_cap.max() < len(self.images)
 
@@ -1779,8 +1788,9 @@ def cache_images(paths, preprocess, cache_dir, num_workers=0):
 
 
 def _build(name, paths, captions, img_of_cap, preprocess, cache_dir=None, skip_bad_images=False,
-           skip_bad_captions=False, num_workers=0, source=""):
-    """Raw lists -> Pairs: check captions and images, drop (and report) or refuse bad ones."""
+           skip_bad_captions=False, num_workers=0, source="", extras=None):
+    """Raw lists -> Pairs: check captions and images, drop (and report) or refuse bad ones. `extras`: None
+    or one dict per caption, dropped with its caption."""
     caps, ioc = list(captions), np.asarray(img_of_cap, dtype=np.int64)
     empty = [c for c, s in enumerate(caps) if not str(s).strip()]
     if empty:
@@ -1791,6 +1801,7 @@ def _build(name, paths, captions, img_of_cap, preprocess, cache_dir=None, skip_b
         warnings.warn(msg + "; dropped them.")
         keep = np.setdiff1d(np.arange(len(caps)), empty)
         caps, ioc = [caps[c] for c in keep], ioc[keep]
+        extras = None if extras is None else [extras[c] for c in keep]
     if cache_dir is not None:  # decodes everything once: finds truncated files too
         array, bad = cache_images(paths, preprocess, cache_dir, num_workers)
         images = ImageSet(array=array, paths=paths)
@@ -1820,15 +1831,20 @@ def _build(name, paths, captions, img_of_cap, preprocess, cache_dir=None, skip_b
     new = np.full(len(paths), -1, dtype=np.int64)
     new[keep] = np.arange(len(keep))
     cap_keep = new[ioc] >= 0
-    return Pairs(images.subset(keep), [c for c, k in zip(caps, cap_keep) if k], new[ioc[cap_keep]], name)
+    if extras is not None:
+        extras = [x for x, k in zip(extras, cap_keep) if k]
+    return Pairs(images.subset(keep), [c for c, k in zip(caps, cap_keep) if k], new[ioc[cap_keep]], name,
+                 extras=extras)
 
 
 def _group_rows(rows):
-    """[(image path, caption)] -> (unique paths in first-seen order, captions, img_of_cap)."""
+    """[(image path, caption, extras dict)] -> (unique paths in first-seen order, captions, img_of_cap,
+    extras: one dict per caption, or None when every dict is empty)."""
     index, ioc = {}, []
-    for p, _ in rows:
+    for p, _, _ in rows:
         ioc.append(index.setdefault(p, len(index)))
-    return list(index), [c for _, c in rows], ioc
+    extras = [x for _, _, x in rows]
+    return list(index), [c for _, c, _ in rows], ioc, (extras if any(extras) else None)
 
 
 def _read_text(path):
@@ -1889,8 +1905,10 @@ def read_coco(d, root, split, max_captions=5):
 
 def read_cc152k(folder, splits, image_root=None):
     """CC152K as NCR ships it: `{split}_caps.tsv` (train, dev, test; read as train, val, test), one
-    `img_id<TAB>caption` per line, no header. Image: image_root / img_id (".jpg" appended when img_id has no
-    extension); image_root defaults to an `images/` folder next to the tsv files, else their folder."""
+    `img_id<TAB>caption` per line, no header; some releases add a third column, the image's URL, kept as the
+    caption's extras {"url": ...} (NCR reads the first two columns). Image: image_root / img_id (".jpg"
+    appended when img_id has no extension); image_root defaults to an `images/` folder next to the tsv files,
+    else their folder."""
     found = {p.name[:-len("_caps.tsv")]: p for p in sorted(folder.glob("*_caps.tsv"))}
     found = {{"dev": "val"}.get(k, k): p for k, p in found.items()}
     root = Path(image_root) if image_root else (folder / "images" if (folder / "images").is_dir() else folder)
@@ -1901,70 +1919,137 @@ def read_cc152k(folder, splits, image_root=None):
             continue
         with open(tsv, encoding="utf-8", newline="") as f:
             for k, line in enumerate(f):
-                img_id, sep, cap = line.rstrip("\r\n").partition("\t")
-                if not sep:
-                    raise ValueError(f"{tsv} line {k + 1} has no tab; expected 'img_id<TAB>caption'.")
-                rows.append((str(root / (img_id if Path(img_id).suffix else img_id + ".jpg")), cap))
+                fields = line.rstrip("\r\n").split("\t")
+                if len(fields) not in (2, 3):
+                    raise ValueError(f"{tsv} line {k + 1} has {len(fields)} tab-separated fields; expected "
+                                     f"'img_id<TAB>caption' or 'img_id<TAB>caption<TAB>url'. A tab inside "
+                                     f"a caption? Replace it with a space.")
+                img_id, cap = fields[:2]
+                rows.append((str(root / (img_id if Path(img_id).suffix else img_id + ".jpg")), cap,
+                             {"url": fields[2]} if len(fields) == 3 else {}))
         raw[split] = _group_rows(rows)
     return raw
 
 
-def read_table(path, splits, image_root=None):
-    """Generic CSV / TSV (header row) or JSONL with `image` and `caption` fields
-    and an optional `split` field.
+# Names other tools give the image and caption columns (open_clip: filepath, title; Hugging Face run_clip:
+# image_path; COCO: file_name), suggested when the asked-for ones are absent.
+_IMAGE_KEYS = ("filepath", "image_path", "file_name", "filename", "img_path", "img", "path", "image_file")
+_CAPTION_KEYS = ("title", "text", "captions", "sentence", "raw", "caption_text", "alt_text", "description")
+
+
+def _objects(path, recs, image_key, caption_key):
+    """[(where, parsed JSON value)]: refuses any value that is not an object (one row)."""
+    for where, r in recs:
+        if not isinstance(r, dict):
+            raise ValueError(f"{path} {where} is a JSON {type(r).__name__}, not an object "
+                             f"with {image_key!r} and {caption_key!r}")
+    return recs
+
+
+def _first_line_is_object(text):
+    """Whether the first non-blank line of `text` is one JSON object on its own (JSON lines)."""
+    line = next((x for x in text.split("\n") if x.strip()), "")
+    try:
+        return isinstance(json.loads(line), dict)
+    except json.JSONDecodeError:
+        return False
+
+
+def _json_rows(path, text, image_key, caption_key):
+    """JSON lines (one object per line) or, in a .json file, a JSON array of objects -> [(where, object)]."""
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); "
+                             f"a truncated download?") from None
+        return _objects(path, [(f"entry {k}", r) for k, r in enumerate(d, 1)], image_key, caption_key)
+    recs = []
+    for k, line in enumerate(text.split("\n"), 1):  # not splitlines(): captions may hold U+2028 etc.
+        if not line.strip():
+            continue
+        try:
+            recs.append((f"line {k}", json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} line {k} is not valid JSON ({e.msg}); each line must be "
+                             f"one JSON object with {image_key!r} and {caption_key!r}") from None
+    return _objects(path, recs, image_key, caption_key)
+
+
+def read_table(path, splits, image_root=None, image_key="image", caption_key="caption"):
+    """Generic table: CSV / TSV (header row), JSONL, or .json holding JSON lines or a JSON array of objects,
+    with an image and a caption column/field (named by `image_key`, `caption_key`: open_clip's
+    --csv-img-key/--csv-caption-key) and an optional `split` one -> {split: (paths, captions, img_of_cap,
+    extras)}; every other column is kept as the caption's extras.
 
     Several rows with the same image = several captions of one image. Image paths are relative to image_root
     (default: the file's folder) unless absolute.
     Without a `split` field the whole file is the one split named.
     """
-    text, recs = _read_text(path), []
-    if path.suffix == ".jsonl":
-        for k, line in enumerate(text.split("\n"), 1):  # not splitlines(): captions may hold U+2028 etc.
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} line {k} is not valid JSON ({e.msg}); each line must be "
-                                 f"one JSON object with 'image' and 'caption'") from None
-            if not isinstance(r, dict):
-                raise ValueError(f"{path} line {k} is a JSON {type(r).__name__}, not an object "
-                                 f"with 'image' and 'caption'")
-            recs.append((k, r))
+    path = Path(path)
+    text = _read_text(path)
+    if path.suffix in (".jsonl", ".json"):
+        recs = _json_rows(path, text, image_key, caption_key)
     else:
         reader = csv.DictReader(io.StringIO(text, newline=""),
                                 delimiter="\t" if path.suffix == ".tsv" else ",", strict=True)
         try:
-            recs = [(reader.line_num, r) for r in reader]
+            recs = [(f"line {reader.line_num}", r) for r in reader]
         except csv.Error as e:
             raise ValueError(f"{path} line {reader.line_num}: {e} (a quote opened and never closed?); "
                              f"fix the quoting of that row") from None
-    cols = set(recs[0][1]) if recs else set()
-    if not {"image", "caption"} <= cols:
-        raise ValueError(f"{path} needs 'image' and 'caption' columns/fields, found {sorted(cols)}.")
+        for where, r in recs:  # DictReader files the fields beyond the header under the key None
+            if any(str(v).strip() for v in r.pop(None, ())):
+                raise ValueError(f"{path} {where} has more fields than the header names "
+                                 f"({len(reader.fieldnames)}): a delimiter inside an unquoted caption? "
+                                 f"Quote that field (\"...\").")
+    return _table(path, recs, splits, image_root, image_key, caption_key)
+
+
+def _table(path, recs, splits, image_root, image_key, caption_key):
+    """[(where, row dict)] -> {split: (paths, captions, img_of_cap, extras)}; see read_table."""
+    if not recs:
+        raise ValueError(f"{path} holds no rows; expected one per caption with {image_key!r} and "
+                         f"{caption_key!r} columns/fields.")
+    cols = set(recs[0][1])
+    missing = [k for k in (image_key, caption_key) if k not in cols]
+    if missing:
+        guess = [f"--{flag} {next(c for c in names if c in cols)}" for key, flag, names in
+                 ((image_key, "image_key", _IMAGE_KEYS), (caption_key, "caption_key", _CAPTION_KEYS))
+                 if key in missing and any(c in cols for c in names)]
+        raise ValueError(f"{path} needs {image_key!r} and {caption_key!r} columns/fields (image path, "
+                         f"caption); no {' or '.join(map(repr, missing))} among the columns found, "
+                         f"{sorted(cols)}. Name yours with --image_key/--caption_key (image_key=, "
+                         f"caption_key= in Python){', e.g. ' + ' '.join(guess) if guess else ''}.")
     if "split" not in cols and len(splits or ()) != 1:
         raise ValueError(f"{path} has no 'split' column, so it is one split: name it (e.g. split='train').")
-    root, raw = Path(image_root) if image_root is not None else path.parent, {}
-    for k, r in recs:
-        if not isinstance(r.get("image"), str) or not r["image"]:
-            raise ValueError(f"{path} line {k}: no image path ({r.get('image')!r}); every row needs one")
-        caption = _text(r.get("caption"), f"{path} line {k}")
-        raw.setdefault(r.get("split", splits[0] if splits else None),
-                       []).append((str(root / r["image"]), caption))
+    root = Path(image_root) if image_root is not None else path.parent
+    raw, own = {}, {image_key, caption_key, "split"}  # own: the columns that are not extras
+    for where, r in recs:
+        image = r.get(image_key)
+        if not isinstance(image, str) or not image:
+            raise ValueError(f"{path} {where}: no image path in {image_key!r} ({image!r}); "
+                             f"every row needs one")
+        caption = _text(r.get(caption_key), f"{path} {where}")
+        raw.setdefault(r.get("split", splits[0] if splits else None), []).append(
+            (str(root / image), caption, {k: v for k, v in r.items() if k not in own}))
     return {s: _group_rows(rows) for s, rows in raw.items()}
 
 
-def _parse(path, splits, image_root, max_captions):
-    """Pick the reader from the file name/extension; -> {split: (paths, captions, img_of_cap)}."""
+def _parse(path, splits, image_root, max_captions, image_key="image", caption_key="caption"):
+    """Pick the reader from the file name/extension; -> {split: (paths, captions, img_of_cap[, extras])}."""
     p = Path(path)
     if not p.exists():
         raise ValueError(f"{path} does not exist; pass a dataset file (see the README's data formats).")
     if (p.is_dir() and any(p.glob("*_caps.tsv"))) or p.name.endswith("_caps.tsv"):
         return read_cc152k(p if p.is_dir() else p.parent, splits, image_root)
     if p.suffix == ".json":
+        text = _read_text(p)
         try:
-            d = json.loads(_read_text(p))
+            d = json.loads(text)
         except json.JSONDecodeError as e:
+            if _first_line_is_object(text):  # JSON lines named .json (Hugging Face run_clip's --train_file)
+                return read_table(p, splits, image_root, image_key, caption_key)
             raise ValueError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); "
                              f"a truncated download?") from None
         root = Path(image_root) if image_root is not None else p.parent
@@ -1975,24 +2060,33 @@ def _parse(path, splits, image_root, max_captions):
             return read_coco(d, root, splits[0], max_captions)
         if isinstance(d, dict) and d.get("images") and "sentences" in d["images"][0]:
             return read_karpathy(d, root, max_captions)
-        raise ValueError(f"{path}: a JSON file must be Karpathy (images[].sentences) or COCO captions "
-                         f"(images + annotations); "
-                         f"found {sorted(d)[:8] if isinstance(d, dict) else type(d)}.")
+        if isinstance(d, list) or (isinstance(d, dict) and image_key in d):  # rows; a dict: one JSON line
+            recs = [(f"entry {k}", r) for k, r in enumerate(d, 1)] if isinstance(d, list) else [("line 1", d)]
+            return _table(p, _objects(p, recs, image_key, caption_key), splits, image_root, image_key,
+                          caption_key)
+        raise ValueError(f"{path}: a JSON file must be Karpathy (images[].sentences), COCO captions "
+                         f"(images + annotations), or rows (JSON lines or an array of objects) with "
+                         f"{image_key!r} and {caption_key!r} fields (see --image_key/--caption_key); "
+                         f"found {sorted(d)[:8] if isinstance(d, dict) else type(d).__name__}.")
     if p.suffix in (".csv", ".tsv", ".jsonl"):
-        return read_table(p, splits, image_root)
+        return read_table(p, splits, image_root, image_key, caption_key)
     raise ValueError(f"unknown dataset format: {path}. Supported: dataset_*.json (Karpathy), COCO captions "
-                     f".json, {{split}}_caps.tsv (CC152K), .csv/.tsv/.jsonl with image,caption columns.")
+                     f".json, {{split}}_caps.tsv (CC152K), .csv/.tsv/.jsonl tables and .json lines/arrays "
+                     f"of objects with image and caption columns (see --image_key/--caption_key).")
 
 
 def load_splits(path, splits=None, image_root=None, size=224, mean=CLIP_MEAN, std=CLIP_STD, cache_dir=None,
-                skip_bad_images=False, skip_bad_captions=False, max_captions=5, num_workers=0) -> dict:
+                skip_bad_images=False, skip_bad_captions=False, max_captions=5, num_workers=0,
+                image_key="image", caption_key="caption") -> dict:
     """Read a dataset file once -> {split: Pairs} for `splits` (None: every split the file holds).
 
     Formats: `*_caps.tsv` or a folder holding them -> CC152K; `*.json` with `images[].sentences` -> Karpathy,
-    with `annotations` -> COCO captions; `*.csv`, other `*.tsv`, `*.jsonl` -> generic table.
+    with `annotations` -> COCO captions, with JSON lines or an array of objects -> generic table; `*.csv`,
+    other `*.tsv`, `*.jsonl` -> generic table, its image and caption columns named by `image_key` and
+    `caption_key`. A table's other columns (and CC152K's url) become each caption's Pairs.extras.
     """
     splits = [splits] if isinstance(splits, str) else splits
-    raw = _parse(path, splits, image_root, max_captions)
+    raw = _parse(path, splits, image_root, max_captions, image_key, caption_key)
     missing = [s for s in (splits or []) if s not in raw]
     if missing:
         raise ValueError(f"split(s) {missing} not found in {path}; it holds {sorted(raw)}. "
@@ -2000,14 +2094,15 @@ def load_splits(path, splits=None, image_root=None, size=224, mean=CLIP_MEAN, st
                          f"add a 'split' column/field, or name the split you have.")
     _warn_duplicate_images(raw, path)
     pre = Preprocess(size, tuple(mean), tuple(std))
-    return {s: _build(s, *raw[s], pre, cache_dir, skip_bad_images, skip_bad_captions, num_workers, str(path))
+    return {s: _build(s, *raw[s][:3], pre, cache_dir, skip_bad_images, skip_bad_captions, num_workers,
+                      str(path), extras=raw[s][3] if len(raw[s]) > 3 else None)
             for s in (splits or raw)}
 
 
 def _warn_duplicate_images(raw, source):
     """Warn (counts and first examples) when an image file is listed twice in a split, each copy then ranked
     as a separate image, or when a training image is also in val/test (leakage inflates the results)."""
-    norm = {s: [os.path.normpath(p) for p in paths] for s, (paths, _, _) in raw.items()}
+    norm = {s: [os.path.normpath(p) for p in r[0]] for s, r in raw.items()}
     for s, paths in norm.items():
         twice = [p for p, n in Counter(paths).items() if n > 1]
         if twice:
@@ -2956,7 +3051,8 @@ def splits_for(cfg, preprocess, names=SPLITS):
         return {name: splits[name] for name in names}
     return load_splits(cfg.data, list(names), image_root=cfg.image_root, size=preprocess.size,
                        mean=preprocess.mean, std=preprocess.std, cache_dir=cfg.cache_dir,
-                       skip_bad_images=cfg.skip_bad_images, num_workers=cfg.workers)
+                       skip_bad_images=cfg.skip_bad_images, num_workers=cfg.workers,
+                       image_key=cfg.image_key, caption_key=cfg.caption_key)
 
 
 def subset_pairs(pairs, image_idx):

@@ -979,6 +979,130 @@ def test_data_augment():
     assert 0 < flipped.sum() < 16
 
 
+# ----- other tools' conventions: named columns, JSON tables, CC152K with URLs -----
+
+def _table_images(tmp_path, names="abcdef"):
+    for name in names:
+        _png(tmp_path / f"{name}.png", ord(name))
+
+
+_CONV_ROWS = [("a", "train"), ("b", "train"), ("a", "train"), ("c", "val"), ("d", "val"), ("e", "test"),
+              ("f", "test")]
+
+
+def test_data_image_and_caption_keys_name_the_table_columns(tmp_path):
+    """open_clip's --csv-img-key/--csv-caption-key (filepath, title) and Hugging Face run_clip's image_path:
+    image_key/caption_key name the columns, other columns become extras, a wrong name lists the columns."""
+    _table_images(tmp_path)
+    with open(tmp_path / "oc.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["filepath", "title", "split", "source"])
+        w.writerows([f"{n}.png", f"caption {k}, with comma", s, f"src{k}"]
+                    for k, (n, s) in enumerate(_CONV_ROWS))
+    out = load_splits(tmp_path / "oc.csv", image_key="filepath", caption_key="title", size=32)
+    tr = out["train"]
+    assert tr.captions == [f"caption {k}, with comma" for k in range(3)]
+    assert tr.img_of_cap.tolist() == [0, 1, 0]
+    assert tr.extras == [{"source": "src0"}, {"source": "src1"}, {"source": "src2"}]
+    assert torch.equal(tr.images[1], _uint8(tmp_path / "b.png"))
+    assert out["test"].extras == [{"source": "src5"}, {"source": "src6"}]
+    (tmp_path / "hf.tsv").write_text("image_path\tcaption\na.png\tone\nb.png\ttwo\n")
+    hf = load_pairs(tmp_path / "hf.tsv", "train", image_key="image_path", size=32)
+    assert hf.captions == ["one", "two"] and hf.extras is None  # no other column: no extras
+    with pytest.raises(ValueError, match=r"needs 'image' and 'caption'.*no 'image' or 'caption' among the "
+                       r"columns found, \['filepath', 'source', 'split', 'title'\].*--image_key/--caption_key"
+                       r".*e\.g\. --image_key filepath --caption_key title"):
+        load_splits(tmp_path / "oc.csv")
+    with pytest.raises(ValueError, match=r"no 'path' among the columns found, \['caption', 'image_path'\]"):
+        load_pairs(tmp_path / "hf.tsv", "train", image_key="path")
+    # the extras follow their captions when an image (and its captions) is dropped
+    (tmp_path / "gone.csv").write_text("image,caption,id\na.png,one,1\ngone.png,two,2\nb.png,three,3\n")
+    with pytest.warns(UserWarning, match="1 of 3 images"):
+        p = load_pairs(tmp_path / "gone.csv", "train", size=32, skip_bad_images=True)
+    assert p.captions == ["one", "three"] and p.extras == [{"id": "1"}, {"id": "3"}]
+    (tmp_path / "unquoted.csv").write_text("image,caption\na.png,one\nb.png,two, three\n")
+    with pytest.raises(ValueError, match=r"unquoted.csv line 3 has more fields than the header.*Quote"):
+        load_pairs(tmp_path / "unquoted.csv", "train")
+
+
+def test_data_image_and_caption_keys_from_the_command_line(tmp_path):
+    _table_images(tmp_path)
+    rows = [json.dumps({"image_path": f"{n}.png", "text": f"caption {k}", "split": s})
+            for k, (n, s) in enumerate(_CONV_ROWS)]
+    (tmp_path / "train.json").write_text("\n".join(rows) + "\n")  # run_clip's --train_file: JSON lines
+    res = R.main(["train", "--data", str(tmp_path / "train.json"), "--image_key", "image_path",
+                  "--caption_key", "text", "--epochs", "1", "--output_dir", str(tmp_path / "run"), *_TINY,
+                  "--batch_size", "2"])
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (tmp_path / "run" / "best.pt").exists() and "rsum" in res
+    assert (config["image_key"], config["caption_key"]) == ("image_path", "text")
+    with pytest.raises(ValueError, match=r"no 'caption' among the columns found.*e\.g\. --caption_key text"):
+        R.main(["train", "--data", str(tmp_path / "train.json"), "--image_key", "image_path",
+                "--epochs", "1", "--output_dir", str(tmp_path / "run2"), *_TINY])
+    assert not (tmp_path / "run2").exists()
+
+
+def test_data_json_lines_and_json_array_read_as_the_jsonl_table(tmp_path):
+    """A .json holding JSON lines or a JSON array of objects gives the same Pairs as the .jsonl; Karpathy and
+    COCO .json are read as before, a cut file still says it is not valid JSON."""
+    _table_images(tmp_path)
+    rows = [{"image_path": f"{n}.png", "caption": f"caption {k}", "split": s, "id": k, "meta": {"w": k}}
+            for k, (n, s) in enumerate(_CONV_ROWS)]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (tmp_path / "lines.json").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (tmp_path / "array.json").write_text(json.dumps(rows, indent=2))
+    want = load_splits(tmp_path / "d.jsonl", image_key="image_path", size=32)
+    assert want["train"].extras == [{"id": k, "meta": {"w": k}} for k in range(3)]
+    for name in ("lines.json", "array.json"):
+        got = load_splits(tmp_path / name, image_key="image_path", size=32)
+        assert sorted(got) == sorted(want) == ["test", "train", "val"]
+        for s in want:
+            assert got[s].captions == want[s].captions and got[s].extras == want[s].extras
+            assert got[s].img_of_cap.tolist() == want[s].img_of_cap.tolist()
+            assert got[s].images.paths == want[s].images.paths
+            assert all(torch.equal(got[s].images[i], want[s].images[i]) for i in range(len(want[s].images)))
+    one = {"image": "a.png", "caption": "just one"}  # a single JSON line is a one-row table
+    (tmp_path / "one.json").write_text(json.dumps(one) + "\n")
+    assert load_pairs(tmp_path / "one.json", "train", size=32).captions == ["just one"]
+    lines = (tmp_path / "lines.json").read_text()
+    (tmp_path / "cut_lines.json").write_text(lines[:len(lines) - 20])  # the last line cut
+    with pytest.raises(ValueError, match=r"cut_lines.json line 7 is not valid JSON.*'image_path' and "
+                       r"'caption'"):
+        load_splits(tmp_path / "cut_lines.json", image_key="image_path")
+    array = (tmp_path / "array.json").read_text()
+    (tmp_path / "cut_array.json").write_text(array[:len(array) // 2])
+    with pytest.raises(ValueError, match=r"cut_array.json is not valid JSON \(line \d+.*truncated"):
+        load_splits(tmp_path / "cut_array.json", image_key="image_path")
+    (tmp_path / "lists.json").write_text(json.dumps([one, ["a.png", "x"]]))
+    with pytest.raises(ValueError, match=r"lists.json entry 2 is a JSON list, not an object"):
+        load_pairs(tmp_path / "lists.json", "train")
+    (tmp_path / "other.json").write_text(json.dumps({"annotations_v2": []}))
+    with pytest.raises(ValueError, match=r"Karpathy.*COCO.*JSON lines or an array of objects.*--image_key"):
+        load_pairs(tmp_path / "other.json", "train")
+    karpathy = [{"filename": "a.png", "split": "train", "sentences": [{"raw": "k0"}, {"raw": "k1"}]}]
+    (tmp_path / "dataset_k.json").write_text(json.dumps({"images": karpathy}, indent=1))
+    k = load_pairs(tmp_path / "dataset_k.json", "train", size=32)
+    assert k.captions == ["k0", "k1"] and k.extras is None
+
+
+def test_data_cc152k_three_columns_keep_the_url_out_of_the_caption(tmp_path):
+    for name in ["1001", "1002", "1003"]:
+        _png(tmp_path / "images" / f"{name}.jpg", int(name))
+    (tmp_path / "train_caps.tsv").write_text("1001\ta dog on grass\thttp://x.org/1001.jpg\n"
+                                             "1002\ttwo people, smiling\thttps://y.com/p?id=2\n")
+    (tmp_path / "dev_caps.tsv").write_text("1003\ta red car\n")
+    tr = load_pairs(tmp_path / "train_caps.tsv", "train", size=32)
+    assert tr.captions == ["a dog on grass", "two people, smiling"] and tr.img_of_cap.tolist() == [0, 1]
+    assert tr.extras == [{"url": "http://x.org/1001.jpg"}, {"url": "https://y.com/p?id=2"}]
+    assert torch.equal(tr.images[1], _uint8(tmp_path / "images" / "1002.jpg"))
+    va = load_pairs(tmp_path, "val", size=32)
+    assert va.captions == ["a red car"] and va.extras is None  # two columns: nothing extra
+    (tmp_path / "test_caps.tsv").write_text("1003\ta red\tcar\thttp://z/3.jpg\n")
+    with pytest.raises(ValueError, match=r"test_caps.tsv line 1 has 4 tab-separated fields.*img_id<TAB>"
+                       r"caption<TAB>url"):
+        load_pairs(tmp_path, "test")
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Evaluation protocol: recall@K against naive loops, coco1k folds, non-finite embeddings
 # ------------------------------------------------------------------------------------------------------------
