@@ -3061,8 +3061,9 @@ def subset_pairs(pairs, image_idx):
     new = np.full(len(pairs.images), -1, dtype=np.int64)
     new[image_idx] = np.arange(len(image_idx))
     caps = np.flatnonzero(new[pairs.img_of_cap] >= 0)
+    extras = None if pairs.extras is None else [pairs.extras[c] for c in caps]
     return Pairs(pairs.images.subset(image_idx), [pairs.captions[c] for c in caps],
-                 new[pairs.img_of_cap[caps]], pairs.name)
+                 new[pairs.img_of_cap[caps]], pairs.name, extras=extras)
 
 
 def evaluate_pairs(model, pairs, tokenizer, preprocess, cfg, device, corrector=None, rank=0, world=1,
