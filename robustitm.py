@@ -1440,22 +1440,85 @@ def load_state_strict(model, sd, unexpected=(), only=None):
             v.copy_(sd[k].to(v.dtype))
 
 
+def _read_json(path):
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} could not be read as JSON ({e}); fix or remove the file") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} holds a JSON {type(obj).__name__}, not an object; fix or remove the file")
+    return obj
+
+
+# Weight files of a directory in the order they are looked for: open_clip's hub folders (next to
+# open_clip_config.json) first, since a hub repo can hold both layouts, then Hugging Face's.
+_OPEN_CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+_HF_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
 def _read_dir_or_file(path, allow_torchscript):
     """Returns (state dict, config.json dict or {}, directory)
-    for a model file or a Hugging Face directory."""
+    for a model file, a Hugging Face directory or an open_clip hub folder."""
     path = Path(path)
     if path.is_dir():
-        cfg = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
-        for name in ("model.safetensors", "pytorch_model.bin"):
+        cfg = _read_json(path / "config.json") if (path / "config.json").is_file() else {}
+        names = (_OPEN_CLIP_FILES if (path / "open_clip_config.json").is_file() else ()) + _HF_FILES
+        for name in names:
             if (path / name).is_file():
                 return read_state_dict(path / name, allow_torchscript), cfg, path
-        raise ValueError(f"{path} holds neither model.safetensors nor pytorch_model.bin")
+        raise ValueError(f"{path} holds none of {', '.join(names)}: not a model directory")
     return read_state_dict(path, allow_torchscript), {}, path.parent
 
 
-def _preprocess_for(directory, size, default_mean, default_std):
-    pc = directory / "preprocessor_config.json"
-    p = json.loads(pc.read_text()) if pc.is_file() else {}
+# open_clip options that change the computation without changing the state dict's keys or shapes, with
+# the value this model implements (absent counts as that value). Anything else would load and run wrong.
+_OPEN_CLIP_FIXED = {
+    "vision_cfg": {"pool_type": "tok", "final_ln_after_pool": False, "pos_embed_type": "learnable",
+                   "act_kwargs": None, "norm_kwargs": None, "attentional_pool": False,
+                   "timm_model_name": None, "ls_init_value": None, "no_ln_pre": False},
+    "text_cfg": {"pool_type": "argmax", "final_ln_after_pool": False, "no_causal_mask": False,
+                 "embed_cls": False, "act_kwargs": None, "norm_kwargs": None, "hf_model_name": None,
+                 "proj_type": "linear", "proj_bias": False, "ls_init_value": None},
+    "": {"custom_text": False, "init_logit_bias": None},
+}
+
+
+def _open_clip_config(sd, oc, source):
+    """ModelConfig of an open_clip hub folder's state dict: shapes as for OpenAI's, and from
+    open_clip_config.json what shapes cannot tell: the activation (quick_gelu false or absent = gelu, as
+    open_clip builds it) and the heads (vision width // head_width, text_cfg heads)."""
+    mc = oc.get("model_cfg")
+    if not isinstance(mc, dict):
+        raise ValueError(f"{source}: no \"model_cfg\" object; not an open_clip_config.json")
+    for section, fixed in _OPEN_CLIP_FIXED.items():
+        got = (mc.get(section) or {}) if section else mc
+        for key, want in fixed.items():
+            if (got.get(key, want) or None) != (want or None):  # {} and False are None's equals here
+                raise ValueError(f"{source}: model_cfg {section + '.' if section else ''}{key} = "
+                                 f"{got.get(key)!r} is not supported (only {want!r}): robustitm reproduces "
+                                 f"open_clip's standard ViT CLIP")
+    cfg = _openai_config(sd, "quick_gelu" if mc.get("quick_gelu") else "gelu")
+    vc, tc = mc.get("vision_cfg") or {}, mc.get("text_cfg") or {}
+    head_width, heads = vc.get("head_width", 64), tc.get("heads", 8)  # open_clip's defaults
+    for tower, n in ((cfg.vision, cfg.vision.width / head_width), (cfg.text, heads)):
+        if n != int(n) or n < 1 or tower.width % int(n):
+            raise ValueError(f"{source}: {int(n) if n == int(n) else n} heads do not divide the "
+                             f"width {tower.width} read from the weights: the config does not belong "
+                             f"to these weights")
+        tower.heads = int(n)
+    return cfg
+
+
+def _preprocess_for(directory, size, default_mean, default_std, open_clip=False):
+    """Preprocess of a model directory: mean and std from open_clip_config.json's preprocess_cfg for
+    open_clip weights, else from preprocessor_config.json, else the defaults given."""
+    oc, pc = directory / "open_clip_config.json", directory / "preprocessor_config.json"
+    p = {}
+    if open_clip and oc.is_file():
+        pp = _read_json(oc).get("preprocess_cfg") or {}
+        p = {"image_mean": pp["mean"], "image_std": pp["std"]} if "mean" in pp and "std" in pp else {}
+    elif pc.is_file():
+        p = _read_json(pc)
     return Preprocess(size, tuple(p.get("image_mean", default_mean)), tuple(p.get("image_std", default_std)))
 
 
@@ -1481,19 +1544,27 @@ def load_model(path=None, image_tower=None, text_tower=None, *, embed_dim=512, a
     """Builds a DualEncoder from pretrained weights (float32)
     -> (model, info dict: layout, directories, configs).
 
-    path: an OpenAI/open_clip CLIP state dict (.pt/.bin/.safetensors) or a Hugging Face CLIP directory.
-          `activation` is the one thing shapes cannot tell for state dicts: OpenAI's and open_clip's
-          `-quickgelu` models use quick_gelu, other open_clip models gelu.
-          Hugging Face directories say it in config.json.
+    path: an OpenAI/open_clip CLIP state dict (.pt/.bin/.safetensors), an open_clip hub folder
+          (open_clip_config.json + open_clip_model.safetensors) or a Hugging Face CLIP directory.
+          `activation` is the one thing shapes cannot tell for bare state dicts: OpenAI's and open_clip's
+          `-quickgelu` models use quick_gelu, other open_clip models gelu. It is not used where a config
+          says it: config.json of Hugging Face directories, open_clip_config.json of hub folders or next
+          to the state dict given (its "quick_gelu"; false or absent is gelu, as open_clip builds it).
     image_tower / text_tower: Hugging Face ViT or DINOv2 / BERT directories joined with new projection heads
           to `embed_dim` (separately pretrained towers, paper C's setting).
     """
     if path is not None:
         sd, config, directory = _read_dir_or_file(path, allow_torchscript)
         layout = _detect_layout(sd)
+        open_clip = False
         if layout == "openai":
             sd = {k: v for k, v in sd.items() if not _UNUSED.search(k)}
-            cfg, unexpected = _openai_config(sd, activation), []
+            oc = directory / "open_clip_config.json"  # a hub folder's, or next to the file given
+            open_clip = oc.is_file()
+            if open_clip:
+                config = _read_json(oc)
+            cfg = _open_clip_config(sd, config, oc) if open_clip else _openai_config(sd, activation)
+            unexpected = []
         elif layout == "hf_clip":
             sd, unexpected, cfg = _hf_clip(sd, config)
         else:
@@ -1502,7 +1573,8 @@ def load_model(path=None, image_tower=None, text_tower=None, *, embed_dim=512, a
                              f"_tower together with the other tower")
         model = DualEncoder(cfg)
         load_state_strict(model, {k: v.float() for k, v in sd.items()}, unexpected)
-        return model, {"layout": layout, "dir": directory, "config": config}
+        return model, {"layout": layout, "dir": directory, "config": config,
+                       "open_clip": open_clip}
     if image_tower is None or text_tower is None:
         raise ValueError("give either a CLIP checkpoint (path) or both image_tower and text_tower")
     isd, iconf, idir = _read_dir_or_file(image_tower, allow_torchscript)
@@ -1532,7 +1604,8 @@ def load_pretrained(path=None, image_tower=None, text_tower=None, *, embed_dim=5
     t, size = model.cfg.text, model.cfg.vision.image_size
     if path is not None:
         tokenizer = _clip_tokenizer(info["dir"], t.context_length, tokenizer_path)
-        return model, tokenizer, _preprocess_for(info["dir"], size, CLIP_MEAN, CLIP_STD)
+        return model, tokenizer, _preprocess_for(info["dir"], size, CLIP_MEAN, CLIP_STD,
+                                                 open_clip=info.get("open_clip", False))
     vocab = info["text_dir"] / "vocab.txt"
     if not vocab.is_file():
         raise ValueError(f"{info['text_dir']} has no vocab.txt for the BERT WordPiece tokenizer")

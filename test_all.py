@@ -641,6 +641,85 @@ def test_model_torchscript_needs_opt_in(tmp_path):
     assert set(R.read_state_dict(tmp_path / "ts.pt", allow_torchscript=True)) == {"weight", "bias"}
 
 
+# ----- checkpoints as today's open_clip and transformers save them -----
+
+def _open_clip_bpe():
+    import open_clip
+    return Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+
+
+def _open_clip_hub_folder(path, quick_gelu, safetensors=True):
+    """A tiny open_clip CLIP saved as a hub folder by open_clip's own save_for_hf. Heads differ from
+    width / 64 and mean/std from CLIP's, so the test sees both taken from open_clip_config.json."""
+    import open_clip
+    from open_clip.push_to_hf_hub import save_for_hf
+    torch.manual_seed(0)
+    cfg = dict(embed_dim=32, quick_gelu=quick_gelu,
+               vision_cfg=dict(image_size=32, layers=2, width=128, patch_size=8, head_width=32),
+               text_cfg=dict(context_length=16, vocab_size=49408, width=128, heads=4, layers=2))
+    if not quick_gelu:
+        del cfg["quick_gelu"]  # open_clip's own configs leave it out for gelu models
+    ref = open_clip.CLIP(**cfg).eval()
+    ref.visual.image_mean, ref.visual.image_std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    # The tokenizer files of an older transformers (vocab.json + merges.txt); offline, from the wheel's BPE.
+    tok = ClipTokenizer.from_bpe_gz(_open_clip_bpe(), 16)
+    save_for_hf(ref, type("Tok", (), {"save_pretrained": staticmethod(tok.save)}), cfg, path,
+                safe_serialization=safetensors)
+    return open_clip.create_model(f"local-dir:{path}").eval()  # open_clip reads the folder back itself
+
+
+def _assert_same_as_open_clip(model, tokenizer, ref):
+    images = torch.randn(2, 3, 32, 32)
+    ids, mask = tokenizer(["a photo of a dog on the grass", "two red cubes"])
+    with torch.no_grad():
+        img, txt = model.eval()(images, ids, mask)
+        torch.testing.assert_close(img, ref.encode_image(images, normalize=True), atol=1e-4, rtol=0)
+        ids_ctx = torch.zeros(2, 16, dtype=torch.long)
+        ids_ctx[:, : ids.shape[1]] = ids * mask
+        torch.testing.assert_close(txt, ref.encode_text(ids_ctx, normalize=True), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("act", ["quick_gelu", "gelu"])
+def test_model_open_clip_hub_folder(tmp_path, act):
+    ref = _open_clip_hub_folder(tmp_path / "hub", quick_gelu=act == "quick_gelu")
+    assert sorted(p.name for p in (tmp_path / "hub").iterdir()) == [
+        "merges.txt", "open_clip_config.json", "open_clip_model.safetensors", "vocab.json"]
+    # The default activation argument (the CLI's --activation) does not override the folder's config.
+    model, tokenizer, pre = R.load_pretrained(tmp_path / "hub")
+    c = model.cfg
+    assert (c.vision.act, c.text.act, c.vision.heads, c.text.heads) == (act, act, 4, 4)
+    assert (pre.size, pre.mean, pre.std) == (32, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
+    assert c.text.context_length == 16
+    _assert_same_as_open_clip(model, tokenizer, ref)
+    # The state-dict file given directly: the open_clip_config.json next to it is used.
+    model, _, pre = R.load_pretrained(tmp_path / "hub" / "open_clip_model.safetensors",
+                                      tokenizer_path=_open_clip_bpe())
+    assert model.cfg.vision.act == act and pre.mean == (0.5, 0.4, 0.3)
+    _assert_same_as_open_clip(model, tokenizer, ref)
+
+
+def test_model_open_clip_hub_folder_pickle_and_bad_configs(tmp_path):
+    ref = _open_clip_hub_folder(tmp_path / "hub", quick_gelu=False, safetensors=False)
+    assert (tmp_path / "hub" / "open_clip_pytorch_model.bin").is_file()
+    model, tokenizer, _ = R.load_pretrained(tmp_path / "hub")
+    _assert_same_as_open_clip(model, tokenizer, ref)
+    config_path = tmp_path / "hub" / "open_clip_config.json"
+    good = json.loads(config_path.read_text())
+    for change, error in [
+            (lambda c: c["model_cfg"]["text_cfg"].update(pool_type="last"), r"text_cfg.pool_type = 'last'"),
+            (lambda c: c["model_cfg"]["vision_cfg"].update(head_width=48), r"heads do not divide the width"),
+            (lambda c: c["model_cfg"]["text_cfg"].update(heads=3), r"3 heads do not divide the width 128"),
+            (lambda c: c.pop("model_cfg"), r'no "model_cfg"')]:
+        bad = copy.deepcopy(good)
+        change(bad)
+        config_path.write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=re.escape(str(config_path)) + ".*" + error):
+            R.load_model(tmp_path / "hub")
+    config_path.write_text("{not json")
+    with pytest.raises(ValueError, match="open_clip_config.json could not be read as JSON"):
+        R.load_model(tmp_path / "hub")
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Data, noise, synthetic scenes
 # ------------------------------------------------------------------------------------------------------------
