@@ -1196,7 +1196,7 @@ def read_state_dict(path, allow_torchscript=False):
     with open(path, "rb") as f:
         head = f.read(8)
     if path.suffix == ".safetensors":
-        return read_safetensors(path)
+        return _strip_wrappers(read_safetensors(path))
     if head[:2] == b"PK" and zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as z:
             if any(n.endswith("constants.pkl") for n in z.namelist()):
@@ -1220,7 +1220,23 @@ def read_state_dict(path, allow_torchscript=False):
             obj = obj[key]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"{path} does not hold a state dict of tensors")
-    return {k.removeprefix("module."): v for k, v in obj.items()}  # DataParallel/DDP prefix
+    return _strip_wrappers(obj)
+
+
+# Prefixes a wrapper puts before every key: DataParallel/DDP "module.", torch.compile "_orig_mod.", and
+# training code that holds the network as `self.model` "model.". Stripped only when every key has the
+# prefix (one key without it means it is part of the names), and repeatedly: a compiled model inside DDP
+# saves "module._orig_mod.".
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
+
+
+def _strip_wrappers(sd):
+    while sd:
+        prefix = next((p for p in _WRAPPER_PREFIXES if all(k.startswith(p) for k in sd)), None)
+        if prefix is None:
+            break
+        sd = {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
 
 
 # Sub-module names inside one transformer block, per format, mapped to ours. Separate q/k/v are fused below.

@@ -720,6 +720,25 @@ def test_model_open_clip_hub_folder_pickle_and_bad_configs(tmp_path):
         R.load_model(tmp_path / "hub")
 
 
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "model.", "module._orig_mod."])
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_model_wrapper_prefixes_stripped(tiny_ckpt, prefix, suffix):
+    """DDP, torch.compile and `self.model` wrappers prefix every key; the prefix goes only when every key has
+    it."""
+    tmp, sd = tiny_ckpt
+    wrapped = {prefix + k: v for k, v in sd.items()}
+    save = R.write_safetensors if suffix == ".safetensors" else lambda d, p: torch.save(d, p)
+    save(wrapped, tmp / f"m{suffix}")
+    model, _ = R.load_model(tmp / f"m{suffix}", activation="gelu")
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, sd[k], msg=k)
+    # One key without the prefix: the prefix is part of the names, kept, and the load says what it found.
+    wrapped["logit_scale"] = wrapped.pop(prefix + "logit_scale")
+    save(wrapped, tmp / f"m{suffix}")
+    with pytest.raises(ValueError, match="unknown checkpoint layout.*" + re.escape(prefix + "ln_final.bias")):
+        R.load_model(tmp / f"m{suffix}")
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Data, noise, synthetic scenes
 # ------------------------------------------------------------------------------------------------------------
