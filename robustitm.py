@@ -1182,12 +1182,43 @@ def _atomic_write(path, write):
 
 
 def read_state_dict(path, allow_torchscript=False):
-    """Reads a checkpoint file into {name: tensor}: safetensors, or a weights-only torch pickle.
+    """Reads a checkpoint file into {name: tensor}: safetensors, a weights-only torch pickle, or the index
+    of a sharded checkpoint (model.safetensors.index.json, pytorch_model.bin.index.json) with its shards.
 
     TorchScript archives (OpenAI's original .pt files) execute code when loaded; they are read only with
     `allow_torchscript=True`.
     """
     path = Path(path)
+    if path.name.endswith(".index.json") and path.is_file():
+        return _strip_wrappers(_read_shards(path, allow_torchscript))
+    return _strip_wrappers(_read_file(path, allow_torchscript))
+
+
+def _read_shards(index, allow_torchscript):
+    """The tensors of a sharded checkpoint: its index's weight_map {tensor name: shard file} says which
+    file holds which tensor, and every shard must hold exactly the tensors the index gives it."""
+    weight_map = _read_json(index).get("weight_map")
+    if not (isinstance(weight_map, dict) and weight_map
+            and all(isinstance(f, str) and f == Path(f).name for f in weight_map.values())):
+        raise ValueError(f"{index}: no \"weight_map\" of tensor name -> shard file name; "
+                         f"not the index of a sharded checkpoint")
+    out = {}
+    for shard in sorted(set(weight_map.values())):
+        path = index.parent / shard
+        if not path.is_file():
+            raise ValueError(f"{index} names the shard {shard}, which is not in {index.parent}: "
+                             f"an interrupted download? Fetch the missing shards")
+        part = _read_file(path, allow_torchscript)
+        listed = {k for k, f in weight_map.items() if f == shard}
+        if set(part) != listed:
+            lacks, extra = sorted(listed - set(part)), sorted(set(part) - listed)
+            raise ValueError(f"{path} does not hold the tensors {index.name} gives it (lacks {lacks[:5]}, "
+                             f"holds unlisted {extra[:5]}): the shards and the index do not belong together")
+        out.update(part)
+    return out
+
+
+def _read_file(path, allow_torchscript):
     if not path.is_file():
         raise ValueError(f"checkpoint {path} does not exist")
     if path.stat().st_size == 0:
@@ -1196,7 +1227,7 @@ def read_state_dict(path, allow_torchscript=False):
     with open(path, "rb") as f:
         head = f.read(8)
     if path.suffix == ".safetensors":
-        return _strip_wrappers(read_safetensors(path))
+        return read_safetensors(path)
     if head[:2] == b"PK" and zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as z:
             if any(n.endswith("constants.pkl") for n in z.namelist()):
@@ -1220,7 +1251,7 @@ def read_state_dict(path, allow_torchscript=False):
             obj = obj[key]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"{path} does not hold a state dict of tensors")
-    return _strip_wrappers(obj)
+    return obj
 
 
 # Prefixes a wrapper puts before every key: DataParallel/DDP "module.", torch.compile "_orig_mod.", and
@@ -1469,7 +1500,8 @@ def _read_json(path):
 # Weight files of a directory in the order they are looked for: open_clip's hub folders (next to
 # open_clip_config.json) first, since a hub repo can hold both layouts, then Hugging Face's.
 _OPEN_CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
-_HF_FILES = ("model.safetensors", "pytorch_model.bin")
+_HF_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+             "pytorch_model.bin.index.json")
 
 
 def _read_dir_or_file(path, allow_torchscript):

@@ -739,6 +739,69 @@ def test_model_wrapper_prefixes_stripped(tiny_ckpt, prefix, suffix):
         R.load_model(tmp / f"m{suffix}")
 
 
+def _assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def test_model_sharded_hf_checkpoints(tmp_path):
+    """transformers splits big models into shards listed in model.safetensors.index.json."""
+    import transformers
+    torch.manual_seed(0)
+    ref = transformers.CLIPModel(_hf_clip_config("gelu")).eval()
+    ref.save_pretrained(tmp_path / "clip", max_shard_size="100KB")
+    assert (tmp_path / "clip" / "model.safetensors.index.json").is_file()
+    assert len(list((tmp_path / "clip").glob("model-*-of-*.safetensors"))) > 1
+    model, _ = R.load_model(tmp_path / "clip")
+    _assert_same_as_hf_clip(model, ref)
+    # BERT, ViT and DINOv2 towers: sharded loads equal the single-file loads.
+    bert, _, _ = _bert_dir(tmp_path), _vit_dir(tmp_path, "vit"), _vit_dir(tmp_path, "dinov2")
+    bert.save_pretrained(tmp_path / "bert_sharded", max_shard_size="100KB")
+    for kind in ("vit", "dinov2"):
+        sharded_dir = tmp_path / f"{kind}_sharded"
+        reloaded = transformers.AutoModel.from_pretrained(tmp_path / kind)
+        reloaded.save_pretrained(sharded_dir, max_shard_size="100KB")
+        whole, _ = R.load_model(image_tower=tmp_path / kind, text_tower=tmp_path / "bert", embed_dim=16)
+        sharded, _ = R.load_model(image_tower=sharded_dir, text_tower=tmp_path / "bert_sharded", embed_dim=16)
+        own = {k: v for k, v in whole.state_dict().items()
+               if k not in ("visual.proj", "text_projection", "logit_scale")}  # new random heads
+        _assert_same_weights(own, {k: sharded.state_dict()[k] for k in own})
+    # Torch pickle shards (pytorch_model.bin.index.json), as older transformers wrote them.
+    index = json.loads((tmp_path / "bert_sharded" / "model.safetensors.index.json").read_text())
+    (tmp_path / "bert_bin").mkdir()
+    to_bin = lambda f: f.replace("model-", "pytorch_model-").replace(".safetensors", ".bin")
+    for shard in set(index["weight_map"].values()):
+        tensors = R.read_safetensors(tmp_path / "bert_sharded" / shard)
+        torch.save(tensors, tmp_path / "bert_bin" / to_bin(shard))
+    index["weight_map"] = {k: to_bin(f) for k, f in index["weight_map"].items()}
+    (tmp_path / "bert_bin" / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    (tmp_path / "bert_bin" / "config.json").write_text((tmp_path / "bert" / "config.json").read_text())
+    _assert_same_weights(R.read_state_dict(tmp_path / "bert_sharded" / "model.safetensors.index.json"),
+                         R.read_state_dict(tmp_path / "bert_bin" / "pytorch_model.bin.index.json"))
+    R.load_model(image_tower=tmp_path / "vit", text_tower=tmp_path / "bert_bin", embed_dim=16)
+
+
+def test_model_sharded_checkpoint_errors(tmp_path):
+    import transformers
+    transformers.CLIPModel(_hf_clip_config("gelu")).save_pretrained(tmp_path, max_shard_size="100KB")
+    index_path = tmp_path / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    # A tensor the index gives to the wrong shard.
+    name = next(k for k, f in index["weight_map"].items() if f == shards[0])
+    index_path.write_text(json.dumps({"weight_map": {**index["weight_map"], name: shards[1]}}))
+    with pytest.raises(ValueError, match=re.escape(shards[0]) + r" does not hold the tensors .*lacks \[\]"):
+        R.load_model(tmp_path)
+    index_path.write_text(json.dumps(index))
+    (tmp_path / shards[-1]).unlink()
+    with pytest.raises(ValueError, match=f"names the shard {re.escape(shards[-1])}, which is not in"):
+        R.load_model(tmp_path)
+    index_path.write_text(json.dumps({"weight_map": {"a": "../elsewhere.safetensors"}}))
+    with pytest.raises(ValueError, match="no \"weight_map\" of tensor name -> shard file name"):
+        R.load_model(tmp_path)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Data, noise, synthetic scenes
 # ------------------------------------------------------------------------------------------------------------
