@@ -1557,17 +1557,52 @@ def _open_clip_config(sd, oc, source):
     return cfg
 
 
+def _image_processor(directory):
+    """A Hugging Face directory's image processor settings: preprocessor_config.json, or (transformers 5
+    saves processors so) the "image_processor" object of processor_config.json; {} if neither."""
+    pc, proc = directory / "preprocessor_config.json", directory / "processor_config.json"
+    if pc.is_file():
+        return _read_json(pc)
+    if proc.is_file():
+        p = _read_json(proc).get("image_processor") or {}
+        if not isinstance(p, dict):
+            raise ValueError(f"{proc}: \"image_processor\" is not an object; fix or remove the file")
+        return p
+    return {}
+
+
 def _preprocess_for(directory, size, default_mean, default_std, open_clip=False):
     """Preprocess of a model directory: mean and std from open_clip_config.json's preprocess_cfg for
-    open_clip weights, else from preprocessor_config.json, else the defaults given."""
-    oc, pc = directory / "open_clip_config.json", directory / "preprocessor_config.json"
+    open_clip weights, else from the image processor's settings, else the defaults given."""
+    oc = directory / "open_clip_config.json"
     p = {}
     if open_clip and oc.is_file():
         pp = _read_json(oc).get("preprocess_cfg") or {}
         p = {"image_mean": pp["mean"], "image_std": pp["std"]} if "mean" in pp and "std" in pp else {}
-    elif pc.is_file():
-        p = _read_json(pc)
+    elif not open_clip:
+        p = _image_processor(directory)
     return Preprocess(size, tuple(p.get("image_mean", default_mean)), tuple(p.get("image_std", default_std)))
+
+
+def _tokenizer_json(path, context_length):
+    """A CLIP tokenizer saved as tokenizer.json only (transformers 5): the BPE model's vocab and merges
+    ("a b" strings, or [a, b] pairs in newer files); special tokens missing from the vocab are taken from
+    added_tokens."""
+    j = _read_json(path)
+    model = j.get("model")
+    if not (isinstance(model, dict) and model.get("type") == "BPE" and isinstance(model.get("vocab"), dict)
+            and isinstance(model.get("merges"), list)):
+        raise ValueError(f"{path} holds no BPE model (model.type \"BPE\", model.vocab, model.merges): "
+                         f"not a CLIP tokenizer; pass --tokenizer PATH")
+    vocab = dict(model["vocab"])
+    for t in j.get("added_tokens") or []:
+        if isinstance(t, dict) and "content" in t and "id" in t:
+            vocab.setdefault(t["content"], t["id"])
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    try:
+        return ClipTokenizer(vocab, merges, context_length)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 def _clip_tokenizer(directory, context_length, tokenizer_path=None):
@@ -1575,15 +1610,19 @@ def _clip_tokenizer(directory, context_length, tokenizer_path=None):
         tp = Path(tokenizer_path)
         if tp.is_dir():
             directory = tp
+        elif tp.name.endswith(".json"):
+            return _tokenizer_json(tp, context_length)
         else:
             return ClipTokenizer.from_bpe_gz(tp, context_length)
     if (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file():
         return ClipTokenizer.from_files(directory / "vocab.json", directory / "merges.txt", context_length)
+    if (directory / "tokenizer.json").is_file():
+        return _tokenizer_json(directory / "tokenizer.json", context_length)
     bpe = directory / "bpe_simple_vocab_16e6.txt.gz"
     if bpe.is_file():
         return ClipTokenizer.from_bpe_gz(bpe, context_length)
     raise ValueError(f"no CLIP vocabulary found next to the checkpoint in {directory}: "
-                     f"put vocab.json + merges.txt or bpe_simple_vocab_16e6.txt.gz there, "
+                     f"put vocab.json + merges.txt, tokenizer.json or bpe_simple_vocab_16e6.txt.gz there, "
                      f"or pass --tokenizer PATH")
 
 
@@ -1644,8 +1683,9 @@ def load_pretrained(path=None, image_tower=None, text_tower=None, *, embed_dim=5
                     allow_torchscript=False, tokenizer_path=None):
     """Loads pretrained weights -> (model, tokenizer, preprocess); see load_model for the arguments.
 
-    The CLIP vocabulary is read from the checkpoint's directory (vocab.json + merges.txt, or OpenAI's
-    bpe_simple_vocab_16e6.txt.gz) or `tokenizer_path`; BERT's from vocab.txt in the text tower's directory.
+    The CLIP vocabulary is read from the checkpoint's directory (vocab.json + merges.txt, tokenizer.json,
+    or OpenAI's bpe_simple_vocab_16e6.txt.gz) or `tokenizer_path` (any of these); BERT's from vocab.txt in
+    the text tower's directory.
     """
     model, info = load_model(path, image_tower, text_tower, embed_dim=embed_dim, activation=activation,
                              allow_torchscript=allow_torchscript)

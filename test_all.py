@@ -802,6 +802,43 @@ def test_model_sharded_checkpoint_errors(tmp_path):
         R.load_model(tmp_path)
 
 
+def test_model_transformers5_tokenizer_json_and_processor_config(tmp_path):
+    """transformers 5 saves a CLIP tokenizer as tokenizer.json only and the image settings inside
+    processor_config.json."""
+    import transformers
+    ours = ClipTokenizer.from_bpe_gz(_open_clip_bpe(), 16)
+    ours.save(tmp_path / "files")
+    hf_tok = transformers.CLIPTokenizer(str(tmp_path / "files" / "vocab.json"),
+                                        str(tmp_path / "files" / "merges.txt"))
+    image = transformers.CLIPImageProcessor(image_mean=[0.1, 0.2, 0.3], image_std=[0.4, 0.5, 0.6],
+                                            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    torch.manual_seed(0)
+    transformers.CLIPModel(_hf_clip_config("gelu", vocab=49408)).save_pretrained(tmp_path / "clip")
+    transformers.CLIPProcessor(image_processor=image, tokenizer=hf_tok).save_pretrained(tmp_path / "clip")
+    files = {p.name for p in (tmp_path / "clip").iterdir()}
+    assert {"tokenizer.json", "processor_config.json"} <= files
+    assert not files & {"vocab.json", "merges.txt", "preprocessor_config.json"}
+    captions = _tok_captions(300)
+    _, tokenizer, pre = R.load_pretrained(tmp_path / "clip")
+    assert (pre.mean, pre.std) == ((0.1, 0.2, 0.3), (0.4, 0.5, 0.6))
+    for a, b in zip(tokenizer(captions), ours(captions)):
+        assert torch.equal(a, b)
+    # Older tokenizer.json files: merges as "a b" strings, special tokens only among added_tokens.
+    j = json.loads((tmp_path / "clip" / "tokenizer.json").read_text())
+    j["model"]["merges"] = [" ".join(m) for m in j["model"]["merges"]]
+    for special in (ClipTokenizer.START, ClipTokenizer.END):
+        j["model"]["vocab"].pop(special)
+    assert {t["content"] for t in j["added_tokens"]} >= {ClipTokenizer.START, ClipTokenizer.END}
+    (tmp_path / "old.json").write_text(json.dumps(j))
+    old = R._clip_tokenizer(tmp_path, 16, tokenizer_path=tmp_path / "old.json")
+    for a, b in zip(old(captions), ours(captions)):
+        assert torch.equal(a, b)
+    j["model"] = {"type": "WordPiece", "vocab": {}}
+    (tmp_path / "old.json").write_text(json.dumps(j))
+    with pytest.raises(ValueError, match="old.json holds no BPE model"):
+        R._clip_tokenizer(tmp_path, 16, tokenizer_path=tmp_path / "old.json")
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Data, noise, synthetic scenes
 # ------------------------------------------------------------------------------------------------------------
