@@ -1441,9 +1441,13 @@ def _hf_bert(sd, config):
     return out, unexpected, cfg
 
 
-def _hf_vit(sd, config, layout):
+def _hf_vit(sd, config, layout, image_size=None):
     """A Hugging Face ViTModel or Dinov2Model as image tower
-    (pre-LN, CLS, no pre-norm; DINOv2 adds layer scale)."""
+    (pre-LN, CLS, no pre-norm; DINOv2 adds layer scale).
+
+    `image_size` (the image processor's crop) replaces the size of the position table's grid: DINOv2's table
+    covers 518 px while it is used at 224. The table is resampled once here, bicubically in float32 exactly
+    as transformers' interpolate_pos_encoding does at every call, so the outputs at that size are its."""
     sd = {k.removeprefix("vit.").removeprefix("dinov2."): v for k, v in sd.items()}
     if config.get("use_swiglu_ffn"):
         raise ValueError("DINOv2 checkpoints with SwiGLU MLPs (giant) are not supported")
@@ -1464,6 +1468,17 @@ def _hf_vit(sd, config, layout):
                        layer_scale=layout == "dinov2",
                        image_size=round((out["visual.positional_embedding"].shape[0] - 1) ** 0.5) * p,
                        patch_size=p, patch_bias=True, ln_pre=False)
+    if image_size is not None and image_size != cfg.image_size:
+        if image_size % p:
+            raise ValueError(f"the image processor's size {image_size} is not a multiple of the patch "
+                             f"size {p}")
+        pos = out["visual.positional_embedding"]
+        g, new = cfg.image_size // p, image_size // p
+        grid = pos[1:].reshape(1, g, g, -1).permute(0, 3, 1, 2).float()
+        grid = F.interpolate(grid, size=(new, new), mode="bicubic", align_corners=False)
+        grid = grid.permute(0, 2, 3, 1).reshape(new * new, -1).to(pos.dtype)
+        out["visual.positional_embedding"] = torch.cat([pos[:1], grid])
+        cfg.image_size = image_size
     return out, unexpected, cfg
 
 
@@ -1571,17 +1586,43 @@ def _image_processor(directory):
     return {}
 
 
+def _processor_sizes(directory):
+    """(crop side, resize side) of a Hugging Face image processor, None where it does not say: crop_size
+    when it centre-crops, size when it resizes (each an int, a square {"height", "width"}, or
+    {"shortest_edge"})."""
+    p = _image_processor(directory)
+
+    def side(key):
+        v = p.get(key)
+        if isinstance(v, dict) and "shortest_edge" in v:
+            v = v["shortest_edge"]
+        elif isinstance(v, dict) and "height" in v and v.get("height") == v.get("width"):
+            v = v["height"]
+        if not (isinstance(v, int) and v > 0):
+            raise ValueError(f"the image processor in {directory} has {key} {p.get(key)!r}; robustitm "
+                             f"needs one side (square crops): an int, {{\"height\": S, \"width\": S}} or "
+                             f"{{\"shortest_edge\": S}}")
+        return v
+    crop = side("crop_size") if p.get("do_center_crop", True) and p.get("crop_size") is not None else None
+    resize = side("size") if p.get("do_resize", True) and p.get("size") is not None else None
+    return crop, resize
+
+
 def _preprocess_for(directory, size, default_mean, default_std, open_clip=False):
     """Preprocess of a model directory: mean and std from open_clip_config.json's preprocess_cfg for
-    open_clip weights, else from the image processor's settings, else the defaults given."""
+    open_clip weights, else from the image processor's settings (and its resize side before the crop, as
+    DINOv2's 256 before 224), else the defaults given."""
     oc = directory / "open_clip_config.json"
-    p = {}
+    p, resize = {}, None
     if open_clip and oc.is_file():
         pp = _read_json(oc).get("preprocess_cfg") or {}
         p = {"image_mean": pp["mean"], "image_std": pp["std"]} if "mean" in pp and "std" in pp else {}
     elif not open_clip:
         p = _image_processor(directory)
-    return Preprocess(size, tuple(p.get("image_mean", default_mean)), tuple(p.get("image_std", default_std)))
+        crop, resize = _processor_sizes(directory)
+        resize = resize if crop == size and resize and resize > size else None
+    return Preprocess(size, tuple(p.get("image_mean", default_mean)), tuple(p.get("image_std", default_std)),
+                      resize)
 
 
 def _tokenizer_json(path, context_length):
@@ -1670,7 +1711,8 @@ def load_model(path=None, image_tower=None, text_tower=None, *, embed_dim=512, a
     if ilayout not in ("vit", "dinov2") or tlayout != "bert":
         raise ValueError(f"image_tower must be a ViT/DINOv2 directory (got {ilayout}) and text_tower a BERT "
                          f"directory (got {tlayout})")
-    isd, iunexpected, vcfg = _hf_vit(isd, iconf, ilayout)
+    crop, resize = _processor_sizes(idir)
+    isd, iunexpected, vcfg = _hf_vit(isd, iconf, ilayout, crop or resize)
     tsd, tunexpected, tcfg = _hf_bert(tsd, tconf)
     model = DualEncoder(ModelConfig(vcfg, tcfg, embed_dim))
     new_heads = ("visual.proj", "text_projection", "logit_scale")
@@ -1792,7 +1834,8 @@ def _to_8bit(img: Image.Image) -> Image.Image:
 
 @dataclass(frozen=True)
 class Preprocess:
-    """CLIP eval preprocessing: shorter side to `size` (PIL bicubic), centre crop, RGB, then normalise.
+    """CLIP eval preprocessing: shorter side to `resize` (default `size`; PIL bicubic), centre crop `size`,
+    RGB, then normalise.
 
     Same order as open_clip's `image_transform(size, is_train=False)`: resize and crop in the image's own
     mode, convert to RGB last (it matters for palette and RGBA images).
@@ -1801,12 +1844,19 @@ class Preprocess:
     size: int = 224
     mean: tuple = CLIP_MEAN
     std: tuple = CLIP_STD
+    resize: int = None            # short side before the crop; None = size (DINOv2: 256, then crop 224)
+
+    def __post_init__(self):
+        if self.resize is None:
+            object.__setattr__(self, "resize", self.size)
+        if self.resize < self.size:
+            raise ValueError(f"resize {self.resize} is smaller than the crop size {self.size}")
 
     def to_uint8(self, img: Image.Image) -> torch.Tensor:
         img = _to_8bit(img)
-        S, (w, h) = self.size, img.size
-        if min(w, h) != S:  # torchvision's rule: short side to S, long side int(S * long / short)
-            w, h = (S, int(S * h / w)) if w <= h else (int(S * w / h), S)
+        S, R, (w, h) = self.size, self.resize, img.size
+        if min(w, h) != R:  # torchvision's rule: short side to R, long side int(R * long / short)
+            w, h = (R, int(R * h / w)) if w <= h else (int(R * w / h), R)
             img = img.resize((w, h), Image.BICUBIC)
         top, left = int(round((h - S) / 2.0)), int(round((w - S) / 2.0))
         img = img.crop((left, top, left + S, top + S)).convert("RGB")

@@ -839,6 +839,46 @@ def test_model_transformers5_tokenizer_json_and_processor_config(tmp_path):
         R._clip_tokenizer(tmp_path, 16, tokenizer_path=tmp_path / "old.json")
 
 
+@pytest.mark.parametrize("kind", ["vit", "dinov2"])
+def test_model_image_tower_at_the_processors_size(tmp_path, kind):
+    """DINOv2's position table covers 518 px, its processor resizes to 256 and crops 224: the tower runs at
+    the crop size, its positions resampled as transformers does. Here: a 64 px table, resize 40, crop 32."""
+    import transformers
+    _bert_dir(tmp_path)
+    words = _TOK_BERT_SPECIALS + [f"w{i}" for i in range(115)]
+    (tmp_path / "bert" / "vocab.txt").write_text("\n".join(words))
+    torch.manual_seed(1)
+    common = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=64, patch_size=8)
+    if kind == "vit":
+        ref = transformers.ViTModel(transformers.ViTConfig(intermediate_size=128, **common))
+    else:
+        ref = transformers.Dinov2Model(transformers.Dinov2Config(mlp_ratio=2, **common))
+    ref.eval().save_pretrained(tmp_path / kind)
+    processor = transformers.BitImageProcessor(size={"shortest_edge": 40}, do_center_crop=True,
+                                               crop_size={"height": 32, "width": 32},
+                                               image_mean=[0.4, 0.5, 0.6], image_std=[0.2, 0.3, 0.25])
+    processor.save_pretrained(tmp_path / kind)
+    model, _, pre = R.load_pretrained(image_tower=tmp_path / kind, text_tower=tmp_path / "bert", embed_dim=16)
+    assert model.cfg.vision.image_size == 32 and model.visual.positional_embedding.shape[0] == 4 * 4 + 1
+    assert (pre.size, pre.resize, pre.mean, pre.std) == (32, 40, (0.4, 0.5, 0.6), (0.2, 0.3, 0.25))
+    rng = np.random.default_rng(0)
+    photos = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+              for h, w in [(50, 70), (90, 45)]]
+    images = torch.stack([pre(im) for im in photos])
+    theirs = processor(photos, return_tensors="pt")["pixel_values"]
+    # transformers 5 resizes with torchvision, which rounds a few pixels one level off PIL's.
+    torch.testing.assert_close(images, theirs, atol=1 / 255 / 0.2 + 1e-6, rtol=0)
+    assert (images - theirs).abs().gt(1e-5).float().mean() < 0.02
+    extra = {"interpolate_pos_encoding": True} if kind == "vit" else {}
+    with torch.no_grad():
+        theirs = ref(pixel_values=images, **extra).last_hidden_state[:, 0]
+        torch.testing.assert_close(model.eval().visual.features(images), theirs, atol=1e-4, rtol=0)
+    # The same resize and crop sizes as before: Preprocess is unchanged.
+    assert R.Preprocess(32) == R.Preprocess(32, resize=32)
+    with pytest.raises(ValueError, match="resize 16 is smaller than the crop size 32"):
+        R.Preprocess(32, resize=16)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Data, noise, synthetic scenes
 # ------------------------------------------------------------------------------------------------------------
