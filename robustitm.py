@@ -1667,6 +1667,34 @@ def _clip_tokenizer(directory, context_length, tokenizer_path=None):
                      f"or pass --tokenizer PATH")
 
 
+def _sentence_transformer(path):
+    """(directory of the BERT weights, pooling) of a text tower: a sentence-transformers folder (modules.json)
+    has them in its Transformer module's folder ("0_Transformer/", or the top level) and its Pooling
+    module's config.json (CLS token or masked mean); any other path is a BertModel pooled at [CLS]."""
+    modules_json = path / "modules.json"
+    if not modules_json.is_file():
+        return path, "cls"
+    try:
+        modules = json.loads(modules_json.read_text(encoding="utf-8"))
+        kinds = {m["type"].rsplit(".", 1)[-1]: path / m.get("path", "") for m in modules}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        raise ValueError(f"{modules_json} is not a sentence-transformers module list ({e!r}); "
+                         f"fix or remove the file") from None
+    unknown = sorted(set(kinds) - {"Transformer", "Pooling", "Normalize"})  # Normalize: we normalise anyway
+    if unknown or "Transformer" not in kinds:
+        raise ValueError(f"{modules_json}: modules {unknown or 'without a Transformer'} are not supported; "
+                         f"robustitm takes a Transformer (BERT) followed by a CLS or mean Pooling")
+    pooling = _read_json(kinds["Pooling"] / "config.json") if "Pooling" in kinds else {}
+    modes = sorted(k for k, v in pooling.items() if k.startswith("pooling_mode_") and v is True)
+    pool = {(): "cls", ("pooling_mode_cls_token",): "cls",
+            ("pooling_mode_mean_tokens",): "mean"}.get(tuple(modes))
+    if pool is None:
+        raise ValueError(f"{kinds['Pooling'] / 'config.json'}: pooling {modes} is not supported; "
+                         f"robustitm pools at [CLS] (pooling_mode_cls_token) or by masked mean "
+                         f"(pooling_mode_mean_tokens)")
+    return kinds["Transformer"], pool
+
+
 def load_model(path=None, image_tower=None, text_tower=None, *, embed_dim=512, activation="quick_gelu",
                allow_torchscript=False):
     """Builds a DualEncoder from pretrained weights (float32)
@@ -1679,7 +1707,8 @@ def load_model(path=None, image_tower=None, text_tower=None, *, embed_dim=512, a
           says it: config.json of Hugging Face directories, open_clip_config.json of hub folders or next
           to the state dict given (its "quick_gelu"; false or absent is gelu, as open_clip builds it).
     image_tower / text_tower: Hugging Face ViT or DINOv2 / BERT directories joined with new projection heads
-          to `embed_dim` (separately pretrained towers, paper C's setting).
+          to `embed_dim` (separately pretrained towers, paper C's setting). The text tower may be a
+          sentence-transformers folder; its Pooling module sets the pooling (CLS or mean).
     """
     if path is not None:
         sd, config, directory = _read_dir_or_file(path, allow_torchscript)
@@ -1706,6 +1735,7 @@ def load_model(path=None, image_tower=None, text_tower=None, *, embed_dim=512, a
     if image_tower is None or text_tower is None:
         raise ValueError("give either a CLIP checkpoint (path) or both image_tower and text_tower")
     isd, iconf, idir = _read_dir_or_file(image_tower, allow_torchscript)
+    text_tower, pool = _sentence_transformer(Path(text_tower))
     tsd, tconf, tdir = _read_dir_or_file(text_tower, allow_torchscript)
     ilayout, tlayout = _detect_layout(isd), _detect_layout(tsd)
     if ilayout not in ("vit", "dinov2") or tlayout != "bert":
@@ -1714,6 +1744,7 @@ def load_model(path=None, image_tower=None, text_tower=None, *, embed_dim=512, a
     crop, resize = _processor_sizes(idir)
     isd, iunexpected, vcfg = _hf_vit(isd, iconf, ilayout, crop or resize)
     tsd, tunexpected, tcfg = _hf_bert(tsd, tconf)
+    tcfg.pool = pool
     model = DualEncoder(ModelConfig(vcfg, tcfg, embed_dim))
     new_heads = ("visual.proj", "text_projection", "logit_scale")
     load_state_strict(model, {k: v.float() for k, v in {**isd, **tsd}.items()}, iunexpected + tunexpected,

@@ -879,6 +879,42 @@ def test_model_image_tower_at_the_processors_size(tmp_path, kind):
         R.Preprocess(32, resize=16)
 
 
+@pytest.mark.parametrize("layout,pool", [("0_Transformer", "mean"), ("", "cls")])
+def test_model_sentence_transformers_text_tower(tmp_path, layout, pool):
+    """A sentence-transformers folder: modules.json, the BERT files in 0_Transformer/ (or at the top) and
+    1_Pooling/config.json, whose mode sets the pooling."""
+    import shutil
+    bert, vit = _bert_dir(tmp_path), _vit_dir(tmp_path, "vit")
+    st = tmp_path / "st"
+    shutil.copytree(tmp_path / "bert", st / layout)
+    modules = [{"idx": i, "name": str(i), "path": p, "type": f"sentence_transformers.models.{kind}"}
+               for i, (p, kind) in enumerate([(layout, "Transformer"), ("1_Pooling", "Pooling"),
+                                              ("2_Normalize", "Normalize")])]
+    (st / "modules.json").write_text(json.dumps(modules))
+    (st / "1_Pooling").mkdir()
+    pooling = {"word_embedding_dimension": 64, "pooling_mode_cls_token": pool == "cls",
+               "pooling_mode_mean_tokens": pool == "mean", "pooling_mode_max_tokens": False,
+               "pooling_mode_mean_sqrt_len_tokens": False, "include_prompt": True}
+    (st / "1_Pooling" / "config.json").write_text(json.dumps(pooling))
+    model, info = R.load_model(image_tower=tmp_path / "vit", text_tower=st, embed_dim=16)
+    assert model.cfg.text.pool == pool and info["text_dir"] == st / layout
+    ids, mask = _ids_and_mask(3, 10, 120, 102, cls=101)
+    with torch.no_grad():
+        hidden = bert(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+        ours = model.eval().text_features(ids, mask)
+    m = mask[..., None].float()
+    torch.testing.assert_close(ours, (hidden * m).sum(1) / m.sum(1) if pool == "mean" else hidden[:, 0],
+                               atol=1e-4, rtol=0)
+    # Poolings and modules this model cannot reproduce are refused by name.
+    (st / "1_Pooling" / "config.json").write_text(json.dumps({**pooling, "pooling_mode_max_tokens": True}))
+    with pytest.raises(ValueError, match="pooling .*'pooling_mode_max_tokens'.* is not supported"):
+        R.load_model(image_tower=tmp_path / "vit", text_tower=st, embed_dim=16)
+    modules.append({"idx": 3, "name": "3", "path": "3_Dense", "type": "sentence_transformers.models.Dense"})
+    (st / "modules.json").write_text(json.dumps(modules))
+    with pytest.raises(ValueError, match=r"modules \['Dense'\] are not supported"):
+        R.load_model(image_tower=tmp_path / "vit", text_tower=st, embed_dim=16)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Data, noise, synthetic scenes
 # ------------------------------------------------------------------------------------------------------------
