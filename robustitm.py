@@ -1184,12 +1184,43 @@ def _atomic_write(path, write):
 
 
 def read_state_dict(path, allow_torchscript=False):
-    """Reads a checkpoint file into {name: tensor}: safetensors, or a weights-only torch pickle.
+    """Reads a checkpoint file into {name: tensor}: safetensors, a weights-only torch pickle, or the index
+    of a sharded checkpoint (model.safetensors.index.json, pytorch_model.bin.index.json) with its shards.
 
     TorchScript archives (OpenAI's original .pt files) execute code when loaded; they are read only with
     `allow_torchscript=True`.
     """
     path = Path(path)
+    if path.name.endswith(".index.json") and path.is_file():
+        return _strip_wrappers(_read_shards(path, allow_torchscript))
+    return _strip_wrappers(_read_file(path, allow_torchscript))
+
+
+def _read_shards(index, allow_torchscript):
+    """The tensors of a sharded checkpoint: its index's weight_map {tensor name: shard file} says which
+    file holds which tensor, and every shard must hold exactly the tensors the index gives it."""
+    weight_map = _read_json(index).get("weight_map")
+    if not (isinstance(weight_map, dict) and weight_map
+            and all(isinstance(f, str) and f == Path(f).name for f in weight_map.values())):
+        raise ValueError(f"{index}: no \"weight_map\" of tensor name -> shard file name; "
+                         f"not the index of a sharded checkpoint")
+    out = {}
+    for shard in sorted(set(weight_map.values())):
+        path = index.parent / shard
+        if not path.is_file():
+            raise ValueError(f"{index} names the shard {shard}, which is not in {index.parent}: "
+                             f"an interrupted download? Fetch the missing shards")
+        part = _read_file(path, allow_torchscript)
+        listed = {k for k, f in weight_map.items() if f == shard}
+        if set(part) != listed:
+            lacks, extra = sorted(listed - set(part)), sorted(set(part) - listed)
+            raise ValueError(f"{path} does not hold the tensors {index.name} gives it (lacks {lacks[:5]}, "
+                             f"holds unlisted {extra[:5]}): the shards and the index do not belong together")
+        out.update(part)
+    return out
+
+
+def _read_file(path, allow_torchscript):
     if not path.is_file():
         raise ValueError(f"checkpoint {path} does not exist")
     if path.stat().st_size == 0:
@@ -1222,7 +1253,23 @@ def read_state_dict(path, allow_torchscript=False):
             obj = obj[key]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"{path} does not hold a state dict of tensors")
-    return {k.removeprefix("module."): v for k, v in obj.items()}  # DataParallel/DDP prefix
+    return obj
+
+
+# Prefixes a wrapper puts before every key: DataParallel/DDP "module.", torch.compile "_orig_mod.", and
+# training code that holds the network as `self.model` "model.". Stripped only when every key has the
+# prefix (one key without it means it is part of the names), and repeatedly: a compiled model inside DDP
+# saves "module._orig_mod.".
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
+
+
+def _strip_wrappers(sd):
+    while sd:
+        prefix = next((p for p in _WRAPPER_PREFIXES if all(k.startswith(p) for k in sd)), None)
+        if prefix is None:
+            break
+        sd = {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
 
 
 # Sub-module names inside one transformer block, per format, mapped to ours. Separate q/k/v are fused below.
@@ -1396,9 +1443,13 @@ def _hf_bert(sd, config):
     return out, unexpected, cfg
 
 
-def _hf_vit(sd, config, layout):
+def _hf_vit(sd, config, layout, image_size=None):
     """A Hugging Face ViTModel or Dinov2Model as image tower
-    (pre-LN, CLS, no pre-norm; DINOv2 adds layer scale)."""
+    (pre-LN, CLS, no pre-norm; DINOv2 adds layer scale).
+
+    `image_size` (the image processor's crop) replaces the size of the position table's grid: DINOv2's table
+    covers 518 px while it is used at 224. The table is resampled once here, bicubically in float32 exactly
+    as transformers' interpolate_pos_encoding does at every call, so the outputs at that size are its."""
     sd = {k.removeprefix("vit.").removeprefix("dinov2."): v for k, v in sd.items()}
     if config.get("use_swiglu_ffn"):
         raise ValueError("DINOv2 checkpoints with SwiGLU MLPs (giant) are not supported")
@@ -1419,6 +1470,17 @@ def _hf_vit(sd, config, layout):
                        layer_scale=layout == "dinov2",
                        image_size=round((out["visual.positional_embedding"].shape[0] - 1) ** 0.5) * p,
                        patch_size=p, patch_bias=True, ln_pre=False)
+    if image_size is not None and image_size != cfg.image_size:
+        if image_size % p:
+            raise ValueError(f"the image processor's size {image_size} is not a multiple of the patch "
+                             f"size {p}")
+        pos = out["visual.positional_embedding"]
+        g, new = cfg.image_size // p, image_size // p
+        grid = pos[1:].reshape(1, g, g, -1).permute(0, 3, 1, 2).float()
+        grid = F.interpolate(grid, size=(new, new), mode="bicubic", align_corners=False)
+        grid = grid.permute(0, 2, 3, 1).reshape(new * new, -1).to(pos.dtype)
+        out["visual.positional_embedding"] = torch.cat([pos[:1], grid])
+        cfg.image_size = image_size
     return out, unexpected, cfg
 
 
@@ -1442,23 +1504,148 @@ def load_state_strict(model, sd, unexpected=(), only=None):
             v.copy_(sd[k].to(v.dtype))
 
 
+def _read_json(path):
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} could not be read as JSON ({e}); fix or remove the file") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} holds a JSON {type(obj).__name__}, not an object; fix or remove the file")
+    return obj
+
+
+# Weight files of a directory in the order they are looked for: open_clip's hub folders (next to
+# open_clip_config.json) first, since a hub repo can hold both layouts, then Hugging Face's.
+_OPEN_CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+_HF_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+             "pytorch_model.bin.index.json")
+
+
 def _read_dir_or_file(path, allow_torchscript):
     """Returns (state dict, config.json dict or {}, directory)
-    for a model file or a Hugging Face directory."""
+    for a model file, a Hugging Face directory or an open_clip hub folder."""
     path = Path(path)
     if path.is_dir():
-        cfg = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
-        for name in ("model.safetensors", "pytorch_model.bin"):
+        cfg = _read_json(path / "config.json") if (path / "config.json").is_file() else {}
+        names = (_OPEN_CLIP_FILES if (path / "open_clip_config.json").is_file() else ()) + _HF_FILES
+        for name in names:
             if (path / name).is_file():
                 return read_state_dict(path / name, allow_torchscript), cfg, path
-        raise ValueError(f"{path} holds neither model.safetensors nor pytorch_model.bin")
+        raise ValueError(f"{path} holds none of {', '.join(names)}: not a model directory")
     return read_state_dict(path, allow_torchscript), {}, path.parent
 
 
-def _preprocess_for(directory, size, default_mean, default_std):
-    pc = directory / "preprocessor_config.json"
-    p = json.loads(pc.read_text()) if pc.is_file() else {}
-    return Preprocess(size, tuple(p.get("image_mean", default_mean)), tuple(p.get("image_std", default_std)))
+# open_clip options that change the computation without changing the state dict's keys or shapes, with
+# the value this model implements (absent counts as that value). Anything else would load and run wrong.
+_OPEN_CLIP_FIXED = {
+    "vision_cfg": {"pool_type": "tok", "final_ln_after_pool": False, "pos_embed_type": "learnable",
+                   "act_kwargs": None, "norm_kwargs": None, "attentional_pool": False,
+                   "timm_model_name": None, "ls_init_value": None, "no_ln_pre": False},
+    "text_cfg": {"pool_type": "argmax", "final_ln_after_pool": False, "no_causal_mask": False,
+                 "embed_cls": False, "act_kwargs": None, "norm_kwargs": None, "hf_model_name": None,
+                 "proj_type": "linear", "proj_bias": False, "ls_init_value": None},
+    "": {"custom_text": False, "init_logit_bias": None},
+}
+
+
+def _open_clip_config(sd, oc, source):
+    """ModelConfig of an open_clip hub folder's state dict: shapes as for OpenAI's, and from
+    open_clip_config.json what shapes cannot tell: the activation (quick_gelu false or absent = gelu, as
+    open_clip builds it) and the heads (vision width // head_width, text_cfg heads)."""
+    mc = oc.get("model_cfg")
+    if not isinstance(mc, dict):
+        raise ValueError(f"{source}: no \"model_cfg\" object; not an open_clip_config.json")
+    for section, fixed in _OPEN_CLIP_FIXED.items():
+        got = (mc.get(section) or {}) if section else mc
+        for key, want in fixed.items():
+            if (got.get(key, want) or None) != (want or None):  # {} and False are None's equals here
+                raise ValueError(f"{source}: model_cfg {section + '.' if section else ''}{key} = "
+                                 f"{got.get(key)!r} is not supported (only {want!r}): robustitm reproduces "
+                                 f"open_clip's standard ViT CLIP")
+    cfg = _openai_config(sd, "quick_gelu" if mc.get("quick_gelu") else "gelu")
+    vc, tc = mc.get("vision_cfg") or {}, mc.get("text_cfg") or {}
+    head_width, heads = vc.get("head_width", 64), tc.get("heads", 8)  # open_clip's defaults
+    for tower, n in ((cfg.vision, cfg.vision.width / head_width), (cfg.text, heads)):
+        if n != int(n) or n < 1 or tower.width % int(n):
+            raise ValueError(f"{source}: {int(n) if n == int(n) else n} heads do not divide the "
+                             f"width {tower.width} read from the weights: the config does not belong "
+                             f"to these weights")
+        tower.heads = int(n)
+    return cfg
+
+
+def _image_processor(directory):
+    """A Hugging Face directory's image processor settings: preprocessor_config.json, or (transformers 5
+    saves processors so) the "image_processor" object of processor_config.json; {} if neither."""
+    pc, proc = directory / "preprocessor_config.json", directory / "processor_config.json"
+    if pc.is_file():
+        return _read_json(pc)
+    if proc.is_file():
+        p = _read_json(proc).get("image_processor") or {}
+        if not isinstance(p, dict):
+            raise ValueError(f"{proc}: \"image_processor\" is not an object; fix or remove the file")
+        return p
+    return {}
+
+
+def _processor_sizes(directory):
+    """(crop side, resize side) of a Hugging Face image processor, None where it does not say: crop_size
+    when it centre-crops, size when it resizes (each an int, a square {"height", "width"}, or
+    {"shortest_edge"})."""
+    p = _image_processor(directory)
+
+    def side(key):
+        v = p.get(key)
+        if isinstance(v, dict) and "shortest_edge" in v:
+            v = v["shortest_edge"]
+        elif isinstance(v, dict) and "height" in v and v.get("height") == v.get("width"):
+            v = v["height"]
+        if not (isinstance(v, int) and v > 0):
+            raise ValueError(f"the image processor in {directory} has {key} {p.get(key)!r}; robustitm "
+                             f"needs one side (square crops): an int, {{\"height\": S, \"width\": S}} or "
+                             f"{{\"shortest_edge\": S}}")
+        return v
+    crop = side("crop_size") if p.get("do_center_crop", True) and p.get("crop_size") is not None else None
+    resize = side("size") if p.get("do_resize", True) and p.get("size") is not None else None
+    return crop, resize
+
+
+def _preprocess_for(directory, size, default_mean, default_std, open_clip=False):
+    """Preprocess of a model directory: mean and std from open_clip_config.json's preprocess_cfg for
+    open_clip weights, else from the image processor's settings (and its resize side before the crop, as
+    DINOv2's 256 before 224), else the defaults given."""
+    oc = directory / "open_clip_config.json"
+    p, resize = {}, None
+    if open_clip and oc.is_file():
+        pp = _read_json(oc).get("preprocess_cfg") or {}
+        p = {"image_mean": pp["mean"], "image_std": pp["std"]} if "mean" in pp and "std" in pp else {}
+    elif not open_clip:
+        p = _image_processor(directory)
+        crop, resize = _processor_sizes(directory)
+        resize = resize if crop == size and resize and resize > size else None
+    return Preprocess(size, tuple(p.get("image_mean", default_mean)), tuple(p.get("image_std", default_std)),
+                      resize)
+
+
+def _tokenizer_json(path, context_length):
+    """A CLIP tokenizer saved as tokenizer.json only (transformers 5): the BPE model's vocab and merges
+    ("a b" strings, or [a, b] pairs in newer files); special tokens missing from the vocab are taken from
+    added_tokens."""
+    j = _read_json(path)
+    model = j.get("model")
+    if not (isinstance(model, dict) and model.get("type") == "BPE" and isinstance(model.get("vocab"), dict)
+            and isinstance(model.get("merges"), list)):
+        raise ValueError(f"{path} holds no BPE model (model.type \"BPE\", model.vocab, model.merges): "
+                         f"not a CLIP tokenizer; pass --tokenizer PATH")
+    vocab = dict(model["vocab"])
+    for t in j.get("added_tokens") or []:
+        if isinstance(t, dict) and "content" in t and "id" in t:
+            vocab.setdefault(t["content"], t["id"])
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    try:
+        return ClipTokenizer(vocab, merges, context_length)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 def _clip_tokenizer(directory, context_length, tokenizer_path=None):
@@ -1466,16 +1653,48 @@ def _clip_tokenizer(directory, context_length, tokenizer_path=None):
         tp = Path(tokenizer_path)
         if tp.is_dir():
             directory = tp
+        elif tp.name.endswith(".json"):
+            return _tokenizer_json(tp, context_length)
         else:
             return ClipTokenizer.from_bpe_gz(tp, context_length)
     if (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file():
         return ClipTokenizer.from_files(directory / "vocab.json", directory / "merges.txt", context_length)
+    if (directory / "tokenizer.json").is_file():
+        return _tokenizer_json(directory / "tokenizer.json", context_length)
     bpe = directory / "bpe_simple_vocab_16e6.txt.gz"
     if bpe.is_file():
         return ClipTokenizer.from_bpe_gz(bpe, context_length)
     raise ValueError(f"no CLIP vocabulary found next to the checkpoint in {directory}: "
-                     f"put vocab.json + merges.txt or bpe_simple_vocab_16e6.txt.gz there, "
+                     f"put vocab.json + merges.txt, tokenizer.json or bpe_simple_vocab_16e6.txt.gz there, "
                      f"or pass --tokenizer PATH")
+
+
+def _sentence_transformer(path):
+    """(directory of the BERT weights, pooling) of a text tower: a sentence-transformers folder (modules.json)
+    has them in its Transformer module's folder ("0_Transformer/", or the top level) and its Pooling
+    module's config.json (CLS token or masked mean); any other path is a BertModel pooled at [CLS]."""
+    modules_json = path / "modules.json"
+    if not modules_json.is_file():
+        return path, "cls"
+    try:
+        modules = json.loads(modules_json.read_text(encoding="utf-8"))
+        kinds = {m["type"].rsplit(".", 1)[-1]: path / m.get("path", "") for m in modules}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        raise ValueError(f"{modules_json} is not a sentence-transformers module list ({e!r}); "
+                         f"fix or remove the file") from None
+    unknown = sorted(set(kinds) - {"Transformer", "Pooling", "Normalize"})  # Normalize: we normalise anyway
+    if unknown or "Transformer" not in kinds:
+        raise ValueError(f"{modules_json}: modules {unknown or 'without a Transformer'} are not supported; "
+                         f"robustitm takes a Transformer (BERT) followed by a CLS or mean Pooling")
+    pooling = _read_json(kinds["Pooling"] / "config.json") if "Pooling" in kinds else {}
+    modes = sorted(k for k, v in pooling.items() if k.startswith("pooling_mode_") and v is True)
+    pool = {(): "cls", ("pooling_mode_cls_token",): "cls",
+            ("pooling_mode_mean_tokens",): "mean"}.get(tuple(modes))
+    if pool is None:
+        raise ValueError(f"{kinds['Pooling'] / 'config.json'}: pooling {modes} is not supported; "
+                         f"robustitm pools at [CLS] (pooling_mode_cls_token) or by masked mean "
+                         f"(pooling_mode_mean_tokens)")
+    return kinds["Transformer"], pool
 
 
 def load_model(path=None, image_tower=None, text_tower=None, *, embed_dim=512, activation="quick_gelu",
@@ -1483,19 +1702,28 @@ def load_model(path=None, image_tower=None, text_tower=None, *, embed_dim=512, a
     """Builds a DualEncoder from pretrained weights (float32)
     -> (model, info dict: layout, directories, configs).
 
-    path: an OpenAI/open_clip CLIP state dict (.pt/.bin/.safetensors) or a Hugging Face CLIP directory.
-          `activation` is the one thing shapes cannot tell for state dicts: OpenAI's and open_clip's
-          `-quickgelu` models use quick_gelu, other open_clip models gelu.
-          Hugging Face directories say it in config.json.
+    path: an OpenAI/open_clip CLIP state dict (.pt/.bin/.safetensors), an open_clip hub folder
+          (open_clip_config.json + open_clip_model.safetensors) or a Hugging Face CLIP directory.
+          `activation` is the one thing shapes cannot tell for bare state dicts: OpenAI's and open_clip's
+          `-quickgelu` models use quick_gelu, other open_clip models gelu. It is not used where a config
+          says it: config.json of Hugging Face directories, open_clip_config.json of hub folders or next
+          to the state dict given (its "quick_gelu"; false or absent is gelu, as open_clip builds it).
     image_tower / text_tower: Hugging Face ViT or DINOv2 / BERT directories joined with new projection heads
-          to `embed_dim` (separately pretrained towers, paper C's setting).
+          to `embed_dim` (separately pretrained towers, paper C's setting). The text tower may be a
+          sentence-transformers folder; its Pooling module sets the pooling (CLS or mean).
     """
     if path is not None:
         sd, config, directory = _read_dir_or_file(path, allow_torchscript)
         layout = _detect_layout(sd)
+        open_clip = False
         if layout == "openai":
             sd = {k: v for k, v in sd.items() if not _UNUSED.search(k)}
-            cfg, unexpected = _openai_config(sd, activation), []
+            oc = directory / "open_clip_config.json"  # a hub folder's, or next to the file given
+            open_clip = oc.is_file()
+            if open_clip:
+                config = _read_json(oc)
+            cfg = _open_clip_config(sd, config, oc) if open_clip else _openai_config(sd, activation)
+            unexpected = []
         elif layout == "hf_clip":
             sd, unexpected, cfg = _hf_clip(sd, config)
         else:
@@ -1504,17 +1732,21 @@ def load_model(path=None, image_tower=None, text_tower=None, *, embed_dim=512, a
                              f"_tower together with the other tower")
         model = DualEncoder(cfg)
         load_state_strict(model, {k: v.float() for k, v in sd.items()}, unexpected)
-        return model, {"layout": layout, "dir": directory, "config": config}
+        return model, {"layout": layout, "dir": directory, "config": config,
+                       "open_clip": open_clip}
     if image_tower is None or text_tower is None:
         raise ValueError("give either a CLIP checkpoint (path) or both image_tower and text_tower")
     isd, iconf, idir = _read_dir_or_file(image_tower, allow_torchscript)
+    text_tower, pool = _sentence_transformer(Path(text_tower))
     tsd, tconf, tdir = _read_dir_or_file(text_tower, allow_torchscript)
     ilayout, tlayout = _detect_layout(isd), _detect_layout(tsd)
     if ilayout not in ("vit", "dinov2") or tlayout != "bert":
         raise ValueError(f"image_tower must be a ViT/DINOv2 directory (got {ilayout}) and text_tower a BERT "
                          f"directory (got {tlayout})")
-    isd, iunexpected, vcfg = _hf_vit(isd, iconf, ilayout)
+    crop, resize = _processor_sizes(idir)
+    isd, iunexpected, vcfg = _hf_vit(isd, iconf, ilayout, crop or resize)
     tsd, tunexpected, tcfg = _hf_bert(tsd, tconf)
+    tcfg.pool = pool
     model = DualEncoder(ModelConfig(vcfg, tcfg, embed_dim))
     new_heads = ("visual.proj", "text_projection", "logit_scale")
     load_state_strict(model, {k: v.float() for k, v in {**isd, **tsd}.items()}, iunexpected + tunexpected,
@@ -1526,15 +1758,17 @@ def load_pretrained(path=None, image_tower=None, text_tower=None, *, embed_dim=5
                     allow_torchscript=False, tokenizer_path=None):
     """Loads pretrained weights -> (model, tokenizer, preprocess); see load_model for the arguments.
 
-    The CLIP vocabulary is read from the checkpoint's directory (vocab.json + merges.txt, or OpenAI's
-    bpe_simple_vocab_16e6.txt.gz) or `tokenizer_path`; BERT's from vocab.txt in the text tower's directory.
+    The CLIP vocabulary is read from the checkpoint's directory (vocab.json + merges.txt, tokenizer.json,
+    or OpenAI's bpe_simple_vocab_16e6.txt.gz) or `tokenizer_path` (any of these); BERT's from vocab.txt in
+    the text tower's directory.
     """
     model, info = load_model(path, image_tower, text_tower, embed_dim=embed_dim, activation=activation,
                              allow_torchscript=allow_torchscript)
     t, size = model.cfg.text, model.cfg.vision.image_size
     if path is not None:
         tokenizer = _clip_tokenizer(info["dir"], t.context_length, tokenizer_path)
-        return model, tokenizer, _preprocess_for(info["dir"], size, CLIP_MEAN, CLIP_STD)
+        return model, tokenizer, _preprocess_for(info["dir"], size, CLIP_MEAN, CLIP_STD,
+                                                 open_clip=info.get("open_clip", False))
     vocab = info["text_dir"] / "vocab.txt"
     if not vocab.is_file():
         raise ValueError(f"{info['text_dir']} has no vocab.txt for the BERT WordPiece tokenizer")
@@ -1633,7 +1867,8 @@ def _to_8bit(img: Image.Image) -> Image.Image:
 
 @dataclass(frozen=True)
 class Preprocess:
-    """CLIP eval preprocessing: shorter side to `size` (PIL bicubic), centre crop, RGB, then normalise.
+    """CLIP eval preprocessing: shorter side to `resize` (default `size`; PIL bicubic), centre crop `size`,
+    RGB, then normalise.
 
     Same order as open_clip's `image_transform(size, is_train=False)`: resize and crop in the image's own
     mode, convert to RGB last (it matters for palette and RGBA images).
@@ -1642,12 +1877,19 @@ class Preprocess:
     size: int = 224
     mean: tuple = CLIP_MEAN
     std: tuple = CLIP_STD
+    resize: int = None            # short side before the crop; None = size (DINOv2: 256, then crop 224)
+
+    def __post_init__(self):
+        if self.resize is None:
+            object.__setattr__(self, "resize", self.size)
+        if self.resize < self.size:
+            raise ValueError(f"resize {self.resize} is smaller than the crop size {self.size}")
 
     def to_uint8(self, img: Image.Image) -> torch.Tensor:
         img = _to_8bit(img)
-        S, (w, h) = self.size, img.size
-        if min(w, h) != S:  # torchvision's rule: short side to S, long side int(S * long / short)
-            w, h = (S, int(S * h / w)) if w <= h else (int(S * w / h), S)
+        S, R, (w, h) = self.size, self.resize, img.size
+        if min(w, h) != R:  # torchvision's rule: short side to R, long side int(R * long / short)
+            w, h = (R, int(R * h / w)) if w <= h else (int(R * w / h), R)
             img = img.resize((w, h), Image.BICUBIC)
         top, left = int(round((h - S) / 2.0)), int(round((w - S) / 2.0))
         img = img.crop((left, top, left + S, top + S)).convert("RGB")

@@ -641,6 +641,280 @@ def test_model_torchscript_needs_opt_in(tmp_path):
     assert set(R.read_state_dict(tmp_path / "ts.pt", allow_torchscript=True)) == {"weight", "bias"}
 
 
+# ----- checkpoints as today's open_clip and transformers save them -----
+
+def _open_clip_bpe():
+    import open_clip
+    return Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+
+
+def _open_clip_hub_folder(path, quick_gelu, safetensors=True):
+    """A tiny open_clip CLIP saved as a hub folder by open_clip's own save_for_hf. Heads differ from
+    width / 64 and mean/std from CLIP's, so the test sees both taken from open_clip_config.json."""
+    import open_clip
+    from open_clip.push_to_hf_hub import save_for_hf
+    torch.manual_seed(0)
+    cfg = dict(embed_dim=32, quick_gelu=quick_gelu,
+               vision_cfg=dict(image_size=32, layers=2, width=128, patch_size=8, head_width=32),
+               text_cfg=dict(context_length=16, vocab_size=49408, width=128, heads=4, layers=2))
+    if not quick_gelu:
+        del cfg["quick_gelu"]  # open_clip's own configs leave it out for gelu models
+    ref = open_clip.CLIP(**cfg).eval()
+    ref.visual.image_mean, ref.visual.image_std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    # The tokenizer files of an older transformers (vocab.json + merges.txt); offline, from the wheel's BPE.
+    tok = ClipTokenizer.from_bpe_gz(_open_clip_bpe(), 16)
+    save_for_hf(ref, type("Tok", (), {"save_pretrained": staticmethod(tok.save)}), cfg, path,
+                safe_serialization=safetensors)
+    return open_clip.create_model(f"local-dir:{path}").eval()  # open_clip reads the folder back itself
+
+
+def _assert_same_as_open_clip(model, tokenizer, ref):
+    images = torch.randn(2, 3, 32, 32)
+    ids, mask = tokenizer(["a photo of a dog on the grass", "two red cubes"])
+    with torch.no_grad():
+        img, txt = model.eval()(images, ids, mask)
+        torch.testing.assert_close(img, ref.encode_image(images, normalize=True), atol=1e-4, rtol=0)
+        ids_ctx = torch.zeros(2, 16, dtype=torch.long)
+        ids_ctx[:, : ids.shape[1]] = ids * mask
+        torch.testing.assert_close(txt, ref.encode_text(ids_ctx, normalize=True), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("act", ["quick_gelu", "gelu"])
+def test_model_open_clip_hub_folder(tmp_path, act):
+    ref = _open_clip_hub_folder(tmp_path / "hub", quick_gelu=act == "quick_gelu")
+    assert sorted(p.name for p in (tmp_path / "hub").iterdir()) == [
+        "merges.txt", "open_clip_config.json", "open_clip_model.safetensors", "vocab.json"]
+    # The default activation argument (the CLI's --activation) does not override the folder's config.
+    model, tokenizer, pre = R.load_pretrained(tmp_path / "hub")
+    c = model.cfg
+    assert (c.vision.act, c.text.act, c.vision.heads, c.text.heads) == (act, act, 4, 4)
+    assert (pre.size, pre.mean, pre.std) == (32, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
+    assert c.text.context_length == 16
+    _assert_same_as_open_clip(model, tokenizer, ref)
+    # The state-dict file given directly: the open_clip_config.json next to it is used.
+    model, _, pre = R.load_pretrained(tmp_path / "hub" / "open_clip_model.safetensors",
+                                      tokenizer_path=_open_clip_bpe())
+    assert model.cfg.vision.act == act and pre.mean == (0.5, 0.4, 0.3)
+    _assert_same_as_open_clip(model, tokenizer, ref)
+
+
+def test_model_open_clip_hub_folder_pickle_and_bad_configs(tmp_path):
+    ref = _open_clip_hub_folder(tmp_path / "hub", quick_gelu=False, safetensors=False)
+    assert (tmp_path / "hub" / "open_clip_pytorch_model.bin").is_file()
+    model, tokenizer, _ = R.load_pretrained(tmp_path / "hub")
+    _assert_same_as_open_clip(model, tokenizer, ref)
+    config_path = tmp_path / "hub" / "open_clip_config.json"
+    good = json.loads(config_path.read_text())
+    for change, error in [
+            (lambda c: c["model_cfg"]["text_cfg"].update(pool_type="last"), r"text_cfg.pool_type = 'last'"),
+            (lambda c: c["model_cfg"]["vision_cfg"].update(head_width=48), r"heads do not divide the width"),
+            (lambda c: c["model_cfg"]["text_cfg"].update(heads=3), r"3 heads do not divide the width 128"),
+            (lambda c: c.pop("model_cfg"), r'no "model_cfg"')]:
+        bad = copy.deepcopy(good)
+        change(bad)
+        config_path.write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=re.escape(str(config_path)) + ".*" + error):
+            R.load_model(tmp_path / "hub")
+    config_path.write_text("{not json")
+    with pytest.raises(ValueError, match="open_clip_config.json could not be read as JSON"):
+        R.load_model(tmp_path / "hub")
+
+
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "model.", "module._orig_mod."])
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_model_wrapper_prefixes_stripped(tiny_ckpt, prefix, suffix):
+    """DDP, torch.compile and `self.model` wrappers prefix every key; the prefix goes only when every key has
+    it."""
+    tmp, sd = tiny_ckpt
+    wrapped = {prefix + k: v for k, v in sd.items()}
+    save = R.write_safetensors if suffix == ".safetensors" else lambda d, p: torch.save(d, p)
+    save(wrapped, tmp / f"m{suffix}")
+    model, _ = R.load_model(tmp / f"m{suffix}", activation="gelu")
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, sd[k], msg=k)
+    # One key without the prefix: the prefix is part of the names, kept, and the load says what it found.
+    wrapped["logit_scale"] = wrapped.pop(prefix + "logit_scale")
+    save(wrapped, tmp / f"m{suffix}")
+    with pytest.raises(ValueError, match="unknown checkpoint layout.*" + re.escape(prefix + "ln_final.bias")):
+        R.load_model(tmp / f"m{suffix}")
+
+
+def _assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def test_model_sharded_hf_checkpoints(tmp_path):
+    """transformers splits big models into shards listed in model.safetensors.index.json."""
+    import transformers
+    torch.manual_seed(0)
+    ref = transformers.CLIPModel(_hf_clip_config("gelu")).eval()
+    ref.save_pretrained(tmp_path / "clip", max_shard_size="100KB")
+    assert (tmp_path / "clip" / "model.safetensors.index.json").is_file()
+    assert len(list((tmp_path / "clip").glob("model-*-of-*.safetensors"))) > 1
+    model, _ = R.load_model(tmp_path / "clip")
+    _assert_same_as_hf_clip(model, ref)
+    # BERT, ViT and DINOv2 towers: sharded loads equal the single-file loads.
+    bert, _, _ = _bert_dir(tmp_path), _vit_dir(tmp_path, "vit"), _vit_dir(tmp_path, "dinov2")
+    bert.save_pretrained(tmp_path / "bert_sharded", max_shard_size="100KB")
+    for kind in ("vit", "dinov2"):
+        sharded_dir = tmp_path / f"{kind}_sharded"
+        reloaded = transformers.AutoModel.from_pretrained(tmp_path / kind)
+        reloaded.save_pretrained(sharded_dir, max_shard_size="100KB")
+        whole, _ = R.load_model(image_tower=tmp_path / kind, text_tower=tmp_path / "bert", embed_dim=16)
+        sharded, _ = R.load_model(image_tower=sharded_dir, text_tower=tmp_path / "bert_sharded", embed_dim=16)
+        own = {k: v for k, v in whole.state_dict().items()
+               if k not in ("visual.proj", "text_projection", "logit_scale")}  # new random heads
+        _assert_same_weights(own, {k: sharded.state_dict()[k] for k in own})
+    # Torch pickle shards (pytorch_model.bin.index.json), as older transformers wrote them.
+    index = json.loads((tmp_path / "bert_sharded" / "model.safetensors.index.json").read_text())
+    (tmp_path / "bert_bin").mkdir()
+    to_bin = lambda f: f.replace("model-", "pytorch_model-").replace(".safetensors", ".bin")
+    for shard in set(index["weight_map"].values()):
+        tensors = R.read_safetensors(tmp_path / "bert_sharded" / shard)
+        torch.save(tensors, tmp_path / "bert_bin" / to_bin(shard))
+    index["weight_map"] = {k: to_bin(f) for k, f in index["weight_map"].items()}
+    (tmp_path / "bert_bin" / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    (tmp_path / "bert_bin" / "config.json").write_text((tmp_path / "bert" / "config.json").read_text())
+    _assert_same_weights(R.read_state_dict(tmp_path / "bert_sharded" / "model.safetensors.index.json"),
+                         R.read_state_dict(tmp_path / "bert_bin" / "pytorch_model.bin.index.json"))
+    R.load_model(image_tower=tmp_path / "vit", text_tower=tmp_path / "bert_bin", embed_dim=16)
+
+
+def test_model_sharded_checkpoint_errors(tmp_path):
+    import transformers
+    transformers.CLIPModel(_hf_clip_config("gelu")).save_pretrained(tmp_path, max_shard_size="100KB")
+    index_path = tmp_path / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    # A tensor the index gives to the wrong shard.
+    name = next(k for k, f in index["weight_map"].items() if f == shards[0])
+    index_path.write_text(json.dumps({"weight_map": {**index["weight_map"], name: shards[1]}}))
+    with pytest.raises(ValueError, match=re.escape(shards[0]) + r" does not hold the tensors .*lacks \[\]"):
+        R.load_model(tmp_path)
+    index_path.write_text(json.dumps(index))
+    (tmp_path / shards[-1]).unlink()
+    with pytest.raises(ValueError, match=f"names the shard {re.escape(shards[-1])}, which is not in"):
+        R.load_model(tmp_path)
+    index_path.write_text(json.dumps({"weight_map": {"a": "../elsewhere.safetensors"}}))
+    with pytest.raises(ValueError, match="no \"weight_map\" of tensor name -> shard file name"):
+        R.load_model(tmp_path)
+
+
+def test_model_transformers5_tokenizer_json_and_processor_config(tmp_path):
+    """transformers 5 saves a CLIP tokenizer as tokenizer.json only and the image settings inside
+    processor_config.json."""
+    import transformers
+    ours = ClipTokenizer.from_bpe_gz(_open_clip_bpe(), 16)
+    ours.save(tmp_path / "files")
+    hf_tok = transformers.CLIPTokenizer(str(tmp_path / "files" / "vocab.json"),
+                                        str(tmp_path / "files" / "merges.txt"))
+    image = transformers.CLIPImageProcessor(image_mean=[0.1, 0.2, 0.3], image_std=[0.4, 0.5, 0.6],
+                                            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    torch.manual_seed(0)
+    transformers.CLIPModel(_hf_clip_config("gelu", vocab=49408)).save_pretrained(tmp_path / "clip")
+    transformers.CLIPProcessor(image_processor=image, tokenizer=hf_tok).save_pretrained(tmp_path / "clip")
+    files = {p.name for p in (tmp_path / "clip").iterdir()}
+    assert {"tokenizer.json", "processor_config.json"} <= files
+    assert not files & {"vocab.json", "merges.txt", "preprocessor_config.json"}
+    captions = _tok_captions(300)
+    _, tokenizer, pre = R.load_pretrained(tmp_path / "clip")
+    assert (pre.mean, pre.std) == ((0.1, 0.2, 0.3), (0.4, 0.5, 0.6))
+    for a, b in zip(tokenizer(captions), ours(captions)):
+        assert torch.equal(a, b)
+    # Older tokenizer.json files: merges as "a b" strings, special tokens only among added_tokens.
+    j = json.loads((tmp_path / "clip" / "tokenizer.json").read_text())
+    j["model"]["merges"] = [" ".join(m) for m in j["model"]["merges"]]
+    for special in (ClipTokenizer.START, ClipTokenizer.END):
+        j["model"]["vocab"].pop(special)
+    assert {t["content"] for t in j["added_tokens"]} >= {ClipTokenizer.START, ClipTokenizer.END}
+    (tmp_path / "old.json").write_text(json.dumps(j))
+    old = R._clip_tokenizer(tmp_path, 16, tokenizer_path=tmp_path / "old.json")
+    for a, b in zip(old(captions), ours(captions)):
+        assert torch.equal(a, b)
+    j["model"] = {"type": "WordPiece", "vocab": {}}
+    (tmp_path / "old.json").write_text(json.dumps(j))
+    with pytest.raises(ValueError, match="old.json holds no BPE model"):
+        R._clip_tokenizer(tmp_path, 16, tokenizer_path=tmp_path / "old.json")
+
+
+@pytest.mark.parametrize("kind", ["vit", "dinov2"])
+def test_model_image_tower_at_the_processors_size(tmp_path, kind):
+    """DINOv2's position table covers 518 px, its processor resizes to 256 and crops 224: the tower runs at
+    the crop size, its positions resampled as transformers does. Here: a 64 px table, resize 40, crop 32."""
+    import transformers
+    _bert_dir(tmp_path)
+    words = _TOK_BERT_SPECIALS + [f"w{i}" for i in range(115)]
+    (tmp_path / "bert" / "vocab.txt").write_text("\n".join(words))
+    torch.manual_seed(1)
+    common = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=64, patch_size=8)
+    if kind == "vit":
+        ref = transformers.ViTModel(transformers.ViTConfig(intermediate_size=128, **common))
+    else:
+        ref = transformers.Dinov2Model(transformers.Dinov2Config(mlp_ratio=2, **common))
+    ref.eval().save_pretrained(tmp_path / kind)
+    processor = transformers.BitImageProcessor(size={"shortest_edge": 40}, do_center_crop=True,
+                                               crop_size={"height": 32, "width": 32},
+                                               image_mean=[0.4, 0.5, 0.6], image_std=[0.2, 0.3, 0.25])
+    processor.save_pretrained(tmp_path / kind)
+    model, _, pre = R.load_pretrained(image_tower=tmp_path / kind, text_tower=tmp_path / "bert", embed_dim=16)
+    assert model.cfg.vision.image_size == 32 and model.visual.positional_embedding.shape[0] == 4 * 4 + 1
+    assert (pre.size, pre.resize, pre.mean, pre.std) == (32, 40, (0.4, 0.5, 0.6), (0.2, 0.3, 0.25))
+    rng = np.random.default_rng(0)
+    photos = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+              for h, w in [(50, 70), (90, 45)]]
+    images = torch.stack([pre(im) for im in photos])
+    theirs = processor(photos, return_tensors="pt")["pixel_values"]
+    # transformers 5 resizes with torchvision, which rounds a few pixels one level off PIL's.
+    torch.testing.assert_close(images, theirs, atol=1 / 255 / 0.2 + 1e-6, rtol=0)
+    assert (images - theirs).abs().gt(1e-5).float().mean() < 0.02
+    extra = {"interpolate_pos_encoding": True} if kind == "vit" else {}
+    with torch.no_grad():
+        theirs = ref(pixel_values=images, **extra).last_hidden_state[:, 0]
+        torch.testing.assert_close(model.eval().visual.features(images), theirs, atol=1e-4, rtol=0)
+    # The same resize and crop sizes as before: Preprocess is unchanged.
+    assert R.Preprocess(32) == R.Preprocess(32, resize=32)
+    with pytest.raises(ValueError, match="resize 16 is smaller than the crop size 32"):
+        R.Preprocess(32, resize=16)
+
+
+@pytest.mark.parametrize("layout,pool", [("0_Transformer", "mean"), ("", "cls")])
+def test_model_sentence_transformers_text_tower(tmp_path, layout, pool):
+    """A sentence-transformers folder: modules.json, the BERT files in 0_Transformer/ (or at the top) and
+    1_Pooling/config.json, whose mode sets the pooling."""
+    import shutil
+    bert, vit = _bert_dir(tmp_path), _vit_dir(tmp_path, "vit")
+    st = tmp_path / "st"
+    shutil.copytree(tmp_path / "bert", st / layout)
+    modules = [{"idx": i, "name": str(i), "path": p, "type": f"sentence_transformers.models.{kind}"}
+               for i, (p, kind) in enumerate([(layout, "Transformer"), ("1_Pooling", "Pooling"),
+                                              ("2_Normalize", "Normalize")])]
+    (st / "modules.json").write_text(json.dumps(modules))
+    (st / "1_Pooling").mkdir()
+    pooling = {"word_embedding_dimension": 64, "pooling_mode_cls_token": pool == "cls",
+               "pooling_mode_mean_tokens": pool == "mean", "pooling_mode_max_tokens": False,
+               "pooling_mode_mean_sqrt_len_tokens": False, "include_prompt": True}
+    (st / "1_Pooling" / "config.json").write_text(json.dumps(pooling))
+    model, info = R.load_model(image_tower=tmp_path / "vit", text_tower=st, embed_dim=16)
+    assert model.cfg.text.pool == pool and info["text_dir"] == st / layout
+    ids, mask = _ids_and_mask(3, 10, 120, 102, cls=101)
+    with torch.no_grad():
+        hidden = bert(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+        ours = model.eval().text_features(ids, mask)
+    m = mask[..., None].float()
+    torch.testing.assert_close(ours, (hidden * m).sum(1) / m.sum(1) if pool == "mean" else hidden[:, 0],
+                               atol=1e-4, rtol=0)
+    # Poolings and modules this model cannot reproduce are refused by name.
+    (st / "1_Pooling" / "config.json").write_text(json.dumps({**pooling, "pooling_mode_max_tokens": True}))
+    with pytest.raises(ValueError, match="pooling .*'pooling_mode_max_tokens'.* is not supported"):
+        R.load_model(image_tower=tmp_path / "vit", text_tower=st, embed_dim=16)
+    modules.append({"idx": 3, "name": "3", "path": "3_Dense", "type": "sentence_transformers.models.Dense"})
+    (st / "modules.json").write_text(json.dumps(modules))
+    with pytest.raises(ValueError, match=r"modules \['Dense'\] are not supported"):
+        R.load_model(image_tower=tmp_path / "vit", text_tower=st, embed_dim=16)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Data, noise, synthetic scenes
 # ------------------------------------------------------------------------------------------------------------
