@@ -140,10 +140,10 @@ class ModelSourceConfig:
     text_tower: str = _opt(None, "Hugging Face BERT directory (with --image_tower)")
     embed_dim: int = _opt(512, "embedding size E of new projection heads")
     image_size: int = _opt(32, "image side for a from-scratch model (pretrained models use their own)")
-    activation: str = _opt("quick_gelu", "MLP activation of state-dict checkpoints (shapes cannot tell)",
-                           choices=["quick_gelu", "gelu"])
-    tokenizer: str = _opt(None, "CLIP vocabulary: bpe_simple_vocab_16e6.txt.gz or a dir with vocab.json + "
-                          "merges.txt")
+    activation: str = _opt("quick_gelu", "MLP activation of a bare state-dict file (shapes cannot tell; an "
+                           "open_clip_config.json next to it says it instead)", choices=["quick_gelu", "gelu"])
+    tokenizer: str = _opt(None, "CLIP vocabulary: bpe_simple_vocab_16e6.txt.gz, a tokenizer.json, or a dir "
+                          "with vocab.json + merges.txt")
     allow_torchscript: bool = _opt(False, "allow loading TorchScript .pt archives (this EXECUTES code from "
                                    "the file)")
 
@@ -1835,7 +1835,7 @@ def export_hf(model, tokenizer, out_dir, preprocess=None):
         tokenizer.save(out_dir)
     p = preprocess or Preprocess(v.image_size)
     (out_dir / "preprocessor_config.json").write_text(json.dumps({
-        "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": p.size},
+        "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": p.resize},
         "do_center_crop": True, "crop_size": {"height": p.size, "width": p.size}, "do_normalize": True,
         "image_mean": list(p.mean), "image_std": list(p.std), "resample": 3}, indent=2))
     return out_dir
@@ -1997,10 +1997,11 @@ def _atomic_json(obj, path):
 def cache_images(paths, preprocess, cache_dir, num_workers=0):
     """Decode every image once into `cache_dir/images_{S}px_{key}.npy` (uint8 (N, 3, S, S), memory-mapped).
 
-    The key hashes the paths, their byte sizes and mtimes (an edited file gives a new cache) and S. Written to
-    a temp file and renamed, so an interrupted run never leaves a half cache. Returns (array, {row: error}).
+    The key hashes the paths, their byte sizes and mtimes (an edited file gives a new cache), S and the resize.
+    Written to a temp file and renamed, so an interrupted run never leaves a half cache. Returns (array, {row: error}).
     """
-    S, h = preprocess.size, hashlib.sha1(str(preprocess.size).encode())
+    S, R = preprocess.size, preprocess.resize
+    h = hashlib.sha1((str(S) if R == S else f"{S},{R}").encode())  # a key without R: as before resize existed
     for p in paths:
         st = os.stat(p) if os.path.isfile(p) else None
         h.update(f"{p}\t{st.st_size if st else -1}\t{st.st_mtime_ns if st else -1}\n".encode())
@@ -2319,8 +2320,9 @@ def _parse(path, splits, image_root, max_captions, image_key="image", caption_ke
 
 def load_splits(path, splits=None, image_root=None, size=224, mean=CLIP_MEAN, std=CLIP_STD, cache_dir=None,
                 skip_bad_images=False, skip_bad_captions=False, max_captions=5, num_workers=0,
-                image_key="image", caption_key="caption") -> dict:
-    """Read a dataset file once -> {split: Pairs} for `splits` (None: every split the file holds).
+                image_key="image", caption_key="caption", resize=None) -> dict:
+    """Read a dataset file once -> {split: Pairs} for `splits` (None: every split the file holds). Images are
+    prepared as Preprocess(size, mean, std, resize) (resize: the short side before the crop; None = size).
 
     Formats: `*_caps.tsv` or a folder holding them -> CC152K; `*.json` with `images[].sentences` -> Karpathy,
     with `annotations` -> COCO captions, with JSON lines or an array of objects -> generic table; `*.csv`,
@@ -2335,7 +2337,7 @@ def load_splits(path, splits=None, image_root=None, size=224, mean=CLIP_MEAN, st
                          f"Training needs train, val (model selection) and test: "
                          f"add a 'split' column/field, or name the split you have.")
     _warn_duplicate_images(raw, path)
-    pre = Preprocess(size, tuple(mean), tuple(std))
+    pre = Preprocess(size, tuple(mean), tuple(std), resize)
     return {s: _build(s, *raw[s][:3], pre, cache_dir, skip_bad_images, skip_bad_captions, num_workers,
                       str(path), extras=raw[s][3] if len(raw[s]) > 3 else None)
             for s in (splits or raw)}
@@ -2896,7 +2898,7 @@ def load_checkpoint(path):
     load_state_strict(model, ckpt["model"])
     p = ckpt["preprocess"]
     return (model, tokenizer_from_state(ckpt["tokenizer"]),
-            Preprocess(p["size"], tuple(p["mean"]), tuple(p["std"])), ckpt)
+            Preprocess(p["size"], tuple(p["mean"]), tuple(p["std"]), p.get("resize")), ckpt)
 
 
 def _is_robustitm_checkpoint(path):
@@ -3294,7 +3296,7 @@ def splits_for(cfg, preprocess, names=SPLITS):
     return load_splits(cfg.data, list(names), image_root=cfg.image_root, size=preprocess.size,
                        mean=preprocess.mean, std=preprocess.std, cache_dir=cfg.cache_dir,
                        skip_bad_images=cfg.skip_bad_images, num_workers=cfg.workers,
-                       image_key=cfg.image_key, caption_key=cfg.caption_key)
+                       image_key=cfg.image_key, caption_key=cfg.caption_key, resize=preprocess.resize)
 
 
 def subset_pairs(pairs, image_idx):

@@ -2540,6 +2540,23 @@ def test_train_logs_every_phase_seconds_and_prints_small_lrs(tmp_path, capsys):
     assert "lr 2.00e-06" in capsys.readouterr().out
 
 
+def test_train_resize_before_crop_reaches_data_cache_and_checkpoint(tmp_path):
+    """A tower prepared as resize 40 -> crop 32 (DINOv2's 256 -> 224) keeps that through load_splits, the
+    image cache (its own key) and the checkpoint, not just the model's own Preprocess."""
+    splits = R.synthetic_splits(6, 2, 2, seed=0)
+    data = R.export_karpathy(splits, tmp_path / "data")
+    pre = Preprocess(32, resize=40)
+    for cache in (None, tmp_path / "cache"):
+        got = load_splits(data, ["train"], size=32, resize=40, cache_dir=cache)["train"]
+        with Image.open(got.images.paths[0]) as im:
+            assert torch.equal(got.images[0], pre.to_uint8(im))
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 1
+    load_splits(data, ["train"], size=32, cache_dir=tmp_path / "cache")  # no resize: another cache
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 2
+    R.save_checkpoint(tmp_path / "m.pt", R.tiny_model(), WordTokenizer(["a"]), pre)
+    assert R.load_checkpoint(tmp_path / "m.pt")[2] == pre
+
+
 def test_train_resume_is_exact(tmp_path):
     args = ["train", "--preset", "dsdmr", "--noise_ratio", "0.4", *_TINY]
     R.main(args + ["--epochs", "2", "--output_dir", str(tmp_path / "a")])
