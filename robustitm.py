@@ -141,7 +141,8 @@ class ModelSourceConfig:
     embed_dim: int = _opt(512, "embedding size E of new projection heads")
     image_size: int = _opt(32, "image side for a from-scratch model (pretrained models use their own)")
     activation: str = _opt("quick_gelu", "MLP activation of a bare state-dict file (shapes cannot tell; an "
-                           "open_clip_config.json next to it says it instead)", choices=["quick_gelu", "gelu"])
+                           "open_clip_config.json next to it says it instead)",
+                           choices=["quick_gelu", "gelu"])
     tokenizer: str = _opt(None, "CLIP vocabulary: bpe_simple_vocab_16e6.txt.gz, a tokenizer.json, or a dir "
                           "with vocab.json + merges.txt")
     allow_torchscript: bool = _opt(False, "allow loading TorchScript .pt archives (this EXECUTES code from "
@@ -1997,8 +1998,9 @@ def _atomic_json(obj, path):
 def cache_images(paths, preprocess, cache_dir, num_workers=0):
     """Decode every image once into `cache_dir/images_{S}px_{key}.npy` (uint8 (N, 3, S, S), memory-mapped).
 
-    The key hashes the paths, their byte sizes and mtimes (an edited file gives a new cache), S and the resize.
-    Written to a temp file and renamed, so an interrupted run never leaves a half cache. Returns (array, {row: error}).
+    The key hashes the paths, their byte sizes and mtimes (an edited file gives a new cache), S and the
+    resize. Written to a temp file and renamed, so an interrupted run never leaves a half cache.
+    Returns (array, {row: error}).
     """
     S, R = preprocess.size, preprocess.resize
     h = hashlib.sha1((str(S) if R == S else f"{S},{R}").encode())  # a key without R: as before resize existed
