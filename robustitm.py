@@ -3967,8 +3967,13 @@ def score_streamed(cfg, model, tokenizer, preprocess, device, log=print):
     4 bytes per pair (the cosines; 9 bytes while writing). Writes --output (score's CSV columns, with
     caption_index = image_index = the pair's row number among the pairs scored, plus `key`: the tar key or
     the image path) and --export_clean (JSONL: every input field of the kept pairs; `image` absolute, or for
-    tar input "shard.tar#member", which load_pairs cannot read back), each atomically.
+    tar input "shard.tar#member", which load_pairs cannot read back; for tar input the kept samples are also
+    copied into a new shard, the JSONL's name with .tar), each atomically.
     Returns score_command's summary plus {"pairs", "skipped"}."""
+    shards = tar_shards(cfg.data)
+    clean_tar = Path(cfg.export_clean).with_suffix(".tar") if cfg.export_clean and shards else None
+    if clean_tar:
+        _refuse_overwrite(clean_tar)
     pairs_file = _tmp_next_to(cfg.output, "pairs")
     outs = [(cfg.output, _tmp_next_to(cfg.output, "csv"))]
     if cfg.export_clean:
@@ -4000,7 +4005,39 @@ def score_streamed(cfg, model, tokenizer, preprocess, device, log=print):
         for path in [pairs_file] + [tmp for _, tmp in outs]:
             Path(path).unlink(missing_ok=True)
     _report_split(cfg, kept, stats)
+    if clean_tar:
+        n = export_clean_tar(shards, cfg.export_clean, clean_tar)
+        print(f"copied the {n} kept samples into {clean_tar}")
     return {"kept": int(kept.sum()), **stats, "pairs": len(scores), "skipped": skipped}
+
+
+def export_clean_tar(shards, clean_jsonl, out_tar):
+    """The kept samples of tar shards copied into one new WebDataset shard `out_tar` (key.<image ext> +
+    key.json holding the sample's fields as --export_clean wrote them), written atomically; returns how many.
+    A second streaming pass over the shards (reading, no decoding), in lockstep with the JSONL (same order),
+    so memory stays bounded. Keys are kept as they are: the same key in two source shards gives two samples
+    of that key."""
+    tmp, n = _tmp_next_to(out_tar, "tar"), 0
+    try:
+        with open(clean_jsonl, encoding="utf-8") as f, tarfile.open(tmp, "w") as out:
+            want = (json.loads(line) for line in f)
+            nxt = next(want, None)
+            for rec, _ in iter_tar_samples(shards):
+                if nxt is None:
+                    break
+                if rec is None or rec["image"] != nxt["image"]:
+                    continue
+                ext = _tar_key(rec["image"].rpartition("#")[2])[1]
+                for name, blob in ((f"{rec['key']}.{ext}", rec["data"]),
+                                   (f"{rec['key']}.json", json.dumps(nxt).encode("utf-8"))):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(blob)
+                    out.addfile(info, io.BytesIO(blob))
+                n, nxt = n + 1, next(want, None)
+        os.replace(tmp, out_tar)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return n
 
 
 def _report_split(cfg, kept, stats):

@@ -2676,6 +2676,10 @@ def test_score_streams_tables_and_tar_shards_as_the_in_memory_path(stream_setup,
                                            for x in lines)
     assert [x["caption"] for x in lines] == [c for c, k in zip(captions, kept) if k]
     assert all(x["row"] == int(x["key"]) for x in lines if "row" in x)
+    out = R.main(["score", ckpt, "--data", str(tmp / "tar.tar"), "--workers", "0", "--output",
+                  str(tmp / "again.csv")])  # the kept samples' new shard, scored again
+    assert out["pairs"] == sum(kept)
+    np.testing.assert_allclose(_cosines(tmp / "again.csv")[0], want[np.array(kept)], atol=1e-5)
     assert not [p for p in tmp.rglob(".*tmp*")]  # no temp file left
 
 
