@@ -2375,7 +2375,8 @@ def expand_braces(pattern: str) -> list:
                 m = re.fullmatch(r"(-?\d+)\.\.(-?\d+)", body)
                 if m:
                     lo, hi = int(m[1]), int(m[2])
-                    width = max(len(m[1]), len(m[2])) if m[1][0] == "0" or m[2][0] == "0" else 0
+                    padded = any(len(x) > 1 and x[0] == "0" for x in (m[1], m[2]))  # bash: {0..10} is not
+                    width = max(len(m[1]), len(m[2])) if padded else 0
                     step = 1 if hi >= lo else -1
                     items = [str(k).zfill(width) for k in range(lo, hi + step, step)]
                 else:

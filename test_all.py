@@ -2720,6 +2720,8 @@ def test_stream_brace_expansion_and_large_gmm_split():
     assert R.expand_braces("s/{00008..00011}.tar") == [f"s/{k:05d}.tar" for k in range(8, 12)]
     assert R.expand_braces("{a,b}-{1..2}.tar") == ["a-1.tar", "a-2.tar", "b-1.tar", "b-2.tar"]
     assert R.expand_braces("x{y}.tar") == ["x{y}.tar"] and R.expand_braces("p.tar") == ["p.tar"]
+    assert R.expand_braces("{0..10}") == [str(k) for k in range(11)]
+    assert R.expand_braces("{3..1}") == ["3", "2", "1"]
     assert R._tar_key("d/abc.seg.PNG") == ("d/abc", "seg.png")
     assert R.tar_shards("a.csv") is None
     g = torch.Generator().manual_seed(0)
