@@ -3959,6 +3959,7 @@ def stream_scores(cfg, model, tokenizer, preprocess, device, pairs_file, log=pri
 
 
 def _tmp_next_to(path, tag):
+    """A hidden temp path next to `path` (same file system: os.replace is atomic), unique to this process."""
     path = Path(path)
     return path.with_name(f".{path.name}.{tag}.tmp{os.getpid()}")
 
