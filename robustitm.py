@@ -3970,7 +3970,8 @@ def score_streamed(cfg, model, tokenizer, preprocess, device, log=print):
     caption_index = image_index = the pair's row number among the pairs scored, plus `key`: the tar key or
     the image path) and --export_clean (JSONL: every input field of the kept pairs; `image` absolute, or for
     tar input "shard.tar#member", which load_pairs cannot read back; for tar input the kept samples are also
-    copied into a new shard, the JSONL's name with .tar), each atomically.
+    copied into a new shard, the JSONL's name with .tar), each atomically. --cache_dir is not used: each image
+    is decoded once anyway.
     Returns score_command's summary plus {"pairs", "skipped"}."""
     shards = tar_shards(cfg.data)
     clean_tar = Path(cfg.export_clean).with_suffix(".tar") if cfg.export_clean and shards else None
