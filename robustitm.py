@@ -31,6 +31,7 @@ import random
 import re
 import struct
 import sys
+import tarfile
 import textwrap
 import time
 import unicodedata
@@ -2692,6 +2693,257 @@ def export_karpathy(splits, out_dir, name="scenes") -> Path:
 
 
 # ------------------------------------------------------------------------------------------------------------
+# Streaming input: WebDataset tar shards and CSV/TSV/JSONL tables read one sample at a time, for scoring
+# web-scale pairs with memory bounded by one batch (the readers above hold a whole split).
+# ------------------------------------------------------------------------------------------------------------
+
+TAR_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+STREAM_TABLE_EXTS = (".csv", ".tsv", ".jsonl")
+
+
+def expand_braces(pattern: str) -> list:
+    """Shell-style brace expansion, as WebDataset shard specs use it -> list of strings in order:
+    `{00000..00099}` (numeric range, zero padding kept from the wider bound, either direction) and `{a,b}`
+    (alternatives); several braces and nesting combine. A brace without a matching close is kept as text."""
+    depth, start = 0, None
+    for i, ch in enumerate(pattern):
+        if ch == "{":
+            depth, start = depth + 1, i if depth == 0 else start
+        elif ch == "}" and depth:
+            depth -= 1
+            if depth == 0:
+                head, body, tail = pattern[:start], pattern[start + 1:i], pattern[i + 1:]
+                m = re.fullmatch(r"(-?\d+)\.\.(-?\d+)", body)
+                if m:
+                    lo, hi = int(m[1]), int(m[2])
+                    padded = any(len(x) > 1 and x[0] == "0" for x in (m[1], m[2]))  # bash: {0..10} is not
+                    width = max(len(m[1]), len(m[2])) if padded else 0
+                    step = 1 if hi >= lo else -1
+                    items = [str(k).zfill(width) for k in range(lo, hi + step, step)]
+                else:
+                    items = [x for alt in _split_top(body, ",") for x in expand_braces(alt)]
+                    if len(items) < 2 and "," not in body:  # "{x}": not an expansion (as in bash)
+                        items = ["{" + x + "}" for x in items]
+                return [h + x + t for h in [head] for x in items for t in expand_braces(tail)]
+    return [pattern]
+
+
+def _split_top(text, sep):
+    """`text` split at `sep` outside braces."""
+    parts, depth, cur = [], 0, ""
+    for ch in text:
+        depth += (ch == "{") - (ch == "}")
+        if ch == sep and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return parts + [cur]
+
+
+def tar_shards(data: str):
+    """The shard list of a `--data` value naming WebDataset tars (one .tar, a comma-separated list, brace
+    patterns such as `shards/{00000..00099}.tar`), or None when `data` names no tar.
+    Every shard must exist."""
+    paths = [p for part in _split_top(data, ",") for p in expand_braces(part.strip()) if part.strip()]
+    if not paths or not all(re.search(r"\.(tar|tar\.gz|tgz)$", p) for p in paths):
+        return None
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise ValueError(f"{len(missing)} of {len(paths)} tar shards do not exist, e.g. "
+                         f"{', '.join(missing[:3])}; check the path or brace pattern of --data")
+    return paths
+
+
+def is_streamed(data: str) -> bool:
+    """True when `--data` is read as a stream by score: tar shards, or a CSV/TSV/JSONL table (not CC152K's
+    `*_caps.tsv`, whose reader groups the whole file)."""
+    if data == "synthetic":
+        return False
+    p = Path(data)
+    return (p.suffix in STREAM_TABLE_EXTS and not p.name.endswith("_caps.tsv") and p.is_file()) \
+        or tar_shards(data) is not None
+
+
+def _tar_key(name):
+    """WebDataset's grouping: member "dir/abc.seg.png" -> ("dir/abc", "seg.png"): key up to the basename's
+    first dot, extension lower-cased."""
+    d, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    return (f"{d}/{stem}" if d else stem), (ext.lower() if dot else "")
+
+
+def _tar_sample(shard, key, members):
+    """One grouped tar sample {ext: (member name, bytes)} -> (record, None) or (None, why it is skipped).
+    Record: key, image (shard#member, for display and --export_clean), caption, fields (key, caption and
+    the json member's fields), data (the image bytes)."""
+    img = next((members[e] for e in TAR_IMAGE_EXTS if e in members), None)
+    fields, caption = {}, None
+    if "json" in members:
+        try:
+            d = json.loads(members["json"][1].decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return None, "unreadable json"
+        if isinstance(d, dict):
+            fields = d
+            caption = next((d[k] for k in ("caption", "text") if isinstance(d.get(k), str)), None)
+    if "txt" in members:
+        try:
+            caption = members["txt"][1].decode("utf-8-sig")
+        except UnicodeDecodeError:
+            return None, "txt not UTF-8"
+    if img is None:
+        return None, "no image"
+    if caption is None:
+        return None, "no caption"
+    fields = {**fields, "key": key, "caption": caption}
+    return {"key": key, "image": f"{os.path.abspath(shard)}#{img[0]}", "caption": caption, "fields": fields,
+            "data": img[1]}, None
+
+
+def iter_tar_samples(shards):
+    """Samples of WebDataset tar shards, read with tarfile's streaming mode ("r|*": no seeks, compressed tars
+    too) -> yields (record or None, why skipped). Members of one sample are consecutive and share a key."""
+    for shard in shards:
+        key, members = None, {}
+        with tarfile.open(shard, "r|*") as tf:
+            for m in tf:
+                if not m.isfile():
+                    continue
+                k, ext = _tar_key(m.name)
+                if k != key and members:
+                    yield _tar_sample(shard, key, members)
+                    members = {}
+                key = k
+                members[ext] = (m.name, tf.extractfile(m).read())
+        if members:
+            yield _tar_sample(shard, key, members)
+
+
+def _table_records(path):
+    """A CSV/TSV (header row) or JSONL table read row by row -> yields (line number, dict)."""
+    try:
+        with open(path, encoding="utf-8-sig", newline="\n" if path.suffix == ".jsonl" else "") as f:
+            if path.suffix == ".jsonl":
+                for k, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        r = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{path} line {k} is not valid JSON ({e.msg}); each line must be "
+                                         f"one JSON object with 'image' and 'caption'") from None
+                    if not isinstance(r, dict):
+                        raise ValueError(f"{path} line {k} is a JSON {type(r).__name__}, not an object "
+                                         f"with 'image' and 'caption'")
+                    yield k, r
+                return
+            reader = csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ",", strict=True)
+            try:
+                for r in reader:
+                    yield reader.line_num, r
+            except csv.Error as e:
+                raise ValueError(f"{path} line {reader.line_num}: {e} (a quote opened and never closed?); "
+                                 f"fix the quoting of that row") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x}); "
+                         f"re-save it as UTF-8") from None
+
+
+def iter_table_samples(path, split, image_root=None):
+    """The pairs of a CSV/TSV/JSONL table (read_table's columns: image, caption, optional split and others),
+    row by row -> yields (record, None). With a `split` column only the rows of `split`; without one the whole
+    file, which is then one split: any `split` other than "train" (score's default) is refused rather than
+    silently scoring every row. Image paths are relative to image_root (default: the table's folder)."""
+    path = Path(path)
+    root = Path(image_root) if image_root is not None else path.parent
+    first, seen = True, set()
+    for k, r in _table_records(path):
+        if first:
+            if not {"image", "caption"} <= set(r):
+                raise ValueError(f"{path} needs 'image' and 'caption' columns/fields, found {sorted(r)}.")
+            if "split" not in r and split != "train":
+                raise ValueError(f"{path} has no 'split' column, so it is one split, scored with the "
+                                 f"default --split train; drop --split {split} or add a split column")
+            first = False
+        if "split" in r:
+            seen.add(r["split"])
+            if r["split"] != split:
+                continue
+        if not isinstance(r.get("image"), str) or not r["image"]:
+            raise ValueError(f"{path} line {k}: no image path ({r.get('image')!r}); every row needs one")
+        caption = _text(r.get("caption"), f"{path} line {k}")
+        image = str(root / r["image"])  # absolute: --export_clean's JSONL reads back from anywhere
+        yield {"key": image, "image": os.path.abspath(image), "caption": caption, "fields": r}, None
+    if seen and split not in seen:
+        raise ValueError(f"split {split!r} not found in {path}; it holds {sorted(seen)}: pass one as --split")
+
+
+def count_table_samples(path, split):
+    """How many pairs iter_table_samples will yield (one cheap pass, nothing kept), for progress and ETA."""
+    return sum(1 for _, r in _table_records(Path(path)) if r.get("split", split) == split)
+
+
+def _decode_bytes(data, preprocess):
+    """Image bytes -> uint8 (3, S, S) (raises what PIL raises on a bad image)."""
+    with Image.open(io.BytesIO(data)) as img:
+        return preprocess.to_uint8(img)
+
+
+class StreamBlocks(torch.utils.data.IterableDataset):
+    """Blocks of up to `block` decoded pairs, in input order: (metas, images uint8 (B, 3, S, S), errors,
+    skipped). `samples()` (a function returning a fresh iterator of (record, why skipped)) is read in full by
+    every DataLoader worker, each decoding only the blocks b with b % workers == its id, so that the
+    DataLoader's round-robin returns blocks in input order. `skipped` counts the samples skipped since the
+    previous block (a last block may hold only skips); metas are the records without their image bytes;
+    errors[i] is "" or why image i could not be decoded (its image is then zeros)."""
+
+    def __init__(self, samples, preprocess, block):
+        super().__init__()
+        self.samples, self.preprocess, self.block = samples, preprocess, block
+
+    def _blocks(self):
+        recs, skipped = [], Counter()
+        for rec, why in self.samples():
+            if rec is None:
+                skipped[why] += 1
+                continue
+            recs.append(rec)
+            if len(recs) == self.block:
+                yield recs, skipped
+                recs, skipped = [], Counter()
+        if recs or skipped:
+            yield recs, skipped
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        wid, n = (info.id, info.num_workers) if info is not None else (0, 1)
+        S = self.preprocess.size
+        for b, (recs, skipped) in enumerate(self._blocks()):
+            if b % n != wid:
+                continue
+            images, errors = torch.zeros(len(recs), 3, S, S, dtype=torch.uint8), []
+            for i, rec in enumerate(recs):
+                try:
+                    data = rec.pop("data", None)
+                    images[i] = (_decode_bytes(data, self.preprocess) if data is not None
+                                 else decode_image(rec["image"], self.preprocess))
+                    errors.append("")
+                except (OSError, ValueError, Image.DecompressionBombError) as e:
+                    errors.append(f"cannot read image {rec['image']}: {e.__cause__ or e}")
+                rec.pop("data", None)
+            yield json.dumps(recs), images, errors, dict(skipped)
+
+
+def stream_blocks(samples, preprocess, block, workers=0):
+    """Iterator over StreamBlocks' blocks: decoded in `workers` processes (0: here), in input order."""
+    ds = StreamBlocks(samples, preprocess, block)
+    if workers == 0:
+        return iter(ds)
+    return iter(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers))
+
+
+# ------------------------------------------------------------------------------------------------------------
 # Evaluation
 # ------------------------------------------------------------------------------------------------------------
 
@@ -3972,6 +4224,191 @@ def evaluate_command(cfg: EvalCommandConfig):
     return m
 
 
+GMM_FIT_MAX = 2_000_000  # score fits the split on at most this many cosines (a seeded sample beyond)
+
+
+def gmm_split_sampled(scores, threshold, seed, max_fit=GMM_FIT_MAX, chunk=1 << 20):
+    """gmm_split for any number of pairs: fitted on all the scores up to `max_fit`, else on a seeded random
+    sample of `max_fit` of them (2M points pin the two components' means and variances far below the score
+    differences that matter; EM on 100M points would cost minutes for nothing), then P(clean) of every pair
+    from the fitted mixture (gmm.clean_probability, in chunks). The fit's stats (BIC, separation) are those of
+    the sample. Returns (P(clean) (C,) float32, kept (C,) bool, stats with n_fit)."""
+    scores = torch.as_tensor(scores, dtype=torch.float32)
+    if len(scores) <= max_fit:
+        (p, kept, stats), _ = gmm_split(scores, threshold, seed)
+        return p.float(), kept, {**stats, "n_fit": len(scores)}
+    idx = np.sort(np.random.default_rng(seed).choice(len(scores), max_fit, replace=False))
+    (_, _, stats), g = gmm_split(scores[torch.from_numpy(idx)], threshold, seed)
+    stats = {**stats, "n_fit": max_fit}
+    if not stats["two_populations"]:
+        return torch.ones(len(scores)), torch.ones(len(scores), dtype=torch.bool), stats
+    p = torch.cat([clean_probability(g, scores[i:i + chunk]).float() for i in range(0, len(scores), chunk)])
+    return p, p > threshold, stats
+
+
+def _stream_samples(cfg):
+    """(function returning a fresh iterator of (record, why skipped), pair count or None) for score's
+    streamed `--data`, after refusing what a stream cannot do."""
+    if cfg.noise_ratio > 0 or cfg.noise_file:
+        raise ValueError(f"--noise_ratio/--noise_file pair captions with random images of the whole set, "
+                         f"which a streamed input ({cfg.data}) never holds; drop them, or score a "
+                         f"Karpathy/COCO JSON file (read into memory) instead")
+    shards = tar_shards(cfg.data)
+    if shards is not None:
+        if cfg.split != "train":
+            raise ValueError(f"tar shards have no splits; drop --split {cfg.split} "
+                             f"(each --data is one split)")
+        return (lambda: iter_tar_samples(shards)), None
+    path = Path(cfg.data)
+    return (lambda: iter_table_samples(path, cfg.split, cfg.image_root)), count_table_samples(path, cfg.split)
+
+
+@torch.no_grad()
+def _embed_block(model, tokenizer, preprocess, images, captions, device):
+    """(B,) float32 cosines of B pairs (eval mode, bf16 autocast on CUDA, as embed_images does)."""
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        v = model.encode_image(preprocess.normalize(images.to(device, non_blocking=True))).float()
+        ids, mask = tokenizer(captions)  # (B, L), (B, L)
+        t = model.encode_text(ids.to(device), mask.to(device)).float()
+    return (v * t).sum(1).cpu().numpy().astype(np.float32)
+
+
+def stream_scores(cfg, model, tokenizer, preprocess, device, pairs_file, log=print):
+    """The streaming pass: blocks of --embed_batch_size pairs decoded by --workers processes, embedded, and
+    written as JSON lines [cosine, key, image, caption, fields] to `pairs_file`; only the float32 cosines
+    stay in memory. Returns (cosines (C,) float32, {why: skipped samples})."""
+    samples, total = _stream_samples(cfg)
+    was_training, chunks, skipped, done = model.training, [], Counter(), 0
+    model.eval()
+    t0 = last = time.time()
+    try:
+        with open(pairs_file, "w", encoding="utf-8") as f:
+            for metas, images, errors, skips in stream_blocks(samples, preprocess, cfg.embed_batch_size,
+                                                              cfg.workers):
+                skipped.update(skips)
+                recs = json.loads(metas)
+                bad = [e for e in errors if e]
+                if bad and not cfg.skip_bad_images:
+                    raise ValueError(f"{bad[0]}. Fix or remove it, or pass --skip_bad_images "
+                                     f"to skip such pairs ({len(bad)} in this batch)")
+                if bad:
+                    good = [i for i, e in enumerate(errors) if not e]
+                    skipped["bad image"] += len(bad)
+                    recs, images = [recs[i] for i in good], images[good]
+                if not recs:
+                    continue
+                cos = _embed_block(model, tokenizer, preprocess, images, [r["caption"] for r in recs], device)
+                for r, c in zip(recs, cos.tolist()):
+                    f.write(json.dumps([c, r["key"], r["image"], r["caption"], r["fields"]]) + "\n")
+                chunks.append(cos)
+                done += len(recs)
+                if time.time() - last > 10:
+                    last, rate = time.time(), done / (time.time() - t0)
+                    eta = f", eta {(total - done) / max(rate, 1e-9):.0f} s" if total else ""
+                    log(f"scored {done}{f'/{total}' if total else ''} pairs, {rate:.0f} pairs/s{eta}")
+    finally:
+        model.train(was_training)
+    log(f"scored {done} pairs in {time.time() - t0:.1f} s"
+        + (f"; skipped {sum(skipped.values())} samples ({', '.join(f'{k}: {v}' for k, v in skipped.items())})"
+           if skipped else ""))
+    return (np.concatenate(chunks) if chunks else np.zeros(0, np.float32)), dict(skipped)
+
+
+def _tmp_next_to(path, tag):
+    """A hidden temp path next to `path` (same file system: os.replace is atomic), unique to this process."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{tag}.tmp{os.getpid()}")
+
+
+def score_streamed(cfg, model, tokenizer, preprocess, device, log=print):
+    """score_command for streamed input (tar shards, CSV/TSV/JSONL tables): memory bounded by one batch plus
+    4 bytes per pair (the cosines; 9 bytes while writing). Writes --output (score's CSV columns, with
+    caption_index = image_index = the pair's row number among the pairs scored, plus `key`: the tar key or
+    the image path) and --export_clean (JSONL: every input field of the kept pairs; `image` absolute, or for
+    tar input "shard.tar#member", which load_pairs cannot read back; for tar input the kept samples are also
+    copied into a new shard, the JSONL's name with .tar), each atomically. --cache_dir is not used: each image
+    is decoded once anyway.
+    Returns score_command's summary plus {"pairs", "skipped"}."""
+    shards = tar_shards(cfg.data)
+    clean_tar = Path(cfg.export_clean).with_suffix(".tar") if cfg.export_clean and shards else None
+    if clean_tar:
+        _refuse_overwrite(clean_tar)
+    pairs_file = _tmp_next_to(cfg.output, "pairs")
+    outs = [(cfg.output, _tmp_next_to(cfg.output, "csv"))]
+    if cfg.export_clean:
+        outs.append((cfg.export_clean, _tmp_next_to(cfg.export_clean, "jsonl")))
+    try:
+        scores, skipped = stream_scores(cfg, model, tokenizer, preprocess, device, pairs_file, log)
+        if len(scores) < 2:
+            raise ValueError(f"{cfg.data} holds {len(scores)} complete pairs (skipped: {skipped or 'none'}); "
+                             f"the split needs at least 2")
+        p_clean, kept, stats = gmm_split_sampled(scores, cfg.threshold, cfg.seed)
+        p_clean, kept = p_clean.numpy(), kept.numpy()
+        with open(pairs_file, encoding="utf-8") as src, open(outs[0][1], "w", newline="",
+                                                              encoding="utf-8") as out:
+            clean = open(outs[1][1], "w", encoding="utf-8") if cfg.export_clean else None
+            try:
+                w = csv.writer(out)
+                w.writerow(["caption_index", "image_index", "caption", "cosine", "p_clean", "kept", "key"])
+                for c, line in enumerate(src):
+                    cos, key, image, caption, fields_ = json.loads(line)
+                    w.writerow([c, c, caption, f"{cos:.6f}", f"{p_clean[c]:.6f}", int(kept[c]), key])
+                    if clean is not None and kept[c]:
+                        clean.write(json.dumps({**fields_, "image": image}) + "\n")
+            finally:
+                if clean is not None:
+                    clean.close()
+        for final, tmp in outs:
+            os.replace(tmp, final)
+    finally:
+        for path in [pairs_file] + [tmp for _, tmp in outs]:
+            Path(path).unlink(missing_ok=True)
+    _report_split(cfg, kept, stats)
+    if clean_tar:
+        n = export_clean_tar(shards, cfg.export_clean, clean_tar)
+        print(f"copied the {n} kept samples into {clean_tar}")
+    return {"kept": int(kept.sum()), **stats, "pairs": len(scores), "skipped": skipped}
+
+
+def export_clean_tar(shards, clean_jsonl, out_tar):
+    """The kept samples of tar shards copied into one new WebDataset shard `out_tar` (key.<image ext> +
+    key.json holding the sample's fields as --export_clean wrote them), written atomically; returns how many.
+    A second streaming pass over the shards (reading, no decoding), in lockstep with the JSONL (same order),
+    so memory stays bounded. Keys are kept as they are: the same key in two source shards gives two samples
+    of that key."""
+    tmp, n = _tmp_next_to(out_tar, "tar"), 0
+    try:
+        with open(clean_jsonl, encoding="utf-8") as f, tarfile.open(tmp, "w") as out:
+            want = (json.loads(line) for line in f)
+            nxt = next(want, None)
+            for rec, _ in iter_tar_samples(shards):
+                if nxt is None:
+                    break
+                if rec is None or rec["image"] != nxt["image"]:
+                    continue
+                ext = _tar_key(rec["image"].rpartition("#")[2])[1]
+                for name, blob in ((f"{rec['key']}.{ext}", rec["data"]),
+                                   (f"{rec['key']}.json", json.dumps(nxt).encode("utf-8"))):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(blob)
+                    out.addfile(info, io.BytesIO(blob))
+                n, nxt = n + 1, next(want, None)
+        os.replace(tmp, out_tar)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return n
+
+
+def _report_split(cfg, kept, stats):
+    """Prints what the GMM split kept (or why it kept everything)."""
+    if stats["two_populations"]:
+        print(f"{int(kept.sum())}/{len(kept)} pairs kept (P(clean) > {cfg.threshold}); clean mean "
+              f"{stats['mu_clean']:.3f}, noisy mean {stats['mu_noisy']:.3f}; wrote {cfg.output}")
+    else:
+        print(f"the scores show one population ({stats['one_population']}): all {len(kept)} pairs kept; "
+              f"wrote {cfg.output}")
+
+
 def score_command(cfg: ScoreCommandConfig):
     """Scores every pair with a model (a robustitm checkpoint or pretrained weights, as train takes), fits the
     GMM, writes a CSV (and optionally the kept pairs)."""
@@ -3980,6 +4417,8 @@ def score_command(cfg: ScoreCommandConfig):
             _refuse_overwrite(path)
     device = _device(cfg.device)
     model, tokenizer, preprocess = _command_model(cfg)
+    if is_streamed(cfg.data):  # tar shards and tables: one batch in memory at a time
+        return score_streamed(cfg, model.to(device), tokenizer, preprocess, device)
     pairs = load_split(cfg, preprocess)
     if cfg.export_clean and pairs.images.paths is None:
         raise ValueError("--export_clean writes image paths, but these images are not files "
@@ -4003,12 +4442,7 @@ def score_command(cfg: ScoreCommandConfig):
         w = csv.writer(f)
         w.writerow(["caption_index", "image_index", "caption", "cosine", "p_clean", "kept"])
         w.writerows(rows)
-    if stats["two_populations"]:
-        print(f"{int(kept.sum())}/{len(kept)} pairs kept (P(clean) > {cfg.threshold}); clean mean "
-              f"{stats['mu_clean']:.3f}, noisy mean {stats['mu_noisy']:.3f}; wrote {cfg.output}")
-    else:
-        print(f"the scores show one population ({stats['one_population']}): all {len(kept)} pairs kept; "
-              f"wrote {cfg.output}")
+    _report_split(cfg, kept, stats)
     if cfg.export_clean:
         with open(cfg.export_clean, "w") as f:
             for c in kept.nonzero().squeeze(1).tolist():

@@ -3018,6 +3018,153 @@ def test_bench_robustness_grid_resumes_and_reports(tmp_path, monkeypatch, capsys
     sys.modules.pop("robustness", None)
 
 
+# ----- streamed score: tar shards and tables, one batch in memory -----
+
+@pytest.fixture(scope="module")
+def stream_setup(tmp_path_factory):
+    """A tiny checkpoint (1 epoch) and the train pairs of a Karpathy export with 40% image-level noise (each
+    image keeps its 5 captions), as the in-memory path reads them."""
+    tmp = tmp_path_factory.mktemp("stream")
+    splits = R.synthetic_splits(60, 20, 20, seed=0)
+    tr = splits["train"]
+    noisy = make_noise(tr.img_of_cap, len(tr.images), 0.4, "image", seed=1)
+    splits["train"] = R.Pairs(tr.images, tr.captions, noisy, "train")
+    data = R.export_karpathy(splits, tmp / "data")
+    R.main(["train", "--data", str(data), "--epochs", "1", "--output_dir", str(tmp / "run"), *_TINY])
+    pairs = load_pairs(data, "train", size=32)
+    paths = [pairs.images.paths[i] for i in pairs.img_of_cap]
+    return tmp, str(tmp / "run" / "best.pt"), data, pairs.captions, paths
+
+
+def _write_shards(folder, captions, paths, n_shards=3):
+    """WebDataset shards folder/shard-00{0,1,2}.tar: key.png + key.txt (key.json in the last shard), plus one
+    sample with no caption and one with no image."""
+    import io
+    import tarfile
+
+    def add(tf, name, data):
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tf.addfile(info, io.BytesIO(data))
+
+    folder.mkdir(parents=True, exist_ok=True)
+    bounds = [len(captions) * s // n_shards for s in range(n_shards + 1)]
+    for s in range(n_shards):
+        with tarfile.open(folder / f"shard-{s:03d}.tar", "w") as tf:
+            for k in range(bounds[s], bounds[s + 1]):
+                add(tf, f"{k:05d}.png", Path(paths[k]).read_bytes())
+                if s == n_shards - 1:
+                    add(tf, f"{k:05d}.json", json.dumps({"caption": captions[k], "row": k}).encode())
+                else:
+                    add(tf, f"{k:05d}.txt", captions[k].encode())
+                if k == bounds[s]:
+                    add(tf, f"x{k:05d}.png", Path(paths[k]).read_bytes())  # no caption
+                    add(tf, f"y{k:05d}.txt", b"a caption without an image")
+    return str(folder / f"shard-{{000..{n_shards - 1:03d}}}.tar")
+
+
+def _cosines(path):
+    rows = list(csv.DictReader(open(path)))
+    return np.array([float(r["cosine"]) for r in rows]), [r["kept"] == "1" for r in rows], rows
+
+
+def test_score_streams_tables_and_tar_shards_as_the_in_memory_path(stream_setup, monkeypatch):
+    """Streamed score (CSV table, and tar shards through a brace pattern, 2 decode workers, odd batch size)
+    gives the in-memory path's cosines (1e-5) and kept set on the same pairs; incomplete tar samples are
+    skipped and counted; the table's --export_clean reads back with load_pairs from another directory."""
+    tmp, ckpt, data, captions, paths = stream_setup
+    R.main(["score", ckpt, "--data", str(data), "--workers", "0", "--output", str(tmp / "mem.csv")])
+    want, want_kept, _ = _cosines(tmp / "mem.csv")
+    table = tmp / "table" / "pairs.csv"
+    table.parent.mkdir()
+    with open(table, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "caption", "source"])
+        w.writerows([os.path.relpath(p, table.parent), c, f"web{k}"] for k, (p, c) in
+                    enumerate(zip(paths, captions)))
+    out = R.main(["score", ckpt, "--data", str(table), "--workers", "0", "--embed_batch_size", "16",
+                  "--output", str(tmp / "table.csv"), "--export_clean", str(tmp / "table" / "clean.jsonl")])
+    got, kept, rows = _cosines(tmp / "table.csv")
+    assert out["pairs"] == len(captions) and out["skipped"] == {}
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert kept == want_kept and [r["caption"] for r in rows] == captions
+    assert [int(r["caption_index"]) for r in rows] == list(range(len(rows)))
+    (tmp / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp / "elsewhere")
+    back = load_pairs(tmp / "table" / "clean.jsonl", "train", size=32)
+    assert back.captions == [c for c, k in zip(captions, kept) if k]
+    lines = [json.loads(x) for x in (tmp / "table" / "clean.jsonl").read_text().splitlines()]
+    assert [x["source"] for x in lines] == [f"web{k}" for k in range(len(kept)) if kept[k]]
+    pattern = _write_shards(tmp / "shards", captions, paths)
+    out = R.main(["score", ckpt, "--data", pattern, "--workers", "2", "--embed_batch_size", "7",
+                  "--output", str(tmp / "tar.csv"), "--export_clean", str(tmp / "tar.jsonl")])
+    got, kept, rows = _cosines(tmp / "tar.csv")
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert kept == want_kept and out["skipped"] == {"no caption": 3, "no image": 3}
+    assert [r["key"] for r in rows] == [f"{k:05d}" for k in range(len(captions))]
+    lines = [json.loads(x) for x in (tmp / "tar.jsonl").read_text().splitlines()]
+    assert len(lines) == sum(kept) and all(".tar#" in x["image"] and x["image"].endswith(".png")
+                                           for x in lines)
+    assert [x["caption"] for x in lines] == [c for c, k in zip(captions, kept) if k]
+    assert all(x["row"] == int(x["key"]) for x in lines if "row" in x)
+    out = R.main(["score", ckpt, "--data", str(tmp / "tar.tar"), "--workers", "0", "--output",
+                  str(tmp / "again.csv")])  # the kept samples' new shard, scored again
+    assert out["pairs"] == sum(kept)
+    np.testing.assert_allclose(_cosines(tmp / "again.csv")[0], want[np.array(kept)], atol=1e-5)
+    assert not [p for p in tmp.rglob(".*tmp*")]  # no temp file left
+
+
+def test_score_stream_refuses_what_a_stream_cannot_do(stream_setup, tmp_path):
+    """Noise flags need the whole set; a table without a split column is one split; a missing shard, a
+    missing split and a bad image are named; --skip_bad_images skips and counts it."""
+    _, ckpt, _, captions, paths = stream_setup
+    table = tmp_path / "t.jsonl"
+    table.write_text("".join(json.dumps({"image": p, "caption": c, "split": "train" if k % 2 else "val"})
+                             + "\n" for k, (p, c) in enumerate(zip(paths[:12], captions[:12]))))
+    base = ["score", ckpt, "--workers", "0"]
+    for flags, match in ((["--noise_ratio", "0.2"], "noise"), (["--noise_file", "n.npy"], "noise"),
+                         (["--split", "test"], "'test' not found")):
+        with pytest.raises(ValueError, match=match):
+            R.main(base + ["--data", str(table), "--output", str(tmp_path / "a.csv"), *flags])
+    out = R.main(base + ["--data", str(table), "--split", "val", "--output", str(tmp_path / "val.csv")])
+    rows = list(csv.DictReader(open(tmp_path / "val.csv")))
+    assert out["pairs"] == 6 and [r["caption"] for r in rows] == captions[:12:2]
+    nosplit = tmp_path / "n.csv"
+    nosplit.write_text("image,caption\n" + "".join(f"{p},c{k}\n" for k, p in enumerate(paths[:4])))
+    with pytest.raises(ValueError, match="no 'split' column"):
+        R.main(base + ["--data", str(nosplit), "--split", "val", "--output", str(tmp_path / "b.csv")])
+    with pytest.raises(ValueError, match="do not exist"):
+        R.main(base + ["--data", str(tmp_path / "s-{0..1}.tar"), "--output", str(tmp_path / "c.csv")])
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    nosplit.write_text("image,caption\n" + "".join(f"{p},c{k}\n" for k, p in enumerate(paths[:4]))
+                       + "bad.png,broken\n")
+    with pytest.raises(ValueError, match="bad.png"):
+        R.main(base + ["--data", str(nosplit), "--output", str(tmp_path / "d.csv")])
+    assert not (tmp_path / "d.csv").exists() and not list(tmp_path.glob(".*tmp*"))
+    out = R.main(base + ["--data", str(nosplit), "--skip_bad_images", "--output", str(tmp_path / "d.csv")])
+    assert out["pairs"] == 4 and out["skipped"] == {"bad image": 1}
+
+
+def test_stream_brace_expansion_and_large_gmm_split():
+    """Shard patterns expand as WebDataset's do; gmm_split_sampled fits a sample above max_fit and gives
+    every pair its P(clean) from that fit (equal to gmm_split's below it)."""
+    assert R.expand_braces("s/{00008..00011}.tar") == [f"s/{k:05d}.tar" for k in range(8, 12)]
+    assert R.expand_braces("{a,b}-{1..2}.tar") == ["a-1.tar", "a-2.tar", "b-1.tar", "b-2.tar"]
+    assert R.expand_braces("x{y}.tar") == ["x{y}.tar"] and R.expand_braces("p.tar") == ["p.tar"]
+    assert R.expand_braces("{0..10}") == [str(k) for k in range(11)]
+    assert R.expand_braces("{3..1}") == ["3", "2", "1"]
+    assert R._tar_key("d/abc.seg.PNG") == ("d/abc", "seg.png")
+    assert R.tar_shards("a.csv") is None
+    g = torch.Generator().manual_seed(0)
+    scores = torch.cat([0.2 + 0.05 * torch.randn(3000, generator=g),
+                        0.6 + 0.05 * torch.randn(7000, generator=g)])
+    p, kept, stats = R.gmm_split_sampled(scores, 0.5, 0, max_fit=20_000)
+    (p0, kept0, _), _ = R.gmm_split(scores, 0.5, 0)
+    assert stats["n_fit"] == 10_000 and torch.equal(kept, kept0) and torch.allclose(p, p0.float())
+    p, kept, stats = R.gmm_split_sampled(scores, 0.5, 0, max_fit=2000)
+    assert stats["n_fit"] == 2000 and len(p) == 10_000 and (kept == kept0).float().mean() > 0.99
+
+
 # ------------------------------------------------------------------------------------------------------------
 # No silent failures: every run does what was asked or stops with a clear error; nothing of the user's changes
 # ------------------------------------------------------------------------------------------------------------
