@@ -2850,9 +2850,9 @@ def _table_records(path):
                          f"re-save it as UTF-8") from None
 
 
-def iter_table_samples(path, split, image_root=None):
-    """The pairs of a CSV/TSV/JSONL table (read_table's columns: image, caption, optional split and others),
-    row by row -> yields (record, None). With a `split` column only the rows of `split`; without one the whole
+def iter_table_samples(path, split, image_root=None, image_key="image", caption_key="caption"):
+    """The pairs of a CSV/TSV/JSONL table (read_table's columns: image_key, caption_key, optional split and
+    others), row by row -> yields (record, None). With a `split` column only the rows of `split`; without one the whole
     file, which is then one split: any `split` other than "train" (score's default) is refused rather than
     silently scoring every row. Image paths are relative to image_root (default: the table's folder)."""
     path = Path(path)
@@ -2860,8 +2860,9 @@ def iter_table_samples(path, split, image_root=None):
     first, seen = True, set()
     for k, r in _table_records(path):
         if first:
-            if not {"image", "caption"} <= set(r):
-                raise ValueError(f"{path} needs 'image' and 'caption' columns/fields, found {sorted(r)}.")
+            if not {image_key, caption_key} <= set(r):
+                raise ValueError(f"{path} needs {image_key!r} and {caption_key!r} columns/fields, found "
+                                 f"{sorted(r)}; name yours with --image_key/--caption_key")
             if "split" not in r and split != "train":
                 raise ValueError(f"{path} has no 'split' column, so it is one split, scored with the "
                                  f"default --split train; drop --split {split} or add a split column")
@@ -2870,10 +2871,10 @@ def iter_table_samples(path, split, image_root=None):
             seen.add(r["split"])
             if r["split"] != split:
                 continue
-        if not isinstance(r.get("image"), str) or not r["image"]:
-            raise ValueError(f"{path} line {k}: no image path ({r.get('image')!r}); every row needs one")
-        caption = _text(r.get("caption"), f"{path} line {k}")
-        image = str(root / r["image"])  # absolute: --export_clean's JSONL reads back from anywhere
+        if not isinstance(r.get(image_key), str) or not r[image_key]:
+            raise ValueError(f"{path} line {k}: no image path ({r.get(image_key)!r}); every row needs one")
+        caption = _text(r.get(caption_key), f"{path} line {k}")
+        image = str(root / r[image_key])  # absolute: --export_clean's JSONL reads back from anywhere
         yield {"key": image, "image": os.path.abspath(image), "caption": caption, "fields": r}, None
     if seen and split not in seen:
         raise ValueError(f"split {split!r} not found in {path}; it holds {sorted(seen)}: pass one as --split")
@@ -4260,7 +4261,9 @@ def _stream_samples(cfg):
                              f"(each --data is one split)")
         return (lambda: iter_tar_samples(shards)), None
     path = Path(cfg.data)
-    return (lambda: iter_table_samples(path, cfg.split, cfg.image_root)), count_table_samples(path, cfg.split)
+    samples = functools.partial(iter_table_samples, path, cfg.split, cfg.image_root, cfg.image_key,
+                                cfg.caption_key)
+    return samples, count_table_samples(path, cfg.split)
 
 
 @torch.no_grad()

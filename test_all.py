@@ -3095,6 +3095,11 @@ def test_score_streams_tables_and_tar_shards_as_the_in_memory_path(stream_setup,
     assert back.captions == [c for c, k in zip(captions, kept) if k]
     lines = [json.loads(x) for x in (tmp / "table" / "clean.jsonl").read_text().splitlines()]
     assert [x["source"] for x in lines] == [f"web{k}" for k in range(len(kept)) if kept[k]]
+    renamed = table.with_name("renamed.csv")  # open_clip's --csv-img-key / --csv-caption-key style columns
+    renamed.write_text(table.read_text().replace("image,caption,source", "filepath,title,source", 1))
+    R.main(["score", ckpt, "--data", str(renamed), "--workers", "0", "--image_key", "filepath",
+            "--caption_key", "title", "--output", str(tmp / "renamed.csv")])
+    np.testing.assert_allclose(_cosines(tmp / "renamed.csv")[0], want, atol=1e-5)
     pattern = _write_shards(tmp / "shards", captions, paths)
     out = R.main(["score", ckpt, "--data", pattern, "--workers", "2", "--embed_batch_size", "7",
                   "--output", str(tmp / "tar.csv"), "--export_clean", str(tmp / "tar.jsonl")])
