@@ -2852,9 +2852,10 @@ def _table_records(path):
 
 def iter_table_samples(path, split, image_root=None, image_key="image", caption_key="caption"):
     """The pairs of a CSV/TSV/JSONL table (read_table's columns: image_key, caption_key, optional split and
-    others), row by row -> yields (record, None). With a `split` column only the rows of `split`; without one the whole
-    file, which is then one split: any `split` other than "train" (score's default) is refused rather than
-    silently scoring every row. Image paths are relative to image_root (default: the table's folder)."""
+    others), row by row -> yields (record, None). With a `split` column only the rows of `split`; without one
+    the whole file, which is then one split: any `split` other than "train" (score's default) is refused
+    rather than silently scoring every row. Image paths are relative to image_root (default: the table's
+    folder)."""
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent
     first, seen = True, set()

@@ -2956,7 +2956,8 @@ def test_eval_and_score_commands_share_the_training_flags(tmp_path):
 
 def test_eval_and_score_take_pretrained_weights_as_train_does(tmp_path):
     """Paper A's first step without training: eval and score run on a Hugging Face CLIP folder (any model
-    train --pretrained takes), with the folder's own tokenizer and preprocessing; a missing model is refused."""
+    train --pretrained takes), with the folder's own tokenizer and preprocessing; a missing model is
+    refused."""
     torch.manual_seed(0)
     tok = _tok_clip()
     model = R.tiny_model(embed_dim=24, vocab_size=tok.vocab_size, context_length=77, width=64)
