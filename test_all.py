@@ -2954,7 +2954,7 @@ def test_eval_and_score_commands_share_the_training_flags(tmp_path):
         R.main(["eval", ckpt, "--data", str(data), "--embed_batch_size", "0"])
 
 
-def test_eval_and_score_take_pretrained_weights_as_train_does(tmp_path):
+def test_eval_and_score_take_pretrained_weights_as_train_does(tmp_path, monkeypatch):
     """Paper A's first step without training: eval and score run on a Hugging Face CLIP folder (any model
     train --pretrained takes), with the folder's own tokenizer and preprocessing; a missing model is
     refused."""
@@ -2973,6 +2973,11 @@ def test_eval_and_score_take_pretrained_weights_as_train_does(tmp_path):
     assert len(rows) == 150 and all(-1 <= float(r["cosine"]) <= 1 for r in rows)
     with pytest.raises(ValueError, match="give the model"):
         R.main(["eval", *data])
+    monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun: refused, not every rank writing one file
+    for command in ("eval", "score"):
+        with pytest.raises(ValueError, match="one process"):
+            R.main([command, str(folder), *data, "--output", str(tmp_path / f"{command}.out")])
+    assert not list(tmp_path.glob("*.out"))
 
 
 def test_bench_robustness_grid_resumes_and_reports(tmp_path, monkeypatch, capsys):
