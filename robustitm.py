@@ -2201,25 +2201,37 @@ def _first_line_is_object(text):
         return False
 
 
-def _json_rows(path, text, image_key, caption_key):
-    """JSON lines (one object per line) or, in a .json file, a JSON array of objects -> [(where, object)]."""
-    if path.suffix == ".json" and text.lstrip().startswith("["):
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); "
-                             f"a truncated download?") from None
-        return _objects(path, [(f"entry {k}", r) for k, r in enumerate(d, 1)], image_key, caption_key)
-    recs = []
-    for k, line in enumerate(text.split("\n"), 1):  # not splitlines(): captions may hold U+2028 etc.
-        if not line.strip():
-            continue
-        try:
-            recs.append((f"line {k}", json.loads(line)))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} line {k} is not valid JSON ({e.msg}); each line must be "
-                             f"one JSON object with {image_key!r} and {caption_key!r}") from None
-    return _objects(path, recs, image_key, caption_key)
+def _table_records(path, image_key="image", caption_key="caption"):
+    """The rows of a CSV/TSV (header row) or JSON-lines table, read one at a time (never the whole file) ->
+    yields ("line k", row dict). Shared by read_table and the streaming score."""
+    json_lines = path.suffix in (".jsonl", ".json")
+    try:
+        with open(path, encoding="utf-8-sig", newline="\n" if json_lines else "") as f:
+            if json_lines:  # lines end at "\n" only: captions may hold U+2028 etc.
+                for k, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        r = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{path} line {k} is not valid JSON ({e.msg}); each line must be "
+                                         f"one JSON object with {image_key!r} and {caption_key!r}") from None
+                    yield from _objects(path, [(f"line {k}", r)], image_key, caption_key)
+                return
+            reader = csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ",", strict=True)
+            try:
+                for r in reader:  # DictReader files the fields beyond the header under the key None
+                    if any(str(v).strip() for v in r.pop(None, ())):
+                        raise ValueError(f"{path} line {reader.line_num} has more fields than the header "
+                                         f"names ({len(reader.fieldnames)}): a delimiter inside an unquoted "
+                                         f"caption? Quote that field (\"...\").")
+                    yield f"line {reader.line_num}", r
+            except csv.Error as e:
+                raise ValueError(f"{path} line {reader.line_num}: {e} (a quote opened and never closed?); "
+                                 f"fix the quoting of that row") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x}); "
+                         f"re-save it as UTF-8") from None
 
 
 def read_table(path, splits, image_root=None, image_key="image", caption_key="caption"):
@@ -2233,22 +2245,16 @@ def read_table(path, splits, image_root=None, image_key="image", caption_key="ca
     Without a `split` field the whole file is the one split named.
     """
     path = Path(path)
-    text = _read_text(path)
-    if path.suffix in (".jsonl", ".json"):
-        recs = _json_rows(path, text, image_key, caption_key)
-    else:
-        reader = csv.DictReader(io.StringIO(text, newline=""),
-                                delimiter="\t" if path.suffix == ".tsv" else ",", strict=True)
+    text = _read_text(path) if path.suffix == ".json" else ""
+    if text.lstrip().startswith("["):  # a .json file holding a JSON array of objects
         try:
-            recs = [(f"line {reader.line_num}", r) for r in reader]
-        except csv.Error as e:
-            raise ValueError(f"{path} line {reader.line_num}: {e} (a quote opened and never closed?); "
-                             f"fix the quoting of that row") from None
-        for where, r in recs:  # DictReader files the fields beyond the header under the key None
-            if any(str(v).strip() for v in r.pop(None, ())):
-                raise ValueError(f"{path} {where} has more fields than the header names "
-                                 f"({len(reader.fieldnames)}): a delimiter inside an unquoted caption? "
-                                 f"Quote that field (\"...\").")
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); "
+                             f"a truncated download?") from None
+        recs = _objects(path, [(f"entry {k}", r) for k, r in enumerate(d, 1)], image_key, caption_key)
+    else:
+        recs = list(_table_records(path, image_key, caption_key))
     return _table(path, recs, splits, image_root, image_key, caption_key)
 
 
@@ -2306,10 +2312,10 @@ def _parse(path, splits, image_root, max_captions, image_key="image", caption_ke
             return read_coco(d, root, splits[0], max_captions)
         if isinstance(d, dict) and d.get("images") and "sentences" in d["images"][0]:
             return read_karpathy(d, root, max_captions)
-        if isinstance(d, list) or (isinstance(d, dict) and image_key in d):  # rows; a dict: one JSON line
-            recs = [(f"entry {k}", r) for k, r in enumerate(d, 1)] if isinstance(d, list) else [("line 1", d)]
-            return _table(p, _objects(p, recs, image_key, caption_key), splits, image_root, image_key,
-                          caption_key)
+        if isinstance(d, list):  # an array of rows
+            return read_table(p, splits, image_root, image_key, caption_key)
+        if isinstance(d, dict) and image_key in d:  # one row: a JSON-lines file of one line
+            return _table(p, [("line 1", d)], splits, image_root, image_key, caption_key)
         raise ValueError(f"{path}: a JSON file must be Karpathy (images[].sentences), COCO captions "
                          f"(images + annotations), or rows (JSON lines or an array of objects) with "
                          f"{image_key!r} and {caption_key!r} fields (see --image_key/--caption_key); "
@@ -2820,36 +2826,6 @@ def iter_tar_samples(shards):
             yield _tar_sample(shard, key, members)
 
 
-def _table_records(path):
-    """A CSV/TSV (header row) or JSONL table read row by row -> yields (line number, dict)."""
-    try:
-        with open(path, encoding="utf-8-sig", newline="\n" if path.suffix == ".jsonl" else "") as f:
-            if path.suffix == ".jsonl":
-                for k, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        r = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{path} line {k} is not valid JSON ({e.msg}); each line must be "
-                                         f"one JSON object with 'image' and 'caption'") from None
-                    if not isinstance(r, dict):
-                        raise ValueError(f"{path} line {k} is a JSON {type(r).__name__}, not an object "
-                                         f"with 'image' and 'caption'")
-                    yield k, r
-                return
-            reader = csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ",", strict=True)
-            try:
-                for r in reader:
-                    yield reader.line_num, r
-            except csv.Error as e:
-                raise ValueError(f"{path} line {reader.line_num}: {e} (a quote opened and never closed?); "
-                                 f"fix the quoting of that row") from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x}); "
-                         f"re-save it as UTF-8") from None
-
-
 def iter_table_samples(path, split, image_root=None, image_key="image", caption_key="caption"):
     """The pairs of a CSV/TSV/JSONL table (read_table's columns: image_key, caption_key, optional split and
     others), row by row -> yields (record, None). With a `split` column only the rows of `split`; without one
@@ -2859,7 +2835,7 @@ def iter_table_samples(path, split, image_root=None, image_key="image", caption_
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent
     first, seen = True, set()
-    for k, r in _table_records(path):
+    for where, r in _table_records(path, image_key, caption_key):
         if first:
             if not {image_key, caption_key} <= set(r):
                 raise ValueError(f"{path} needs {image_key!r} and {caption_key!r} columns/fields, found "
@@ -2873,8 +2849,8 @@ def iter_table_samples(path, split, image_root=None, image_key="image", caption_
             if r["split"] != split:
                 continue
         if not isinstance(r.get(image_key), str) or not r[image_key]:
-            raise ValueError(f"{path} line {k}: no image path ({r.get(image_key)!r}); every row needs one")
-        caption = _text(r.get(caption_key), f"{path} line {k}")
+            raise ValueError(f"{path} {where}: no image path ({r.get(image_key)!r}); every row needs one")
+        caption = _text(r.get(caption_key), f"{path} {where}")
         image = str(root / r[image_key])  # absolute: --export_clean's JSONL reads back from anywhere
         yield {"key": image, "image": os.path.abspath(image), "caption": caption, "fields": r}, None
     if seen and split not in seen:

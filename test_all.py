@@ -3154,6 +3154,9 @@ def test_score_stream_refuses_what_a_stream_cannot_do(stream_setup, tmp_path):
     assert not (tmp_path / "d.csv").exists() and not list(tmp_path.glob(".*tmp*"))
     out = R.main(base + ["--data", str(nosplit), "--skip_bad_images", "--output", str(tmp_path / "d.csv")])
     assert out["pairs"] == 4 and out["skipped"] == {"bad image": 1}
+    nosplit.write_text(f"image,caption\n{paths[0]},a red disc, left of a box\n")  # not cut at the comma
+    with pytest.raises(ValueError, match="line 2 has more fields than the header"):
+        R.main(base + ["--data", str(nosplit), "--output", str(tmp_path / "e.csv")])
 
 
 def test_stream_brace_expansion_and_large_gmm_split():
