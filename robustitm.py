@@ -1175,9 +1175,16 @@ def write_safetensors(tensors, path, metadata=None):
                                    [f.write(b) for b in blobs]))
 
 
-def _atomic_write(path, write):
+def _tmp_next_to(path, tag=""):
+    """A hidden temp path next to `path` (same file system: os.replace is atomic), unique to this process;
+    a killed run's leftovers match `.*.tmp[0-9]*`, which a new run in that folder removes."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    return path.with_name(f".{path.name}{'.' + tag if tag else ''}.tmp{os.getpid()}")
+
+
+def _atomic_write(path, write):
+    """`write(binary file)` into a temp file next to `path`, flushed to disk, then renamed over `path`."""
+    path, tmp = Path(path), _tmp_next_to(path)
     with open(tmp, "wb") as f:
         write(f)
         f.flush()
@@ -4243,16 +4250,6 @@ def _stream_samples(cfg):
     return samples, count_table_samples(path, cfg.split)
 
 
-@torch.no_grad()
-def _embed_block(model, tokenizer, preprocess, images, captions, device):
-    """(B,) float32 cosines of B pairs (eval mode, bf16 autocast on CUDA, as embed_images does)."""
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        v = model.encode_image(preprocess.normalize(images.to(device, non_blocking=True))).float()
-        ids, mask = tokenizer(captions)  # (B, L), (B, L)
-        t = model.encode_text(ids.to(device), mask.to(device)).float()
-    return (v * t).sum(1).cpu().numpy().astype(np.float32)
-
-
 def stream_scores(cfg, model, tokenizer, preprocess, device, pairs_file, log=print):
     """The streaming pass: blocks of --embed_batch_size pairs decoded by --workers processes, embedded, and
     written as JSON lines [cosine, key, image, caption, fields] to `pairs_file`; only the float32 cosines
@@ -4277,7 +4274,9 @@ def stream_scores(cfg, model, tokenizer, preprocess, device, pairs_file, log=pri
                     recs, images = [recs[i] for i in good], images[good]
                 if not recs:
                     continue
-                cos = _embed_block(model, tokenizer, preprocess, images, [r["caption"] for r in recs], device)
+                v = embed_images(model, ImageSet(array=images.numpy()), preprocess, len(recs), device)
+                t = embed_captions(model, tokenizer, [r["caption"] for r in recs], len(recs), device)
+                cos = (v * t).sum(1).cpu().numpy()  # (B,) float32
                 for r, c in zip(recs, cos.tolist()):
                     f.write(json.dumps([c, r["key"], r["image"], r["caption"], r["fields"]]) + "\n")
                 chunks.append(cos)
@@ -4292,12 +4291,6 @@ def stream_scores(cfg, model, tokenizer, preprocess, device, pairs_file, log=pri
         + (f"; skipped {sum(skipped.values())} samples ({', '.join(f'{k}: {v}' for k, v in skipped.items())})"
            if skipped else ""))
     return (np.concatenate(chunks) if chunks else np.zeros(0, np.float32)), dict(skipped)
-
-
-def _tmp_next_to(path, tag):
-    """A hidden temp path next to `path` (same file system: os.replace is atomic), unique to this process."""
-    path = Path(path)
-    return path.with_name(f".{path.name}.{tag}.tmp{os.getpid()}")
 
 
 def score_streamed(cfg, model, tokenizer, preprocess, device, log=print):
