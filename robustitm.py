@@ -3288,24 +3288,37 @@ def embed_pairs(model, images, captions, tokenizer, preprocess, batch_size, devi
     return v, t
 
 
-def gmm_split(scores, threshold, seed):
+GMM_FIT_MAX = 2_000_000  # the split is fitted on at most this many cosines (a seeded sample beyond)
+
+
+def gmm_split(scores, threshold, seed, max_fit=GMM_FIT_MAX):
     """Paper A: a 2-component GMM on the pair cosines; P(clean) = posterior of the higher-mean component.
     Beyond paper A: when the scores do not show two populations (gmm.two_populations: BIC, separation, clean
     weight), nothing is split: every pair is kept with P(clean) = 1 and stats say why.
+    Above `max_fit` pairs (web-scale scoring) the mixture is fitted on a seeded random sample of `max_fit`
+    (2M points pin the means and variances far below the differences that matter) and every pair gets its
+    P(clean) from that fit, in chunks; the stats (BIC, separation) are the sample's, `n_fit` says its size.
     Returns ((P(clean) (C,), kept (C,) bool, stats), the fitted mixture)."""
-    g = GaussianMixture(2, seed=seed).fit(scores)
+    scores = torch.as_tensor(scores, dtype=torch.float32)
+    fit = scores
+    if len(scores) > max_fit:
+        fit = scores[torch.from_numpy(np.sort(np.random.default_rng(seed).choice(len(scores), max_fit,
+                                                                                 replace=False)))]
+    g = GaussianMixture(2, seed=seed).fit(fit)
     hi = int(g.means_.reshape(-1).argmax())
-    two, test = two_populations(g, scores)
+    two, test = two_populations(g, fit)
     stats = {"mu_clean": float(g.means_.reshape(-1)[hi]), "mu_noisy": float(g.means_.reshape(-1)[1 - hi]),
              "var_clean": float(g.variances_.reshape(-1)[hi]),
              "var_noisy": float(g.variances_.reshape(-1)[1 - hi]),
              "weight_clean": float(g.weights_[hi]), "converged": bool(g.converged_), "two_populations": two,
-             "separation": test["separation"], "bic_1": test["bic_1"], "bic_2": test["bic_2"]}
+             "separation": test["separation"], "bic_1": test["bic_1"], "bic_2": test["bic_2"],
+             "n_fit": len(fit)}
     if not two:
         stats["one_population"] = test["reason"]
         return (torch.ones(len(scores)), torch.ones(len(scores), dtype=torch.bool), stats), g
-    p = clean_probability(g, scores)
-    return (p.float(), p > threshold, stats), g
+    p = torch.cat([clean_probability(g, scores[i:i + (1 << 20)]).float()
+                   for i in range(0, len(scores), 1 << 20)])
+    return (p, p > threshold, stats), g
 
 
 def image_batch(images, idx):
@@ -4209,28 +4222,6 @@ def evaluate_command(cfg: EvalCommandConfig):
     return m
 
 
-GMM_FIT_MAX = 2_000_000  # score fits the split on at most this many cosines (a seeded sample beyond)
-
-
-def gmm_split_sampled(scores, threshold, seed, max_fit=GMM_FIT_MAX, chunk=1 << 20):
-    """gmm_split for any number of pairs: fitted on all the scores up to `max_fit`, else on a seeded random
-    sample of `max_fit` of them (2M points pin the two components' means and variances far below the score
-    differences that matter; EM on 100M points would cost minutes for nothing), then P(clean) of every pair
-    from the fitted mixture (gmm.clean_probability, in chunks). The fit's stats (BIC, separation) are those of
-    the sample. Returns (P(clean) (C,) float32, kept (C,) bool, stats with n_fit)."""
-    scores = torch.as_tensor(scores, dtype=torch.float32)
-    if len(scores) <= max_fit:
-        (p, kept, stats), _ = gmm_split(scores, threshold, seed)
-        return p.float(), kept, {**stats, "n_fit": len(scores)}
-    idx = np.sort(np.random.default_rng(seed).choice(len(scores), max_fit, replace=False))
-    (_, _, stats), g = gmm_split(scores[torch.from_numpy(idx)], threshold, seed)
-    stats = {**stats, "n_fit": max_fit}
-    if not stats["two_populations"]:
-        return torch.ones(len(scores)), torch.ones(len(scores), dtype=torch.bool), stats
-    p = torch.cat([clean_probability(g, scores[i:i + chunk]).float() for i in range(0, len(scores), chunk)])
-    return p, p > threshold, stats
-
-
 def _stream_samples(cfg):
     """(function returning a fresh iterator of (record, why skipped), pair count or None) for score's
     streamed `--data`, after refusing what a stream cannot do."""
@@ -4315,7 +4306,7 @@ def score_streamed(cfg, model, tokenizer, preprocess, device, log=print):
         if len(scores) < 2:
             raise ValueError(f"{cfg.data} holds {len(scores)} complete pairs (skipped: {skipped or 'none'}); "
                              f"the split needs at least 2")
-        p_clean, kept, stats = gmm_split_sampled(scores, cfg.threshold, cfg.seed)
+        (p_clean, kept, stats), _ = gmm_split(scores, cfg.threshold, cfg.seed)
         p_clean, kept = p_clean.numpy(), kept.numpy()
         with open(pairs_file, encoding="utf-8") as src, open(outs[0][1], "w", newline="",
                                                               encoding="utf-8") as out:
