@@ -15,11 +15,13 @@ Shapes: B batch, L tokens, P patches, S image side, D width, E embedding, H head
 C captions.
 """
 import argparse
+import array
 import csv
 import functools
 import gc
 import gzip
 import hashlib
+import heapq
 import html
 import html.entities
 import io
@@ -1175,11 +1177,11 @@ def write_safetensors(tensors, path, metadata=None):
                                    [f.write(b) for b in blobs]))
 
 
-def _tmp_next_to(path, tag=""):
-    """A hidden temp path next to `path` (same file system: os.replace is atomic), unique to this process;
-    a killed run's leftovers match `.*.tmp[0-9]*`, which a new run in that folder removes."""
+def _tmp_next_to(path, tag="", pid=None):
+    """A hidden temp path next to `path` (same file system: os.replace is atomic), unique to this process (or
+    to process `pid`); a killed run's leftovers match `.*.tmp[0-9]*`, which a new run in that folder removes."""
     path = Path(path)
-    return path.with_name(f".{path.name}{'.' + tag if tag else ''}.tmp{os.getpid()}")
+    return path.with_name(f".{path.name}{'.' + tag if tag else ''}.tmp{pid or os.getpid()}")
 
 
 def _atomic_write(path, write):
@@ -2814,10 +2816,14 @@ def _tar_sample(shard, key, members):
             "data": img[1]}, None
 
 
-def iter_tar_samples(shards):
+def iter_tar_samples(shards, part=0, parts=1):
     """Samples of WebDataset tar shards, read with tarfile's streaming mode ("r|*": no seeks, compressed tars
-    too) -> yields (record or None, why skipped). Members of one sample are consecutive and share a key."""
-    for shard in shards:
+    too) -> yields (shard index, record or None, why skipped). Members of one sample are consecutive and share
+    a key. With `parts` readers (ranks x decode workers), reader `part` opens only the shards j with
+    j % parts == part."""
+    for j, shard in enumerate(shards):
+        if j % parts != part:
+            continue
         key, members = None, {}
         with tarfile.open(shard, "r|*") as tf:
             for m in tf:
@@ -2825,12 +2831,12 @@ def iter_tar_samples(shards):
                     continue
                 k, ext = _tar_key(m.name)
                 if k != key and members:
-                    yield _tar_sample(shard, key, members)
+                    yield (j, *_tar_sample(shard, key, members))
                     members = {}
                 key = k
                 members[ext] = (m.name, tf.extractfile(m).read())
         if members:
-            yield _tar_sample(shard, key, members)
+            yield (j, *_tar_sample(shard, key, members))
 
 
 def iter_table_samples(path, split, image_root=None, image_key="image", caption_key="caption"):
@@ -2869,6 +2875,14 @@ def count_table_samples(path, split):
     return sum(1 for _, r in _table_records(Path(path)) if r.get("split", split) == split)
 
 
+def table_units(samples, block, part=0, parts=1):
+    """A table's samples as units of `block` consecutive rows, dealt round robin to `parts` readers -> yields
+    (unit, record, None) for reader `part`'s units (each reader parses every row, cheap next to decoding)."""
+    for i, (rec, why) in enumerate(samples()):
+        if (i // block) % parts == part:
+            yield i // block, rec, why
+
+
 def _decode_bytes(data, preprocess):
     """Image bytes -> uint8 (3, S, S) (raises what PIL raises on a bad image)."""
     with Image.open(io.BytesIO(data)) as img:
@@ -2876,56 +2890,74 @@ def _decode_bytes(data, preprocess):
 
 
 class StreamBlocks(torch.utils.data.IterableDataset):
-    """Blocks of up to `block` decoded pairs, in input order: (metas, images uint8 (B, 3, S, S), errors,
-    skipped). `samples()` (a function returning a fresh iterator of (record, why skipped)) is read in full by
-    every DataLoader worker, each decoding only the blocks b with b % workers == its id, so that the
-    DataLoader's round-robin returns blocks in input order. `skipped` counts the samples skipped since the
-    previous block (a last block may hold only skips); metas are the records without their image bytes;
-    errors[i] is "" or why image i could not be decoded (its image is then zeros)."""
+    """Decoded blocks of a stream read by `world` ranks x `workers` decode workers. `samples(part, parts)`
+    yields (unit, record or None, why skipped) for reader `part`'s units only (a tar shard, or a run of table
+    rows), units in input order. Yields (part, unit, metas, images uint8 (B, 3, S, S), errors, skipped): up to
+    `block` pairs of one unit; `skipped` counts the samples skipped since the previous block (a last block
+    may hold only skips); metas are the records (JSON) without their image bytes; errors[i] is "" or why image
+    i could not be decoded (its image is then zeros). The order of input is restored from the units
+    (merge_parts)."""
 
-    def __init__(self, samples, preprocess, block):
+    def __init__(self, samples, preprocess, block, rank=0, world=1, workers=1):
         super().__init__()
         self.samples, self.preprocess, self.block = samples, preprocess, block
+        self.rank, self.world, self.workers = rank, world, workers
 
-    def _blocks(self):
-        recs, skipped = [], Counter()
-        for rec, why in self.samples():
+    def _blocks(self, part, parts):
+        unit, recs, skipped = None, [], Counter()
+        for u, rec, why in self.samples(part, parts):
+            if recs and (u != unit or len(recs) == self.block):
+                yield unit, recs, skipped
+                recs, skipped = [], Counter()
+            unit = u
             if rec is None:
                 skipped[why] += 1
-                continue
-            recs.append(rec)
-            if len(recs) == self.block:
-                yield recs, skipped
-                recs, skipped = [], Counter()
+            else:
+                recs.append(rec)
         if recs or skipped:
-            yield recs, skipped
+            yield unit, recs, skipped
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
-        wid, n = (info.id, info.num_workers) if info is not None else (0, 1)
+        part = self.rank * self.workers + (info.id if info is not None else 0)
         S = self.preprocess.size
-        for b, (recs, skipped) in enumerate(self._blocks()):
-            if b % n != wid:
-                continue
+        for unit, recs, skipped in self._blocks(part, self.world * self.workers):
             images, errors = torch.zeros(len(recs), 3, S, S, dtype=torch.uint8), []
             for i, rec in enumerate(recs):
+                data = rec.pop("data", None)
                 try:
-                    data = rec.pop("data", None)
                     images[i] = (_decode_bytes(data, self.preprocess) if data is not None
                                  else decode_image(rec["image"], self.preprocess))
                     errors.append("")
                 except (OSError, ValueError, Image.DecompressionBombError) as e:
                     errors.append(f"cannot read image {rec['image']}: {e.__cause__ or e}")
-                rec.pop("data", None)
-            yield json.dumps(recs), images, errors, dict(skipped)
+            yield part, unit, json.dumps(recs), images, errors, dict(skipped)
 
 
-def stream_blocks(samples, preprocess, block, workers=0):
-    """Iterator over StreamBlocks' blocks: decoded in `workers` processes (0: here), in input order."""
-    ds = StreamBlocks(samples, preprocess, block)
+def stream_blocks(samples, preprocess, block, workers=0, rank=0, world=1):
+    """Iterator over StreamBlocks' blocks for this rank: decoded in `workers` processes (0: here)."""
+    ds = StreamBlocks(samples, preprocess, block, rank, world, max(workers, 1))
     if workers == 0:
         return iter(ds)
     return iter(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers))
+
+
+def merge_parts(part_files, out_file):
+    """The readers' part files (JSON lines [unit, cosine, ...], units increasing in each file, each unit in
+    one file) merged into input order in `out_file` (the lines without their unit) -> the cosines (C,)
+    float32. Memory: one line per part, and 4 bytes per pair."""
+    files = [open(p, encoding="utf-8") for p in part_files]
+    cosines = array.array("f")
+    try:
+        with open(out_file, "w", encoding="utf-8") as out:
+            rows = [(json.loads(line) for line in f) for f in files]
+            for row in heapq.merge(*rows, key=lambda row: row[0]):
+                cosines.append(row[1])
+                out.write(json.dumps(row[1:]) + "\n")
+    finally:
+        for f in files:
+            f.close()
+    return np.frombuffer(cosines, dtype=np.float32).copy()
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -4201,16 +4233,21 @@ def load_split(cfg, preprocess):
 
 def _command_model(cfg):
     """The model eval and score run: anything `train --pretrained` (or --image_tower/--text_tower) takes."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError("eval and score run in one process; drop torchrun")
     if not (cfg.pretrained or cfg.image_tower):
         raise ValueError("give the model to use: a robustitm checkpoint, CLIP weights (as train --pretrained "
                          "takes), or --image_tower with --text_tower")
     return build_model(cfg, None)
 
 
+def _refuse_torchrun(what):
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError(f"{what} runs in one process; drop torchrun (score divides streamed input, tar "
+                         f"shards or CSV/TSV/JSONL tables, among torchrun's ranks)")
+
+
 def evaluate_command(cfg: EvalCommandConfig):
     """A model + data -> the SCAN-style recall table (and the metrics as JSON with cfg.output)."""
+    _refuse_torchrun("eval")
     if cfg.output:
         _refuse_overwrite(cfg.output)
     device = _device(cfg.device)
@@ -4222,9 +4259,13 @@ def evaluate_command(cfg: EvalCommandConfig):
     return m
 
 
+SCORE_FIT_MAX = 250_000  # score fits the split on a seeded sample of this many cosines when it has more
+
+
 def _stream_samples(cfg):
-    """(function returning a fresh iterator of (record, why skipped), pair count or None) for score's
-    streamed `--data`, after refusing what a stream cannot do."""
+    """(samples(part, parts) -> iterator of (unit, record, why skipped), pair count or None) for score's
+    streamed `--data`, after refusing what a stream cannot do. Units: tar shards, or runs of
+    --embed_batch_size table rows."""
     if cfg.noise_ratio > 0 or cfg.noise_file:
         raise ValueError(f"--noise_ratio/--noise_file pair captions with random images of the whole set, "
                          f"which a streamed input ({cfg.data}) never holds; drop them, or score a "
@@ -4234,79 +4275,115 @@ def _stream_samples(cfg):
         if cfg.split != "train":
             raise ValueError(f"tar shards have no splits; drop --split {cfg.split} "
                              f"(each --data is one split)")
-        return (lambda: iter_tar_samples(shards)), None
+        return functools.partial(iter_tar_samples, shards), None
     path = Path(cfg.data)
-    samples = functools.partial(iter_table_samples, path, cfg.split, cfg.image_root, cfg.image_key,
-                                cfg.caption_key)
-    return samples, count_table_samples(path, cfg.split)
+    rows = functools.partial(iter_table_samples, path, cfg.split, cfg.image_root, cfg.image_key,
+                             cfg.caption_key)
+    return functools.partial(table_units, rows, cfg.embed_batch_size), count_table_samples(path, cfg.split)
 
 
-def stream_scores(cfg, model, tokenizer, preprocess, device, pairs_file, log=print):
-    """The streaming pass: blocks of --embed_batch_size pairs decoded by --workers processes, embedded, and
-    written as JSON lines [cosine, key, image, caption, fields] to `pairs_file`; only the float32 cosines
-    stay in memory. Returns (cosines (C,) float32, {why: skipped samples})."""
+def _all_ranks(value, world):
+    """Every rank's `value` (a small picklable object), in rank order."""
+    if world == 1:
+        return [value]
+    out = [None] * world
+    torch.distributed.all_gather_object(out, value)
+    return out
+
+
+def stream_scores(cfg, model, tokenizer, preprocess, device, part_file, rank=0, world=1, log=print):
+    """This rank's share of the streaming pass: blocks of --embed_batch_size pairs decoded by --workers
+    processes, embedded, and written as JSON lines [unit, cosine, key, image, caption, fields] to
+    `part_file(part)`, one file per reader (rank x worker). Returns {why: skipped samples}."""
     samples, total = _stream_samples(cfg)
-    was_training, chunks, skipped, done = model.training, [], Counter(), 0
+    was_training, files, skipped, done = model.training, {}, Counter(), 0
+    total = total and -(-total // world)
     model.eval()
     t0 = last = time.time()
     try:
-        with open(pairs_file, "w", encoding="utf-8") as f:
-            for metas, images, errors, skips in stream_blocks(samples, preprocess, cfg.embed_batch_size,
-                                                              cfg.workers):
-                skipped.update(skips)
-                recs = json.loads(metas)
-                bad = [e for e in errors if e]
-                if bad and not cfg.skip_bad_images:
-                    raise ValueError(f"{bad[0]}. Fix or remove it, or pass --skip_bad_images "
-                                     f"to skip such pairs ({len(bad)} in this batch)")
-                if bad:
-                    good = [i for i, e in enumerate(errors) if not e]
-                    skipped["bad image"] += len(bad)
-                    recs, images = [recs[i] for i in good], images[good]
-                if not recs:
-                    continue
-                v = embed_images(model, ImageSet(array=images.numpy()), preprocess, len(recs), device)
-                t = embed_captions(model, tokenizer, [r["caption"] for r in recs], len(recs), device)
-                cos = (v * t).sum(1).cpu().numpy()  # (B,) float32
-                for r, c in zip(recs, cos.tolist()):
-                    f.write(json.dumps([c, r["key"], r["image"], r["caption"], r["fields"]]) + "\n")
-                chunks.append(cos)
-                done += len(recs)
-                if time.time() - last > 10:
-                    last, rate = time.time(), done / (time.time() - t0)
-                    eta = f", eta {(total - done) / max(rate, 1e-9):.0f} s" if total else ""
-                    log(f"scored {done}{f'/{total}' if total else ''} pairs, {rate:.0f} pairs/s{eta}")
+        for part, unit, metas, images, errors, skips in stream_blocks(
+                samples, preprocess, cfg.embed_batch_size, cfg.workers, rank, world):
+            skipped.update(skips)
+            recs = json.loads(metas)
+            bad = [e for e in errors if e]
+            if bad and not cfg.skip_bad_images:
+                raise ValueError(f"{bad[0]}. Fix or remove it, or pass --skip_bad_images "
+                                 f"to skip such pairs ({len(bad)} in this batch)")
+            if bad:
+                good = [i for i, e in enumerate(errors) if not e]
+                skipped["bad image"] += len(bad)
+                recs, images = [recs[i] for i in good], images[good]
+            if not recs:
+                continue
+            v = embed_images(model, ImageSet(array=images.numpy()), preprocess, len(recs), device)
+            t = embed_captions(model, tokenizer, [r["caption"] for r in recs], len(recs), device)
+            cos = (v * t).sum(1).cpu().tolist()  # (B,) float32 values
+            if part not in files:
+                files[part] = open(part_file(part), "w", encoding="utf-8")
+            for r, c in zip(recs, cos):
+                files[part].write(json.dumps([unit, c, r["key"], r["image"], r["caption"], r["fields"]]) + "\n")
+            done += len(recs)
+            if time.time() - last > 10:
+                last, rate = time.time(), done / (time.time() - t0)
+                eta = f", eta {(total - done) / max(rate, 1e-9):.0f} s" if total else ""
+                who = f"rank {rank}: " if world > 1 else ""
+                log(f"{who}scored {done}{f'/{total}' if total else ''} pairs, {rate:.0f} pairs/s{eta}")
     finally:
         model.train(was_training)
-    log(f"scored {done} pairs in {time.time() - t0:.1f} s"
+        for f in files.values():
+            f.close()
+    log(f"{f'rank {rank}: ' if world > 1 else ''}scored {done} pairs in {time.time() - t0:.1f} s"
         + (f"; skipped {sum(skipped.values())} samples ({', '.join(f'{k}: {v}' for k, v in skipped.items())})"
            if skipped else ""))
-    return (np.concatenate(chunks) if chunks else np.zeros(0, np.float32)), dict(skipped)
+    return dict(skipped)
 
 
-def score_streamed(cfg, model, tokenizer, preprocess, device, log=print):
+def score_streamed(cfg, model, tokenizer, preprocess, device, rank=0, world=1, log=print):
     """score_command for streamed input (tar shards, CSV/TSV/JSONL tables): memory bounded by one batch plus
-    4 bytes per pair (the cosines; 9 bytes while writing). Writes --output (score's CSV columns, with
-    caption_index = image_index = the pair's row number among the pairs scored, plus `key`: the tar key or
-    the image path) and --export_clean (JSONL: every input field of the kept pairs; `image` absolute, or for
-    tar input "shard.tar#member", which load_pairs cannot read back; for tar input the kept samples are also
-    copied into a new shard, the JSONL's name with .tar), each atomically. --cache_dir is not used: each image
-    is decoded once anyway.
-    Returns score_command's summary plus {"pairs", "skipped"}."""
+    4 bytes per pair (the cosines; 9 bytes while writing). Under torchrun the units (tar shards, runs of
+    table rows) are dealt to the ranks and their decode workers; rank 0 merges the part files in input order,
+    so the output is the same as one process's. Writes --output (score's CSV columns, with caption_index =
+    image_index = the pair's row number among the pairs scored, plus `key`: the tar key or the image path) and
+    --export_clean (JSONL: every input field of the kept pairs; `image` absolute, or for tar input
+    "shard.tar#member", which load_pairs cannot read back; for tar input the kept samples are also copied into
+    a new shard, the JSONL's name with .tar), each atomically. --cache_dir is not used: each image is decoded
+    once anyway. Returns score_command's summary plus {"pairs", "skipped"} (None on ranks other than 0)."""
     shards = tar_shards(cfg.data)
     clean_tar = Path(cfg.export_clean).with_suffix(".tar") if cfg.export_clean and shards else None
     if clean_tar:
         _refuse_overwrite(clean_tar)
-    pairs_file = _tmp_next_to(cfg.output, "pairs")
-    outs = [(cfg.output, _tmp_next_to(cfg.output, "csv"))]
+    pid = _all_ranks(os.getpid(), world)[0]  # rank 0's temp names, known to every rank
+    pairs_file = _tmp_next_to(cfg.output, "pairs", pid)
+    parts = world * max(cfg.workers, 1)
+    part_files = [_tmp_next_to(cfg.output, f"part{p}", pid) for p in range(parts)]
+    if shards is not None and len(shards) < parts and rank == 0:
+        log(f"{len(shards)} tar shards for {parts} readers (ranks x workers): {parts - len(shards)} idle")
+    outs = [(cfg.output, _tmp_next_to(cfg.output, "csv", pid))]
     if cfg.export_clean:
-        outs.append((cfg.export_clean, _tmp_next_to(cfg.export_clean, "jsonl")))
+        outs.append((cfg.export_clean, _tmp_next_to(cfg.export_clean, "jsonl", pid)))
+    error = None
     try:
-        scores, skipped = stream_scores(cfg, model, tokenizer, preprocess, device, pairs_file, log)
+        skipped = stream_scores(cfg, model, tokenizer, preprocess, device, part_files.__getitem__, rank,
+                                world, log)
+    except Exception as e:  # every rank must reach the exchange below, or the others would wait forever
+        error, skipped = e, {}
+    results = _all_ranks((str(error) if error else None, skipped), world)
+    failed = [(r, e) for r, (e, _) in enumerate(results) if e]
+    if failed:
+        for path in part_files:
+            path.unlink(missing_ok=True)
+        if error is not None:
+            raise error
+        raise ValueError(f"rank {failed[0][0]} failed: {failed[0][1]}")
+    if rank != 0:
+        return None
+    skipped = dict(sum((Counter(s) for _, s in results), Counter()))
+    try:
+        scores = merge_parts([p for p in part_files if p.exists()], pairs_file)
         if len(scores) < 2:
             raise ValueError(f"{cfg.data} holds {len(scores)} complete pairs (skipped: {skipped or 'none'}); "
                              f"the split needs at least 2")
-        (p_clean, kept, stats), _ = gmm_split(scores, cfg.threshold, cfg.seed)
+        (p_clean, kept, stats), _ = gmm_split(scores, cfg.threshold, cfg.seed, max_fit=SCORE_FIT_MAX)
         p_clean, kept = p_clean.numpy(), kept.numpy()
         with open(pairs_file, encoding="utf-8") as src, open(outs[0][1], "w", newline="",
                                                               encoding="utf-8") as out:
@@ -4325,7 +4402,7 @@ def score_streamed(cfg, model, tokenizer, preprocess, device, log=print):
         for final, tmp in outs:
             os.replace(tmp, final)
     finally:
-        for path in [pairs_file] + [tmp for _, tmp in outs]:
+        for path in [pairs_file, *part_files] + [tmp for _, tmp in outs]:
             Path(path).unlink(missing_ok=True)
     _report_split(cfg, kept, stats)
     if clean_tar:
@@ -4345,7 +4422,7 @@ def export_clean_tar(shards, clean_jsonl, out_tar):
         with open(clean_jsonl, encoding="utf-8") as f, tarfile.open(tmp, "w") as out:
             want = (json.loads(line) for line in f)
             nxt = next(want, None)
-            for rec, _ in iter_tar_samples(shards):
+            for _, rec, _ in iter_tar_samples(shards):
                 if nxt is None:
                     break
                 if rec is None or rec["image"] != nxt["image"]:
@@ -4379,10 +4456,17 @@ def score_command(cfg: ScoreCommandConfig):
     for path in (cfg.output, cfg.export_clean):  # every output checked before any is written
         if path:
             _refuse_overwrite(path)
+    if is_streamed(cfg.data):  # tar shards and tables: one batch in memory at a time, shared out by torchrun
+        model, tokenizer, preprocess = _command_model(cfg)
+        rank, world, device = _distributed(cfg)
+        try:
+            return score_streamed(cfg, model.to(device), tokenizer, preprocess, device, rank, world)
+        finally:
+            if world > 1:
+                torch.distributed.destroy_process_group()
+    _refuse_torchrun("score on input read into memory")
     device = _device(cfg.device)
     model, tokenizer, preprocess = _command_model(cfg)
-    if is_streamed(cfg.data):  # tar shards and tables: one batch in memory at a time
-        return score_streamed(cfg, model.to(device), tokenizer, preprocess, device)
     pairs = load_split(cfg, preprocess)
     if cfg.export_clean and pairs.images.paths is None:
         raise ValueError("--export_clean writes image paths, but these images are not files "
@@ -4399,7 +4483,7 @@ def score_command(cfg: ScoreCommandConfig):
                        cfg.embed_batch_size, device, workers=cfg.workers)
     v = v[torch.as_tensor(assigned, device=v.device)]  # (C, E) the image each caption is paired with
     scores = (v * t).sum(1).float().cpu()  # (C,) cosine of each pair
-    (p_clean, kept, stats), _ = gmm_split(scores, cfg.threshold, cfg.seed)
+    (p_clean, kept, stats), _ = gmm_split(scores, cfg.threshold, cfg.seed, max_fit=SCORE_FIT_MAX)
     rows = ([c, int(assigned[c]), pairs.captions[c], f"{scores[c]:.6f}", f"{p_clean[c]:.6f}", int(kept[c])]
             for c in range(len(scores)))
     with open(cfg.output, "w", newline="") as f:

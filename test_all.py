@@ -3159,6 +3159,49 @@ def test_score_stream_refuses_what_a_stream_cannot_do(stream_setup, tmp_path):
         R.main(base + ["--data", str(nosplit), "--output", str(tmp_path / "e.csv")])
 
 
+def test_score_two_processes_write_the_one_process_files(stream_setup, tmp_path):
+    """torchrun with 2 CPU processes (gloo): the tar shards (3; with 2 decode workers each, 4 readers) and the
+    table's runs of rows are dealt out, and rank 0's merge writes the same CSV and clean JSONL, byte for
+    byte, as one process; each reader opens only its own shards; a bad image on rank 1 stops both ranks with
+    its message (no hang, no output)."""
+    import subprocess
+    import sys
+    _, ckpt, _, captions, paths = stream_setup
+    pattern = _write_shards(tmp_path / "shards", captions, paths)
+    table = tmp_path / "pairs.jsonl"
+    table.write_text("".join(json.dumps({"image": p, "caption": c, "n": k}) + "\n"
+                             for k, (p, c) in enumerate(zip(paths, captions))))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def score(nproc, data, name, *flags):
+        out = tmp_path / f"{name}{nproc}"
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               f"--master_port={_free_port()}", R.__file__, "score", ckpt, "--data", data, "--device", "cpu",
+               "--output", f"{out}.csv", "--export_clean", f"{out}.jsonl", *flags]
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+    for data, name, flags in ((pattern, "tar", ["--workers", "2", "--embed_batch_size", "7"]),
+                              (str(table), "table", ["--workers", "0", "--embed_batch_size", "16"])):
+        for nproc in (1, 2):
+            run = score(nproc, data, name, *flags)
+            assert run.returncode == 0, run.stderr[-4000:]
+        for ext in ("csv", "jsonl"):
+            one, two = ((tmp_path / f"{name}{n}.{ext}").read_bytes() for n in (1, 2))
+            assert one == two and len(one.splitlines()) > 10, (name, ext)
+    assert (tmp_path / "tar1.tar").read_bytes() == (tmp_path / "tar2.tar").read_bytes()
+    shards = R.tar_shards(pattern)
+    assert {j for j, _, _ in R.iter_tar_samples(shards, part=1, parts=2)} == {1}
+    assert [r["key"] for _, r, _ in R.iter_tar_samples(shards, part=1, parts=2) if r] == \
+        [r["key"] for j, r, _ in R.iter_tar_samples(shards) if r and j == 1]
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    rows = table.read_text().splitlines()
+    rows[20] = json.dumps({"image": str(tmp_path / "bad.png"), "caption": "broken"})  # rows 16-31: rank 1
+    table.write_text("\n".join(rows) + "\n")
+    run = score(2, str(table), "bad", "--workers", "0", "--embed_batch_size", "16")
+    assert run.returncode != 0 and "bad.png" in run.stderr and "rank 1 failed" in run.stderr
+    assert not list(tmp_path.glob("bad2*")) and not list(tmp_path.glob(".*tmp*"))
+
+
 def test_stream_brace_expansion_and_large_gmm_split():
     """Shard patterns expand as WebDataset's do; gmm_split fits a sample above max_fit and gives every pair
     its P(clean) from that fit (the same split as the full fit)."""
