@@ -34,7 +34,6 @@ import re
 import struct
 import sys
 import tarfile
-import textwrap
 import time
 import unicodedata
 import warnings
@@ -48,7 +47,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from gmm import GaussianMixture, clean_probability, kmeans, two_populations
 from losses import MARGIN_SCHEDULES, dynamic_margin, info_nce, triplet_ranking_loss, unimodal_info_nce
@@ -1178,8 +1177,9 @@ def write_safetensors(tensors, path, metadata=None):
 
 
 def _tmp_next_to(path, tag="", pid=None):
-    """A hidden temp path next to `path` (same file system: os.replace is atomic), unique to this process (or
-    to process `pid`); a killed run's leftovers match `.*.tmp[0-9]*`, which a new run in that folder removes."""
+    """A hidden temp path next to `path` (same file system: os.replace is atomic), unique to this process
+    (or to process `pid`); a killed run's leftovers match `.*.tmp[0-9]*`, which a new run in that folder
+    removes."""
     path = Path(path)
     return path.with_name(f".{path.name}{'.' + tag if tag else ''}.tmp{pid or os.getpid()}")
 
@@ -4320,8 +4320,8 @@ def stream_scores(cfg, model, tokenizer, preprocess, device, part_file, rank=0, 
             cos = (v * t).sum(1).cpu().tolist()  # (B,) float32 values
             if part not in files:
                 files[part] = open(part_file(part), "w", encoding="utf-8")
-            for r, c in zip(recs, cos):
-                files[part].write(json.dumps([unit, c, r["key"], r["image"], r["caption"], r["fields"]]) + "\n")
+            rows = ([unit, c, r["key"], r["image"], r["caption"], r["fields"]] for r, c in zip(recs, cos))
+            files[part].writelines(json.dumps(row) + "\n" for row in rows)
             done += len(recs)
             if time.time() - last > 10:
                 last, rate = time.time(), done / (time.time() - t0)

@@ -884,7 +884,8 @@ def test_model_sentence_transformers_text_tower(tmp_path, layout, pool):
     """A sentence-transformers folder: modules.json, the BERT files in 0_Transformer/ (or at the top) and
     1_Pooling/config.json, whose mode sets the pooling."""
     import shutil
-    bert, vit = _bert_dir(tmp_path), _vit_dir(tmp_path, "vit")
+    bert = _bert_dir(tmp_path)
+    _vit_dir(tmp_path, "vit")
     st = tmp_path / "st"
     shutil.copytree(tmp_path / "bert", st / layout)
     modules = [{"idx": i, "name": str(i), "path": p, "type": f"sentence_transformers.models.{kind}"}
