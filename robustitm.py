@@ -1967,26 +1967,19 @@ class Pairs:
 
     def __post_init__(self):
         self.img_of_cap = np.asarray(self.img_of_cap, dtype=np.int64)
-        assert self.img_of_cap.shape == (len(self.captions),), \
-            f"{self.img_of_cap.shape} vs {len(self.captions)}"
-        assert self.extras is None or len(self.extras) == len(self.captions), \
-            f"{len(self.extras)} extras vs {len(self.captions)} captions"
-        assert len(self.captions) == 0 \
-            or 0 <= self.img_of_cap.min() <= self.img_of_cap.max() < len(self.images)
+        C = len(self.captions)
+        assert self.img_of_cap.shape == (C,), f"{self.img_of_cap.shape} vs {C}"
+        assert self.extras is None or len(self.extras) == C, f"{len(self.extras)} extras vs {C} captions"
+        assert C == 0 or 0 <= self.img_of_cap.min() <= self.img_of_cap.max() < len(self.images)
 
 
-class _Decode(torch.utils.data.Dataset):
-    """Decode worker: (index, uint8 image or zeros, error message or ''), so bad files are collected."""
-
-    def __init__(self, paths, preprocess):
-        self.paths, self.preprocess = paths, preprocess
-
-    def __len__(self):
-        return len(self.paths)
+class _Decode(ImageSet):
+    """The decode workers' image files: (index, uint8 image or zeros, error message or ''), so that bad files
+    are collected, not fatal."""
 
     def __getitem__(self, i):
         try:
-            return i, decode_image(self.paths[i], self.preprocess), ""
+            return i, super().__getitem__(i), ""
         except ValueError as e:
             S = self.preprocess.size
             return i, torch.zeros(3, S, S, dtype=torch.uint8), str(e.__cause__ or e)
@@ -2014,7 +2007,7 @@ def cache_images(paths, preprocess, cache_dir, num_workers=0):
         print(f"caching {len(paths)} images at {S}px into {final} ...")
         try:
             arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), 3, S, S))
-            loader = torch.utils.data.DataLoader(_Decode(paths, preprocess), batch_size=64,
+            loader = torch.utils.data.DataLoader(_Decode(paths=paths, preprocess=preprocess), batch_size=64,
                                                  num_workers=num_workers)
             for idx, x, err in loader:
                 arr[idx.numpy()] = x.numpy()
