@@ -1992,8 +1992,7 @@ def _atomic_json(obj, path):
 def cache_images(paths, preprocess, cache_dir, num_workers=0):
     """Decode every image once into `cache_dir/images_{S}px_{key}.npy` (uint8 (N, 3, S, S), memory-mapped);
     -> (array, {row: error}). The key hashes the paths, their byte sizes and mtimes (an edited file gives a
-    new cache), S and the resize. Written to a temp file and renamed: an interrupted run leaves no half cache.
-    """
+    new cache), S and the resize. Written to a temp file and renamed: a killed run leaves no half cache."""
     S, R = preprocess.size, preprocess.resize
     h = hashlib.sha1((str(S) if R == S else f"{S},{R}").encode())  # a key without R: as before resize existed
     for p in paths:
