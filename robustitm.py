@@ -63,9 +63,10 @@ def _opt(default, help, **kw):
     return field(default=default, metadata={"help": help, **kw})
 
 
-def _check_concerns(cfg, cls):
-    """Runs the checks of every concern `cls` is made of (a dataclass calls only the first __post_init__)."""
-    for concern in cls.__mro__[1:]:
+def _check_concerns(cfg, cls=None):
+    """Runs the checks of every concern `cls` (default: cfg's class) is made of (a dataclass calls only the
+    first __post_init__). A command config without checks of its own takes it as its __post_init__."""
+    for concern in (cls or type(cfg)).__mro__[1:]:
         if "__post_init__" in vars(concern):
             concern.__post_init__(cfg)
 
@@ -286,9 +287,7 @@ class TrainConfig(OutputConfig, EvalConfig, OptimConfig, MethodConfig, SplitConf
 class EvalCommandConfig(EvalConfig, ModelSourceConfig, SystemConfig, DataConfig):
     split: str = _opt("test", "the split to rank")
     output: str = _opt(None, "also write the metrics as JSON here")
-
-    def __post_init__(self):
-        _check_concerns(self, EvalCommandConfig)
+    __post_init__ = _check_concerns
 
 
 @dataclass
@@ -296,9 +295,7 @@ class ScoreCommandConfig(SplitConfig, NoiseConfig, ModelSourceConfig, SystemConf
     split: str = _opt("train", "the split whose pairs are scored")
     output: str = _opt(None, "write the CSV (caption, image, cosine, P(clean), kept) here", required=True)
     export_clean: str = _opt(None, "also write the kept pairs as JSONL (image, caption)")
-
-    def __post_init__(self):
-        _check_concerns(self, ScoreCommandConfig)
+    __post_init__ = _check_concerns
 
 
 # The demo trains twice with TrainConfig; its flags are these fields, and where its defaults differ,
