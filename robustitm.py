@@ -64,9 +64,10 @@ def _opt(default, help, **kw):
     return field(default=default, metadata={"help": help, **kw})
 
 
-def _check_concerns(cfg, cls):
-    """Runs the checks of every concern `cls` is made of (a dataclass calls only the first __post_init__)."""
-    for concern in cls.__mro__[1:]:
+def _check_concerns(cfg, cls=None):
+    """Runs the checks of every concern `cls` (default: cfg's class) is made of (a dataclass calls only the
+    first __post_init__). A command config without checks of its own takes it as its __post_init__."""
+    for concern in (cls or type(cfg)).__mro__[1:]:
         if "__post_init__" in vars(concern):
             concern.__post_init__(cfg)
 
@@ -287,9 +288,7 @@ class TrainConfig(OutputConfig, EvalConfig, OptimConfig, MethodConfig, SplitConf
 class EvalCommandConfig(EvalConfig, ModelSourceConfig, SystemConfig, DataConfig):
     split: str = _opt("test", "the split to rank")
     output: str = _opt(None, "also write the metrics as JSON here")
-
-    def __post_init__(self):
-        _check_concerns(self, EvalCommandConfig)
+    __post_init__ = _check_concerns
 
 
 @dataclass
@@ -297,9 +296,7 @@ class ScoreCommandConfig(SplitConfig, NoiseConfig, ModelSourceConfig, SystemConf
     split: str = _opt("train", "the split whose pairs are scored")
     output: str = _opt(None, "write the CSV (caption, image, cosine, P(clean), kept) here", required=True)
     export_clean: str = _opt(None, "also write the kept pairs as JSONL (image, caption)")
-
-    def __post_init__(self):
-        _check_concerns(self, ScoreCommandConfig)
+    __post_init__ = _check_concerns
 
 
 # The demo trains twice with TrainConfig; its flags are these fields, and where its defaults differ,
@@ -1863,9 +1860,8 @@ SPLITS = ("train", "val", "test")
 
 def _to_8bit(img: Image.Image) -> Image.Image:
     """16-bit, 32-bit integer and float grey images -> 8-bit "L", scaled (Pillow's convert("RGB") clips them,
-    so a 16-bit PNG would turn white). 16-bit: v / 257; "I": the same when it holds 16-bit values, else as is;
-    "F": [0, 1] -> [0, 255] when it lies in [0, 1], else clipped to [0, 255].
-    Other modes are returned unchanged."""
+    so a 16-bit PNG would turn white); other modes unchanged. "I" holding 8-bit values and "F" outside [0, 1]
+    are only clipped."""
     if not (img.mode.startswith("I") or img.mode == "F"):
         return img
     a = np.asarray(img, dtype=np.float64)
@@ -1878,13 +1874,9 @@ def _to_8bit(img: Image.Image) -> Image.Image:
 
 @dataclass(frozen=True)
 class Preprocess:
-    """CLIP eval preprocessing: shorter side to `resize` (default `size`; PIL bicubic), centre crop `size`,
-    RGB, then normalise.
-
-    Same order as open_clip's `image_transform(size, is_train=False)`: resize and crop in the image's own
-    mode, convert to RGB last (it matters for palette and RGBA images).
-    EXIF orientation is not applied (nor there).
-    """
+    """CLIP eval preprocessing in open_clip's `image_transform(size, is_train=False)` order: shorter side to
+    `resize` (PIL bicubic), centre crop `size`, both in the image's own mode, RGB last (it matters for palette
+    and RGBA images), then normalise. EXIF orientation is not applied (nor there)."""
     size: int = 224
     mean: tuple = CLIP_MEAN
     std: tuple = CLIP_STD
@@ -1916,8 +1908,7 @@ class Preprocess:
 
 
 def decode_image(path: str, preprocess: Preprocess) -> torch.Tensor:
-    """One image file -> uint8 (3, S, S);
-    a ValueError naming the file if it is missing or cannot be decoded."""
+    """One image file -> uint8 (3, S, S); a ValueError naming the file if it is missing or undecodable."""
     try:
         with Image.open(path) as img:
             return preprocess.to_uint8(img)
@@ -1975,27 +1966,19 @@ class Pairs:
 
     def __post_init__(self):
         self.img_of_cap = np.asarray(self.img_of_cap, dtype=np.int64)
-        assert self.img_of_cap.shape == (len(self.captions),), \
-            f"{self.img_of_cap.shape} vs {len(self.captions)}"
-        assert self.extras is None or len(self.extras) == len(self.captions), \
-            f"{len(self.extras)} extras vs {len(self.captions)} captions"
-        assert len(self.captions) == 0 \
-            or 0 <= self.img_of_cap.min() <= self.img_of_cap.max() < len(self.images)
+        C = len(self.captions)
+        assert self.img_of_cap.shape == (C,), f"{self.img_of_cap.shape} vs {C}"
+        assert self.extras is None or len(self.extras) == C, f"{len(self.extras)} extras vs {C} captions"
+        assert C == 0 or 0 <= self.img_of_cap.min() <= self.img_of_cap.max() < len(self.images)
 
 
-class _Decode(torch.utils.data.Dataset):
-    """Decode worker: (index, uint8 image or zeros, error message or '')
-    so bad files are collected, not fatal."""
-
-    def __init__(self, paths, preprocess):
-        self.paths, self.preprocess = paths, preprocess
-
-    def __len__(self):
-        return len(self.paths)
+class _Decode(ImageSet):
+    """The decode workers' image files: (index, uint8 image or zeros, error message or ''), so that bad files
+    are collected, not fatal."""
 
     def __getitem__(self, i):
         try:
-            return i, decode_image(self.paths[i], self.preprocess), ""
+            return i, super().__getitem__(i), ""
         except ValueError as e:
             S = self.preprocess.size
             return i, torch.zeros(3, S, S, dtype=torch.uint8), str(e.__cause__ or e)
@@ -2006,12 +1989,9 @@ def _atomic_json(obj, path):
 
 
 def cache_images(paths, preprocess, cache_dir, num_workers=0):
-    """Decode every image once into `cache_dir/images_{S}px_{key}.npy` (uint8 (N, 3, S, S), memory-mapped).
-
-    The key hashes the paths, their byte sizes and mtimes (an edited file gives a new cache), S and the
-    resize. Written to a temp file and renamed, so an interrupted run never leaves a half cache.
-    Returns (array, {row: error}).
-    """
+    """Decode every image once into `cache_dir/images_{S}px_{key}.npy` (uint8 (N, 3, S, S), memory-mapped);
+    -> (array, {row: error}). The key hashes the paths, their byte sizes and mtimes (an edited file gives a
+    new cache), S and the resize. Written to a temp file and renamed: a killed run leaves no half cache."""
     S, R = preprocess.size, preprocess.resize
     h = hashlib.sha1((str(S) if R == S else f"{S},{R}").encode())  # a key without R: as before resize existed
     for p in paths:
@@ -2025,7 +2005,7 @@ def cache_images(paths, preprocess, cache_dir, num_workers=0):
         print(f"caching {len(paths)} images at {S}px into {final} ...")
         try:
             arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), 3, S, S))
-            loader = torch.utils.data.DataLoader(_Decode(paths, preprocess), batch_size=64,
+            loader = torch.utils.data.DataLoader(_Decode(paths=paths, preprocess=preprocess), batch_size=64,
                                                  num_workers=num_workers)
             for idx, x, err in loader:
                 arr[idx.numpy()] = x.numpy()
@@ -2046,17 +2026,15 @@ def _build(name, paths, captions, img_of_cap, preprocess, cache_dir=None, skip_b
            skip_bad_captions=False, num_workers=0, source="", extras=None):
     """Raw lists -> Pairs: check captions and images, drop (and report) or refuse bad ones. `extras`: None
     or one dict per caption, dropped with its caption."""
-    caps, ioc = list(captions), np.asarray(img_of_cap, dtype=np.int64)
-    empty = [c for c, s in enumerate(caps) if not str(s).strip()]
-    if empty:
-        msg = (f"{len(empty)} of {len(caps)} captions in {source} (split '{name}') are empty, e.g. caption "
-               f"#{empty[0]} of image {paths[ioc[empty[0]]]}")
+    ioc = np.asarray(img_of_cap, dtype=np.int64)
+    filled = np.array([bool(str(s).strip()) for s in captions], dtype=bool)  # (C,) False: an empty caption
+    empty = np.flatnonzero(~filled)
+    if len(empty):
+        msg = (f"{len(empty)} of {len(captions)} captions in {source} (split '{name}') are empty, e.g. "
+               f"caption #{empty[0]} of image {paths[ioc[empty[0]]]}")
         if not skip_bad_captions:
             raise ValueError(msg + ". Fill them in, or pass skip_bad_captions=True to drop them.")
         warnings.warn(msg + "; dropped them.")
-        keep = np.setdiff1d(np.arange(len(caps)), empty)
-        caps, ioc = [caps[c] for c in keep], ioc[keep]
-        extras = None if extras is None else [extras[c] for c in keep]
     if cache_dir is not None:  # decodes everything once: finds truncated files too
         array, bad = cache_images(paths, preprocess, cache_dir, num_workers)
         images = ImageSet(array=array, paths=paths)
@@ -2075,29 +2053,27 @@ def _build(name, paths, captions, img_of_cap, preprocess, cache_dir=None, skip_b
         if not skip_bad_images:
             raise ValueError(msg + ". Check image_root, or pass skip_bad_images=True to drop these images "
                              "and their captions.")
-        warnings.warn(msg + f"; dropped them and their {int(np.isin(ioc, list(bad)).sum())} captions.")
-    has_cap = np.zeros(len(paths), dtype=bool)
-    has_cap[ioc] = True
-    no_cap = [i for i in np.flatnonzero(~has_cap) if i not in bad]
-    if no_cap:
+        n_caps = int(np.isin(ioc[filled], list(bad)).sum())
+        warnings.warn(msg + f"; dropped them and their {n_caps} captions.")
+    has_cap, usable = np.zeros(len(paths), dtype=bool), ~np.isin(np.arange(len(paths)), list(bad))
+    has_cap[ioc[filled]] = True
+    no_cap = np.flatnonzero(~has_cap & usable)
+    if len(no_cap):
         warnings.warn(f"{len(no_cap)} images of {source} (split '{name}') have no caption, e.g. "
                       f"{paths[no_cap[0]]}; dropped them (an image without captions cannot be ranked).")
-    keep = np.flatnonzero(has_cap & ~np.isin(np.arange(len(paths)), list(bad)))
-    new = np.full(len(paths), -1, dtype=np.int64)
+    keep = np.flatnonzero(has_cap & usable)
+    new = np.full(len(paths), -1, dtype=np.int64)  # old image index -> new, -1: dropped
     new[keep] = np.arange(len(keep))
-    cap_keep = new[ioc] >= 0
-    if extras is not None:
-        extras = [x for x, k in zip(extras, cap_keep) if k]
-    return Pairs(images.subset(keep), [c for c, k in zip(caps, cap_keep) if k], new[ioc[cap_keep]], name,
-                 extras=extras)
+    cap_keep = filled & (new[ioc] >= 0)
+    return Pairs(images.subset(keep), [c for c, k in zip(captions, cap_keep) if k], new[ioc[cap_keep]], name,
+                 extras=None if extras is None else [x for x, k in zip(extras, cap_keep) if k])
 
 
 def _group_rows(rows):
     """[(image path, caption, extras dict)] -> (unique paths in first-seen order, captions, img_of_cap,
     extras: one dict per caption, or None when every dict is empty)."""
-    index, ioc = {}, []
-    for p, _, _ in rows:
-        ioc.append(index.setdefault(p, len(index)))
+    index = {}
+    ioc = [index.setdefault(p, len(index)) for p, _, _ in rows]
     extras = [x for _, _, x in rows]
     return list(index), [c for _, c, _ in rows], ioc, (extras if any(extras) else None)
 
@@ -2120,10 +2096,8 @@ def _text(value, where):
 
 def read_karpathy(d, root, max_captions=5):
     """Karpathy split JSON (parsed) -> {split: (paths, captions, img_of_cap)}; `restval` joins train.
-
     Layout: {"images": [{"filename", "filepath" (COCO only), "split", "sentences": [{"raw"}]}]};
-    image = root / filepath / filename. The first `max_captions` (5) sentences are kept, as the field does.
-    """
+    image = root / filepath / filename. The first `max_captions` (5) sentences are kept, as the field does."""
     raw = {}
     for k, im in enumerate(d["images"]):
         name = im.get("filename", "no filename") if isinstance(im, dict) else repr(im)[:40]
@@ -2142,9 +2116,7 @@ def read_karpathy(d, root, max_captions=5):
 
 def read_coco(d, root, split, max_captions=5):
     """COCO captions JSON (parsed; `images[].id/file_name`, `annotations[].image_id/caption`) -> {split: raw}.
-
-    The file holds one split, named by the caller. Captions keep file order, the first 5 per image kept.
-    """
+    The file holds one split, named by the caller. Captions keep file order, the first 5 per image kept."""
     order = {im["id"]: k for k, im in enumerate(d["images"])}
     by_image = [[] for _ in order]
     for a in d["annotations"]:
@@ -2152,9 +2124,8 @@ def read_coco(d, root, split, max_captions=5):
             raise ValueError(f"annotation {a.get('id')} refers to image_id {a['image_id']}, "
                              f"absent from 'images'.")
         by_image[order[a["image_id"]]].append(_text(a.get("caption"), f"annotation {a.get('id')}"))
-    by_image = [cs[:max_captions] for cs in by_image]
-    caps = [c for cs in by_image for c in cs]
-    ioc = [k for k, cs in enumerate(by_image) for _ in cs]
+    caps = [c for cs in by_image for c in cs[:max_captions]]
+    ioc = [k for k, cs in enumerate(by_image) for _ in cs[:max_captions]]
     return {split: ([str(root / im["file_name"]) for im in d["images"]], caps, ioc)}
 
 
@@ -2168,10 +2139,8 @@ def read_cc152k(folder, splits, image_root=None):
     found = {{"dev": "val"}.get(k, k): p for k, p in found.items()}
     root = Path(image_root) if image_root else (folder / "images" if (folder / "images").is_dir() else folder)
     raw = {}
-    for split in (splits or found):
-        rows, tsv = [], found.get(split)
-        if tsv is None:
-            continue
+    for split in [s for s in (splits or found) if s in found]:
+        rows, tsv = [], found[split]
         with open(tsv, encoding="utf-8", newline="") as f:
             for k, line in enumerate(f):
                 fields = line.rstrip("\r\n").split("\t")
@@ -2244,15 +2213,11 @@ def _table_records(path, image_key="image", caption_key="caption"):
 
 
 def read_table(path, splits, image_root=None, image_key="image", caption_key="caption"):
-    """Generic table: CSV / TSV (header row), JSONL, or .json holding JSON lines or a JSON array of objects,
-    with an image and a caption column/field (named by `image_key`, `caption_key`: open_clip's
-    --csv-img-key/--csv-caption-key) and an optional `split` one -> {split: (paths, captions, img_of_cap,
-    extras)}; every other column is kept as the caption's extras.
-
-    Several rows with the same image = several captions of one image. Image paths are relative to image_root
-    (default: the file's folder) unless absolute.
-    Without a `split` field the whole file is the one split named.
-    """
+    """Generic table -> {split: (paths, captions, img_of_cap, extras)}: CSV / TSV (header row), JSONL, or
+    .json holding JSON lines or a JSON array of objects. One row per caption (rows of one image: its captions)
+    with the image path (relative to image_root, default the file's folder, unless absolute) in `image_key`,
+    the caption in `caption_key` (open_clip's --csv-img-key/--csv-caption-key) and an optional `split`
+    (without it the whole file is the one split named); every other column is kept as the caption's extras."""
     path = Path(path)
     text = _read_text(path) if path.suffix == ".json" else ""
     if text.lstrip().startswith("["):  # a .json file holding a JSON array of objects
@@ -2341,12 +2306,10 @@ def load_splits(path, splits=None, image_root=None, size=224, mean=CLIP_MEAN, st
                 image_key="image", caption_key="caption", resize=None) -> dict:
     """Read a dataset file once -> {split: Pairs} for `splits` (None: every split the file holds). Images are
     prepared as Preprocess(size, mean, std, resize) (resize: the short side before the crop; None = size).
-
     Formats: `*_caps.tsv` or a folder holding them -> CC152K; `*.json` with `images[].sentences` -> Karpathy,
     with `annotations` -> COCO captions, with JSON lines or an array of objects -> generic table; `*.csv`,
     other `*.tsv`, `*.jsonl` -> generic table, its image and caption columns named by `image_key` and
-    `caption_key`. A table's other columns (and CC152K's url) become each caption's Pairs.extras.
-    """
+    `caption_key`. A table's other columns (and CC152K's url) become each caption's Pairs.extras."""
     splits = [splits] if isinstance(splits, str) else splits
     raw = _parse(path, splits, image_root, max_captions, image_key, caption_key)
     missing = [s for s in (splits or []) if s not in raw]
@@ -2390,25 +2353,22 @@ def augment(x: torch.Tensor, generator=None, flip=False, scale=(0.8, 1.0), jitte
     `scale`, aspect 3/4-4/3), optional horizontal flip (off: scene captions say left/right), brightness,
     contrast and saturation jitter by factors in [1 - jitter, 1 + jitter]. Returns uint8 (B, 3, S, S)."""
     B, _, S, _ = x.shape
-    # (B, 8) the batch's random numbers
-    u = torch.rand(B, 8, generator=generator).to(x.device, non_blocking=True)
+    u = torch.rand(B, 8, generator=generator).to(x.device, non_blocking=True)  # (B, 8) all random numbers
     area = scale[0] + (scale[1] - scale[0]) * u[:, 0]
     aspect = torch.exp(math.log(3 / 4) + math.log(16 / 9) * u[:, 1])
-    # crop size, fraction of S
-    w, h = (area * aspect).sqrt().clamp(max=1), (area / aspect).sqrt().clamp(max=1)
+    w, h = (area * aspect).sqrt().clamp(max=1), (area / aspect).sqrt().clamp(max=1)  # crop side / S
     sx = w * (1 - 2 * (u[:, 4] < 0.5).float()) if flip else w
     theta = torch.zeros(B, 2, 3, device=x.device)
     theta[:, 0, 0], theta[:, 0, 2] = sx, (2 * u[:, 2] - 1) * (1 - w)
     theta[:, 1, 1], theta[:, 1, 2] = h, (2 * u[:, 3] - 1) * (1 - h)
     grid = F.affine_grid(theta, [B, 3, S, S], align_corners=False)
-    y = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border",
-                      align_corners=False)  # (B,3,S,S)
+    y = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
     b, c, s = (1 + jitter * (2 * u[:, 5:8] - 1)).unbind(1)
     luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1).to(x.device, non_blocking=True)
     gray = (y * luma).sum(1, keepdim=True)
     y = gray + (y - gray) * s.view(B, 1, 1, 1)  # saturation
-    # contrast
-    y = y.mean((1, 2, 3), keepdim=True) + (y - y.mean((1, 2, 3), keepdim=True)) * c.view(B, 1, 1, 1)
+    mean = y.mean((1, 2, 3), keepdim=True)
+    y = mean + (y - mean) * c.view(B, 1, 1, 1)  # contrast
     return (y * b.view(B, 1, 1, 1)).round().clamp(0, 255).to(torch.uint8)
 
 
@@ -2431,24 +2391,20 @@ def _noise(img_of_cap, n_images, ratio, protocol, seed):
 
 def make_noise(img_of_cap, n_images, ratio, protocol="caption", seed=0) -> np.ndarray:
     """Noisy training assignment, (C,) int64: the image each caption is paired with.
-
     caption (NCR, MSCN, BiCro, NPC): exactly round(r * C) captions are selected and the images of those
     captions are permuted among themselves (as NCR's data.py does; NCR takes int() where this takes round()).
     image (DECL, RCL, L2RM, DSDMR): exactly round(r * N) images are selected and permuted among themselves;
     all captions of an image move together. A pair is noisy iff assigned != img_of_cap; a permutation can send
-    an item back to itself, so slightly fewer than r are noisy. RNG: numpy default_rng(seed) (PCG64).
-    """
+    an item back to itself, so slightly fewer than r are noisy. RNG: numpy default_rng(seed) (PCG64)."""
     return _noise(img_of_cap, n_images, ratio, protocol, seed)[1]
 
 
 def noise_file(path, img_of_cap, n_images, ratio, protocol="caption", seed=0, create=True) -> np.ndarray:
     """Read the noise file at `path`, or create it (with a `.json` sidecar) if missing; returns assigned (C,).
     create=False: a missing file is an error (for reading someone's file, e.g. in `score`); ratio=None: no
-    comparison with an asked-for ratio.
-
-    An existing file is never overwritten. Its format is detected by length: (C,) caption-level, used as is;
-    (N,) image-level, converted by x[img_of_cap] (= np.repeat(x, 5) for 5 sorted captions per image).
-    """
+    comparison with an asked-for ratio. An existing file is never overwritten. Its format is detected by
+    length: (C,) caption-level, used as is; (N,) image-level, converted by x[img_of_cap] (= np.repeat(x, 5)
+    for 5 sorted captions per image)."""
     path, true = Path(path), np.asarray(img_of_cap, dtype=np.int64)
     C, N = len(true), n_images
     if path.suffix != ".npy":
@@ -2511,11 +2467,10 @@ def _check_noise_claim(path, n_noisy, n_captions):
                           f"cannot check the file against it")
     else:
         named = re.findall(r"(?<![\d.])0?\.\d+(?![\d.])", Path(path).stem)
-        if len(named) == 1:
-            r = float(named[0])
+        r = float(named[0]) if len(named) == 1 else None
+        # a permutation may send a few items home: within 5% of the ratio named is no broken claim
+        if r is not None and abs(n_noisy - r * n_captions) > 0.05 * n_captions:
             claim = (r * n_captions, f"its name says ratio {r}")
-            if abs(n_noisy - claim[0]) <= 0.05 * n_captions:  # a permutation may send a few items home
-                claim = None
     if claim is not None and claim[0] != n_noisy:
         warnings.warn(f"noise file {path} makes {n_noisy} of {n_captions} pairs noisy "
                       f"({n_noisy / n_captions:.1%}), but {claim[1]}: it was made for another caption order "
@@ -2596,8 +2551,7 @@ def _caption(objs, kind, grid, rnd, p_size):
 
 
 def _draw_backgrounds(rng, n, S):
-    """Tinted grey backgrounds with low-frequency blotches, stripes on some, pixel noise.
-    (n, 3, S, S) float."""
+    """(n, 3, S, S) float: tinted grey, low-frequency blotches, stripes on some, pixel noise."""
     f32 = np.float32
     img = rng.standard_normal((n, 3, S, S), dtype=f32) * 6  # pixel noise
     img += (rng.uniform(60, 150, (n, 1, 1, 1))
@@ -2619,8 +2573,7 @@ def make_scenes(n_images, seed=0, *, image_size=32, domain="target", vague=0.0, 
     jittered positions and two sizes, on textured tinted backgrounds; `captions_per_image` template captions
     each (object lists, relations left/right/above/below, positions, counts; sizes and synonyms optional).
     `vague` = fraction of less specific captions (a colour or a shape alone). Deterministic from `seed`.
-    The (colour, shape) pairs of one scene are distinct, so every caption names its objects unambiguously.
-    """
+    The (colour, shape) pairs of one scene are distinct, so every caption names its objects unambiguously."""
     if domain not in _TEMPLATE_MIX or grid not in (2, 3) \
             or not 1 <= n_objects[0] <= n_objects[1] <= grid ** 2:
         raise ValueError(f"domain must be one of {list(_TEMPLATE_MIX)}, grid 2 or 3, "
@@ -2628,25 +2581,23 @@ def make_scenes(n_images, seed=0, *, image_size=32, domain="target", vague=0.0, 
     rng, S, cell, N, K = np.random.default_rng(seed), image_size, image_size / grid, n_images, n_objects[1]
     rnd = random.Random(int(rng.integers(1 << 62)))
     cn, sn = list(COLOURS), list(SHAPES)
-    wc = np.array([0.15 if (domain == "pretrain" and c in _RARE_IN_PRETRAIN) else 1.0 for c in cn])
-    ws = np.array([0.15 if (domain == "pretrain" and s in _RARE_IN_PRETRAIN) else 1.0 for s in sn])
+    pc, ps = (np.array([0.15 if (domain == "pretrain" and x in _RARE_IN_PRETRAIN) else 1.0 for x in names])
+              for names in (cn, sn))
+    pc, ps = pc / pc.sum(), ps / ps.sum()  # drawing probabilities of each colour, each shape
     ks = rng.integers(n_objects[0], K + 1, N)  # (N,) objects per scene
-    colour = rng.choice(len(cn), (N, K), p=wc / wc.sum())  # (N, K)
-    shape = rng.choice(len(sn), (N, K), p=ws / ws.sum())
+    colour, shape = rng.choice(len(cn), (N, K), p=pc), rng.choice(len(sn), (N, K), p=ps)  # (N, K)
     for i in range(N):
         while len({(colour[i, j], shape[i, j]) for j in range(ks[i])}) < ks[i]:  # distinct (colour, shape)
-            colour[i, :ks[i]] = rng.choice(len(cn), ks[i], p=wc / wc.sum())
-            shape[i, :ks[i]] = rng.choice(len(sn), ks[i], p=ws / ws.sum())
+            colour[i, :ks[i]] = rng.choice(len(cn), ks[i], p=pc)
+            shape[i, :ks[i]] = rng.choice(len(sn), ks[i], p=ps)
     size = rng.integers(0, 2, (N, K))
     cells = np.argsort(rng.random((N, grid * grid)), axis=1)[:, :K]
     row, col = cells // grid, cells % grid
     dia = np.array([max(2, round(0.5 * cell)), max(3, round(0.82 * cell))])  # (small, large) in pixels
     d = dia[size]  # (N, K)
     slack = (cell - d) / 2 * 0.8  # jitter keeps the object inside its cell
-    y0 = np.clip(np.rint(row * cell + (cell - d) / 2 + rng.uniform(-1, 1, (N, K)) * slack),
-                 0, S - d).astype(int)
-    x0 = np.clip(np.rint(col * cell + (cell - d) / 2 + rng.uniform(-1, 1, (N, K)) * slack),
-                 0, S - d).astype(int)
+    y0, x0 = (np.clip(np.rint(rc * cell + (cell - d) / 2 + rng.uniform(-1, 1, (N, K)) * slack), 0, S - d)
+              .astype(int) for rc in (row, col))
     palette = np.array([COLOURS[c] for c in cn], dtype=np.float32)
     rgb = np.clip(palette[colour] + rng.uniform(-12, 12, (N, K, 3)),
                   0, 255).astype(np.float32)[..., None, None]
