@@ -338,9 +338,6 @@ class _Tokenizer:
     """
     pad_multiple = 1
 
-    def encode(self, text):
-        raise NotImplementedError
-
     def __call__(self, texts):
         texts = [texts] if isinstance(texts, str) else list(texts)
         if not texts:
@@ -401,18 +398,10 @@ def _ftfy_tables():
             upper = "&" + name.upper()
             if name == name.lower() and html.unescape(upper) == upper:
                 entities[upper] = char.upper()
-    c1 = {}
-    for cp in range(0x80, 0xA0):
-        try:
-            c1[cp] = bytes([cp]).decode("cp1252")
-        except UnicodeDecodeError:
-            # five bytes Windows-1252 leaves undefined stay as they are ("sloppy" codec)
-            c1[cp] = chr(cp)
-    width = {0x3000: " "}  # ideographic space -> space
-    for cp in range(0xFF01, 0xFFF0):
-        alternate = unicodedata.normalize("NFKC", chr(cp))
-        if alternate != chr(cp):
-            width[cp] = alternate
+    # the five bytes Windows-1252 leaves undefined stay as they are ("sloppy" codec)
+    c1 = {cp: bytes([cp]).decode("cp1252", errors="ignore") or chr(cp) for cp in range(0x80, 0xA0)}
+    width = {0x3000: " ", **{cp: alternate for cp in range(0xFF01, 0xFFF0)  # ideographic space -> space
+                             if (alternate := unicodedata.normalize("NFKC", chr(cp))) != chr(cp)}}
     return entities, c1, width
 
 
@@ -453,13 +442,10 @@ def fix_text(text):
     """ftfy.fix_text with default settings, minus the mojibake repair (see the comment above)."""
     if _PLAIN_ASCII_RE.fullmatch(text):
         return text  # printable ASCII, tabs and newlines, no '&': nothing for any of the fixes to change
-    out, unescape, pos = [], True, 0
-    while pos < len(text):  # ftfy fixes each line on its own
-        end = text.find("\n", pos) + 1 or len(text)
-        segment = text[pos:end]
+    out, unescape = [], True
+    for segment in re.findall(r"[^\n]*\n|[^\n]+", text):  # ftfy fixes each line on its own
         unescape = unescape and "<" not in segment  # text with '<' looks like real HTML: stop unescaping
         out.append(_fix_segment(segment, unescape))
-        pos = end
     return "".join(out)
 
 
@@ -476,9 +462,8 @@ def _bytes_to_unicode():
 
 
 _SKIP, _LETTER, _NUMBER, _OTHER = range(4)
-# Case-insensitive matches for the contraction letters, as the `regex` module finds them ("'ſ" matches "'s").
-_CONTRACTIONS = [("s",), ("t",), ("r", "e"), ("v", "e"), ("m",), ("l", "l"), ("d",)]
-_CASE_VARIANTS = {"s": "sSſ", "t": "tT", "r": "rR", "e": "eE", "v": "vV", "m": "mM", "l": "lL", "d": "dD"}
+# Case-insensitive contractions, as the `regex` module finds them ("'ſ" matches "'s").
+_CONTRACTION_RE = re.compile("'(?:[sSſ]|[tT]|[rR][eE]|[vV][eE]|[mM]|[lL][lL]|[dD])")
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -509,27 +494,18 @@ def clip_split(text):
         return _ASCII_SPLIT_RE.findall(text)
     words, i, n = [], 0, len(text)
     while i < n:
-        c = text[i]
-        if c == "'":  # alternatives are tried in order: a contraction wins over a run of punctuation
-            for suffix in _CONTRACTIONS:
-                end = i + 1 + len(suffix)
-                if end <= n and all(text[i + 1 + k] in _CASE_VARIANTS[s] for k, s in enumerate(suffix)):
-                    break
-            else:
-                end = None
-            if end is not None:
-                words.append(text[i:end])
-                i = end
-                continue
-        kind = _char_kind(c)
-        if kind == _SKIP:
-            i += 1
+        # alternatives are tried in order: a contraction wins over a run of punctuation
+        contraction = _CONTRACTION_RE.match(text, i)
+        if contraction:
+            words.append(contraction.group())
+            i = contraction.end()
             continue
-        j = i + 1
-        if kind != _NUMBER:  # letters and "other" come in runs, numbers one digit at a time
+        kind, j = _char_kind(text[i]), i + 1
+        if kind in (_LETTER, _OTHER):  # letters and "other" come in runs, numbers one digit at a time
             while j < n and _char_kind(text[j]) == kind:
                 j += 1
-        words.append(text[i:j])
+        if kind != _SKIP:
+            words.append(text[i:j])
         i = j
     return words
 
@@ -580,8 +556,7 @@ class ClipTokenizer(_Tokenizer):
 
     @classmethod
     def from_files(cls, vocab_json, merges_txt, context_length=77):
-        """Hugging Face layout: vocab.json (token -> id) and merges.txt
-        (a '#version' line, then 'a b' lines)."""
+        """Hugging Face layout: vocab.json (token -> id), merges.txt ('#version' line, then 'a b' lines)."""
         with open(vocab_json, encoding="utf-8") as f:
             vocab = json.load(f)
         with open(merges_txt, encoding="utf-8") as f:
@@ -600,8 +575,7 @@ class ClipTokenizer(_Tokenizer):
         return cls({t: i for i, t in enumerate(tokens)}, merges, context_length)
 
     def save(self, out_dir):
-        """Writes vocab.json and merges.txt in the Hugging Face layout
-        (what transformers.CLIPTokenizer reads)."""
+        """Writes vocab.json and merges.txt, the Hugging Face layout transformers.CLIPTokenizer reads."""
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "vocab.json"), "w", encoding="utf-8") as f:
             json.dump(self.vocab, f, ensure_ascii=False)
@@ -609,8 +583,7 @@ class ClipTokenizer(_Tokenizer):
             f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in self.merges))
 
     def clean(self, text):
-        """The text the BPE sees: open_clip's 'lower' cleaning
-        (ftfy, HTML unescape, whitespace, lower case)."""
+        """The BPE's input: open_clip's 'lower' cleaning (ftfy, HTML unescape, whitespace, lower case)."""
         text = html.unescape(html.unescape(fix_text(text)))
         return " ".join(text.split()).lower()
 
@@ -690,7 +663,8 @@ class WordPieceTokenizer(_Tokenizer):
     def __init__(self, vocab, lower_case=True, context_length=512):
         self.context_length = self._check_context_length(context_length)
         if isinstance(vocab, (str, os.PathLike)):
-            vocab = self._read_vocab(vocab)
+            with open(vocab, encoding="utf-8") as f:  # one token per line, id = line number (as transformers)
+                vocab = {line.rstrip("\n"): i for i, line in enumerate(f)}
         self.vocab = dict(vocab)
         missing = [t for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]") if t not in self.vocab]
         if missing:
@@ -702,12 +676,6 @@ class WordPieceTokenizer(_Tokenizer):
         self.start_id, self.end_id = self.cls_id, self.sep_id
         self._cache = {}  # word -> ids
         self.cache_size = 100_000
-
-    @staticmethod
-    def _read_vocab(path):
-        # one token per line, id = line number (as transformers reads it)
-        with open(path, encoding="utf-8") as f:
-            return {line.rstrip("\n"): i for i, line in enumerate(f.readlines())}
 
     @classmethod
     def from_file(cls, vocab_txt, lower_case=True, context_length=512):
@@ -735,16 +703,12 @@ class WordPieceTokenizer(_Tokenizer):
             if self.lower_case:
                 word = "".join(c for c in unicodedata.normalize("NFD", word.lower())
                                if unicodedata.category(c) != "Mn")
-            start = True
+            words.append("")
             for c in word:  # every punctuation mark is a word of its own
                 if _is_bert_punctuation(c):
-                    words.append(c)
-                    start = True
+                    words += [c, ""]
                 else:
-                    if start:
-                        words.append("")
                     words[-1] += c
-                    start = False
         return [w for w in words if w]
 
     def _wordpiece(self, word):
