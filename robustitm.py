@@ -333,8 +333,7 @@ class _Tokenizer:
     """Shared batching for all tokenizers: input checks, start/end tokens, truncation, padding.
 
     Subclasses set `context_length`, `vocab_size`, `pad_id`, `start_id`, `end_id` and define `encode(text)`.
-    `pad_multiple` rounds the padded length up (training sets 8 under --compile:
-    fewer shapes, fewer recompiles).
+    `pad_multiple` rounds the padded length up (training sets 8 under --compile: fewer shapes, recompiles).
     """
     pad_multiple = 1
 
@@ -600,14 +599,12 @@ class ClipTokenizer(_Tokenizer):
             best = min(pairs, key=lambda p: self.bpe_ranks.get(p, float("inf")))
             if best not in self.bpe_ranks:
                 break
-            merged, k = [], 0
-            while k < len(parts):  # merge every occurrence, left to right
-                if k < len(parts) - 1 and (parts[k], parts[k + 1]) == best:
-                    merged.append(parts[k] + parts[k + 1])
-                    k += 2
+            merged = parts[:1]
+            for part in parts[1:]:  # merge every occurrence, left to right (a merged symbol is never best[0])
+                if (merged[-1], part) == best:
+                    merged[-1] += part
                 else:
-                    merged.append(parts[k])
-                    k += 1
+                    merged.append(part)
             parts = merged
         ids = [self.vocab[p] for p in parts]
         self._cache[word] = ids
@@ -773,9 +770,8 @@ _WORD_RE = re.compile(r"[^\W_]+|[^\w\s]|_")  # runs of letters/digits; each othe
 
 class WordTokenizer(_Tokenizer):
     """A word-level tokenizer for small vocabularies: lower case, words = runs of letters and digits, every
-    punctuation mark a token of its own (kept: "left of" vs "left, of" is information).
-    Ids: pad 0, start 1, end 2, unknown 3, then `vocab[k]` -> k + 4. `vocab` is a plain list of words, so a
-    checkpoint can store it.
+    punctuation mark a token of its own (kept: "left of" vs "left, of" is information). Ids: pad 0, start 1,
+    end 2, unknown 3, then `vocab[k]` -> k + 4. `vocab` is a plain list of words: a checkpoint can store it.
 
         tok = WordTokenizer.build(captions, min_count=2); ids, mask = tok(["a red square."])
     """
