@@ -823,8 +823,7 @@ class TowerConfig:
     layers: int = 12              # number of transformer blocks
     heads: int = 8                # attention heads (D must divide evenly)
     mlp_width: int = 2048         # hidden width of the MLP
-    act: str = "quick_gelu"       # quick_gelu (OpenAI CLIP), gelu (BERT, ViT, DINOv2,
-                                  # open_clip non-quickgelu)
+    act: str = "quick_gelu"       # quick_gelu (OpenAI CLIP), gelu (BERT, ViT, DINOv2, other open_clip)
     post_norm: bool = False       # BERT normalises after the residual add; everyone else before
     ln_eps: float = 1e-5          # CLIP 1e-5, BERT/ViT 1e-12, DINOv2 1e-6
     layer_scale: bool = False     # DINOv2 scales each residual branch by a learned per-channel vector
@@ -904,11 +903,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
         self.mlp = MLP(cfg.width, cfg.mlp_width, cfg.act)
         self.drop = nn.Dropout(cfg.dropout)
-        if cfg.layer_scale:  # DINOv2 (Oquab et al. 2023): residual branches scaled per channel
-            self.ls_1 = nn.Parameter(torch.ones(cfg.width))
-            self.ls_2 = nn.Parameter(torch.ones(cfg.width))
-        else:
-            self.ls_1 = self.ls_2 = None
+        # DINOv2 (Oquab et al. 2023): residual branches scaled per channel
+        self.ls_1 = nn.Parameter(torch.ones(cfg.width)) if cfg.layer_scale else None
+        self.ls_2 = nn.Parameter(torch.ones(cfg.width)) if cfg.layer_scale else None
 
     def forward(self, x, attn_mask=None, causal=False):
         if self.post_norm:  # BERT: x = LN(x + f(x))
@@ -957,16 +954,17 @@ class VisionTower(nn.Module):
         return self.ln_post(x[:, 0])  # (B, D)
 
     def _positions(self, n_tokens, hw):
-        pos = self.positional_embedding
-        if n_tokens == pos.shape[0]:
-            return pos
-        # A different input size: resample the patch grid bicubically (as DINOv2 and ViT do),
-        # keep the CLS row.
-        g, D = int(round((pos.shape[0] - 1) ** 0.5)), pos.shape[1]
-        p = self.cfg.patch_size
-        grid = pos[1:].reshape(1, g, g, D).permute(0, 3, 1, 2).float()
-        grid = F.interpolate(grid, size=(hw[0] // p, hw[1] // p), mode="bicubic", align_corners=False)
-        return torch.cat([pos[:1], grid.permute(0, 2, 3, 1).reshape(-1, D).to(pos.dtype)])
+        pos, p = self.positional_embedding, self.cfg.patch_size
+        return pos if n_tokens == pos.shape[0] else _resample_positions(pos, hw[0] // p, hw[1] // p)
+
+
+def _resample_positions(pos, h, w):
+    """A (1 + g*g, D) position table (CLS row first) for a grid of h x w patches: the patch grid resampled
+    bicubically in float32, as DINOv2, ViT and transformers' interpolate_pos_encoding do; the CLS row kept."""
+    g, D = round((pos.shape[0] - 1) ** 0.5), pos.shape[1]
+    grid = pos[1:].reshape(1, g, g, D).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)
+    return torch.cat([pos[:1], grid.permute(0, 2, 3, 1).reshape(h * w, D).to(pos.dtype)])
 
 
 class DualEncoder(nn.Module):
@@ -1242,10 +1240,11 @@ def _strip_wrappers(sd):
 
 
 # Sub-module names inside one transformer block, per format, mapped to ours. Separate q/k/v are fused below.
+_HF_CLIP_BLOCK = {"self_attn.q_proj": "attn.q", "self_attn.k_proj": "attn.k", "self_attn.v_proj": "attn.v",
+                  "self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2",
+                  "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
 _BLOCK_KEYS = {
-    "self_attn.q_proj": "attn.q", "self_attn.k_proj": "attn.k", "self_attn.v_proj": "attn.v",  # HF CLIP
-    "self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2",
-    "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+    **_HF_CLIP_BLOCK,
     "attention.self.query": "attn.q", "attention.self.key": "attn.k",  # BERT
     "attention.self.value": "attn.v",
     "attention.output.dense": "attn.out_proj", "attention.output.LayerNorm": "ln_1",
@@ -1259,10 +1258,26 @@ _BLOCK_KEYS = {
 _BLOCK_RE = re.compile(r"^(?:text_model\.|vision_model\.)?(?:encoder\.)?layers?\.(\d+)\."
                        r"(.+?)(\.weight|\.bias)?$")
 
+# Hugging Face CLIP's names outside the blocks, mapped to ours; its projections are nn.Linear (E, D) weights,
+# transposed into our (D, E) matrices. export_hf writes the inverse.
+_HF_CLIP_TOP = {
+    "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+    "text_model.embeddings.position_embedding.weight": "positional_embedding",
+    "text_model.final_layer_norm.weight": "ln_final.weight",
+    "text_model.final_layer_norm.bias": "ln_final.bias",
+    "vision_model.embeddings.class_embedding": "visual.class_embedding",
+    "vision_model.embeddings.patch_embedding.weight": "visual.conv1.weight",
+    "vision_model.embeddings.position_embedding.weight": "visual.positional_embedding",
+    "vision_model.pre_layrnorm.weight": "visual.ln_pre.weight",
+    "vision_model.pre_layrnorm.bias": "visual.ln_pre.bias",
+    "vision_model.post_layernorm.weight": "visual.ln_post.weight",
+    "vision_model.post_layernorm.bias": "visual.ln_post.bias",
+    "visual_projection.weight": ("visual.proj", torch.t),
+    "text_projection.weight": ("text_projection", torch.t), "logit_scale": "logit_scale"}
+
 # Keys a format carries that this model deliberately does not use.
 _UNUSED = re.compile(r"(^|\.)position_ids$|^pooler\.|^embeddings\.mask_token$|^input_resolution$|"
                      r"^context_length$|^vocab_size$|^attn_mask$")
-
 
 def _map_keys(sd, top, prefix):
     """Renames a Hugging Face tower's keys to ours: `top` maps whole non-block names,
@@ -1313,6 +1328,31 @@ def _detect_layout(sd):
                      f"a Hugging Face CLIP, BERT, ViT or DINOv2 model. First keys: {sorted(sd)[:8]}")
 
 
+def _tower_fields(sd, prefix, width, config, act, ln_eps):
+    """TowerConfig fields of the mapped blocks under `prefix`: depth and MLP width from the weights; heads,
+    activation and LayerNorm eps from a Hugging Face config, else 64-wide heads, `act` and `ln_eps`."""
+    return dict(width=width, layers=_n_blocks(sd, re.escape(prefix) + r"transformer\.resblocks\.(\d+)\."),
+                heads=config.get("num_attention_heads", width // 64),
+                mlp_width=sd[prefix + "transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+                act=config.get("hidden_act", act), ln_eps=config.get("layer_norm_eps", ln_eps))
+
+
+def _vision_config(sd, config, act, ln_eps, **fields):
+    """VisionConfig of mapped weights: width and patch size from the patch convolution, image size from the
+    grid of the position table (CLS row + grid^2 patches)."""
+    w = sd["visual.conv1.weight"]  # (D, 3, p, p)
+    fields = {**_tower_fields(sd, "visual.", w.shape[0], config, act, ln_eps), **fields}
+    grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+    return VisionConfig(**fields, image_size=grid * w.shape[-1], patch_size=w.shape[-1])
+
+
+def _text_config(sd, width, config, act, ln_eps, **fields):
+    """TextConfig of mapped weights: vocabulary and context length from the embedding tables."""
+    return TextConfig(**_tower_fields(sd, "", width, config, act, ln_eps),
+                      vocab_size=sd["token_embedding.weight"].shape[0],
+                      context_length=sd["positional_embedding"].shape[0], **fields)
+
+
 # The tensors an OpenAI-layout state dict's architecture is read from, with the shape each must have.
 _OPENAI_ARCH = {"visual.conv1.weight": "(D, 3, p, p), D a multiple of 64", "visual.positional_embedding":
                 "(grid^2 + 1, D)", "ln_final.weight": "(W,), W a multiple of 64", "text_projection": "(W, E)",
@@ -1328,9 +1368,8 @@ def _openai_config(sd, act):
     ndim = {k: 4 if k == "visual.conv1.weight" else 1 if k == "ln_final.weight" else 2 for k in _OPENAI_ARCH}
     ok = all(len(shape[k]) == n for k, n in ndim.items())
     if ok:
-        (D, rgb, p, q), (tokens, width), (W,) = (shape["visual.conv1.weight"],
-                                                 shape["visual.positional_embedding"],
-                                                 shape["ln_final.weight"])
+        D, rgb, p, q = shape["visual.conv1.weight"]
+        (tokens, width), (W,) = shape["visual.positional_embedding"], shape["ln_final.weight"]
         grid = round((tokens - 1) ** 0.5)
         ok = rgb == 3 and p == q > 0 and D > 0 and D % 64 == 0 and W > 0 and W % 64 == 0 \
             and grid * grid == tokens - 1 and width == D
@@ -1338,55 +1377,19 @@ def _openai_config(sd, act):
         listing = "; ".join(f"{k}: {shape[k]} (expected {want})" for k, want in _OPENAI_ARCH.items())
         raise ValueError(f"the checkpoint's architecture cannot be read from its shapes: {listing}. "
                          f"The file is damaged or not an OpenAI/open_clip CLIP state dict")
-    vw = sd["visual.conv1.weight"]  # (D, 3, p, p)
-    grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
-    tw = sd["ln_final.weight"].shape[0]
-    vis = VisionConfig(width=vw.shape[0], layers=_n_blocks(sd, r"visual\.transformer\.resblocks\.(\d+)\."),
-                       heads=vw.shape[0] // 64,
-                       mlp_width=sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
-                       act=act, image_size=grid * vw.shape[-1], patch_size=vw.shape[-1])
-    txt = TextConfig(width=tw, layers=_n_blocks(sd, r"transformer\.resblocks\.(\d+)\."), heads=tw // 64,
-                     mlp_width=sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0], act=act,
-                     vocab_size=sd["token_embedding.weight"].shape[0],
-                     context_length=sd["positional_embedding"].shape[0])
-    return ModelConfig(vis, txt, sd["text_projection"].shape[1])
+    return ModelConfig(_vision_config(sd, {}, act, 1e-5), _text_config(sd, W, {}, act, 1e-5),
+                       sd["text_projection"].shape[1])
 
 
 def _hf_clip(sd, config):
-    tc, vc = config.get("text_config", {}), config.get("vision_config", {})
-    T, V = "text_model.embeddings.", "vision_model.embeddings."
-    top = {T + "token_embedding.weight": "token_embedding.weight",
-           T + "position_embedding.weight": "positional_embedding",
-           "text_model.final_layer_norm.weight": "ln_final.weight",
-           "text_model.final_layer_norm.bias": "ln_final.bias",
-           V + "class_embedding": "visual.class_embedding",
-           V + "patch_embedding.weight": "visual.conv1.weight",
-           V + "position_embedding.weight": "visual.positional_embedding",
-           "vision_model.pre_layrnorm.weight": "visual.ln_pre.weight",
-           "vision_model.pre_layrnorm.bias": "visual.ln_pre.bias",
-           "vision_model.post_layernorm.weight": "visual.ln_post.weight",
-           "vision_model.post_layernorm.bias": "visual.ln_post.bias",
-           "visual_projection.weight": ("visual.proj", lambda w: w.t()),  # nn.Linear (E, D) -> our (D, E)
-           "text_projection.weight": ("text_projection", lambda w: w.t()), "logit_scale": "logit_scale"}
     text = {k: v for k, v in sd.items() if not k.startswith("vision_model.")}
     vision = {k: v for k, v in sd.items() if k.startswith("vision_model.")}
-    out, unexpected = _map_keys(text, top, "")
-    vout, vunexpected = _map_keys(vision, top, "visual.")
+    out, unexpected = _map_keys(text, _HF_CLIP_TOP, "")
+    vout, vunexpected = _map_keys(vision, _HF_CLIP_TOP, "visual.")
     out.update(vout)
-    vw, tw = out["visual.conv1.weight"], out["ln_final.weight"].shape[0]
-    vis = VisionConfig(width=vw.shape[0], layers=_n_blocks(vout, r"visual\.transformer\.resblocks\.(\d+)\."),
-                       heads=vc.get("num_attention_heads", vw.shape[0] // 64),
-                       mlp_width=out["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
-                       act=vc.get("hidden_act", "quick_gelu"), ln_eps=vc.get("layer_norm_eps", 1e-5),
-                       image_size=round((out["visual.positional_embedding"].shape[0] - 1) ** 0.5)
-                                  * vw.shape[-1],
-                       patch_size=vw.shape[-1])
-    txt = TextConfig(width=tw, layers=_n_blocks(out, r"transformer\.resblocks\.(\d+)\."),
-                     heads=tc.get("num_attention_heads", tw // 64),
-                     mlp_width=out["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
-                     act=tc.get("hidden_act", "quick_gelu"), ln_eps=tc.get("layer_norm_eps", 1e-5),
-                     vocab_size=out["token_embedding.weight"].shape[0],
-                     context_length=out["positional_embedding"].shape[0])
+    tc, vc = config.get("text_config", {}), config.get("vision_config", {})
+    vis = _vision_config(out, vc, "quick_gelu", 1e-5)
+    txt = _text_config(out, out["ln_final.weight"].shape[0], tc, "quick_gelu", 1e-5)
     return out, unexpected + vunexpected, ModelConfig(vis, txt, out["text_projection"].shape[1])
 
 
@@ -1399,16 +1402,9 @@ def _hf_bert(sd, config):
            E + "token_type_embeddings.weight": "token_type_embedding.weight",
            E + "LayerNorm.weight": "ln_embed.weight", E + "LayerNorm.bias": "ln_embed.bias"}
     out, unexpected = _map_keys(sd, top, "")
-    D = out["token_embedding.weight"].shape[1]
-    cfg = TextConfig(width=D, layers=_n_blocks(out, r"transformer\.resblocks\.(\d+)\."),
-                     heads=config.get("num_attention_heads", D // 64),
-                     mlp_width=out["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
-                     act=config.get("hidden_act", "gelu"), post_norm=True,
-                     ln_eps=config.get("layer_norm_eps", 1e-12),
-                     vocab_size=out["token_embedding.weight"].shape[0],
-                     context_length=out["positional_embedding"].shape[0], causal=False,
-                     token_types=out["token_type_embedding.weight"].shape[0], ln_embed=True, ln_final=False,
-                     pool="cls")
+    cfg = _text_config(out, out["token_embedding.weight"].shape[1], config, "gelu", 1e-12, post_norm=True,
+                       causal=False, ln_embed=True, ln_final=False, pool="cls")
+    cfg.token_types = out["token_type_embedding.weight"].shape[0]
     return out, unexpected, cfg
 
 
@@ -1429,26 +1425,16 @@ def _hf_vit(sd, config, layout, image_size=None):
            E + "patch_embeddings.projection.bias": "visual.conv1.bias",
            "layernorm.weight": "visual.ln_post.weight", "layernorm.bias": "visual.ln_post.bias"}
     out, unexpected = _map_keys(sd, top, "visual.")
-    w = out["visual.conv1.weight"]
-    D, p = w.shape[0], w.shape[-1]
-    mlp_key = "visual.transformer.resblocks.0.mlp.c_fc.weight"
-    cfg = VisionConfig(width=D, layers=_n_blocks(out, r"visual\.transformer\.resblocks\.(\d+)\."),
-                       heads=config.get("num_attention_heads", D // 64), mlp_width=out[mlp_key].shape[0],
-                       act=config.get("hidden_act", "gelu"),
-                       ln_eps=config.get("layer_norm_eps", 1e-6 if layout == "dinov2" else 1e-12),
-                       layer_scale=layout == "dinov2",
-                       image_size=round((out["visual.positional_embedding"].shape[0] - 1) ** 0.5) * p,
-                       patch_size=p, patch_bias=True, ln_pre=False)
+    dino = layout == "dinov2"
+    cfg = _vision_config(out, config, "gelu", 1e-6 if dino else 1e-12, layer_scale=dino, patch_bias=True,
+                         ln_pre=False)
+    p = cfg.patch_size
     if image_size is not None and image_size != cfg.image_size:
         if image_size % p:
             raise ValueError(f"the image processor's size {image_size} is not a multiple of the patch "
                              f"size {p}")
         pos = out["visual.positional_embedding"]
-        g, new = cfg.image_size // p, image_size // p
-        grid = pos[1:].reshape(1, g, g, -1).permute(0, 3, 1, 2).float()
-        grid = F.interpolate(grid, size=(new, new), mode="bicubic", align_corners=False)
-        grid = grid.permute(0, 2, 3, 1).reshape(new * new, -1).to(pos.dtype)
-        out["visual.positional_embedding"] = torch.cat([pos[:1], grid])
+        out["visual.positional_embedding"] = _resample_positions(pos, image_size // p, image_size // p)
         cfg.image_size = image_size
     return out, unexpected, cfg
 
@@ -1757,35 +1743,23 @@ def export_hf(model, tokenizer, out_dir, preprocess=None):
         raise ValueError("export_hf writes the CLIP layout; this model has BERT/ViT/DINOv2 towers")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    inv = {"attn.out_proj": "self_attn.out_proj", "ln_1": "layer_norm1", "ln_2": "layer_norm2",
-           "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
-    T, V = "text_model.", "vision_model."
-    top = {"token_embedding.weight": T + "embeddings.token_embedding.weight",
-           "positional_embedding": T + "embeddings.position_embedding.weight",
-           "ln_final.weight": T + "final_layer_norm.weight", "ln_final.bias": T + "final_layer_norm.bias",
-           "visual.class_embedding": V + "embeddings.class_embedding",
-           "visual.conv1.weight": V + "embeddings.patch_embedding.weight",
-           "visual.positional_embedding": V + "embeddings.position_embedding.weight",
-           "visual.ln_pre.weight": V + "pre_layrnorm.weight", "visual.ln_pre.bias": V + "pre_layrnorm.bias",
-           "visual.ln_post.weight": V + "post_layernorm.weight",
-           "visual.ln_post.bias": V + "post_layernorm.bias",
-           "logit_scale": "logit_scale"}
-    sd, out = model.state_dict(), {}
-    for k, w in sd.items():
-        if k in top:
-            out[top[k]] = w
-        elif k in ("visual.proj", "text_projection"):
-            out["visual_projection.weight" if k == "visual.proj" else "text_projection.weight"] = w.t()
+    # the inverses of the maps load_model reads Hugging Face CLIP with
+    hf_top = {(ours if isinstance(ours, str) else ours[0]): hf for hf, ours in _HF_CLIP_TOP.items()}
+    hf_block = {ours: hf for hf, ours in _HF_CLIP_BLOCK.items()}
+    out = {}
+    for k, w in model.state_dict().items():
+        m = re.match(r"(visual\.)?transformer\.resblocks\.(\d+)\.(.+?)(\.weight|\.bias|_weight|_bias)$", k)
+        if m is None:
+            assert k in hf_top, f"no Hugging Face name for {k}"
+            transposed = isinstance(_HF_CLIP_TOP[hf_top[k]], tuple)  # the projections
+            out[hf_top[k]] = w.t() if transposed else w
+            continue
+        pre = f"{'vision_model.' if m.group(1) else 'text_model.'}encoder.layers.{m.group(2)}."
+        if m.group(3) == "attn.in_proj":  # our fused q/k/v -> three Linear layers
+            for part, ours in zip(w.chunk(3), ("attn.q", "attn.k", "attn.v")):
+                out[f"{pre}{hf_block[ours]}{m.group(4).replace('_', '.')}"] = part
         else:
-            m = re.match(r"(visual\.)?transformer\.resblocks\.(\d+)\."
-                         r"(.+?)(\.weight|\.bias|_weight|_bias)$", k)
-            assert m, f"no Hugging Face name for {k}"
-            pre = f"{V if m.group(1) else T}encoder.layers.{m.group(2)}."
-            if m.group(3) == "attn.in_proj":
-                for part, name in zip(w.chunk(3), ("q_proj", "k_proj", "v_proj")):
-                    out[f"{pre}self_attn.{name}{m.group(4).replace('_', '.')}"] = part
-            else:
-                out[f"{pre}{inv[m.group(3)]}{m.group(4)}"] = w
+            out[f"{pre}{hf_block[m.group(3)]}{m.group(4)}"] = w
     write_safetensors({k: w.float().contiguous() for k, w in out.items()}, out_dir / "model.safetensors",
                       {"format": "pt"})
     tower = lambda cfg: {"hidden_size": cfg.width, "intermediate_size": cfg.mlp_width,
