@@ -353,6 +353,16 @@ class _Tokenizer:
             rows.append([self.start_id] + self.encode(text)[:keep] + [self.end_id])
         return _pad_batch(rows, self.pad_id, self.pad_multiple, self.context_length)
 
+    def _cached(self, word, encode_word):
+        """`encode_word(word)`, remembered for the `cache_size` most recently used words (`_cache`)."""
+        if word in self._cache:
+            self._cache.move_to_end(word)
+            return self._cache[word]
+        ids = self._cache[word] = encode_word(word)
+        if len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return ids
+
     def _check_context_length(self, context_length):
         if not isinstance(context_length, int) or context_length < 2:
             raise ValueError(f"context_length={context_length!r} leaves no room for the start and end "
@@ -588,9 +598,6 @@ class ClipTokenizer(_Tokenizer):
 
     def _bpe(self, word):
         """One pre-tokenized word -> its ids: merge the lowest-ranked adjacent pair until none is ranked."""
-        if word in self._cache:
-            self._cache.move_to_end(word)
-            return self._cache[word]
         encoder = _bytes_to_unicode()
         chars = "".join(encoder[b] for b in word.encode("utf-8"))
         parts = list(chars[:-1]) + [chars[-1] + "</w>"]
@@ -606,15 +613,11 @@ class ClipTokenizer(_Tokenizer):
                 else:
                     merged.append(part)
             parts = merged
-        ids = [self.vocab[p] for p in parts]
-        self._cache[word] = ids
-        if len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
-        return ids
+        return [self.vocab[p] for p in parts]
 
     def encode(self, text):
         """Text -> BPE ids, without the start and end tokens."""
-        return [i for word in clip_split(self.clean(text)) for i in self._bpe(word)]
+        return [i for word in clip_split(self.clean(text)) for i in self._cached(word, self._bpe)]
 
     def decode(self, ids):
         """Ids of one caption -> text, special tokens dropped. Pass `ids[i][mask[i]]`: the pad id 0 is "!"."""
@@ -671,7 +674,7 @@ class WordPieceTokenizer(_Tokenizer):
         self.pad_id, self.unk_id = self.vocab["[PAD]"], self.vocab["[UNK]"]
         self.cls_id, self.sep_id = self.vocab["[CLS]"], self.vocab["[SEP]"]
         self.start_id, self.end_id = self.cls_id, self.sep_id
-        self._cache = {}  # word -> ids
+        self._cache = OrderedDict()  # word -> ids, least recently used first
         self.cache_size = 100_000
 
     @classmethod
@@ -709,15 +712,7 @@ class WordPieceTokenizer(_Tokenizer):
         return [w for w in words if w]
 
     def _wordpiece(self, word):
-        """One basic token -> its WordPiece ids (cached)."""
-        ids = self._cache.get(word)
-        if ids is None:
-            ids = self._segment(word)
-            if len(self._cache) < self.cache_size:
-                self._cache[word] = ids
-        return ids
-
-    def _segment(self, word):
+        """One basic token -> its WordPiece ids, greedy longest match first."""
         if len(word) > self.MAX_WORD_CHARS:
             return [self.unk_id]
         ids, start = [], 0
@@ -736,7 +731,7 @@ class WordPieceTokenizer(_Tokenizer):
 
     def encode(self, text):
         """Text -> WordPiece ids, without [CLS] and [SEP]."""
-        return [i for word in self.basic_tokenize(text) for i in self._wordpiece(word)]
+        return [i for word in self.basic_tokenize(text) for i in self._cached(word, self._wordpiece)]
 
 
 # --- tokenizers for models trained from scratch ---
@@ -1158,9 +1153,8 @@ def read_state_dict(path, allow_torchscript=False):
     `allow_torchscript=True`.
     """
     path = Path(path)
-    if path.name.endswith(".index.json") and path.is_file():
-        return _strip_wrappers(_read_shards(path, allow_torchscript))
-    return _strip_wrappers(_read_file(path, allow_torchscript))
+    read = _read_shards if path.name.endswith(".index.json") and path.is_file() else _read_file
+    return _strip_wrappers(read(path, allow_torchscript))
 
 
 def _read_shards(index, allow_torchscript):
@@ -1231,10 +1225,7 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
 
 
 def _strip_wrappers(sd):
-    while sd:
-        prefix = next((p for p in _WRAPPER_PREFIXES if all(k.startswith(p) for k in sd)), None)
-        if prefix is None:
-            break
+    while sd and (prefix := next((p for p in _WRAPPER_PREFIXES if all(k.startswith(p) for k in sd)), None)):
         sd = {k[len(prefix):]: v for k, v in sd.items()}
     return sd
 
@@ -1253,8 +1244,7 @@ _BLOCK_KEYS = {
     "attention.attention.value": "attn.v", "layernorm_before": "ln_1", "layernorm_after": "ln_2",
     "attention.q_proj": "attn.q", "attention.k_proj": "attn.k",  # ViT/DINOv2 (v5)
     "attention.v_proj": "attn.v", "attention.o_proj": "attn.out_proj", "norm1": "ln_1", "norm2": "ln_2",
-    "layer_scale1.lambda1": "ls_1", "layer_scale2.lambda1": "ls_2",
-}
+    "layer_scale1.lambda1": "ls_1", "layer_scale2.lambda1": "ls_2"}
 _BLOCK_RE = re.compile(r"^(?:text_model\.|vision_model\.)?(?:encoder\.)?layers?\.(\d+)\."
                        r"(.+?)(\.weight|\.bias)?$")
 
@@ -1279,9 +1269,10 @@ _HF_CLIP_TOP = {
 _UNUSED = re.compile(r"(^|\.)position_ids$|^pooler\.|^embeddings\.mask_token$|^input_resolution$|"
                      r"^context_length$|^vocab_size$|^attn_mask$")
 
+
 def _map_keys(sd, top, prefix):
-    """Renames a Hugging Face tower's keys to ours: `top` maps whole non-block names,
-    blocks go via _BLOCK_KEYS.
+    """Renames a Hugging Face tower's keys to ours: `top` maps whole non-block names (to a name, or a (name,
+    function of the tensor) pair), blocks go via _BLOCK_KEYS under `prefix`.
 
     Returns (mapped, unexpected). Separate q/k/v projections are fused into attn.in_proj_{weight,bias}.
     """
