@@ -402,8 +402,7 @@ def _ftfy_tables():
     for name, char in html.entities.html5.items():
         if name.endswith(";"):
             entities["&" + name] = char
-            # ftfy also reads upper-cased names ("&EACUTE;" -> "É") when that spelling is not
-            # an entity itself.
+            # ftfy also reads upper-cased names ("&EACUTE;" -> "É") unless that spelling is an entity itself
             upper = "&" + name.upper()
             if name == name.lower() and html.unescape(upper) == upper:
                 entities[upper] = char.upper()
@@ -419,10 +418,9 @@ def _unescape_entity(match):
     entities = _ftfy_tables()[0]
     if text in entities:
         return entities[text]
-    if text.startswith("&#"):
-        unescaped = html.unescape(text)
-        return text if ";" in unescaped else unescaped  # only accept references that consume their ';'
-    return text
+    # a numeric reference counts only if it consumes its ';'; other names stay as written
+    unescaped = html.unescape(text) if text.startswith("&#") else text
+    return text if ";" in unescaped else unescaped
 
 
 def _fix_surrogate_pair(match):
@@ -944,13 +942,11 @@ class VisionTower(nn.Module):
     def features(self, images):  # (B, 3, S, S) -> (B, D) pooled CLS, before the projection
         x = self.conv1(images).flatten(2).transpose(1, 2)  # (B, P, D)
         x = torch.cat([self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1), x], dim=1)  # (B, P+1, D)
-        x = x + self._positions(x.shape[1], images.shape[-2:]).to(x.dtype)
-        x = self.transformer(self.ln_pre(x))
-        return self.ln_post(x[:, 0])  # (B, D)
-
-    def _positions(self, n_tokens, hw):
         pos, p = self.positional_embedding, self.cfg.patch_size
-        return pos if n_tokens == pos.shape[0] else _resample_positions(pos, hw[0] // p, hw[1] // p)
+        if x.shape[1] != pos.shape[0]:  # another input size than the table's
+            pos = _resample_positions(pos, images.shape[-2] // p, images.shape[-1] // p)
+        x = self.transformer(self.ln_pre(x + pos.to(x.dtype)))
+        return self.ln_post(x[:, 0])  # (B, D)
 
 
 def _resample_positions(pos, h, w):
@@ -1053,9 +1049,8 @@ _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, 
 def read_safetensors(path):
     """Reads a .safetensors file (8-byte little-endian header size, JSON header, raw little-endian data).
 
-    The header is checked in full before any tensor is built: a JSON object of {name: {dtype, shape,
-    data_offsets}}, known dtypes, shapes of non-negative integers, offsets inside the data, sizes equal to
-    dtype size x number of elements, no two tensors overlapping. Errors name the file and the tensor.
+    The header is checked in full (dtypes, shapes, offsets, sizes, overlaps) before any tensor is built;
+    errors name the file and the tensor.
     """
     data = Path(path).read_bytes()
     if len(data) < 8:
@@ -1124,8 +1119,7 @@ def write_safetensors(tensors, path, metadata=None):
         offset += len(raw)
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)  # the format pads the header to an 8-byte boundary
-    _atomic_write(path, lambda f: (f.write(struct.pack("<Q", len(head))), f.write(head),
-                                   [f.write(b) for b in blobs]))
+    _atomic_write(path, lambda f: f.writelines([struct.pack("<Q", len(head)), head, *blobs]))
 
 
 def _tmp_next_to(path, tag=""):
@@ -1433,7 +1427,7 @@ def _hf_vit(sd, config, layout, image_size=None):
 def load_state_strict(model, sd, unexpected=(), only=None):
     """Copies `sd` into `model`; any missing, unexpected or mis-shaped key raises one error listing them all.
 
-    `only` restricts the check to parameter names with that prefix (a tower loaded into a new dual encoder).
+    `only(name)` picks the parameters checked (a tower loaded into a new dual encoder: all but the heads).
     """
     own = {k: v for k, v in model.state_dict().items() if only is None or only(k)}
     missing = sorted(set(own) - set(sd))
@@ -1645,8 +1639,7 @@ def _sentence_transformer(path):
 
 def load_model(path=None, image_tower=None, text_tower=None, *, embed_dim=512, activation="quick_gelu",
                allow_torchscript=False):
-    """Builds a DualEncoder from pretrained weights (float32)
-    -> (model, info dict: layout, directories, configs).
+    """Builds a DualEncoder from pretrained weights (float32) -> (model, info: layout, directories, configs).
 
     path: an OpenAI/open_clip CLIP state dict (.pt/.bin/.safetensors), an open_clip hub folder
           (open_clip_config.json + open_clip_model.safetensors) or a Hugging Face CLIP directory.
@@ -1661,15 +1654,13 @@ def load_model(path=None, image_tower=None, text_tower=None, *, embed_dim=512, a
     if path is not None:
         sd, config, directory = _read_dir_or_file(path, allow_torchscript)
         layout = _detect_layout(sd)
-        open_clip = False
+        oc = directory / "open_clip_config.json"  # a hub folder's, or next to the file given
+        open_clip = layout == "openai" and oc.is_file()
         if layout == "openai":
-            sd = {k: v for k, v in sd.items() if not _UNUSED.search(k)}
-            oc = directory / "open_clip_config.json"  # a hub folder's, or next to the file given
-            open_clip = oc.is_file()
+            sd, unexpected = {k: v for k, v in sd.items() if not _UNUSED.search(k)}, []
             if open_clip:
                 config = _read_json(oc)
             cfg = _open_clip_config(sd, config, oc) if open_clip else _openai_config(sd, activation)
-            unexpected = []
         elif layout == "hf_clip":
             sd, unexpected, cfg = _hf_clip(sd, config)
         else:
@@ -1678,8 +1669,7 @@ def load_model(path=None, image_tower=None, text_tower=None, *, embed_dim=512, a
                              f"_tower together with the other tower")
         model = DualEncoder(cfg)
         load_state_strict(model, {k: v.float() for k, v in sd.items()}, unexpected)
-        return model, {"layout": layout, "dir": directory, "config": config,
-                       "open_clip": open_clip}
+        return model, {"layout": layout, "dir": directory, "config": config, "open_clip": open_clip}
     if image_tower is None or text_tower is None:
         raise ValueError("give either a CLIP checkpoint (path) or both image_tower and text_tower")
     isd, iconf, idir = _read_dir_or_file(image_tower, allow_torchscript)
