@@ -487,8 +487,7 @@ def _char_kind(c):
 
 # The same pattern restricted to ASCII, where the classes are plain ranges (the `regex` module's \s does not
 # include U+001C..U+001F, unlike the standard `re`'s, hence the explicit whitespace set).
-_ASCII_SPLIT_RE = re.compile(r"'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD]|[A-Za-z]+|[0-9]|"
-                             r"[^ \t\n\x0b\x0c\rA-Za-z0-9]+")
+_ASCII_SPLIT_RE = re.compile(_CONTRACTION_RE.pattern + r"|[A-Za-z]+|[0-9]|[^ \t\n\x0b\x0c\rA-Za-z0-9]+")
 
 
 def clip_split(text):
@@ -1285,8 +1284,7 @@ def _map_keys(sd, top, prefix):
         out[f"{prefix}transformer.resblocks.{m.group(1)}.{sub}{m.group(3) or ''}"] = t
     for qkey in [k for k in out if ".attn.q." in k]:
         k, v = qkey.replace(".attn.q.", ".attn.k."), qkey.replace(".attn.q.", ".attn.v.")
-        fused = (qkey.replace(".attn.q.weight", ".attn.in_proj_weight")
-                 .replace(".attn.q.bias", ".attn.in_proj_bias"))
+        fused = qkey.replace(".attn.q.", ".attn.in_proj_")  # attn.in_proj_weight or attn.in_proj_bias
         if k in out and v in out:
             out[fused] = torch.cat([out.pop(qkey), out.pop(k), out.pop(v)])
     return out, unexpected
