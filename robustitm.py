@@ -635,13 +635,11 @@ def _is_cjk(cp):
 def _is_bert_punctuation(c):
     """Unicode punctuation (P*) plus every non-alphanumeric printable ASCII character ("$", "^", "`", ...)."""
     cp = ord(c)
-    if 33 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126:
-        return True
-    return unicodedata.category(c).startswith("P")
+    return (33 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126
+            or unicodedata.category(c).startswith("P"))
 
 
-# ASCII shortcut of the basic tokenizer: control characters dropped, then alphanumeric runs and
-# single symbols.
+# ASCII shortcut of the basic tokenizer: control characters dropped, alphanumeric runs, single symbols.
 _ASCII_CONTROLS = dict.fromkeys([*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F])
 _ASCII_BERT_RE = re.compile(r"[A-Za-z0-9]+|[^A-Za-z0-9\s]")
 
@@ -691,10 +689,8 @@ class WordPieceTokenizer(_Tokenizer):
                 continue  # NUL, replacement character, control/format/unassigned characters
             if c in " \t\n\r" or unicodedata.category(c) == "Zs":
                 chars.append(" ")
-            elif _is_cjk(cp):
-                chars.append(f" {c} ")
             else:
-                chars.append(c)
+                chars.append(f" {c} " if _is_cjk(cp) else c)
         words = []
         for word in unicodedata.normalize("NFC", "".join(chars)).split():
             if self.lower_case:
