@@ -333,7 +333,7 @@ class _Tokenizer:
     """Shared batching for all tokenizers: input checks, start/end tokens, truncation, padding.
 
     Subclasses set `context_length`, `vocab_size`, `pad_id`, `start_id`, `end_id` and define `encode(text)`.
-    `pad_multiple` rounds the padded length up (training sets 8 under --compile: fewer shapes, recompiles).
+    `pad_multiple` rounds the padded length up (8 when training under --compile: fewer shapes to compile).
     """
     pad_multiple = 1
 
