@@ -331,13 +331,9 @@ class _Tokenizer:
     """Shared batching for all tokenizers: input checks, start/end tokens, truncation, padding.
 
     Subclasses set `context_length`, `vocab_size`, `pad_id`, `start_id`, `end_id` and define `encode(text)`.
-    `pad_multiple` rounds the padded length up (training sets 8 under --compile:
-    fewer shapes, fewer recompiles).
+    `pad_multiple` rounds the padded length up (8 when training under --compile: fewer shapes to compile).
     """
     pad_multiple = 1
-
-    def encode(self, text):
-        raise NotImplementedError
 
     def __call__(self, texts):
         texts = [texts] if isinstance(texts, str) else list(texts)
@@ -354,6 +350,16 @@ class _Tokenizer:
                                  f"empty captions upstream before tokenizing")
             rows.append([self.start_id] + self.encode(text)[:keep] + [self.end_id])
         return _pad_batch(rows, self.pad_id, self.pad_multiple, self.context_length)
+
+    def _cached(self, word, encode_word):
+        """`encode_word(word)`, remembered for the `cache_size` most recently used words (`_cache`)."""
+        if word in self._cache:
+            self._cache.move_to_end(word)
+            return self._cache[word]
+        ids = self._cache[word] = encode_word(word)
+        if len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return ids
 
     def _check_context_length(self, context_length):
         if not isinstance(context_length, int) or context_length < 2:
@@ -394,23 +400,14 @@ def _ftfy_tables():
     for name, char in html.entities.html5.items():
         if name.endswith(";"):
             entities["&" + name] = char
-            # ftfy also reads upper-cased names ("&EACUTE;" -> "É") when that spelling is not
-            # an entity itself.
+            # ftfy also reads upper-cased names ("&EACUTE;" -> "É") unless that spelling is an entity itself
             upper = "&" + name.upper()
             if name == name.lower() and html.unescape(upper) == upper:
                 entities[upper] = char.upper()
-    c1 = {}
-    for cp in range(0x80, 0xA0):
-        try:
-            c1[cp] = bytes([cp]).decode("cp1252")
-        except UnicodeDecodeError:
-            # five bytes Windows-1252 leaves undefined stay as they are ("sloppy" codec)
-            c1[cp] = chr(cp)
-    width = {0x3000: " "}  # ideographic space -> space
-    for cp in range(0xFF01, 0xFFF0):
-        alternate = unicodedata.normalize("NFKC", chr(cp))
-        if alternate != chr(cp):
-            width[cp] = alternate
+    # the five bytes Windows-1252 leaves undefined stay as they are ("sloppy" codec)
+    c1 = {cp: bytes([cp]).decode("cp1252", errors="ignore") or chr(cp) for cp in range(0x80, 0xA0)}
+    width = {0x3000: " ", **{cp: alternate for cp in range(0xFF01, 0xFFF0)  # ideographic space -> space
+                             if (alternate := unicodedata.normalize("NFKC", chr(cp))) != chr(cp)}}
     return entities, c1, width
 
 
@@ -419,10 +416,9 @@ def _unescape_entity(match):
     entities = _ftfy_tables()[0]
     if text in entities:
         return entities[text]
-    if text.startswith("&#"):
-        unescaped = html.unescape(text)
-        return text if ";" in unescaped else unescaped  # only accept references that consume their ';'
-    return text
+    # a numeric reference counts only if it consumes its ';'; other names stay as written
+    unescaped = html.unescape(text) if text.startswith("&#") else text
+    return text if ";" in unescaped else unescaped
 
 
 def _fix_surrogate_pair(match):
@@ -451,13 +447,10 @@ def fix_text(text):
     """ftfy.fix_text with default settings, minus the mojibake repair (see the comment above)."""
     if _PLAIN_ASCII_RE.fullmatch(text):
         return text  # printable ASCII, tabs and newlines, no '&': nothing for any of the fixes to change
-    out, unescape, pos = [], True, 0
-    while pos < len(text):  # ftfy fixes each line on its own
-        end = text.find("\n", pos) + 1 or len(text)
-        segment = text[pos:end]
+    out, unescape = [], True
+    for segment in re.findall(r"[^\n]*\n|[^\n]+", text):  # ftfy fixes each line on its own
         unescape = unescape and "<" not in segment  # text with '<' looks like real HTML: stop unescaping
         out.append(_fix_segment(segment, unescape))
-        pos = end
     return "".join(out)
 
 
@@ -474,9 +467,8 @@ def _bytes_to_unicode():
 
 
 _SKIP, _LETTER, _NUMBER, _OTHER = range(4)
-# Case-insensitive matches for the contraction letters, as the `regex` module finds them ("'ſ" matches "'s").
-_CONTRACTIONS = [("s",), ("t",), ("r", "e"), ("v", "e"), ("m",), ("l", "l"), ("d",)]
-_CASE_VARIANTS = {"s": "sSſ", "t": "tT", "r": "rR", "e": "eE", "v": "vV", "m": "mM", "l": "lL", "d": "dD"}
+# Case-insensitive contractions, as the `regex` module finds them ("'ſ" matches "'s").
+_CONTRACTION_RE = re.compile("'(?:[sSſ]|[tT]|[rR][eE]|[vV][eE]|[mM]|[lL][lL]|[dD])")
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -493,8 +485,7 @@ def _char_kind(c):
 
 # The same pattern restricted to ASCII, where the classes are plain ranges (the `regex` module's \s does not
 # include U+001C..U+001F, unlike the standard `re`'s, hence the explicit whitespace set).
-_ASCII_SPLIT_RE = re.compile(r"'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD]|[A-Za-z]+|[0-9]|"
-                             r"[^ \t\n\x0b\x0c\rA-Za-z0-9]+")
+_ASCII_SPLIT_RE = re.compile(_CONTRACTION_RE.pattern + r"|[A-Za-z]+|[0-9]|[^ \t\n\x0b\x0c\rA-Za-z0-9]+")
 
 
 def clip_split(text):
@@ -507,27 +498,18 @@ def clip_split(text):
         return _ASCII_SPLIT_RE.findall(text)
     words, i, n = [], 0, len(text)
     while i < n:
-        c = text[i]
-        if c == "'":  # alternatives are tried in order: a contraction wins over a run of punctuation
-            for suffix in _CONTRACTIONS:
-                end = i + 1 + len(suffix)
-                if end <= n and all(text[i + 1 + k] in _CASE_VARIANTS[s] for k, s in enumerate(suffix)):
-                    break
-            else:
-                end = None
-            if end is not None:
-                words.append(text[i:end])
-                i = end
-                continue
-        kind = _char_kind(c)
-        if kind == _SKIP:
-            i += 1
+        # alternatives are tried in order: a contraction wins over a run of punctuation
+        contraction = _CONTRACTION_RE.match(text, i)
+        if contraction:
+            words.append(contraction.group())
+            i = contraction.end()
             continue
-        j = i + 1
-        if kind != _NUMBER:  # letters and "other" come in runs, numbers one digit at a time
+        kind, j = _char_kind(text[i]), i + 1
+        if kind in (_LETTER, _OTHER):  # letters and "other" come in runs, numbers one digit at a time
             while j < n and _char_kind(text[j]) == kind:
                 j += 1
-        words.append(text[i:j])
+        if kind != _SKIP:
+            words.append(text[i:j])
         i = j
     return words
 
@@ -578,8 +560,7 @@ class ClipTokenizer(_Tokenizer):
 
     @classmethod
     def from_files(cls, vocab_json, merges_txt, context_length=77):
-        """Hugging Face layout: vocab.json (token -> id) and merges.txt
-        (a '#version' line, then 'a b' lines)."""
+        """Hugging Face layout: vocab.json (token -> id), merges.txt ('#version' line, then 'a b' lines)."""
         with open(vocab_json, encoding="utf-8") as f:
             vocab = json.load(f)
         with open(merges_txt, encoding="utf-8") as f:
@@ -598,8 +579,7 @@ class ClipTokenizer(_Tokenizer):
         return cls({t: i for i, t in enumerate(tokens)}, merges, context_length)
 
     def save(self, out_dir):
-        """Writes vocab.json and merges.txt in the Hugging Face layout
-        (what transformers.CLIPTokenizer reads)."""
+        """Writes vocab.json and merges.txt, the Hugging Face layout transformers.CLIPTokenizer reads."""
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "vocab.json"), "w", encoding="utf-8") as f:
             json.dump(self.vocab, f, ensure_ascii=False)
@@ -607,16 +587,12 @@ class ClipTokenizer(_Tokenizer):
             f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in self.merges))
 
     def clean(self, text):
-        """The text the BPE sees: open_clip's 'lower' cleaning
-        (ftfy, HTML unescape, whitespace, lower case)."""
+        """The BPE's input: open_clip's 'lower' cleaning (ftfy, HTML unescape, whitespace, lower case)."""
         text = html.unescape(html.unescape(fix_text(text)))
         return " ".join(text.split()).lower()
 
     def _bpe(self, word):
         """One pre-tokenized word -> its ids: merge the lowest-ranked adjacent pair until none is ranked."""
-        if word in self._cache:
-            self._cache.move_to_end(word)
-            return self._cache[word]
         encoder = _bytes_to_unicode()
         chars = "".join(encoder[b] for b in word.encode("utf-8"))
         parts = list(chars[:-1]) + [chars[-1] + "</w>"]
@@ -625,24 +601,18 @@ class ClipTokenizer(_Tokenizer):
             best = min(pairs, key=lambda p: self.bpe_ranks.get(p, float("inf")))
             if best not in self.bpe_ranks:
                 break
-            merged, k = [], 0
-            while k < len(parts):  # merge every occurrence, left to right
-                if k < len(parts) - 1 and (parts[k], parts[k + 1]) == best:
-                    merged.append(parts[k] + parts[k + 1])
-                    k += 2
+            merged = parts[:1]
+            for part in parts[1:]:  # merge every occurrence, left to right (a merged symbol is never best[0])
+                if (merged[-1], part) == best:
+                    merged[-1] += part
                 else:
-                    merged.append(parts[k])
-                    k += 1
+                    merged.append(part)
             parts = merged
-        ids = [self.vocab[p] for p in parts]
-        self._cache[word] = ids
-        if len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
-        return ids
+        return [self.vocab[p] for p in parts]
 
     def encode(self, text):
         """Text -> BPE ids, without the start and end tokens."""
-        return [i for word in clip_split(self.clean(text)) for i in self._bpe(word)]
+        return [i for word in clip_split(self.clean(text)) for i in self._cached(word, self._bpe)]
 
     def decode(self, ids):
         """Ids of one caption -> text, special tokens dropped. Pass `ids[i][mask[i]]`: the pad id 0 is "!"."""
@@ -663,13 +633,11 @@ def _is_cjk(cp):
 def _is_bert_punctuation(c):
     """Unicode punctuation (P*) plus every non-alphanumeric printable ASCII character ("$", "^", "`", ...)."""
     cp = ord(c)
-    if 33 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126:
-        return True
-    return unicodedata.category(c).startswith("P")
+    return (33 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126
+            or unicodedata.category(c).startswith("P"))
 
 
-# ASCII shortcut of the basic tokenizer: control characters dropped, then alphanumeric runs and
-# single symbols.
+# ASCII shortcut of the basic tokenizer: control characters dropped, alphanumeric runs, single symbols.
 _ASCII_CONTROLS = dict.fromkeys([*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F])
 _ASCII_BERT_RE = re.compile(r"[A-Za-z0-9]+|[^A-Za-z0-9\s]")
 
@@ -688,7 +656,8 @@ class WordPieceTokenizer(_Tokenizer):
     def __init__(self, vocab, lower_case=True, context_length=512):
         self.context_length = self._check_context_length(context_length)
         if isinstance(vocab, (str, os.PathLike)):
-            vocab = self._read_vocab(vocab)
+            with open(vocab, encoding="utf-8") as f:  # one token per line, id = line number (as transformers)
+                vocab = {line.rstrip("\n"): i for i, line in enumerate(f)}
         self.vocab = dict(vocab)
         missing = [t for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]") if t not in self.vocab]
         if missing:
@@ -698,14 +667,8 @@ class WordPieceTokenizer(_Tokenizer):
         self.pad_id, self.unk_id = self.vocab["[PAD]"], self.vocab["[UNK]"]
         self.cls_id, self.sep_id = self.vocab["[CLS]"], self.vocab["[SEP]"]
         self.start_id, self.end_id = self.cls_id, self.sep_id
-        self._cache = {}  # word -> ids
+        self._cache = OrderedDict()  # word -> ids, least recently used first
         self.cache_size = 100_000
-
-    @staticmethod
-    def _read_vocab(path):
-        # one token per line, id = line number (as transformers reads it)
-        with open(path, encoding="utf-8") as f:
-            return {line.rstrip("\n"): i for i, line in enumerate(f.readlines())}
 
     @classmethod
     def from_file(cls, vocab_txt, lower_case=True, context_length=512):
@@ -724,37 +687,23 @@ class WordPieceTokenizer(_Tokenizer):
                 continue  # NUL, replacement character, control/format/unassigned characters
             if c in " \t\n\r" or unicodedata.category(c) == "Zs":
                 chars.append(" ")
-            elif _is_cjk(cp):
-                chars.append(f" {c} ")
             else:
-                chars.append(c)
+                chars.append(f" {c} " if _is_cjk(cp) else c)
         words = []
         for word in unicodedata.normalize("NFC", "".join(chars)).split():
             if self.lower_case:
                 word = "".join(c for c in unicodedata.normalize("NFD", word.lower())
                                if unicodedata.category(c) != "Mn")
-            start = True
+            words.append("")
             for c in word:  # every punctuation mark is a word of its own
                 if _is_bert_punctuation(c):
-                    words.append(c)
-                    start = True
+                    words += [c, ""]
                 else:
-                    if start:
-                        words.append("")
                     words[-1] += c
-                    start = False
         return [w for w in words if w]
 
     def _wordpiece(self, word):
-        """One basic token -> its WordPiece ids (cached)."""
-        ids = self._cache.get(word)
-        if ids is None:
-            ids = self._segment(word)
-            if len(self._cache) < self.cache_size:
-                self._cache[word] = ids
-        return ids
-
-    def _segment(self, word):
+        """One basic token -> its WordPiece ids, greedy longest match first."""
         if len(word) > self.MAX_WORD_CHARS:
             return [self.unk_id]
         ids, start = [], 0
@@ -773,7 +722,7 @@ class WordPieceTokenizer(_Tokenizer):
 
     def encode(self, text):
         """Text -> WordPiece ids, without [CLS] and [SEP]."""
-        return [i for word in self.basic_tokenize(text) for i in self._wordpiece(word)]
+        return [i for word in self.basic_tokenize(text) for i in self._cached(word, self._wordpiece)]
 
 
 # --- tokenizers for models trained from scratch ---
@@ -807,9 +756,8 @@ _WORD_RE = re.compile(r"[^\W_]+|[^\w\s]|_")  # runs of letters/digits; each othe
 
 class WordTokenizer(_Tokenizer):
     """A word-level tokenizer for small vocabularies: lower case, words = runs of letters and digits, every
-    punctuation mark a token of its own (kept: "left of" vs "left, of" is information).
-    Ids: pad 0, start 1, end 2, unknown 3, then `vocab[k]` -> k + 4. `vocab` is a plain list of words, so a
-    checkpoint can store it.
+    punctuation mark a token of its own (kept: "left of" vs "left, of" is information). Ids: pad 0, start 1,
+    end 2, unknown 3, then `vocab[k]` -> k + 4. `vocab` is a plain list of words: a checkpoint can store it.
 
         tok = WordTokenizer.build(captions, min_count=2); ids, mask = tok(["a red square."])
     """
@@ -861,8 +809,7 @@ class TowerConfig:
     layers: int = 12              # number of transformer blocks
     heads: int = 8                # attention heads (D must divide evenly)
     mlp_width: int = 2048         # hidden width of the MLP
-    act: str = "quick_gelu"       # quick_gelu (OpenAI CLIP), gelu (BERT, ViT, DINOv2,
-                                  # open_clip non-quickgelu)
+    act: str = "quick_gelu"       # quick_gelu (OpenAI CLIP), gelu (BERT, ViT, DINOv2, other open_clip)
     post_norm: bool = False       # BERT normalises after the residual add; everyone else before
     ln_eps: float = 1e-5          # CLIP 1e-5, BERT/ViT 1e-12, DINOv2 1e-6
     layer_scale: bool = False     # DINOv2 scales each residual branch by a learned per-channel vector
@@ -942,11 +889,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
         self.mlp = MLP(cfg.width, cfg.mlp_width, cfg.act)
         self.drop = nn.Dropout(cfg.dropout)
-        if cfg.layer_scale:  # DINOv2 (Oquab et al. 2023): residual branches scaled per channel
-            self.ls_1 = nn.Parameter(torch.ones(cfg.width))
-            self.ls_2 = nn.Parameter(torch.ones(cfg.width))
-        else:
-            self.ls_1 = self.ls_2 = None
+        # DINOv2 (Oquab et al. 2023): residual branches scaled per channel
+        self.ls_1 = nn.Parameter(torch.ones(cfg.width)) if cfg.layer_scale else None
+        self.ls_2 = nn.Parameter(torch.ones(cfg.width)) if cfg.layer_scale else None
 
     def forward(self, x, attn_mask=None, causal=False):
         if self.post_norm:  # BERT: x = LN(x + f(x))
@@ -990,21 +935,20 @@ class VisionTower(nn.Module):
     def features(self, images):  # (B, 3, S, S) -> (B, D) pooled CLS, before the projection
         x = self.conv1(images).flatten(2).transpose(1, 2)  # (B, P, D)
         x = torch.cat([self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1), x], dim=1)  # (B, P+1, D)
-        x = x + self._positions(x.shape[1], images.shape[-2:]).to(x.dtype)
-        x = self.transformer(self.ln_pre(x))
+        pos, p = self.positional_embedding, self.cfg.patch_size
+        if x.shape[1] != pos.shape[0]:  # another input size than the table's
+            pos = _resample_positions(pos, images.shape[-2] // p, images.shape[-1] // p)
+        x = self.transformer(self.ln_pre(x + pos.to(x.dtype)))
         return self.ln_post(x[:, 0])  # (B, D)
 
-    def _positions(self, n_tokens, hw):
-        pos = self.positional_embedding
-        if n_tokens == pos.shape[0]:
-            return pos
-        # A different input size: resample the patch grid bicubically (as DINOv2 and ViT do),
-        # keep the CLS row.
-        g, D = int(round((pos.shape[0] - 1) ** 0.5)), pos.shape[1]
-        p = self.cfg.patch_size
-        grid = pos[1:].reshape(1, g, g, D).permute(0, 3, 1, 2).float()
-        grid = F.interpolate(grid, size=(hw[0] // p, hw[1] // p), mode="bicubic", align_corners=False)
-        return torch.cat([pos[:1], grid.permute(0, 2, 3, 1).reshape(-1, D).to(pos.dtype)])
+
+def _resample_positions(pos, h, w):
+    """A (1 + g*g, D) position table (CLS row first) for a grid of h x w patches: the patch grid resampled
+    bicubically in float32, as DINOv2, ViT and transformers' interpolate_pos_encoding do; the CLS row kept."""
+    g, D = round((pos.shape[0] - 1) ** 0.5), pos.shape[1]
+    grid = pos[1:].reshape(1, g, g, D).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)
+    return torch.cat([pos[:1], grid.permute(0, 2, 3, 1).reshape(h * w, D).to(pos.dtype)])
 
 
 class DualEncoder(nn.Module):
@@ -1098,9 +1042,8 @@ _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, 
 def read_safetensors(path):
     """Reads a .safetensors file (8-byte little-endian header size, JSON header, raw little-endian data).
 
-    The header is checked in full before any tensor is built: a JSON object of {name: {dtype, shape,
-    data_offsets}}, known dtypes, shapes of non-negative integers, offsets inside the data, sizes equal to
-    dtype size x number of elements, no two tensors overlapping. Errors name the file and the tensor.
+    The header is checked in full (dtypes, shapes, offsets, sizes, overlaps) before any tensor is built;
+    errors name the file and the tensor.
     """
     data = Path(path).read_bytes()
     if len(data) < 8:
@@ -1169,8 +1112,7 @@ def write_safetensors(tensors, path, metadata=None):
         offset += len(raw)
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)  # the format pads the header to an 8-byte boundary
-    _atomic_write(path, lambda f: (f.write(struct.pack("<Q", len(head))), f.write(head),
-                                   [f.write(b) for b in blobs]))
+    _atomic_write(path, lambda f: f.writelines([struct.pack("<Q", len(head)), head, *blobs]))
 
 
 def _tmp_next_to(path, tag="", pid=None):
@@ -1199,9 +1141,8 @@ def read_state_dict(path, allow_torchscript=False):
     `allow_torchscript=True`.
     """
     path = Path(path)
-    if path.name.endswith(".index.json") and path.is_file():
-        return _strip_wrappers(_read_shards(path, allow_torchscript))
-    return _strip_wrappers(_read_file(path, allow_torchscript))
+    read = _read_shards if path.name.endswith(".index.json") and path.is_file() else _read_file
+    return _strip_wrappers(read(path, allow_torchscript))
 
 
 def _read_shards(index, allow_torchscript):
@@ -1272,19 +1213,17 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
 
 
 def _strip_wrappers(sd):
-    while sd:
-        prefix = next((p for p in _WRAPPER_PREFIXES if all(k.startswith(p) for k in sd)), None)
-        if prefix is None:
-            break
+    while sd and (prefix := next((p for p in _WRAPPER_PREFIXES if all(k.startswith(p) for k in sd)), None)):
         sd = {k[len(prefix):]: v for k, v in sd.items()}
     return sd
 
 
 # Sub-module names inside one transformer block, per format, mapped to ours. Separate q/k/v are fused below.
+_HF_CLIP_BLOCK = {"self_attn.q_proj": "attn.q", "self_attn.k_proj": "attn.k", "self_attn.v_proj": "attn.v",
+                  "self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2",
+                  "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
 _BLOCK_KEYS = {
-    "self_attn.q_proj": "attn.q", "self_attn.k_proj": "attn.k", "self_attn.v_proj": "attn.v",  # HF CLIP
-    "self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2",
-    "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+    **_HF_CLIP_BLOCK,
     "attention.self.query": "attn.q", "attention.self.key": "attn.k",  # BERT
     "attention.self.value": "attn.v",
     "attention.output.dense": "attn.out_proj", "attention.output.LayerNorm": "ln_1",
@@ -1293,10 +1232,26 @@ _BLOCK_KEYS = {
     "attention.attention.value": "attn.v", "layernorm_before": "ln_1", "layernorm_after": "ln_2",
     "attention.q_proj": "attn.q", "attention.k_proj": "attn.k",  # ViT/DINOv2 (v5)
     "attention.v_proj": "attn.v", "attention.o_proj": "attn.out_proj", "norm1": "ln_1", "norm2": "ln_2",
-    "layer_scale1.lambda1": "ls_1", "layer_scale2.lambda1": "ls_2",
-}
+    "layer_scale1.lambda1": "ls_1", "layer_scale2.lambda1": "ls_2"}
 _BLOCK_RE = re.compile(r"^(?:text_model\.|vision_model\.)?(?:encoder\.)?layers?\.(\d+)\."
                        r"(.+?)(\.weight|\.bias)?$")
+
+# Hugging Face CLIP's names outside the blocks, mapped to ours; its projections are nn.Linear (E, D) weights,
+# transposed into our (D, E) matrices. export_hf writes the inverse.
+_HF_CLIP_TOP = {
+    "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+    "text_model.embeddings.position_embedding.weight": "positional_embedding",
+    "text_model.final_layer_norm.weight": "ln_final.weight",
+    "text_model.final_layer_norm.bias": "ln_final.bias",
+    "vision_model.embeddings.class_embedding": "visual.class_embedding",
+    "vision_model.embeddings.patch_embedding.weight": "visual.conv1.weight",
+    "vision_model.embeddings.position_embedding.weight": "visual.positional_embedding",
+    "vision_model.pre_layrnorm.weight": "visual.ln_pre.weight",
+    "vision_model.pre_layrnorm.bias": "visual.ln_pre.bias",
+    "vision_model.post_layernorm.weight": "visual.ln_post.weight",
+    "vision_model.post_layernorm.bias": "visual.ln_post.bias",
+    "visual_projection.weight": ("visual.proj", torch.t),
+    "text_projection.weight": ("text_projection", torch.t), "logit_scale": "logit_scale"}
 
 # Keys a format carries that this model deliberately does not use.
 _UNUSED = re.compile(r"(^|\.)position_ids$|^pooler\.|^embeddings\.mask_token$|^input_resolution$|"
@@ -1304,8 +1259,8 @@ _UNUSED = re.compile(r"(^|\.)position_ids$|^pooler\.|^embeddings\.mask_token$|^i
 
 
 def _map_keys(sd, top, prefix):
-    """Renames a Hugging Face tower's keys to ours: `top` maps whole non-block names,
-    blocks go via _BLOCK_KEYS.
+    """Renames a Hugging Face tower's keys to ours: `top` maps whole non-block names (to a name, or a (name,
+    function of the tensor) pair), blocks go via _BLOCK_KEYS under `prefix`.
 
     Returns (mapped, unexpected). Separate q/k/v projections are fused into attn.in_proj_{weight,bias}.
     """
@@ -1324,8 +1279,7 @@ def _map_keys(sd, top, prefix):
         out[f"{prefix}transformer.resblocks.{m.group(1)}.{sub}{m.group(3) or ''}"] = t
     for qkey in [k for k in out if ".attn.q." in k]:
         k, v = qkey.replace(".attn.q.", ".attn.k."), qkey.replace(".attn.q.", ".attn.v.")
-        fused = (qkey.replace(".attn.q.weight", ".attn.in_proj_weight")
-                 .replace(".attn.q.bias", ".attn.in_proj_bias"))
+        fused = qkey.replace(".attn.q.", ".attn.in_proj_")  # attn.in_proj_weight or attn.in_proj_bias
         if k in out and v in out:
             out[fused] = torch.cat([out.pop(qkey), out.pop(k), out.pop(v)])
     return out, unexpected
@@ -1352,6 +1306,31 @@ def _detect_layout(sd):
                      f"a Hugging Face CLIP, BERT, ViT or DINOv2 model. First keys: {sorted(sd)[:8]}")
 
 
+def _tower_fields(sd, prefix, width, config, act, ln_eps):
+    """TowerConfig fields of the mapped blocks under `prefix`: depth and MLP width from the weights; heads,
+    activation and LayerNorm eps from a Hugging Face config, else 64-wide heads, `act` and `ln_eps`."""
+    return dict(width=width, layers=_n_blocks(sd, re.escape(prefix) + r"transformer\.resblocks\.(\d+)\."),
+                heads=config.get("num_attention_heads", width // 64),
+                mlp_width=sd[prefix + "transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+                act=config.get("hidden_act", act), ln_eps=config.get("layer_norm_eps", ln_eps))
+
+
+def _vision_config(sd, config, act, ln_eps, **fields):
+    """VisionConfig of mapped weights: width and patch size from the patch convolution, image size from the
+    grid of the position table (CLS row + grid^2 patches)."""
+    w = sd["visual.conv1.weight"]  # (D, 3, p, p)
+    fields = {**_tower_fields(sd, "visual.", w.shape[0], config, act, ln_eps), **fields}
+    grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+    return VisionConfig(**fields, image_size=grid * w.shape[-1], patch_size=w.shape[-1])
+
+
+def _text_config(sd, width, config, act, ln_eps, **fields):
+    """TextConfig of mapped weights: vocabulary and context length from the embedding tables."""
+    return TextConfig(**_tower_fields(sd, "", width, config, act, ln_eps),
+                      vocab_size=sd["token_embedding.weight"].shape[0],
+                      context_length=sd["positional_embedding"].shape[0], **fields)
+
+
 # The tensors an OpenAI-layout state dict's architecture is read from, with the shape each must have.
 _OPENAI_ARCH = {"visual.conv1.weight": "(D, 3, p, p), D a multiple of 64", "visual.positional_embedding":
                 "(grid^2 + 1, D)", "ln_final.weight": "(W,), W a multiple of 64", "text_projection": "(W, E)",
@@ -1367,9 +1346,8 @@ def _openai_config(sd, act):
     ndim = {k: 4 if k == "visual.conv1.weight" else 1 if k == "ln_final.weight" else 2 for k in _OPENAI_ARCH}
     ok = all(len(shape[k]) == n for k, n in ndim.items())
     if ok:
-        (D, rgb, p, q), (tokens, width), (W,) = (shape["visual.conv1.weight"],
-                                                 shape["visual.positional_embedding"],
-                                                 shape["ln_final.weight"])
+        D, rgb, p, q = shape["visual.conv1.weight"]
+        (tokens, width), (W,) = shape["visual.positional_embedding"], shape["ln_final.weight"]
         grid = round((tokens - 1) ** 0.5)
         ok = rgb == 3 and p == q > 0 and D > 0 and D % 64 == 0 and W > 0 and W % 64 == 0 \
             and grid * grid == tokens - 1 and width == D
@@ -1377,55 +1355,19 @@ def _openai_config(sd, act):
         listing = "; ".join(f"{k}: {shape[k]} (expected {want})" for k, want in _OPENAI_ARCH.items())
         raise ValueError(f"the checkpoint's architecture cannot be read from its shapes: {listing}. "
                          f"The file is damaged or not an OpenAI/open_clip CLIP state dict")
-    vw = sd["visual.conv1.weight"]  # (D, 3, p, p)
-    grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
-    tw = sd["ln_final.weight"].shape[0]
-    vis = VisionConfig(width=vw.shape[0], layers=_n_blocks(sd, r"visual\.transformer\.resblocks\.(\d+)\."),
-                       heads=vw.shape[0] // 64,
-                       mlp_width=sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
-                       act=act, image_size=grid * vw.shape[-1], patch_size=vw.shape[-1])
-    txt = TextConfig(width=tw, layers=_n_blocks(sd, r"transformer\.resblocks\.(\d+)\."), heads=tw // 64,
-                     mlp_width=sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0], act=act,
-                     vocab_size=sd["token_embedding.weight"].shape[0],
-                     context_length=sd["positional_embedding"].shape[0])
-    return ModelConfig(vis, txt, sd["text_projection"].shape[1])
+    return ModelConfig(_vision_config(sd, {}, act, 1e-5), _text_config(sd, W, {}, act, 1e-5),
+                       sd["text_projection"].shape[1])
 
 
 def _hf_clip(sd, config):
-    tc, vc = config.get("text_config", {}), config.get("vision_config", {})
-    T, V = "text_model.embeddings.", "vision_model.embeddings."
-    top = {T + "token_embedding.weight": "token_embedding.weight",
-           T + "position_embedding.weight": "positional_embedding",
-           "text_model.final_layer_norm.weight": "ln_final.weight",
-           "text_model.final_layer_norm.bias": "ln_final.bias",
-           V + "class_embedding": "visual.class_embedding",
-           V + "patch_embedding.weight": "visual.conv1.weight",
-           V + "position_embedding.weight": "visual.positional_embedding",
-           "vision_model.pre_layrnorm.weight": "visual.ln_pre.weight",
-           "vision_model.pre_layrnorm.bias": "visual.ln_pre.bias",
-           "vision_model.post_layernorm.weight": "visual.ln_post.weight",
-           "vision_model.post_layernorm.bias": "visual.ln_post.bias",
-           "visual_projection.weight": ("visual.proj", lambda w: w.t()),  # nn.Linear (E, D) -> our (D, E)
-           "text_projection.weight": ("text_projection", lambda w: w.t()), "logit_scale": "logit_scale"}
     text = {k: v for k, v in sd.items() if not k.startswith("vision_model.")}
     vision = {k: v for k, v in sd.items() if k.startswith("vision_model.")}
-    out, unexpected = _map_keys(text, top, "")
-    vout, vunexpected = _map_keys(vision, top, "visual.")
+    out, unexpected = _map_keys(text, _HF_CLIP_TOP, "")
+    vout, vunexpected = _map_keys(vision, _HF_CLIP_TOP, "visual.")
     out.update(vout)
-    vw, tw = out["visual.conv1.weight"], out["ln_final.weight"].shape[0]
-    vis = VisionConfig(width=vw.shape[0], layers=_n_blocks(vout, r"visual\.transformer\.resblocks\.(\d+)\."),
-                       heads=vc.get("num_attention_heads", vw.shape[0] // 64),
-                       mlp_width=out["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
-                       act=vc.get("hidden_act", "quick_gelu"), ln_eps=vc.get("layer_norm_eps", 1e-5),
-                       image_size=round((out["visual.positional_embedding"].shape[0] - 1) ** 0.5)
-                                  * vw.shape[-1],
-                       patch_size=vw.shape[-1])
-    txt = TextConfig(width=tw, layers=_n_blocks(out, r"transformer\.resblocks\.(\d+)\."),
-                     heads=tc.get("num_attention_heads", tw // 64),
-                     mlp_width=out["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
-                     act=tc.get("hidden_act", "quick_gelu"), ln_eps=tc.get("layer_norm_eps", 1e-5),
-                     vocab_size=out["token_embedding.weight"].shape[0],
-                     context_length=out["positional_embedding"].shape[0])
+    tc, vc = config.get("text_config", {}), config.get("vision_config", {})
+    vis = _vision_config(out, vc, "quick_gelu", 1e-5)
+    txt = _text_config(out, out["ln_final.weight"].shape[0], tc, "quick_gelu", 1e-5)
     return out, unexpected + vunexpected, ModelConfig(vis, txt, out["text_projection"].shape[1])
 
 
@@ -1438,16 +1380,9 @@ def _hf_bert(sd, config):
            E + "token_type_embeddings.weight": "token_type_embedding.weight",
            E + "LayerNorm.weight": "ln_embed.weight", E + "LayerNorm.bias": "ln_embed.bias"}
     out, unexpected = _map_keys(sd, top, "")
-    D = out["token_embedding.weight"].shape[1]
-    cfg = TextConfig(width=D, layers=_n_blocks(out, r"transformer\.resblocks\.(\d+)\."),
-                     heads=config.get("num_attention_heads", D // 64),
-                     mlp_width=out["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
-                     act=config.get("hidden_act", "gelu"), post_norm=True,
-                     ln_eps=config.get("layer_norm_eps", 1e-12),
-                     vocab_size=out["token_embedding.weight"].shape[0],
-                     context_length=out["positional_embedding"].shape[0], causal=False,
-                     token_types=out["token_type_embedding.weight"].shape[0], ln_embed=True, ln_final=False,
-                     pool="cls")
+    cfg = _text_config(out, out["token_embedding.weight"].shape[1], config, "gelu", 1e-12, post_norm=True,
+                       causal=False, ln_embed=True, ln_final=False, pool="cls")
+    cfg.token_types = out["token_type_embedding.weight"].shape[0]
     return out, unexpected, cfg
 
 
@@ -1468,26 +1403,16 @@ def _hf_vit(sd, config, layout, image_size=None):
            E + "patch_embeddings.projection.bias": "visual.conv1.bias",
            "layernorm.weight": "visual.ln_post.weight", "layernorm.bias": "visual.ln_post.bias"}
     out, unexpected = _map_keys(sd, top, "visual.")
-    w = out["visual.conv1.weight"]
-    D, p = w.shape[0], w.shape[-1]
-    mlp_key = "visual.transformer.resblocks.0.mlp.c_fc.weight"
-    cfg = VisionConfig(width=D, layers=_n_blocks(out, r"visual\.transformer\.resblocks\.(\d+)\."),
-                       heads=config.get("num_attention_heads", D // 64), mlp_width=out[mlp_key].shape[0],
-                       act=config.get("hidden_act", "gelu"),
-                       ln_eps=config.get("layer_norm_eps", 1e-6 if layout == "dinov2" else 1e-12),
-                       layer_scale=layout == "dinov2",
-                       image_size=round((out["visual.positional_embedding"].shape[0] - 1) ** 0.5) * p,
-                       patch_size=p, patch_bias=True, ln_pre=False)
+    dino = layout == "dinov2"
+    cfg = _vision_config(out, config, "gelu", 1e-6 if dino else 1e-12, layer_scale=dino, patch_bias=True,
+                         ln_pre=False)
+    p = cfg.patch_size
     if image_size is not None and image_size != cfg.image_size:
         if image_size % p:
             raise ValueError(f"the image processor's size {image_size} is not a multiple of the patch "
                              f"size {p}")
         pos = out["visual.positional_embedding"]
-        g, new = cfg.image_size // p, image_size // p
-        grid = pos[1:].reshape(1, g, g, -1).permute(0, 3, 1, 2).float()
-        grid = F.interpolate(grid, size=(new, new), mode="bicubic", align_corners=False)
-        grid = grid.permute(0, 2, 3, 1).reshape(new * new, -1).to(pos.dtype)
-        out["visual.positional_embedding"] = torch.cat([pos[:1], grid])
+        out["visual.positional_embedding"] = _resample_positions(pos, image_size // p, image_size // p)
         cfg.image_size = image_size
     return out, unexpected, cfg
 
@@ -1495,7 +1420,7 @@ def _hf_vit(sd, config, layout, image_size=None):
 def load_state_strict(model, sd, unexpected=(), only=None):
     """Copies `sd` into `model`; any missing, unexpected or mis-shaped key raises one error listing them all.
 
-    `only` restricts the check to parameter names with that prefix (a tower loaded into a new dual encoder).
+    `only(name)` picks the parameters checked (a tower loaded into a new dual encoder: all but the heads).
     """
     own = {k: v for k, v in model.state_dict().items() if only is None or only(k)}
     missing = sorted(set(own) - set(sd))
@@ -1707,8 +1632,7 @@ def _sentence_transformer(path):
 
 def load_model(path=None, image_tower=None, text_tower=None, *, embed_dim=512, activation="quick_gelu",
                allow_torchscript=False):
-    """Builds a DualEncoder from pretrained weights (float32)
-    -> (model, info dict: layout, directories, configs).
+    """Builds a DualEncoder from pretrained weights (float32) -> (model, info: layout, directories, configs).
 
     path: an OpenAI/open_clip CLIP state dict (.pt/.bin/.safetensors), an open_clip hub folder
           (open_clip_config.json + open_clip_model.safetensors) or a Hugging Face CLIP directory.
@@ -1723,15 +1647,13 @@ def load_model(path=None, image_tower=None, text_tower=None, *, embed_dim=512, a
     if path is not None:
         sd, config, directory = _read_dir_or_file(path, allow_torchscript)
         layout = _detect_layout(sd)
-        open_clip = False
+        oc = directory / "open_clip_config.json"  # a hub folder's, or next to the file given
+        open_clip = layout == "openai" and oc.is_file()
         if layout == "openai":
-            sd = {k: v for k, v in sd.items() if not _UNUSED.search(k)}
-            oc = directory / "open_clip_config.json"  # a hub folder's, or next to the file given
-            open_clip = oc.is_file()
+            sd, unexpected = {k: v for k, v in sd.items() if not _UNUSED.search(k)}, []
             if open_clip:
                 config = _read_json(oc)
             cfg = _open_clip_config(sd, config, oc) if open_clip else _openai_config(sd, activation)
-            unexpected = []
         elif layout == "hf_clip":
             sd, unexpected, cfg = _hf_clip(sd, config)
         else:
@@ -1740,8 +1662,7 @@ def load_model(path=None, image_tower=None, text_tower=None, *, embed_dim=512, a
                              f"_tower together with the other tower")
         model = DualEncoder(cfg)
         load_state_strict(model, {k: v.float() for k, v in sd.items()}, unexpected)
-        return model, {"layout": layout, "dir": directory, "config": config,
-                       "open_clip": open_clip}
+        return model, {"layout": layout, "dir": directory, "config": config, "open_clip": open_clip}
     if image_tower is None or text_tower is None:
         raise ValueError("give either a CLIP checkpoint (path) or both image_tower and text_tower")
     isd, iconf, idir = _read_dir_or_file(image_tower, allow_torchscript)
@@ -1796,35 +1717,23 @@ def export_hf(model, tokenizer, out_dir, preprocess=None):
         raise ValueError("export_hf writes the CLIP layout; this model has BERT/ViT/DINOv2 towers")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    inv = {"attn.out_proj": "self_attn.out_proj", "ln_1": "layer_norm1", "ln_2": "layer_norm2",
-           "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
-    T, V = "text_model.", "vision_model."
-    top = {"token_embedding.weight": T + "embeddings.token_embedding.weight",
-           "positional_embedding": T + "embeddings.position_embedding.weight",
-           "ln_final.weight": T + "final_layer_norm.weight", "ln_final.bias": T + "final_layer_norm.bias",
-           "visual.class_embedding": V + "embeddings.class_embedding",
-           "visual.conv1.weight": V + "embeddings.patch_embedding.weight",
-           "visual.positional_embedding": V + "embeddings.position_embedding.weight",
-           "visual.ln_pre.weight": V + "pre_layrnorm.weight", "visual.ln_pre.bias": V + "pre_layrnorm.bias",
-           "visual.ln_post.weight": V + "post_layernorm.weight",
-           "visual.ln_post.bias": V + "post_layernorm.bias",
-           "logit_scale": "logit_scale"}
-    sd, out = model.state_dict(), {}
-    for k, w in sd.items():
-        if k in top:
-            out[top[k]] = w
-        elif k in ("visual.proj", "text_projection"):
-            out["visual_projection.weight" if k == "visual.proj" else "text_projection.weight"] = w.t()
+    # the inverses of the maps load_model reads Hugging Face CLIP with
+    hf_top = {(ours if isinstance(ours, str) else ours[0]): hf for hf, ours in _HF_CLIP_TOP.items()}
+    hf_block = {ours: hf for hf, ours in _HF_CLIP_BLOCK.items()}
+    out = {}
+    for k, w in model.state_dict().items():
+        m = re.match(r"(visual\.)?transformer\.resblocks\.(\d+)\.(.+?)(\.weight|\.bias|_weight|_bias)$", k)
+        if m is None:
+            assert k in hf_top, f"no Hugging Face name for {k}"
+            transposed = isinstance(_HF_CLIP_TOP[hf_top[k]], tuple)  # the projections
+            out[hf_top[k]] = w.t() if transposed else w
+            continue
+        pre = f"{'vision_model.' if m.group(1) else 'text_model.'}encoder.layers.{m.group(2)}."
+        if m.group(3) == "attn.in_proj":  # our fused q/k/v -> three Linear layers
+            for part, ours in zip(w.chunk(3), ("attn.q", "attn.k", "attn.v")):
+                out[f"{pre}{hf_block[ours]}{m.group(4).replace('_', '.')}"] = part
         else:
-            m = re.match(r"(visual\.)?transformer\.resblocks\.(\d+)\."
-                         r"(.+?)(\.weight|\.bias|_weight|_bias)$", k)
-            assert m, f"no Hugging Face name for {k}"
-            pre = f"{V if m.group(1) else T}encoder.layers.{m.group(2)}."
-            if m.group(3) == "attn.in_proj":
-                for part, name in zip(w.chunk(3), ("q_proj", "k_proj", "v_proj")):
-                    out[f"{pre}self_attn.{name}{m.group(4).replace('_', '.')}"] = part
-            else:
-                out[f"{pre}{inv[m.group(3)]}{m.group(4)}"] = w
+            out[f"{pre}{hf_block[m.group(3)]}{m.group(4)}"] = w
     write_safetensors({k: w.float().contiguous() for k, w in out.items()}, out_dir / "model.safetensors",
                       {"format": "pt"})
     tower = lambda cfg: {"hidden_size": cfg.width, "intermediate_size": cfg.mlp_width,
