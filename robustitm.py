@@ -315,12 +315,17 @@ DEMO_DEFAULTS = {"noise_ratio": 0.4, "epochs": 5, "output_dir": "runs/demo"}
 # transformers do.
 
 
+def _padded_length(longest, multiple=1, limit=None):
+    """The longest row rounded up to a multiple of `multiple`, but not beyond `limit` (nor below `longest`)."""
+    L = -(-longest // multiple) * multiple
+    return max(longest, min(L, limit or L))
+
+
 def _pad_batch(rows, pad_id, multiple=1, limit=None):
     """Lists of ids -> (ids (B, L) long, mask (B, L) bool), padded with `pad_id` to the longest row, rounded
     up to a multiple of `multiple` (at most `limit`)."""
     lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)  # (B,)
-    L = -(-int(lengths.max()) // multiple) * multiple
-    L = max(int(lengths.max()), min(L, limit or L))
+    L = _padded_length(int(lengths.max()), multiple, limit)
     ids = torch.tensor([r + [pad_id] * (L - len(r)) for r in rows], dtype=torch.long)  # (B, L)
     # The mask comes from the lengths, not from `ids != pad_id`: CLIP's pad id 0 is also the token "!".
     mask = torch.arange(L) < lengths[:, None]  # (B, L)
@@ -366,6 +371,34 @@ class _Tokenizer:
             raise ValueError(f"context_length={context_length!r} leaves no room for the start and end "
                              f"tokens: use an int >= 2 (CLIP uses 77, BERT 512)")
         return context_length
+
+
+class CaptionTokens:
+    """A split's captions tokenized once, for training, which reads the same captions at every step and every
+    scoring round: the ids of all captions end to end (int32) and where each starts. `tokens(idx)` equals
+    `tokenizer([captions[i] for i in idx])`, padding included (the tokenizer's rule, read at each call)."""
+
+    def __init__(self, tokenizer, captions, chunk=4096):
+        self.tokenizer, flat, lengths = tokenizer, [], []
+        for i in range(0, len(captions), chunk):
+            ids, mask = tokenizer(captions[i:i + chunk])  # (chunk, L)
+            flat.append(ids[mask].to(torch.int32))
+            lengths.append(mask.sum(1))
+        self.flat, self.lengths = torch.cat(flat), torch.cat(lengths)  # (total ids,), (C,)
+        self.starts = self.lengths.cumsum(0) - self.lengths  # (C,)
+
+    def __len__(self):
+        return len(self.lengths)
+
+    def __call__(self, idx):
+        """Caption indices (B,) -> (ids (B, L) long, mask (B, L) bool)."""
+        idx, tok = torch.as_tensor(idx, dtype=torch.long), self.tokenizer
+        n = self.lengths[idx]  # (B,)
+        L = _padded_length(int(n.max()), tok.pad_multiple, tok.context_length)
+        mask = torch.arange(L) < n[:, None]  # (B, L)
+        ids = torch.full((len(idx), L), tok.pad_id, dtype=torch.long)
+        ids[mask] = self.flat[(self.starts[idx, None] + torch.arange(L))[mask]].long()
+        return ids, mask
 
 
 # --- ftfy.fix_text, reproduced without the mojibake repair (ftfy is not a runtime dependency) ---

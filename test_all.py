@@ -377,6 +377,26 @@ def test_tok_pad_multiple_changes_shapes_not_embeddings():
                                        rtol=0)
 
 
+def test_tok_caption_tokens_equal_the_tokenizer():
+    """Captions tokenized once (CaptionTokens, what training reads each step and each scoring round) give
+    exactly the tokenizer's batch for any indices: CLIP BPE with long captions truncated at 77, WordPiece,
+    bytes; padded lengths rounded to 8 (--compile) and capped by the context length; chunk boundaries."""
+    captions = list(_tok_captions(300))
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "a", "dog", "the"])}
+    g = torch.Generator().manual_seed(0)
+    for tok in [_tok_clip(), WordPieceTokenizer(vocab), ByteTokenizer(context_length=40)]:
+        for multiple in (1, 8):
+            tok.pad_multiple = multiple
+            tokens = R.CaptionTokens(tok, captions, chunk=64)
+            assert len(tokens) == len(captions)
+            for n in (1, 7, 64, 300):
+                idx = torch.randint(len(captions), (n,), generator=g)
+                ids, mask = tokens(idx)
+                want_ids, want_mask = tok([captions[i] for i in idx.tolist()])
+                assert torch.equal(ids, want_ids) and torch.equal(mask, want_mask)
+        tok.pad_multiple = 1
+
+
 def test_tok_pickle_roundtrip():
     vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "a", "dog"])}
     for tok in [_tok_clip(), WordPieceTokenizer(vocab), ByteTokenizer(), WordTokenizer(["a", "dog"])]:
