@@ -73,7 +73,7 @@ def main(argv=None):
     kept_idx = kept.nonzero().squeeze(1)
     batches = R.random_batches(kept_idx, B, gen)
     steps = len(batches)
-    cluster = torch.randint(max(1, N // (2 * B)), (N,), generator=gen)  # K = N / 2B, as cluster_images sizes it
+    cluster = torch.randint(max(1, N // (2 * B)), (N,), generator=gen)  # K = N / 2B (cluster_images' rule)
     partners = R.caption_partners(assigned, kept)
 
     def batch(i):
@@ -93,7 +93,8 @@ def main(argv=None):
         ("caption ids: gathered from CaptionTokens (now)", median_ms(lambda i: tokens(batch(i)), args.steps)),
         ("bookkeeping: rank shares, pair indices, P(clean)", median_ms(bookkeeping, args.steps)),
         ("paper C: partner draw + its ids (iuccl only)", median_ms(partner_ids, args.steps)),
-        ("epoch's random batch list / steps", median_ms(lambda i: R.random_batches(kept_idx, B, gen), 5) / steps),
+        ("epoch's random batch list / steps",
+         median_ms(lambda i: R.random_batches(kept_idx, B, gen), 5) / steps),
         ("epoch's clustered batch list / steps",
          median_ms(lambda i: R.clustered_batches(kept_idx, cluster, assigned, B, gen), 5) / steps),
     ]
@@ -125,8 +126,8 @@ def main(argv=None):
     rows.append(("loader: receive a decoded batch (worker ahead)", 1e3 * statistics.median(received)))
     now = sum(ms for name, ms in rows if "before" not in name and "iuccl" not in name)
     budget = 0.1 * GPU_STEP_MS
-    print(f"\nhost side of one step, batch {B}, {C:,} pairs ({steps} steps an epoch), 224 px uint8 cache, CLIP "
-          f"BPE, 1 torch thread, medians of {args.steps} calls; all {C:,} captions tokenized once in "
+    print(f"\nhost side of one step, batch {B}, {C:,} pairs ({steps} steps an epoch), 224 px uint8 cache, "
+          f"CLIP BPE, 1 torch thread, medians of {args.steps} calls; all {C:,} captions tokenized once in "
           f"{once_s:.1f} s\n")
     print("| part | ms per step |")
     print("|---|---:|")
@@ -134,7 +135,8 @@ def main(argv=None):
         print(f"| {name} | {ms:.3f} |")
     print(f"| **total now (dsdmr; without the 'before' row)** | **{now:.3f}** |")
     print(f"| budget: 10% of the {GPU_STEP_MS} ms GPU step | {budget:.2f} |")
-    print(f"\nnow / budget = {now / budget:.2f}; tokenizing per step / gathering = {rows[0][1] / rows[1][1]:.0f}x")
+    print(f"\nnow / budget = {now / budget:.2f}; "
+          f"tokenizing per step / gathering = {rows[0][1] / rows[1][1]:.0f}x")
 
 
 if __name__ == "__main__":
