@@ -3091,28 +3091,22 @@ def _device(name):
     return torch.device(name)
 
 
+# What each tokenizer is rebuilt from, before its context_length (the constructor's arguments, in order).
+_TOKENIZER_ARGS = {ClipTokenizer: ("vocab", "merges"), WordPieceTokenizer: ("vocab", "lower_case"),
+                   WordTokenizer: ("vocab",), ByteTokenizer: ()}
+
+
 def tokenizer_state(tok):
     """A tokenizer as plain data (stored inside checkpoints, loadable with weights_only=True)."""
-    kind = type(tok).__name__
-    state = {"kind": kind, "context_length": tok.context_length}
-    if kind == "ClipTokenizer":
-        state.update(vocab=tok.vocab, merges=[list(m) for m in tok.merges])
-    elif kind == "WordPieceTokenizer":
-        state.update(vocab=tok.vocab, lower_case=tok.lower_case)
-    elif kind == "WordTokenizer":
-        state.update(vocab=tok.vocab)
+    state = {"kind": type(tok).__name__, "context_length": tok.context_length}
+    for name in _TOKENIZER_ARGS.get(type(tok), ()):
+        state[name] = [list(m) for m in tok.merges] if name == "merges" else getattr(tok, name)
     return state
 
 
 def tokenizer_from_state(state):
-    kind, ctx = state["kind"], state["context_length"]
-    if kind == "ClipTokenizer":
-        return ClipTokenizer(state["vocab"], state["merges"], ctx)
-    if kind == "WordPieceTokenizer":
-        return WordPieceTokenizer(state["vocab"], state["lower_case"], ctx)
-    if kind == "WordTokenizer":
-        return WordTokenizer(state["vocab"], ctx)
-    return ByteTokenizer(ctx)
+    cls = {c.__name__: c for c in _TOKENIZER_ARGS}.get(state["kind"], ByteTokenizer)
+    return cls(*(state[name] for name in _TOKENIZER_ARGS[cls]), state["context_length"])
 
 
 def save_checkpoint(path, model, tokenizer, preprocess, **extra):
@@ -3167,8 +3161,7 @@ def build_model(cfg, captions):
 
 
 def get_lr(cfg, step, epoch):
-    """Linear warm-up, then x0.1 every lr_decay_epochs (paper A's schedule).
-    A pure function of (step, epoch)."""
+    """Linear warm-up, then x0.1 every lr_decay_epochs (paper A's schedule); pure in (step, epoch)."""
     warm = min(1.0, (step + 1) / max(1, cfg.lr_warmup_steps))
     return cfg.lr * warm * 0.1 ** (epoch // cfg.lr_decay_epochs)
 
@@ -3225,9 +3218,8 @@ def plot_scores(path, scores, noisy, gmm=None, title=""):
             d.rectangle([x0, H - pad - v / top * (H - 2 * pad), x0 + bw - 1, H - pad], outline=colour)
     if gmm is not None:  # each component's weighted density, scaled to the histogram's count per bin
         xs = torch.linspace(lo, hi, 200, dtype=torch.float64)
-        for k, colour in enumerate(((30, 30, 160), (160, 120, 0))):
-            mu, var, w = (float(gmm.means_[k].reshape(-1)[0]), float(gmm.variances_[k].reshape(-1)[0]),
-                          float(gmm.weights_[k]))
+        components = (x.reshape(-1).tolist() for x in (gmm.means_, gmm.variances_, gmm.weights_))
+        for mu, var, w, colour in zip(*components, ((30, 30, 160), (160, 120, 0))):
             ys = (w * len(s) * (hi - lo) / bins * torch.exp(-(xs - mu) ** 2 / (2 * var))
                   / math.sqrt(2 * math.pi * var))
             pts = [(pad + (x - lo) / (hi - lo) * (W - 2 * pad), H - pad - min(y, top) / top * (H - 2 * pad))
@@ -3269,12 +3261,7 @@ def embed_sharded(embed, n, rank=0, world=1):
     if world == 1 or n < world:
         return embed(0, n)
     bounds = [n * r // world for r in range(world + 1)]
-    mine = embed(bounds[rank], bounds[rank + 1])  # (n_rank, E)
-    width = max(b - a for a, b in zip(bounds, bounds[1:]))  # all_gather wants equal shapes: pad, then trim
-    mine = torch.cat([mine, mine.new_zeros(width - len(mine), *mine.shape[1:])])
-    parts = [torch.empty_like(mine) for _ in range(world)]
-    torch.distributed.all_gather(parts, mine)
-    return torch.cat([p[:b - a] for p, a, b in zip(parts, bounds, bounds[1:])])
+    return gather_with_grad(embed(bounds[rank], bounds[rank + 1]), world, np.diff(bounds).tolist())
 
 
 def embed_pairs(model, images, captions, tokenizer, preprocess, batch_size, device, rank=0, world=1,
@@ -3288,31 +3275,27 @@ def embed_pairs(model, images, captions, tokenizer, preprocess, batch_size, devi
     return v, t
 
 
-GMM_FIT_MAX = 2_000_000  # the split is fitted on at most this many cosines (a seeded sample beyond)
-
-
-def gmm_split(scores, threshold, seed, max_fit=GMM_FIT_MAX):
+def gmm_split(scores, threshold, seed, max_fit=2_000_000):
     """Paper A: a 2-component GMM on the pair cosines; P(clean) = posterior of the higher-mean component.
     Beyond paper A: when the scores do not show two populations (gmm.two_populations: BIC, separation, clean
-    weight), nothing is split: every pair is kept with P(clean) = 1 and stats say why.
-    Above `max_fit` pairs (web-scale scoring) the mixture is fitted on a seeded random sample of `max_fit`
-    (2M points pin the means and variances far below the differences that matter) and every pair gets its
-    P(clean) from that fit, in chunks; the stats (BIC, separation) are the sample's, `n_fit` says its size.
+    weight), nothing is split: every pair is kept with P(clean) = 1 and stats say why. Above `max_fit` pairs
+    (web-scale scoring) the mixture is fitted on a seeded random sample of `max_fit` (2M points pin the means
+    and variances far below the differences that matter) and every pair gets its P(clean) from that fit, in
+    chunks; the stats (BIC, separation) are the sample's, `n_fit` says its size.
     Returns ((P(clean) (C,), kept (C,) bool, stats), the fitted mixture)."""
     scores = torch.as_tensor(scores, dtype=torch.float32)
     fit = scores
     if len(scores) > max_fit:
-        fit = scores[torch.from_numpy(np.sort(np.random.default_rng(seed).choice(len(scores), max_fit,
-                                                                                 replace=False)))]
+        sample = np.random.default_rng(seed).choice(len(scores), max_fit, replace=False)
+        fit = scores[torch.from_numpy(np.sort(sample))]
     g = GaussianMixture(2, seed=seed).fit(fit)
-    hi = int(g.means_.reshape(-1).argmax())
+    mu, var = g.means_.reshape(-1), g.variances_.reshape(-1)
+    hi = int(mu.argmax())
     two, test = two_populations(g, fit)
-    stats = {"mu_clean": float(g.means_.reshape(-1)[hi]), "mu_noisy": float(g.means_.reshape(-1)[1 - hi]),
-             "var_clean": float(g.variances_.reshape(-1)[hi]),
-             "var_noisy": float(g.variances_.reshape(-1)[1 - hi]),
-             "weight_clean": float(g.weights_[hi]), "converged": bool(g.converged_), "two_populations": two,
-             "separation": test["separation"], "bic_1": test["bic_1"], "bic_2": test["bic_2"],
-             "n_fit": len(fit)}
+    stats = {"mu_clean": float(mu[hi]), "mu_noisy": float(mu[1 - hi]), "var_clean": float(var[hi]),
+             "var_noisy": float(var[1 - hi]), "weight_clean": float(g.weights_[hi]),
+             "converged": bool(g.converged_), "two_populations": two, "separation": test["separation"],
+             "bic_1": test["bic_1"], "bic_2": test["bic_2"], "n_fit": len(fit)}
     if not two:
         stats["one_population"] = test["reason"]
         return (torch.ones(len(scores)), torch.ones(len(scores), dtype=torch.bool), stats), g
@@ -3374,8 +3357,7 @@ def clustered_batches(kept_idx, image_cluster, assigned, batch_size, generator):
     cluster with its r-th kept caption; captions and images in a random order), and consecutive pairs fill
     batches, a pair whose image is already in the batch waiting for the next. The remainder of each cluster
     (under a batch) is pooled into mixed batches (this implementation's choice; paper C does not say).
-    image_cluster (N,): each image's cluster (cluster_images). Returns a list of (<= B,) caption-index
-    tensors.
+    image_cluster (N,): each image's cluster (cluster_images) -> a list of (<= B,) caption-index tensors.
     """
     caps = kept_idx[torch.randperm(len(kept_idx), generator=generator)].numpy()  # (P,) random caption order
     img = assigned.numpy()[caps]  # (P,)
@@ -3388,15 +3370,11 @@ def clustered_batches(kept_idx, image_cluster, assigned, batch_size, generator):
     order = np.lexsort((image_order[img], slot, cluster))  # by cluster, then round, then image
     caps, img, cluster = caps[order], img[order], cluster[order]
     bounds = np.r_[0, np.flatnonzero(np.diff(cluster)) + 1, len(caps)]  # each cluster's run of pairs
-    full, rest = [], []
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-        for b in _fill(img[lo:hi].tolist(), batch_size):
-            if len(b) == batch_size:
-                full.append(caps[lo:hi][b])
-            else:
-                rest.extend(caps[lo:hi][b])
-    rest = np.asarray(rest, dtype=np.int64)  # the clusters' remainders: mixed batches
-    full += [rest[b] for b in _fill(assigned.numpy()[rest].tolist(), batch_size)]
+    filled = [caps[lo:hi][b] for lo, hi in zip(bounds[:-1], bounds[1:])
+              for b in _fill(img[lo:hi].tolist(), batch_size)]
+    full = [b for b in filled if len(b) == batch_size]
+    rest = np.concatenate([np.empty(0, np.int64), *(b for b in filled if len(b) < batch_size)])
+    full += [rest[b] for b in _fill(assigned.numpy()[rest].tolist(), batch_size)]  # remainders: mixed batches
     perm = torch.randperm(len(full), generator=generator).tolist()
     return [torch.from_numpy(full[i]) for i in perm]
 
@@ -3444,18 +3422,14 @@ def cluster_report(v, t, batches, random_b, image_cluster, assigned):
 
 def batch_hardness(v, t, batches, assigned):
     """Mean over batches of the mean hardest in-batch negative cosine (image -> caption of another image)."""
-    out = []
-    for b in batches:
-        img = assigned[b]
-        s = (v[b] @ t[b].t()).masked_fill(img[:, None] == img[None, :], -2)  # (B, B) positives masked
-        out.append(s.amax(1).mean())
-    return float(torch.stack(out).mean())
+    hardest = [(v[b] @ t[b].t()).masked_fill(assigned[b][:, None] == assigned[b][None, :], -2).amax(1).mean()
+               for b in batches]  # (B, B) cosines, positives masked: each row's hardest negative
+    return float(torch.stack(hardest).mean())
 
 
 def caption_partners(assigned, kept):
-    """Paper C's text-text view: for each caption, the OTHER kept captions paired with the same image (never
-    itself, never one the split dropped) -> list of C lists; an empty list: that row uses two dropout
-    passes."""
+    """Paper C's text-text view: each caption's OTHER kept captions of the same image (never itself, never one
+    the split dropped) -> list of C lists; an empty list: that row uses two dropout passes."""
     by_image = {}
     for c in kept.nonzero().squeeze(1).tolist():
         by_image.setdefault(int(assigned[c]), []).append(c)
@@ -3463,13 +3437,9 @@ def caption_partners(assigned, kept):
 
 
 def pick_partners(cap_idx, partners, generator):
-    """One random partner per caption of the batch (the caption itself when it has none)
-    -> list of indices."""
-    out = []
-    for c, u in zip(cap_idx.tolist(), torch.rand(len(cap_idx), generator=generator).tolist()):
-        others = partners[c]
-        out.append(others[int(u * len(others))] if others else c)
-    return out
+    """One random partner per caption of the batch (itself when it has none) -> list of caption indices."""
+    u = torch.rand(len(cap_idx), generator=generator).tolist()
+    return [partners[c][int(x * len(partners[c]))] if partners[c] else c for c, x in zip(cap_idx.tolist(), u)]
 
 
 def batch_loss(cfg, sims, same, p_clean, stats, logit_scale, loss=None):
@@ -3493,8 +3463,7 @@ RESUMABLE_CHANGES = {"epochs", "device", "workers", "resume", "overwrite"}
 
 
 def _refuse_overwrite(path, allowed=False, hint="choose another path (nothing is overwritten)"):
-    """The one guard of every output: an existing file or a non-empty folder is only written into
-    when allowed."""
+    """The guard of every output: an existing file or non-empty folder is written into only when allowed."""
     path = Path(path)
     if allowed or not path.exists() or (path.is_dir() and not any(path.iterdir())):
         return
@@ -3522,11 +3491,10 @@ def _prepare_output(cfg):
 
 
 def _start_output(cfg, out):
-    """Creates output_dir; removes this project's temp files left by a killed run; with --overwrite (a new
-    run), removes the previous run's files so that nothing of it is mixed in (an explicit --noise_file is
-    kept)."""
+    """Creates output_dir and removes the temp files of _atomic_write a killed run left; with --overwrite (a
+    new run), removes the previous run's files so that nothing of it is mixed in (but --noise_file's)."""
     out.mkdir(parents=True, exist_ok=True)
-    for tmp in out.glob(".*.tmp[0-9]*"):  # _atomic_write's temp names
+    for tmp in out.glob(".*.tmp[0-9]*"):
         tmp.unlink(missing_ok=True)
     if cfg.overwrite and not cfg.resume:
         keep = ({Path(cfg.noise_file).resolve(), Path(f"{cfg.noise_file}.json").resolve()} if cfg.noise_file
@@ -3572,13 +3540,11 @@ def evaluate_pairs(model, pairs, tokenizer, preprocess, cfg, device, corrector=N
                        device, rank, world, cfg.workers)
     if strict and not (bool(torch.isfinite(v).all()) and bool(torch.isfinite(t).all())):
         raise FloatingPointError("non-finite embeddings")
-    protocol = protocol or cfg.eval_protocol
-    if corrector is None:
-        return evaluate(v, t, pairs.img_of_cap, protocol=protocol)
-    # tiles of (rows, cols, hidden) corrector pre-activations: 1/hidden of the cosine tile
+    # the corrector's tiles hold (rows, cols, hidden) pre-activations: 1/hidden of the cosine tile
+    hidden = 1 if corrector is None else corrector.fc1.out_features
     with torch.no_grad():
-        return evaluate(v, t, pairs.img_of_cap, protocol=protocol, score=corrector,
-                        tile_elems=(1 << 23) // corrector.fc1.out_features)
+        return evaluate(v, t, pairs.img_of_cap, protocol=protocol or cfg.eval_protocol, score=corrector,
+                        tile_elems=(1 << 23) // hidden)
 
 
 # --- distributed data parallel: every rank runs the same loop on the same data and random draws, and embeds
@@ -3642,8 +3608,7 @@ class Mscn:
 @dataclass
 class Run:
     """Everything a training run holds. `state` is what last.pt keeps for --resume: epoch, step, best_rsum,
-    the current split (kept, p_clean, stats, split diagnostics) and the split of the best epoch
-    (best_split)."""
+    the current split (kept, p_clean, stats, split diagnostics) and the best epoch's split (best_split)."""
     cfg: TrainConfig
     out: Path
     rank: int
@@ -3749,8 +3714,7 @@ def assign_noise(cfg, train_set, out, rank, world, log):
 
 
 def prepare_mscn(cfg, model, splits, device, log) -> Mscn:
-    """Paper B: a clean meta set from validation, removed from what model selection sees, and the
-    corrector."""
+    """Paper B: a clean meta set taken out of validation (model selection never sees it) and the corrector."""
     val, n_meta = splits["val"], max(2, round(cfg.meta_fraction * len(splits["train"].captions)))
     meta_caps, rest_caps = split_meta_set(val.img_of_cap, n_meta, cfg.seed)
     meta = subset_pairs(val, np.unique(val.img_of_cap[meta_caps.numpy()]))
