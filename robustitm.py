@@ -3179,12 +3179,9 @@ def auc_score(scores, labels):
     n_pos, n_neg = int(labels.sum()), int((~labels).sum())
     if n_pos == 0 or n_neg == 0:
         return float("nan")
-    order = scores.argsort()
-    ranks = torch.empty_like(scores)
-    ranks[order] = torch.arange(1, len(scores) + 1, dtype=torch.float64)
-    _, inverse, counts = torch.unique(scores, return_inverse=True, return_counts=True)
-    sums = torch.zeros(len(counts), dtype=torch.float64).index_add_(0, inverse, ranks)
-    ranks = (sums / counts)[inverse]  # ties share their average rank
+    _, inverse, counts = torch.unique(scores, return_inverse=True, return_counts=True)  # values sorted
+    counts = counts.double()
+    ranks = (counts.cumsum(0) - counts + (counts + 1) / 2)[inverse]  # 1-based; ties share their average rank
     return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
@@ -3919,9 +3916,8 @@ def train_step(run, batch, lr, gen):
 
 def step_loss(run, batch, corrector, v, t):
     """The loss of a batch from this rank's embeddings v, t (b, E): the cross-modal loss on the gathered
-    global batch (the warm-up: InfoNCE; MSCN: margins from the corrected positive score plus paper B's hinge
-    on corrected scores), plus paper C's uni-modal terms. `corrector`: MSCN's (meta_step passes it), else
-    None."""
+    global batch (warm-up: InfoNCE; MSCN: margins from the corrected positive score plus paper B's hinge on
+    corrected scores), plus paper C's uni-modal terms. `corrector`: MSCN's (from meta_step), else None."""
     cfg, scale, world = run.cfg, run.model.logit_scale, run.world
     with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=cfg.amp and run.device.type == "cuda"):
         if batch.views is not None:
@@ -3977,8 +3973,7 @@ def select_and_checkpoint(run, epoch, record):
         raise _diverged(run, f"the validation embeddings became non-finite (NaN/Inf) after epoch {epoch}: "
                              f"the model diverged") from None
     run.log(f"epoch {epoch} val rsum {metrics['rsum']:.1f}")
-    record["seconds"]["validation"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    record["seconds"]["validation"], t0 = time.perf_counter() - t0, time.perf_counter()
     state["epoch"] = epoch + 1
     extra = {} if run.mscn is None else {"corrector": run.mscn.corrector.state_dict()}
     save = functools.partial(save_checkpoint, model=run.model, tokenizer=run.tokenizer,
@@ -3998,14 +3993,12 @@ def select_and_checkpoint(run, epoch, record):
 
 
 def test_selected(run):
-    """Closes the run, then the test metrics of the model selected on validation (rank 0;
-    the others get {})."""
+    """Closes the run, then the test metrics of the model selected on validation (rank 0; others get {})."""
     run.logf.close()
     if run.world > 1:
         # DDP's reducer holds the process group and with it gloo's worker threads. Left to the garbage
-        # collector (DDP has reference cycles), they may be destroyed during interpreter shutdown, which
-        # aborts the process ("terminate called without an active exception"): free them now,
-        # then close the group.
+        # collector (DDP has reference cycles), they may be destroyed at interpreter shutdown, which aborts
+        # the process ("terminate called without an active exception"): free them now, then close the group.
         run.step_model = None
         gc.collect()
         torch.distributed.destroy_process_group()
@@ -4020,10 +4013,8 @@ def test_selected(run):
     results = evaluate_pairs(best.to(run.device), run.splits["test"], run.tokenizer, run.preprocess, cfg,
                              run.device, corrector)
     results["best_epoch"] = ckpt["epoch"]
-    # the split the selected epoch trained on (None: it was a warm-up epoch, all pairs)
-    if cfg.filter != "none":
-        results["filter"] = (state["best_split"] if "best_split" in state
-                             # a checkpoint from before: its last split
+    if cfg.filter != "none":  # the split the selected epoch trained on (None: a warm-up epoch, all pairs)
+        results["filter"] = (state["best_split"] if "best_split" in state  # (older checkpoints: last split)
                              else split_diagnostics(state["p_clean"], state["kept"], run.truth))
     (run.out / "results.json").write_text(json.dumps(results, indent=2))
     run.log(format_metrics(results))
