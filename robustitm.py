@@ -3086,9 +3086,7 @@ def format_metrics(m: dict) -> str:
 # ------------------------------------------------------------------------------------------------------------
 
 def _device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
 
 
 # What each tokenizer is rebuilt from, before its context_length (the constructor's arguments, in order).
@@ -3296,8 +3294,7 @@ def gmm_split(scores, threshold, seed, max_fit=2_000_000):
     if not two:
         stats["one_population"] = test["reason"]
         return (torch.ones(len(scores)), torch.ones(len(scores), dtype=torch.bool), stats), g
-    p = torch.cat([clean_probability(g, scores[i:i + (1 << 20)]).float()
-                   for i in range(0, len(scores), 1 << 20)])
+    p = torch.cat([clean_probability(g, chunk).float() for chunk in scores.split(1 << 20)])
     return (p, p > threshold, stats), g
 
 
@@ -3349,13 +3346,11 @@ def _fill(img, batch_size):
 
 def clustered_batches(kept_idx, image_cluster, assigned, batch_size, generator):
     """Paper C's hard-negative batches: B distinct images of one cluster, each with one of its kept captions.
-
     Every kept pair once per epoch: a cluster's captions are dealt in rounds (round r pairs each image of the
     cluster with its r-th kept caption; captions and images in a random order), and consecutive pairs fill
     batches, a pair whose image is already in the batch waiting for the next. The remainder of each cluster
     (under a batch) is pooled into mixed batches (this implementation's choice; paper C does not say).
-    image_cluster (N,): each image's cluster (cluster_images) -> a list of (<= B,) caption-index tensors.
-    """
+    image_cluster (N,): each image's cluster (cluster_images) -> a list of (<= B,) caption-index tensors."""
     caps = kept_idx[torch.randperm(len(kept_idx), generator=generator)].numpy()  # (P,) random caption order
     img = assigned.numpy()[caps]  # (P,)
     by_img = np.argsort(img, kind="stable")
@@ -3379,11 +3374,9 @@ def clustered_batches(kept_idx, image_cluster, assigned, batch_size, generator):
 def cluster_images(v_img, t, kept_idx, assigned, batch_size, seed):
     """Paper C's clusters: k-means (gmm.py) over the images that have a kept caption, each image represented
     by normalize(v + mean of its kept captions' t) -> (N,) long cluster of each image (-1: no kept caption).
-
     A cluster must hold several batches of B distinct images: K = min(images / 2B, kept pairs / 4B), and a
     cluster of fewer than B images (k-means sizes are unequal) is merged, member by member, into the nearest
-    remaining cluster (this implementation's choice; paper C does not say how it sized its clusters).
-    """
+    remaining cluster (this implementation's choice; paper C does not say how it sized its clusters)."""
     N = len(v_img)
     img = assigned[kept_idx].to(v_img.device)  # (P,)
     n_kept = torch.bincount(img, minlength=N)  # (N,)
@@ -3571,8 +3564,7 @@ def wrap_model(model, cfg, device, world):
         model.logit_scale.requires_grad_(False)
         fmodel = torch.nn.parallel.DistributedDataParallel(
             fmodel, device_ids=[device] if device.type == "cuda" else None,
-            # a frozen stage leaves the towers without gradients
-            find_unused_parameters=cfg.frozen_epochs > 0)
+            find_unused_parameters=cfg.frozen_epochs > 0)  # a frozen stage: towers without gradients
         model.logit_scale.requires_grad_(True)
     return fmodel
 
@@ -3646,12 +3638,11 @@ def prepare_run(cfg, splits=None, log=print, vocab_captions=None) -> Run:
         for m in model.transformer.modules():  # the text tower
             if isinstance(m, nn.Dropout) and m.p == 0:
                 m.p = cfg.view_dropout
-    C = len(assigned)
-    state = {"epoch": 0, "step": 0, "best_rsum": -1.0, "kept": torch.ones(C, dtype=torch.bool),
-             "p_clean": torch.ones(C), "stats": {}, "split": None, "best_split": None}
+    kept = ~noisy if cfg.filter == "truth" else torch.ones(len(assigned), dtype=torch.bool)
+    state = {"epoch": 0, "step": 0, "best_rsum": -1.0, "kept": kept, "p_clean": kept.float(), "stats": {},
+             "split": None, "best_split": None}
     if cfg.filter == "truth":  # fixed for the whole run: no scoring, no refits
-        state.update(kept=~noisy, p_clean=(~noisy).float())
-        state["split"] = split_diagnostics(state["p_clean"], state["kept"], truth)
+        state["split"] = split_diagnostics(state["p_clean"], kept, truth)
     run = Run(cfg, out, rank, world, device, model, model, tokenizer, preprocess, splits, assigned, noisy,
               truth, make_optimizer(model, cfg, device), state, log, mscn=mscn)
     if cfg.resume:
@@ -4022,10 +4013,8 @@ def test_selected(run):
 
 
 def train(cfg, splits=None, log=print, vocab_captions=None):
-    """The whole job: noise -> (warm-up) -> every round: score, split, train on the kept pairs, select on val.
-
-    Returns the test metrics of the model selected by validation rSum, with the split that epoch trained on.
-    """
+    """The whole job: noise -> (warm-up) -> every round: score, split, train on the kept pairs, select on val
+    -> the test metrics of the model selected by validation rSum, with the split that epoch trained on."""
     run = prepare_run(cfg, splits, log, vocab_captions)
     heads = {*HEAD_NAMES, "logit_scale"}  # the projection heads (meta.py's) and the temperature
     for epoch in range(run.state["epoch"], cfg.epochs):
