@@ -3011,33 +3011,25 @@ def format_metrics(m: dict) -> str:
 # ------------------------------------------------------------------------------------------------------------
 
 def _device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
+# What each tokenizer is rebuilt from, before its context_length (the constructor's arguments, in order).
+_TOKENIZER_ARGS = {ClipTokenizer: ("vocab", "merges"), WordPieceTokenizer: ("vocab", "lower_case"),
+                   WordTokenizer: ("vocab",), ByteTokenizer: ()}
 
 
 def tokenizer_state(tok):
     """A tokenizer as plain data (stored inside checkpoints, loadable with weights_only=True)."""
-    kind = type(tok).__name__
-    state = {"kind": kind, "context_length": tok.context_length}
-    if kind == "ClipTokenizer":
-        state.update(vocab=tok.vocab, merges=[list(m) for m in tok.merges])
-    elif kind == "WordPieceTokenizer":
-        state.update(vocab=tok.vocab, lower_case=tok.lower_case)
-    elif kind == "WordTokenizer":
-        state.update(vocab=tok.vocab)
+    state = {"kind": type(tok).__name__, "context_length": tok.context_length}
+    for name in _TOKENIZER_ARGS.get(type(tok), ()):
+        state[name] = [list(m) for m in tok.merges] if name == "merges" else getattr(tok, name)
     return state
 
 
 def tokenizer_from_state(state):
-    kind, ctx = state["kind"], state["context_length"]
-    if kind == "ClipTokenizer":
-        return ClipTokenizer(state["vocab"], state["merges"], ctx)
-    if kind == "WordPieceTokenizer":
-        return WordPieceTokenizer(state["vocab"], state["lower_case"], ctx)
-    if kind == "WordTokenizer":
-        return WordTokenizer(state["vocab"], ctx)
-    return ByteTokenizer(ctx)
+    cls = {c.__name__: c for c in _TOKENIZER_ARGS}.get(state["kind"], ByteTokenizer)
+    return cls(*(state[name] for name in _TOKENIZER_ARGS[cls]), state["context_length"])
 
 
 def save_checkpoint(path, model, tokenizer, preprocess, **extra):
@@ -3092,8 +3084,7 @@ def build_model(cfg, captions):
 
 
 def get_lr(cfg, step, epoch):
-    """Linear warm-up, then x0.1 every lr_decay_epochs (paper A's schedule).
-    A pure function of (step, epoch)."""
+    """Linear warm-up, then x0.1 every lr_decay_epochs (paper A's schedule); pure in (step, epoch)."""
     warm = min(1.0, (step + 1) / max(1, cfg.lr_warmup_steps))
     return cfg.lr * warm * 0.1 ** (epoch // cfg.lr_decay_epochs)
 
@@ -3111,12 +3102,9 @@ def auc_score(scores, labels):
     n_pos, n_neg = int(labels.sum()), int((~labels).sum())
     if n_pos == 0 or n_neg == 0:
         return float("nan")
-    order = scores.argsort()
-    ranks = torch.empty_like(scores)
-    ranks[order] = torch.arange(1, len(scores) + 1, dtype=torch.float64)
-    _, inverse, counts = torch.unique(scores, return_inverse=True, return_counts=True)
-    sums = torch.zeros(len(counts), dtype=torch.float64).index_add_(0, inverse, ranks)
-    ranks = (sums / counts)[inverse]  # ties share their average rank
+    _, inverse, counts = torch.unique(scores, return_inverse=True, return_counts=True)  # values sorted
+    counts = counts.double()
+    ranks = (counts.cumsum(0) - counts + (counts + 1) / 2)[inverse]  # 1-based; ties share their average rank
     return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
@@ -3150,9 +3138,8 @@ def plot_scores(path, scores, noisy, gmm=None, title=""):
             d.rectangle([x0, H - pad - v / top * (H - 2 * pad), x0 + bw - 1, H - pad], outline=colour)
     if gmm is not None:  # each component's weighted density, scaled to the histogram's count per bin
         xs = torch.linspace(lo, hi, 200, dtype=torch.float64)
-        for k, colour in enumerate(((30, 30, 160), (160, 120, 0))):
-            mu, var, w = (float(gmm.means_[k].reshape(-1)[0]), float(gmm.variances_[k].reshape(-1)[0]),
-                          float(gmm.weights_[k]))
+        components = (x.reshape(-1).tolist() for x in (gmm.means_, gmm.variances_, gmm.weights_))
+        for mu, var, w, colour in zip(*components, ((30, 30, 160), (160, 120, 0))):
             ys = (w * len(s) * (hi - lo) / bins * torch.exp(-(xs - mu) ** 2 / (2 * var))
                   / math.sqrt(2 * math.pi * var))
             pts = [(pad + (x - lo) / (hi - lo) * (W - 2 * pad), H - pad - min(y, top) / top * (H - 2 * pad))
@@ -3194,12 +3181,7 @@ def embed_sharded(embed, n, rank=0, world=1):
     if world == 1 or n < world:
         return embed(0, n)
     bounds = [n * r // world for r in range(world + 1)]
-    mine = embed(bounds[rank], bounds[rank + 1])  # (n_rank, E)
-    width = max(b - a for a, b in zip(bounds, bounds[1:]))  # all_gather wants equal shapes: pad, then trim
-    mine = torch.cat([mine, mine.new_zeros(width - len(mine), *mine.shape[1:])])
-    parts = [torch.empty_like(mine) for _ in range(world)]
-    torch.distributed.all_gather(parts, mine)
-    return torch.cat([p[:b - a] for p, a, b in zip(parts, bounds, bounds[1:])])
+    return gather_with_grad(embed(bounds[rank], bounds[rank + 1]), world, np.diff(bounds).tolist())
 
 
 def embed_pairs(model, images, captions, tokenizer, preprocess, batch_size, device, rank=0, world=1,
@@ -3213,36 +3195,31 @@ def embed_pairs(model, images, captions, tokenizer, preprocess, batch_size, devi
     return v, t
 
 
-GMM_FIT_MAX = 2_000_000  # the split is fitted on at most this many cosines (a seeded sample beyond)
-
-
-def gmm_split(scores, threshold, seed, max_fit=GMM_FIT_MAX):
+def gmm_split(scores, threshold, seed, max_fit=2_000_000):
     """Paper A: a 2-component GMM on the pair cosines; P(clean) = posterior of the higher-mean component.
     Beyond paper A: when the scores do not show two populations (gmm.two_populations: BIC, separation, clean
-    weight), nothing is split: every pair is kept with P(clean) = 1 and stats say why.
-    Above `max_fit` pairs (web-scale scoring) the mixture is fitted on a seeded random sample of `max_fit`
-    (2M points pin the means and variances far below the differences that matter) and every pair gets its
-    P(clean) from that fit, in chunks; the stats (BIC, separation) are the sample's, `n_fit` says its size.
+    weight), nothing is split: every pair is kept with P(clean) = 1 and stats say why. Above `max_fit` pairs
+    (web-scale scoring) the mixture is fitted on a seeded random sample of `max_fit` (2M points pin the means
+    and variances far below the differences that matter) and every pair gets its P(clean) from that fit, in
+    chunks; the stats (BIC, separation) are the sample's, `n_fit` says its size.
     Returns ((P(clean) (C,), kept (C,) bool, stats), the fitted mixture)."""
     scores = torch.as_tensor(scores, dtype=torch.float32)
     fit = scores
     if len(scores) > max_fit:
-        fit = scores[torch.from_numpy(np.sort(np.random.default_rng(seed).choice(len(scores), max_fit,
-                                                                                 replace=False)))]
+        sample = np.random.default_rng(seed).choice(len(scores), max_fit, replace=False)
+        fit = scores[torch.from_numpy(np.sort(sample))]
     g = GaussianMixture(2, seed=seed).fit(fit)
-    hi = int(g.means_.reshape(-1).argmax())
+    mu, var = g.means_.reshape(-1), g.variances_.reshape(-1)
+    hi = int(mu.argmax())
     two, test = two_populations(g, fit)
-    stats = {"mu_clean": float(g.means_.reshape(-1)[hi]), "mu_noisy": float(g.means_.reshape(-1)[1 - hi]),
-             "var_clean": float(g.variances_.reshape(-1)[hi]),
-             "var_noisy": float(g.variances_.reshape(-1)[1 - hi]),
-             "weight_clean": float(g.weights_[hi]), "converged": bool(g.converged_), "two_populations": two,
-             "separation": test["separation"], "bic_1": test["bic_1"], "bic_2": test["bic_2"],
-             "n_fit": len(fit)}
+    stats = {"mu_clean": float(mu[hi]), "mu_noisy": float(mu[1 - hi]), "var_clean": float(var[hi]),
+             "var_noisy": float(var[1 - hi]), "weight_clean": float(g.weights_[hi]),
+             "converged": bool(g.converged_), "two_populations": two, "separation": test["separation"],
+             "bic_1": test["bic_1"], "bic_2": test["bic_2"], "n_fit": len(fit)}
     if not two:
         stats["one_population"] = test["reason"]
         return (torch.ones(len(scores)), torch.ones(len(scores), dtype=torch.bool), stats), g
-    p = torch.cat([clean_probability(g, scores[i:i + (1 << 20)]).float()
-                   for i in range(0, len(scores), 1 << 20)])
+    p = torch.cat([clean_probability(g, chunk).float() for chunk in scores.split(1 << 20)])
     return (p, p > threshold, stats), g
 
 
@@ -3294,14 +3271,11 @@ def _fill(img, batch_size):
 
 def clustered_batches(kept_idx, image_cluster, assigned, batch_size, generator):
     """Paper C's hard-negative batches: B distinct images of one cluster, each with one of its kept captions.
-
     Every kept pair once per epoch: a cluster's captions are dealt in rounds (round r pairs each image of the
     cluster with its r-th kept caption; captions and images in a random order), and consecutive pairs fill
     batches, a pair whose image is already in the batch waiting for the next. The remainder of each cluster
     (under a batch) is pooled into mixed batches (this implementation's choice; paper C does not say).
-    image_cluster (N,): each image's cluster (cluster_images). Returns a list of (<= B,) caption-index
-    tensors.
-    """
+    image_cluster (N,): each image's cluster (cluster_images) -> a list of (<= B,) caption-index tensors."""
     caps = kept_idx[torch.randperm(len(kept_idx), generator=generator)].numpy()  # (P,) random caption order
     img = assigned.numpy()[caps]  # (P,)
     by_img = np.argsort(img, kind="stable")
@@ -3313,15 +3287,11 @@ def clustered_batches(kept_idx, image_cluster, assigned, batch_size, generator):
     order = np.lexsort((image_order[img], slot, cluster))  # by cluster, then round, then image
     caps, img, cluster = caps[order], img[order], cluster[order]
     bounds = np.r_[0, np.flatnonzero(np.diff(cluster)) + 1, len(caps)]  # each cluster's run of pairs
-    full, rest = [], []
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-        for b in _fill(img[lo:hi].tolist(), batch_size):
-            if len(b) == batch_size:
-                full.append(caps[lo:hi][b])
-            else:
-                rest.extend(caps[lo:hi][b])
-    rest = np.asarray(rest, dtype=np.int64)  # the clusters' remainders: mixed batches
-    full += [rest[b] for b in _fill(assigned.numpy()[rest].tolist(), batch_size)]
+    filled = [caps[lo:hi][b] for lo, hi in zip(bounds[:-1], bounds[1:])
+              for b in _fill(img[lo:hi].tolist(), batch_size)]
+    full = [b for b in filled if len(b) == batch_size]
+    rest = np.concatenate([np.empty(0, np.int64), *(b for b in filled if len(b) < batch_size)])
+    full += [rest[b] for b in _fill(assigned.numpy()[rest].tolist(), batch_size)]  # remainders: mixed batches
     perm = torch.randperm(len(full), generator=generator).tolist()
     return [torch.from_numpy(full[i]) for i in perm]
 
@@ -3329,11 +3299,9 @@ def clustered_batches(kept_idx, image_cluster, assigned, batch_size, generator):
 def cluster_images(v_img, t, kept_idx, assigned, batch_size, seed):
     """Paper C's clusters: k-means (gmm.py) over the images that have a kept caption, each image represented
     by normalize(v + mean of its kept captions' t) -> (N,) long cluster of each image (-1: no kept caption).
-
     A cluster must hold several batches of B distinct images: K = min(images / 2B, kept pairs / 4B), and a
     cluster of fewer than B images (k-means sizes are unequal) is merged, member by member, into the nearest
-    remaining cluster (this implementation's choice; paper C does not say how it sized its clusters).
-    """
+    remaining cluster (this implementation's choice; paper C does not say how it sized its clusters)."""
     N = len(v_img)
     img = assigned[kept_idx].to(v_img.device)  # (P,)
     n_kept = torch.bincount(img, minlength=N)  # (N,)
@@ -3369,18 +3337,14 @@ def cluster_report(v, t, batches, random_b, image_cluster, assigned):
 
 def batch_hardness(v, t, batches, assigned):
     """Mean over batches of the mean hardest in-batch negative cosine (image -> caption of another image)."""
-    out = []
-    for b in batches:
-        img = assigned[b]
-        s = (v[b] @ t[b].t()).masked_fill(img[:, None] == img[None, :], -2)  # (B, B) positives masked
-        out.append(s.amax(1).mean())
-    return float(torch.stack(out).mean())
+    hardest = [(v[b] @ t[b].t()).masked_fill(assigned[b][:, None] == assigned[b][None, :], -2).amax(1).mean()
+               for b in batches]  # (B, B) cosines, positives masked: each row's hardest negative
+    return float(torch.stack(hardest).mean())
 
 
 def caption_partners(assigned, kept):
-    """Paper C's text-text view: for each caption, the OTHER kept captions paired with the same image (never
-    itself, never one the split dropped) -> list of C lists; an empty list: that row uses two dropout
-    passes."""
+    """Paper C's text-text view: each caption's OTHER kept captions of the same image (never itself, never one
+    the split dropped) -> list of C lists; an empty list: that row uses two dropout passes."""
     by_image = {}
     for c in kept.nonzero().squeeze(1).tolist():
         by_image.setdefault(int(assigned[c]), []).append(c)
@@ -3388,13 +3352,9 @@ def caption_partners(assigned, kept):
 
 
 def pick_partners(cap_idx, partners, generator):
-    """One random partner per caption of the batch (the caption itself when it has none)
-    -> list of indices."""
-    out = []
-    for c, u in zip(cap_idx.tolist(), torch.rand(len(cap_idx), generator=generator).tolist()):
-        others = partners[c]
-        out.append(others[int(u * len(others))] if others else c)
-    return out
+    """One random partner per caption of the batch (itself when it has none) -> list of caption indices."""
+    u = torch.rand(len(cap_idx), generator=generator).tolist()
+    return [partners[c][int(x * len(partners[c]))] if partners[c] else c for c, x in zip(cap_idx.tolist(), u)]
 
 
 def batch_loss(cfg, sims, same, p_clean, stats, logit_scale, loss=None):
@@ -3418,8 +3378,7 @@ RESUMABLE_CHANGES = {"epochs", "device", "workers", "resume", "overwrite"}
 
 
 def _refuse_overwrite(path, allowed=False, hint="choose another path (nothing is overwritten)"):
-    """The one guard of every output: an existing file or a non-empty folder is only written into
-    when allowed."""
+    """The guard of every output: an existing file or non-empty folder is written into only when allowed."""
     path = Path(path)
     if allowed or not path.exists() or (path.is_dir() and not any(path.iterdir())):
         return
@@ -3447,11 +3406,10 @@ def _prepare_output(cfg):
 
 
 def _start_output(cfg, out):
-    """Creates output_dir; removes this project's temp files left by a killed run; with --overwrite (a new
-    run), removes the previous run's files so that nothing of it is mixed in (an explicit --noise_file is
-    kept)."""
+    """Creates output_dir and removes the temp files of _atomic_write a killed run left; with --overwrite (a
+    new run), removes the previous run's files so that nothing of it is mixed in (but --noise_file's)."""
     out.mkdir(parents=True, exist_ok=True)
-    for tmp in out.glob(".*.tmp[0-9]*"):  # _atomic_write's temp names
+    for tmp in out.glob(".*.tmp[0-9]*"):
         tmp.unlink(missing_ok=True)
     if cfg.overwrite and not cfg.resume:
         keep = ({Path(cfg.noise_file).resolve(), Path(f"{cfg.noise_file}.json").resolve()} if cfg.noise_file
@@ -3497,13 +3455,11 @@ def evaluate_pairs(model, pairs, tokenizer, preprocess, cfg, device, corrector=N
                        device, rank, world, cfg.workers)
     if strict and not (bool(torch.isfinite(v).all()) and bool(torch.isfinite(t).all())):
         raise FloatingPointError("non-finite embeddings")
-    protocol = protocol or cfg.eval_protocol
-    if corrector is None:
-        return evaluate(v, t, pairs.img_of_cap, protocol=protocol)
-    # tiles of (rows, cols, hidden) corrector pre-activations: 1/hidden of the cosine tile
+    # the corrector's tiles hold (rows, cols, hidden) pre-activations: 1/hidden of the cosine tile
+    hidden = 1 if corrector is None else corrector.fc1.out_features
     with torch.no_grad():
-        return evaluate(v, t, pairs.img_of_cap, protocol=protocol, score=corrector,
-                        tile_elems=(1 << 23) // corrector.fc1.out_features)
+        return evaluate(v, t, pairs.img_of_cap, protocol=protocol or cfg.eval_protocol, score=corrector,
+                        tile_elems=(1 << 23) // hidden)
 
 
 # --- distributed data parallel: every rank runs the same loop on the same data and random draws, and embeds
@@ -3533,8 +3489,7 @@ def wrap_model(model, cfg, device, world):
         model.logit_scale.requires_grad_(False)
         fmodel = torch.nn.parallel.DistributedDataParallel(
             fmodel, device_ids=[device] if device.type == "cuda" else None,
-            # a frozen stage leaves the towers without gradients
-            find_unused_parameters=cfg.frozen_epochs > 0)
+            find_unused_parameters=cfg.frozen_epochs > 0)  # a frozen stage: towers without gradients
         model.logit_scale.requires_grad_(True)
     return fmodel
 
@@ -3567,8 +3522,7 @@ class Mscn:
 @dataclass
 class Run:
     """Everything a training run holds. `state` is what last.pt keeps for --resume: epoch, step, best_rsum,
-    the current split (kept, p_clean, stats, split diagnostics) and the split of the best epoch
-    (best_split)."""
+    the current split (kept, p_clean, stats, split diagnostics) and the best epoch's split (best_split)."""
     cfg: TrainConfig
     out: Path
     rank: int
@@ -3609,12 +3563,11 @@ def prepare_run(cfg, splits=None, log=print, vocab_captions=None) -> Run:
         for m in model.transformer.modules():  # the text tower
             if isinstance(m, nn.Dropout) and m.p == 0:
                 m.p = cfg.view_dropout
-    C = len(assigned)
-    state = {"epoch": 0, "step": 0, "best_rsum": -1.0, "kept": torch.ones(C, dtype=torch.bool),
-             "p_clean": torch.ones(C), "stats": {}, "split": None, "best_split": None}
+    kept = ~noisy if cfg.filter == "truth" else torch.ones(len(assigned), dtype=torch.bool)
+    state = {"epoch": 0, "step": 0, "best_rsum": -1.0, "kept": kept, "p_clean": kept.float(), "stats": {},
+             "split": None, "best_split": None}
     if cfg.filter == "truth":  # fixed for the whole run: no scoring, no refits
-        state.update(kept=~noisy, p_clean=(~noisy).float())
-        state["split"] = split_diagnostics(state["p_clean"], state["kept"], truth)
+        state["split"] = split_diagnostics(state["p_clean"], kept, truth)
     run = Run(cfg, out, rank, world, device, model, model, tokenizer, preprocess, splits, assigned, noisy,
               truth, make_optimizer(model, cfg, device), state, log, mscn=mscn)
     if cfg.resume:
@@ -3674,8 +3627,7 @@ def assign_noise(cfg, train_set, out, rank, world, log):
 
 
 def prepare_mscn(cfg, model, splits, device, log) -> Mscn:
-    """Paper B: a clean meta set from validation, removed from what model selection sees, and the
-    corrector."""
+    """Paper B: a clean meta set taken out of validation (model selection never sees it) and the corrector."""
     val, n_meta = splits["val"], max(2, round(cfg.meta_fraction * len(splits["train"].captions)))
     meta_caps, rest_caps = split_meta_set(val.img_of_cap, n_meta, cfg.seed)
     meta = subset_pairs(val, np.unique(val.img_of_cap[meta_caps.numpy()]))
@@ -3880,9 +3832,8 @@ def train_step(run, batch, lr, gen):
 
 def step_loss(run, batch, corrector, v, t):
     """The loss of a batch from this rank's embeddings v, t (b, E): the cross-modal loss on the gathered
-    global batch (the warm-up: InfoNCE; MSCN: margins from the corrected positive score plus paper B's hinge
-    on corrected scores), plus paper C's uni-modal terms. `corrector`: MSCN's (meta_step passes it), else
-    None."""
+    global batch (warm-up: InfoNCE; MSCN: margins from the corrected positive score plus paper B's hinge on
+    corrected scores), plus paper C's uni-modal terms. `corrector`: MSCN's (from meta_step), else None."""
     cfg, scale, world = run.cfg, run.model.logit_scale, run.world
     with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=cfg.amp and run.device.type == "cuda"):
         if batch.views is not None:
@@ -3938,8 +3889,7 @@ def select_and_checkpoint(run, epoch, record):
         raise _diverged(run, f"the validation embeddings became non-finite (NaN/Inf) after epoch {epoch}: "
                              f"the model diverged") from None
     run.log(f"epoch {epoch} val rsum {metrics['rsum']:.1f}")
-    record["seconds"]["validation"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    record["seconds"]["validation"], t0 = time.perf_counter() - t0, time.perf_counter()
     state["epoch"] = epoch + 1
     extra = {} if run.mscn is None else {"corrector": run.mscn.corrector.state_dict()}
     save = functools.partial(save_checkpoint, model=run.model, tokenizer=run.tokenizer,
@@ -3959,14 +3909,12 @@ def select_and_checkpoint(run, epoch, record):
 
 
 def test_selected(run):
-    """Closes the run, then the test metrics of the model selected on validation (rank 0;
-    the others get {})."""
+    """Closes the run, then the test metrics of the model selected on validation (rank 0; others get {})."""
     run.logf.close()
     if run.world > 1:
         # DDP's reducer holds the process group and with it gloo's worker threads. Left to the garbage
-        # collector (DDP has reference cycles), they may be destroyed during interpreter shutdown, which
-        # aborts the process ("terminate called without an active exception"): free them now,
-        # then close the group.
+        # collector (DDP has reference cycles), they may be destroyed at interpreter shutdown, which aborts
+        # the process ("terminate called without an active exception"): free them now, then close the group.
         run.step_model = None
         gc.collect()
         torch.distributed.destroy_process_group()
@@ -3981,10 +3929,8 @@ def test_selected(run):
     results = evaluate_pairs(best.to(run.device), run.splits["test"], run.tokenizer, run.preprocess, cfg,
                              run.device, corrector)
     results["best_epoch"] = ckpt["epoch"]
-    # the split the selected epoch trained on (None: it was a warm-up epoch, all pairs)
-    if cfg.filter != "none":
-        results["filter"] = (state["best_split"] if "best_split" in state
-                             # a checkpoint from before: its last split
+    if cfg.filter != "none":  # the split the selected epoch trained on (None: a warm-up epoch, all pairs)
+        results["filter"] = (state["best_split"] if "best_split" in state  # (older checkpoints: last split)
                              else split_diagnostics(state["p_clean"], state["kept"], run.truth))
     (run.out / "results.json").write_text(json.dumps(results, indent=2))
     run.log(format_metrics(results))
@@ -3992,10 +3938,8 @@ def test_selected(run):
 
 
 def train(cfg, splits=None, log=print, vocab_captions=None):
-    """The whole job: noise -> (warm-up) -> every round: score, split, train on the kept pairs, select on val.
-
-    Returns the test metrics of the model selected by validation rSum, with the split that epoch trained on.
-    """
+    """The whole job: noise -> (warm-up) -> every round: score, split, train on the kept pairs, select on val
+    -> the test metrics of the model selected by validation rSum, with the split that epoch trained on."""
     run = prepare_run(cfg, splits, log, vocab_captions)
     heads = {*HEAD_NAMES, "logit_scale"}  # the projection heads (meta.py's) and the temperature
     for epoch in range(run.state["epoch"], cfg.epochs):
