@@ -16,6 +16,7 @@ C captions.
 """
 import argparse
 import array
+import copy
 import csv
 import functools
 import gc
@@ -316,7 +317,7 @@ DEMO_DEFAULTS = {"noise_ratio": 0.4, "epochs": 5, "output_dir": "runs/demo"}
 
 
 def _padded_length(longest, multiple=1, limit=None):
-    """The longest row rounded up to a multiple of `multiple`, but not beyond `limit` (nor below `longest`)."""
+    """The longest row rounded up to a multiple of `multiple`, not beyond `limit` (nor below `longest`)."""
     L = -(-longest // multiple) * multiple
     return max(longest, min(L, limit or L))
 
@@ -389,6 +390,12 @@ class CaptionTokens:
 
     def __len__(self):
         return len(self.lengths)
+
+    def __getitem__(self, rows: slice):
+        """The captions `rows` (a slice) as their own CaptionTokens, sharing the ids."""
+        part = copy.copy(self)
+        part.lengths, part.starts = self.lengths[rows], self.starts[rows]
+        return part
 
     def __call__(self, idx):
         """Caption indices (B,) -> (ids (B, L) long, mask (B, L) bool)."""
@@ -2871,14 +2878,16 @@ def embed_images(model, images, preprocess, batch_size=256, device="cpu", num_wo
 
 
 @torch.no_grad()
-def embed_captions(model, tokenizer, captions, batch_size=256, device="cpu") -> torch.Tensor:
-    """(C, E) float caption embeddings; captions batched by length (less padding), returned in input order."""
+def embed_captions(model, tokenizer, captions, batch_size=256, device="cpu", tokens=None) -> torch.Tensor:
+    """(C, E) float caption embeddings; captions batched by length (less padding), returned in input order.
+    `tokens`: these captions tokenized once (CaptionTokens), read instead of running `tokenizer` again."""
     device, was_training = torch.device(device), model.training
     model.eval()
     order = sorted(range(len(captions)), key=lambda c: len(captions[c]))
     out = []
     for i in range(0, len(order), batch_size):
-        ids, mask = tokenizer([captions[c] for c in order[i:i + batch_size]])  # (B, L), (B, L)
+        rows = order[i:i + batch_size]
+        ids, mask = tokens(rows) if tokens is not None else tokenizer([captions[c] for c in rows])  # (B, L)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             ids, mask = ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
             out.append(model.encode_text(ids, mask).float())
@@ -3185,12 +3194,13 @@ def embed_sharded(embed, n, rank=0, world=1):
 
 
 def embed_pairs(model, images, captions, tokenizer, preprocess, batch_size, device, rank=0, world=1,
-                workers=0):
+                workers=0, tokens=None):
     """(v (N, E), t (C, E)): every image and caption embedded (no grad, chunked), shared out across ranks;
-    image files are decoded by `workers` processes."""
+    image files are decoded by `workers` processes; `tokens`: the captions tokenized once (CaptionTokens)."""
     v = embed_sharded(lambda lo, hi: embed_images(model, images.subset(np.arange(lo, hi)), preprocess,
                                                   batch_size, device, workers), len(images), rank, world)
-    t = embed_sharded(lambda lo, hi: embed_captions(model, tokenizer, captions[lo:hi], batch_size, device),
+    t = embed_sharded(lambda lo, hi: embed_captions(model, tokenizer, captions[lo:hi], batch_size, device,
+                                                    None if tokens is None else tokens[lo:hi]),
                       len(captions), rank, world)
     return v, t
 
@@ -3531,6 +3541,7 @@ class Run:
     model: DualEncoder  # the module itself: checkpoints, scoring, MSCN's look-ahead
     step_model: nn.Module  # what a training step calls (wrap_model); MSCN's double backward needs the module
     tokenizer: object
+    tokens: CaptionTokens  # the training captions tokenized once
     preprocess: Preprocess
     splits: dict  # train, val (less MSCN's meta set), test
     assigned: torch.Tensor  # (C,) the image each training caption is paired with, noise included
@@ -3568,8 +3579,9 @@ def prepare_run(cfg, splits=None, log=print, vocab_captions=None) -> Run:
              "split": None, "best_split": None}
     if cfg.filter == "truth":  # fixed for the whole run: no scoring, no refits
         state["split"] = split_diagnostics(state["p_clean"], kept, truth)
-    run = Run(cfg, out, rank, world, device, model, model, tokenizer, preprocess, splits, assigned, noisy,
-              truth, make_optimizer(model, cfg, device), state, log, mscn=mscn)
+    tokens = CaptionTokens(tokenizer, splits["train"].captions)
+    run = Run(cfg, out, rank, world, device, model, model, tokenizer, tokens, preprocess, splits, assigned,
+              noisy, truth, make_optimizer(model, cfg, device), state, log, mscn=mscn)
     if cfg.resume:
         resume(run)
     if cfg.compile:
@@ -3669,7 +3681,8 @@ def embed_training_pairs(run):
     caption c is paired with (sharded across ranks, gathered on every rank)."""
     train = run.splits["train"]
     v_img, t = embed_pairs(run.model, train.images, train.captions, run.tokenizer, run.preprocess,
-                           run.cfg.embed_batch_size, run.device, run.rank, run.world, run.cfg.workers)
+                           run.cfg.embed_batch_size, run.device, run.rank, run.world, run.cfg.workers,
+                           run.tokens)
     return v_img, v_img[run.assigned.to(v_img.device)], t
 
 
@@ -3794,18 +3807,18 @@ class Batch:
 def make_batch(run, cap_idx, raw, warming, partners, gen) -> Batch:
     """Caption indices + their images (uint8, from the loader) -> a Batch. Every rank draws the same global
     batch and random numbers and keeps rows [lo, hi). Host -> device copies are queued, never waited for."""
-    cfg, device, captions = run.cfg, run.device, run.splits["train"].captions
+    cfg, device = run.cfg, run.device
     sizes = [len(x) for x in cap_idx.tensor_split(run.world)]
     lo, hi = sum(sizes[:run.rank]), sum(sizes[:run.rank + 1])
     raw = raw.to(device, non_blocking=True)  # uint8 (B, 3, S, S); augmentation runs on the device
     images = run.preprocess.normalize((augment(raw, gen) if cfg.augment else raw)[lo:hi])
-    ids, mask = run.tokenizer([captions[c] for c in cap_idx[lo:hi].tolist()])
+    ids, mask = run.tokens(cap_idx[lo:hi])
     ids, mask, img = (x.to(device, non_blocking=True) for x in (ids, mask, run.assigned[cap_idx]))
     batch = Batch(images, ids, mask, img[:, None] == img[None, :],
                   run.state["p_clean"][cap_idx].to(device, non_blocking=True), sizes, warming)
     if cfg.unimodal:  # paper C: a second augmented view of each image, another kept caption of its image
         other = pick_partners(cap_idx, partners, gen)
-        ids2, mask2 = run.tokenizer([captions[c] for c in other[lo:hi]])
+        ids2, mask2 = run.tokens(other[lo:hi])
         batch.views = (run.preprocess.normalize(augment(raw, gen)[lo:hi]), ids2.to(device, non_blocking=True),
                        mask2.to(device, non_blocking=True))
     return batch

@@ -2561,6 +2561,33 @@ def test_train_logs_every_phase_seconds_and_prints_small_lrs(tmp_path, capsys):
     assert "lr 2.00e-06" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("preset", ["dsdmr", "iuccl"])
+def test_train_tokenizes_the_training_captions_once(tmp_path, monkeypatch, preset):
+    """The training captions go through the tokenizer once per run: the steps (and paper C's second caption
+    views) and every scoring round read the ids tokenized at the start; only validation (each epoch) and the
+    test split (once) are tokenized again. The results equal tokenizing at every step."""
+    seen, real = [], R._Tokenizer.__call__
+    monkeypatch.setattr(R._Tokenizer, "__call__", lambda self, texts: seen.append(len(texts)) or real(self, texts))
+
+    class PerStep:  # what training did before: the tokenizer on the batch's captions
+        def __init__(self, tok, captions):
+            self.tok, self.captions = tok, captions
+
+        def __call__(self, idx):
+            return self.tok([self.captions[i] for i in idx])
+
+        def __getitem__(self, rows):
+            return PerStep(self.tok, self.captions[rows])
+
+    args = ["train", "--preset", preset, "--noise_ratio", "0.4", "--epochs", "2", *_TINY]
+    R.main([*args, "--output_dir", str(tmp_path / "once")])
+    assert sum(seen) == 600 + 2 * 200 + 200  # 120 train images x 5 captions; 40 val and 40 test images x 5
+    monkeypatch.setattr(R, "CaptionTokens", PerStep)
+    R.main([*args, "--output_dir", str(tmp_path / "each")])
+    one, each = (torch.load(tmp_path / d / "last.pt", weights_only=True)["model"] for d in ("once", "each"))
+    assert all(torch.equal(one[k], each[k]) for k in one)
+
+
 def test_train_resize_before_crop_reaches_data_cache_and_checkpoint(tmp_path):
     """A tower prepared as resize 40 -> crop 32 (DINOv2's 256 -> 224) keeps that through load_splits, the
     image cache (its own key) and the checkpoint, not just the model's own Preprocess."""
