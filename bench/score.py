@@ -7,8 +7,8 @@ runs in a fresh subprocess that first imports python + torch + robustitm and loa
 then scores; the table shows pairs/s and the peak RSS beyond that baseline (resource.getrusage; the decode
 workers are separate processes, their own peak is shown apart). The target: at most 300 MB beyond the
 baseline at 1M pairs, and flat from 100k to 1M. The stream's per-pair state is 4 bytes of cosine (plus
-P(clean) and kept at the end); what grows with the pair count is the GMM fit after the pass (gmm.py's EM holds
-float64 (N, K) arrays: ~150 bytes a pair at its peak, ~150 MB at 1M pairs, capped by the 2M-pair fit sample).
+P(clean) and kept at the end); the GMM fit after the pass (gmm.py's EM holds float64 (N, K) arrays: ~140
+bytes a point at its peak) runs on at most score's 250,000-cosine sample (SCORE_FIT_MAX), so it stops growing.
 What it is not: a model benchmark (the tiny model is far cheaper than a CLIP; on a real model the embedding,
 not the reading, sets the pace) nor a test of the split's quality (untrained model, random captions).
 Usage: python bench/score.py [--full] [--workers 2] [--device cpu] [--dir /tmp/robustitm_bench_score]
