@@ -30,16 +30,19 @@ import json
 import math
 import os
 import pickle
+import queue
 import random
 import re
 import struct
 import sys
 import tarfile
+import threading
 import time
 import unicodedata
 import warnings
 import zipfile
 from collections import Counter, OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Optional
@@ -1893,12 +1896,58 @@ class ImageSet(torch.utils.data.Dataset):
             yield from torch.utils.data.DataLoader(self, batch_size, num_workers=num_workers,
                                                    pin_memory=pin_memory)
             return
-        for i in range(0, len(self), batch_size):
-            x = torch.from_numpy(np.asarray(self.array[self.rows[i:i + batch_size]]))  # (B, 3, S, S)
-            yield x.pin_memory() if pin_memory else x
+        yield from gather_ahead(self, [range(i, min(i + batch_size, len(self)))
+                                       for i in range(0, len(self), batch_size)], pin_memory, num_workers)
 
     def subset(self, idx) -> "ImageSet":
         return ImageSet(self.array, self.paths, self.preprocess, self.rows[np.asarray(idx, dtype=np.int64)])
+
+
+def gather_ahead(images, index_batches, pin_memory=False, threads=1, depth=2):
+    """uint8 (B, 3, S, S) batches images[idx] of an array-backed ImageSet (the memory-mapped cache), gathered
+    ahead by a background thread (its copy split over `threads`): numpy's copy releases the GIL and nothing
+    crosses a process boundary, so the main thread only takes a finished batch. (DataLoader workers send each
+    batch through shared memory and a socket: 3-12 ms of the main thread per ViT-B/32 batch, bench/host.py.)
+    Batches are pinned for a CUDA copy when `pin_memory`."""
+    batches, done, stop = queue.Queue(depth), object(), threading.Event()
+    pool = ThreadPoolExecutor(max(1, threads))
+    shape = images.array.shape[1:]
+
+    def gather(idx):
+        rows = images.rows[np.asarray(idx, dtype=np.int64)]
+        out = torch.empty((len(rows), *shape), dtype=torch.uint8, pin_memory=pin_memory)
+        bounds = np.linspace(0, len(rows), max(1, threads) + 1).astype(int)
+        parts = [(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
+        list(pool.map(lambda b: np.take(images.array, rows[b[0]:b[1]], axis=0, out=out.numpy()[b[0]:b[1]]),
+                      parts))
+        return out
+
+    def put(item):
+        while not stop.is_set():
+            try:
+                return batches.put(item, timeout=0.1)
+            except queue.Full:
+                pass
+
+    def produce():
+        try:
+            for idx in index_batches:
+                if stop.is_set():
+                    return
+                put(gather(idx))
+            put(done)
+        except BaseException as e:  # handed to the main thread, which raises it
+            put(e)
+
+    threading.Thread(target=produce, daemon=True).start()
+    try:
+        while (item := batches.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        pool.shutdown(wait=False)
 
 
 @dataclass
@@ -3763,15 +3812,18 @@ def epoch_batches(run, epoch, warming, clustered, emb, gen):
 
 
 def train_epoch(run, epoch, batches, kept, warming, gen):
-    """One pass over the epoch's batches -> the mean loss. The batches are fixed, so a DataLoader reads the
-    next ones' images ahead, in worker processes where that pays (files to decode, or a GPU to keep busy)."""
+    """One pass over the epoch's batches -> the mean loss. The batches are fixed, so the next ones' images are
+    read ahead: gathered from the cache by threads, or decoded from image files by worker processes."""
     cfg, device, images = run.cfg, run.device, run.splits["train"].images
     run.model.train()
     partners = caption_partners(run.assigned, kept) if cfg.unimodal else None
     bar = Progress(len(batches), f"epoch {epoch}") if run.rank == 0 else None
-    workers = cfg.workers if images.array is None or device.type == "cuda" else 0
-    loader = torch.utils.data.DataLoader(images, batch_sampler=[run.assigned[b].tolist() for b in batches],
-                                         num_workers=workers, pin_memory=device.type == "cuda")
+    index = [run.assigned[b].numpy() for b in batches]
+    if images.array is not None:  # the uint8 cache (or synthetic scenes): gathered by threads, no IPC
+        loader = gather_ahead(images, index, device.type == "cuda", max(1, cfg.workers))
+    else:  # image files: decoded by worker processes
+        loader = torch.utils.data.DataLoader(images, batch_sampler=[x.tolist() for x in index],
+                                             num_workers=cfg.workers, pin_memory=device.type == "cuda")
     loss_sum = torch.zeros((), device=device)
     for i, (cap_idx, raw) in enumerate(zip(batches, loader)):
         if len(cap_idx) < max(2, run.world):  # (the same decision on every rank)
@@ -3889,11 +3941,18 @@ def mscn_step(run, batch, lr, gen):
     return out["loss"]
 
 
+def _clock(device):
+    """time.perf_counter() once the device has finished its queued work: phase seconds land in their phase."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def select_and_checkpoint(run, epoch, record):
     """Validation rSum on the full val split (DESIGN: full ranking, whatever the test protocol); best.pt when
     it improves, last.pt every epoch; then the epoch's line in log.jsonl, with every phase's seconds. A model
     with non-finite embeddings stops the run and never becomes best."""
-    cfg, state, t0 = run.cfg, run.state, time.perf_counter()
+    cfg, state, t0 = run.cfg, run.state, _clock(run.device)
     corrector = run.mscn.corrector if cfg.eval_score == "corrected" else None
     try:
         metrics = evaluate_pairs(run.model, run.splits["val"], run.tokenizer, run.preprocess, cfg, run.device,
@@ -3902,7 +3961,7 @@ def select_and_checkpoint(run, epoch, record):
         raise _diverged(run, f"the validation embeddings became non-finite (NaN/Inf) after epoch {epoch}: "
                              f"the model diverged") from None
     run.log(f"epoch {epoch} val rsum {metrics['rsum']:.1f}")
-    record["seconds"]["validation"], t0 = time.perf_counter() - t0, time.perf_counter()
+    record["seconds"]["validation"], t0 = _clock(run.device) - t0, _clock(run.device)
     state["epoch"] = epoch + 1
     extra = {} if run.mscn is None else {"corrector": run.mscn.corrector.state_dict()}
     save = functools.partial(save_checkpoint, model=run.model, tokenizer=run.tokenizer,
@@ -3916,7 +3975,7 @@ def select_and_checkpoint(run, epoch, record):
         extra["corrector_optimizer"] = run.mscn.opt.state_dict()
     if run.rank == 0:
         save(run.out / "last.pt", optimizer=run.opt.state_dict(), state=state, config=asdict(cfg), **extra)
-    record["seconds"]["checkpoint"] = time.perf_counter() - t0
+    record["seconds"]["checkpoint"] = _clock(run.device) - t0
     run.logf.write(json.dumps({"epoch": epoch, "val": metrics, **record}) + "\n")
     run.logf.flush()
 
@@ -3973,19 +4032,19 @@ def train(cfg, splits=None, log=print, vocab_captions=None):
         refit = (cfg.filter in ("gmm", "mscn") and not warming
                  and (epoch - cfg.warmup_epochs) % cfg.refit_every == 0)
         clustered = cfg.batches == "clustered" and epoch >= cfg.clustered_from
-        seconds, t0 = {}, time.perf_counter()
+        seconds, t0 = {}, _clock(run.device)
         emb = embed_training_pairs(run) if refit or clustered else None
-        seconds["scoring"], t0 = time.perf_counter() - t0, time.perf_counter()
+        seconds["scoring"], t0 = _clock(run.device) - t0, _clock(run.device)
         if refit:
             refit_split(run, epoch, emb)
 
         # -- batches over the kept pairs: random, or B distinct images of one k-means cluster (paper C) --
         batches, kept, clusters = epoch_batches(run, epoch, warming, clustered, emb, gen)
-        seconds["split_and_batches"], t0 = time.perf_counter() - t0, time.perf_counter()
+        seconds["split_and_batches"], t0 = _clock(run.device) - t0, _clock(run.device)
 
         # -- train one epoch, then select on the validation split --
         loss = train_epoch(run, epoch, batches, kept, warming, gen)
-        seconds["training"] = time.perf_counter() - t0
+        seconds["training"] = _clock(run.device) - t0
         select_and_checkpoint(run, epoch,
                               {"loss": loss, "trained_pairs": int(kept.sum()), "steps": len(batches),
                                "batches": "clustered" if clustered else "random", "warm_up": warming,

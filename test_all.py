@@ -954,6 +954,29 @@ def _uint8(path, size=32):
 
 # ----- preprocessing and images -----
 
+def test_data_gather_ahead_gives_the_loader_batches_and_stops_cleanly():
+    """Batches gathered ahead by threads from an array-backed ImageSet (a subset, split over 3 threads)
+    equal the DataLoader's; an error in the thread reaches the caller; a caller that stops early leaves no
+    thread behind."""
+    import threading
+    import time
+    arr = np.random.default_rng(0).integers(0, 256, (50, 3, 8, 8), dtype=np.uint8)
+    images = R.ImageSet(array=arr).subset(np.arange(49, -1, -1))
+    index = [np.array([3, 1, 4, 1, 5]), np.array([9, 2, 6]), np.arange(50)]
+    want = list(torch.utils.data.DataLoader(images, batch_sampler=[x.tolist() for x in index]))
+    got = list(R.gather_ahead(images, index, threads=3))
+    assert len(got) == 3 and all(torch.equal(a, b) for a, b in zip(got, want))
+    with pytest.raises(IndexError):
+        list(R.gather_ahead(images, [np.array([0]), np.array([60])]))
+    before = threading.active_count()
+    for _ in range(3):
+        batches = R.gather_ahead(images, [np.arange(5)] * 100, depth=1)
+        next(batches)
+        batches.close()
+    time.sleep(0.5)
+    assert threading.active_count() <= before
+
+
 def test_data_preprocess_matches_open_clip():
     open_clip = pytest.importorskip("open_clip")
     ref = open_clip.image_transform(224, is_train=False)
