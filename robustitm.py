@@ -1918,8 +1918,9 @@ def gather_ahead(images, index_batches, pin_memory=False, threads=1, depth=2):
         out = torch.empty((len(rows), *shape), dtype=torch.uint8, pin_memory=pin_memory)
         bounds = np.linspace(0, len(rows), max(1, threads) + 1).astype(int)
         parts = [(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
-        list(pool.map(lambda b: np.take(images.array, rows[b[0]:b[1]], axis=0, out=out.numpy()[b[0]:b[1]]),
-                      parts))
+        # mode="clip": rows are valid (indexing images.rows checked them), and "raise" copies through a buffer
+        list(pool.map(lambda b: np.take(images.array, rows[b[0]:b[1]], axis=0, out=out.numpy()[b[0]:b[1]],
+                                        mode="clip"), parts))
         return out
 
     def put(item):
