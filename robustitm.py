@@ -1070,6 +1070,8 @@ def clip_vit_b32(act="quick_gelu"):
     """OpenAI CLIP ViT-B/32's architecture (151M parameters) with random weights."""
     return DualEncoder(ModelConfig(VisionConfig(768, 12, 12, 3072, act),
                                    TextConfig(512, 12, 8, 2048, act), 512))
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Weights
 # Readers for OpenAI/open_clip state dicts, Hugging Face CLIP, BERT, ViT and DINOv2 directories. Architecture
@@ -3091,13 +3093,64 @@ def tokenizer_from_state(state):
     return cls(*(state[name] for name in _TOKENIZER_ARGS[cls]), state["context_length"])
 
 
-def save_checkpoint(path, model, tokenizer, preprocess, **extra):
-    """Model + tokenizer + preprocessing (+ training state) in one weights-only file, written atomically."""
+def checkpoint(model, tokenizer, preprocess, **extra) -> dict:
+    """Model + tokenizer + preprocessing (+ training state) as one dict of plain data and tensors."""
     m = getattr(model, "module", model)
     m = getattr(m, "_orig_mod", m)  # torch.compile wrapper
-    ckpt = {"model": m.state_dict(), "model_config": asdict(m.cfg), "tokenizer": tokenizer_state(tokenizer),
+    return {"model": m.state_dict(), "model_config": asdict(m.cfg), "tokenizer": tokenizer_state(tokenizer),
             "preprocess": asdict(preprocess), **extra}
+
+
+def save_checkpoint(path, model, tokenizer, preprocess, **extra):
+    """checkpoint(...) in one weights-only file, written atomically."""
+    ckpt = checkpoint(model, tokenizer, preprocess, **extra)
     _atomic_write(path, lambda f: torch.save(ckpt, f))
+
+
+def _snapshot(x, memo):
+    """A copy of nested dicts/lists/tuples whose tensors are copied to CPU memory (each tensor once)."""
+    if isinstance(x, torch.Tensor):
+        if id(x) not in memo:
+            memo[id(x)] = x.detach().to("cpu", copy=True)
+        return memo[id(x)]
+    if isinstance(x, dict):
+        return {k: _snapshot(v, memo) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_snapshot(v, memo) for v in x)
+    return x
+
+
+class CheckpointWriter:
+    """Writes checkpoints behind training: `save` snapshots them into CPU memory at once (training goes on
+    changing its tensors), and a thread pickles and writes them (atomically, flushed to disk) while the next
+    epoch trains. One batch of writes in flight: the next `save` and `wait` wait for it, and raise its error.
+    The thread is not a daemon: the interpreter finishes a write before it exits."""
+
+    def __init__(self):
+        self.thread, self.error = None, None
+
+    def save(self, items):
+        """items: [(path, checkpoint dict)], written in order."""
+        self.wait()
+        memo = {}
+        items = [(path, _snapshot(ckpt, memo)) for path, ckpt in items]
+        self.thread = threading.Thread(target=self._write, args=(items,), name="checkpoint-writer")
+        self.thread.start()
+
+    def _write(self, items):
+        try:
+            for path, ckpt in items:
+                _atomic_write(path, lambda f: torch.save(ckpt, f))
+        except BaseException as e:  # raised in the training thread by the next save or wait
+            self.error = e
+
+    def wait(self):
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
 
 
 def load_checkpoint(path):
@@ -3602,6 +3655,7 @@ class Run:
     log: object
     logf: object = None
     mscn: Optional[Mscn] = None
+    writer: CheckpointWriter = field(default_factory=CheckpointWriter)  # best.pt and last.pt, behind training
 
 
 def prepare_run(cfg, splits=None, log=print, vocab_captions=None) -> Run:
@@ -3721,6 +3775,7 @@ def resume(run):
 
 
 def _diverged(run, what):
+    run.writer.wait()  # a checkpoint still being written counts
     last = run.out / "last.pt"
     where = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint was written yet"
     return FloatingPointError(f"{what}; {where}. Lower --lr or check the data.")
@@ -3965,17 +4020,18 @@ def select_and_checkpoint(run, epoch, record):
     record["seconds"]["validation"], t0 = _clock(run.device) - t0, _clock(run.device)
     state["epoch"] = epoch + 1
     extra = {} if run.mscn is None else {"corrector": run.mscn.corrector.state_dict()}
-    save = functools.partial(save_checkpoint, model=run.model, tokenizer=run.tokenizer,
-                             preprocess=run.preprocess)
+    save = functools.partial(checkpoint, run.model, run.tokenizer, run.preprocess)
+    writes = []
     if metrics["rsum"] > state["best_rsum"]:
         state["best_rsum"] = metrics["rsum"]
         state["best_split"] = None if record["warm_up"] else state.get("split")  # the kept set it trained on
-        if run.rank == 0:
-            save(run.out / "best.pt", epoch=epoch, val=metrics, **extra)
+        writes.append((run.out / "best.pt", save(epoch=epoch, val=metrics, **extra)))
     if run.mscn is not None:
         extra["corrector_optimizer"] = run.mscn.opt.state_dict()
+    writes.append((run.out / "last.pt", save(optimizer=run.opt.state_dict(), state=state, config=asdict(cfg),
+                                             **extra)))
     if run.rank == 0:
-        save(run.out / "last.pt", optimizer=run.opt.state_dict(), state=state, config=asdict(cfg), **extra)
+        run.writer.save(writes)  # written while the next epoch trains
     record["seconds"]["checkpoint"] = _clock(run.device) - t0
     run.logf.write(json.dumps({"epoch": epoch, "val": metrics, **record}) + "\n")
     run.logf.flush()
@@ -3993,6 +4049,7 @@ def test_selected(run):
         torch.distributed.destroy_process_group()
         if run.rank != 0:
             return {}
+    run.writer.wait()
     cfg, state = run.cfg, run.state
     best, _, _, ckpt = load_checkpoint(run.out / "best.pt")
     corrector = None

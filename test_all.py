@@ -2628,6 +2628,38 @@ def test_train_resize_before_crop_reaches_data_cache_and_checkpoint(tmp_path):
     assert R.load_checkpoint(tmp_path / "m.pt")[2] == pre
 
 
+def test_train_writes_checkpoints_behind_the_next_epoch(tmp_path, monkeypatch):
+    """Checkpoints are written by a background thread while the next epoch trains: each holds the state of
+    its epoch (a snapshot taken at once, not the tensors training goes on changing), the run waits for the
+    last write before it reads best.pt, and a failed write stops the run with its error."""
+    import threading
+    writers = []
+    real = R._atomic_write
+    monkeypatch.setattr(R, "_atomic_write", lambda path, write: writers.append(
+        (Path(path).name, threading.current_thread())) or real(path, write))
+    args = ["train", "--preset", "dsdmr", "--noise_ratio", "0.4", "--epochs", "2", *_TINY]
+    R.main([*args, "--output_dir", str(tmp_path / "run")])
+    checkpoints = [t for name, t in writers if name.endswith(".pt")]
+    assert len(checkpoints) >= 3 and all(t is not threading.main_thread() for t in checkpoints)
+    last = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines() if '"val"' in x]
+    assert last["state"]["epoch"] == 2 and len(log) == 2
+    R.main([*args, "--epochs", "1", "--output_dir", str(tmp_path / "one")])  # epoch 0's weights
+    first = torch.load(tmp_path / "one" / "last.pt", weights_only=True)["model"]
+    R.main([*args, "--resume", "--output_dir", str(tmp_path / "one")])
+    assert all(torch.equal(last["model"][k], v) for k, v in
+               torch.load(tmp_path / "one" / "last.pt", weights_only=True)["model"].items())
+    assert not all(torch.equal(last["model"][k], v) for k, v in first.items())
+
+    def full_disk(path, write):
+        if Path(path).suffix == ".pt":
+            raise OSError(28, "No space left on device")
+        real(path, write)
+    monkeypatch.setattr(R, "_atomic_write", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        R.main([*args, "--output_dir", str(tmp_path / "full")])
+
+
 def test_train_resume_is_exact(tmp_path):
     args = ["train", "--preset", "dsdmr", "--noise_ratio", "0.4", *_TINY]
     R.main(args + ["--epochs", "2", "--output_dir", str(tmp_path / "a")])
