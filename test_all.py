@@ -2590,7 +2590,8 @@ def test_train_tokenizes_the_training_captions_once(tmp_path, monkeypatch, prese
     views) and every scoring round read the ids tokenized at the start; only validation (each epoch) and the
     test split (once) are tokenized again. The results equal tokenizing at every step."""
     seen, real = [], R._Tokenizer.__call__
-    monkeypatch.setattr(R._Tokenizer, "__call__", lambda self, texts: seen.append(len(texts)) or real(self, texts))
+    monkeypatch.setattr(R._Tokenizer, "__call__",
+                        lambda self, texts: seen.append(len(texts)) or real(self, texts))
 
     class PerStep:  # what training did before: the tokenizer on the batch's captions
         def __init__(self, tok, captions):
