@@ -55,18 +55,19 @@ def checkpoint_seconds(folder):
         p.grad = torch.zeros_like(p)
     opt.step()  # the moments exist
     tok, pre, state = R.ByteTokenizer(), R.Preprocess(224), {"optimizer": opt.state_dict()}
-    t0 = time.perf_counter()
-    ckpt = R.checkpoint(model, tok, pre, **state)
-    R._atomic_write(folder / "last_before.pt", lambda f: torch.save(ckpt, f))
-    before = time.perf_counter() - t0
-    writer = R.CheckpointWriter()
-    t0 = time.perf_counter()
-    writer.save([(folder / "last_now.pt", R.checkpoint(model, tok, pre, **state))])
-    now = time.perf_counter() - t0
-    writer.wait()
+    writer, before, now = R.CheckpointWriter(), [], []
+    for _ in range(3):  # alternated, medians: this machine's page cache and allocator make single runs noisy
+        t0 = time.perf_counter()
+        ckpt = R.checkpoint(model, tok, pre, **state)
+        R._atomic_write(folder / "last_before.pt", lambda f: torch.save(ckpt, f))
+        before.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        writer.save([(folder / "last_now.pt", R.checkpoint(model, tok, pre, **state))])
+        now.append(time.perf_counter() - t0)
+        writer.wait()
     for name in ("last_before.pt", "last_now.pt"):
         (folder / name).unlink()
-    return before, now
+    return statistics.median(before), statistics.median(now)
 
 
 def clip_tokenizer():
