@@ -21,8 +21,8 @@ MSCN's meta step; iuccl: uni-modal views and frozen towers) have no bare counter
 Phases (train()'s own timers): scoring = embedding every training pair (paper A re-scores every epoch);
 split_and_batches = GMM fit, split, score plot, the epoch's batches; training = the epoch's steps with their
 data loading; validation = embedding and ranking the val split; checkpoint = best.pt (when val improves) and
-last.pt (with the optimiser state). The timers do not synchronise the device: GPU work of one phase that is
-still queued when it ends is counted in the next one that waits for it (scoring's tail in split_and_batches).
+last.pt (with the optimiser state; snapshotted here, written by a thread during the next epoch). The timers
+wait for the device's queued work at each phase boundary, so GPU work is counted in its own phase.
 
 GPU, one H200 or H100, meant to finish in under 9 minutes with the defaults (an estimate from CPU timings
 of each part; not yet run on a GPU): 10,000 train images x 5 captions + 1,000 val + 1,000 test at 224 px,
