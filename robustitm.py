@@ -129,7 +129,7 @@ class DataConfig:
 class SystemConfig:
     seed: int = _opt(0, "seed for noise, sampling, initialisation, dropout and the synthetic data")
     device: str = _opt("auto", "auto | cpu | cuda | cuda:N")
-    workers: int = _opt(2, "processes that load images ahead (image files without a cache, any on a GPU)")
+    workers: int = _opt(2, "processes that decode image files ahead (threads that gather from the cache)")
     embed_batch_size: int = _opt(256, "images or captions per forward pass when embedding a whole split "
                                  "(scoring, validation, test)")
 
@@ -4017,7 +4017,8 @@ def select_and_checkpoint(run, epoch, record):
         raise _diverged(run, f"the validation embeddings became non-finite (NaN/Inf) after epoch {epoch}: "
                              f"the model diverged") from None
     run.log(f"epoch {epoch} val rsum {metrics['rsum']:.1f}")
-    record["seconds"]["validation"], t0 = _clock(run.device) - t0, _clock(run.device)
+    now = _clock(run.device)
+    record["seconds"]["validation"], t0 = now - t0, now
     state["epoch"] = epoch + 1
     extra = {} if run.mscn is None else {"corrector": run.mscn.corrector.state_dict()}
     save = functools.partial(checkpoint, run.model, run.tokenizer, run.preprocess)
@@ -4092,13 +4093,15 @@ def train(cfg, splits=None, log=print, vocab_captions=None):
         clustered = cfg.batches == "clustered" and epoch >= cfg.clustered_from
         seconds, t0 = {}, _clock(run.device)
         emb = embed_training_pairs(run) if refit or clustered else None
-        seconds["scoring"], t0 = _clock(run.device) - t0, _clock(run.device)
+        now = _clock(run.device)
+        seconds["scoring"], t0 = now - t0, now
         if refit:
             refit_split(run, epoch, emb)
 
         # -- batches over the kept pairs: random, or B distinct images of one k-means cluster (paper C) --
         batches, kept, clusters = epoch_batches(run, epoch, warming, clustered, emb, gen)
-        seconds["split_and_batches"], t0 = _clock(run.device) - t0, _clock(run.device)
+        now = _clock(run.device)
+        seconds["split_and_batches"], t0 = now - t0, now
 
         # -- train one epoch, then select on the validation split --
         loss = train_epoch(run, epoch, batches, kept, warming, gen)
