@@ -3084,10 +3084,39 @@ def test_eval_and_score_take_pretrained_weights_as_train_does(tmp_path, monkeypa
     assert not list(tmp_path.glob("*.out"))
 
 
+def test_demo_uses_the_shipped_pretrained_model(tmp_path, monkeypatch):
+    """The demo and the benchmark start from weights/scenes_pretrained.pt: a trained model whose word
+    tokenizer knows every word of the target domain's captions (any seed). Without the file (an install that
+    lacks it) SCENES_PRETRAINING's recipe is trained once and cached, not again."""
+    cfg = R.TrainConfig(device="cpu")
+    assert R._demo_pretrained(cfg, print) == R.SHIPPED_PRETRAINED
+    model, tok, pre, ckpt = R.load_checkpoint(R.SHIPPED_PRETRAINED)
+    assert isinstance(tok, R.WordTokenizer) and pre.size == 32
+    for seed in (0, 1, 2):
+        captions = R.synthetic_splits(200, 10, 10, seed=seed)["train"].captions
+        assert not any(tok.unk_id in tok.encode(c) for c in captions)
+    test = R.synthetic_splits(10, 10, 300, seed=0)["test"]
+    assert R.evaluate_pairs(model, test, tok, pre, cfg, torch.device("cpu"))["rsum"] > 300  # random: ~10
+    built = []
+
+    def fake_pretrain(output_dir, **recipe):
+        built.append(recipe)
+        Path(output_dir).mkdir(parents=True)
+        (Path(output_dir) / "best.pt").write_bytes(b"weights")
+        return Path(output_dir) / "best.pt"
+    monkeypatch.setattr(R, "SHIPPED_PRETRAINED", tmp_path / "missing.pt")
+    monkeypatch.setattr(R, "pretrain_scenes", fake_pretrain)
+    monkeypatch.setenv("ROBUSTITM_CACHE", str(tmp_path / "cache"))
+    first, again = R._demo_pretrained(cfg, print), R._demo_pretrained(cfg, print)
+    assert first == again and first.read_bytes() == b"weights" and first.parent == tmp_path / "cache"
+    assert built == [{**R.SCENES_PRETRAINING, "device": "cpu", "log": print}]
+
+
 def test_bench_robustness_grid_resumes_and_reports(tmp_path, monkeypatch, capsys):
-    """bench/robustness.py on a tiny grid with 2 worker processes: each run once in the JSON-lines file, the
-    summary's means/stds are those of the runs, a second call resumes with nothing left to run, and the tables
-    and the plot are written."""
+    """bench/robustness.py on a tiny grid with 2 worker processes: each run once in the JSON-lines file (0%
+    noise once, not per protocol; clean at 0% is clip; the pretrained model's zero-shot row per seed), the
+    summary's means/stds are those of the runs, a second call resumes with nothing left to run, a run from
+    another pretrained model is not counted, and the tables and the plot are written."""
     import statistics
     import sys
     R.main(["train", "--preset", "clip", "--epochs", "1", "--output_dir", str(tmp_path / "pre"), *_TINY])
@@ -3100,9 +3129,13 @@ def test_bench_robustness_grid_resumes_and_reports(tmp_path, monkeypatch, capsys
             str(tmp_path / "res"), "--plot", str(tmp_path / "res" / "plot.png")]
     B.main(args)
     runs = [json.loads(x) for x in (tmp_path / "res" / "robustness_runs.jsonl").read_text().splitlines()]
-    # 3 methods x 2 noise x 2 protocols x 2 seeds
-    assert len(runs) == 24 and not any("error" in r for r in runs)
-    assert len({B.key(r) for r in runs}) == 24
+    # per seed: pretrained, clip and dsdmr at 0%, 3 methods at 60% x 2 protocols
+    assert len(runs) == 18 and not any("error" in r for r in runs)
+    assert len({B.key(r) for r in runs}) == 18 and sum(r["method"] == "pretrained" for r in runs) == 2
+    model, tok, pre, _ = R.load_checkpoint(tmp_path / "pre" / "best.pt")
+    test1 = R.synthetic_splits(26, 12, 12, seed=1, image_size=32)["test"]
+    zero_shot = R.evaluate_pairs(model, test1, tok, pre, R.TrainConfig(), torch.device("cpu"))["rsum"]
+    assert [r["rsum"] for r in runs if r["method"] == "pretrained" and r["seed"] == 1] == [zero_shot]
     report = json.loads((tmp_path / "res" / "robustness.json").read_text())
     for g in report["summary"]:
         rs = [r["rsum"] for r in runs
@@ -3110,13 +3143,18 @@ def test_bench_robustness_grid_resumes_and_reports(tmp_path, monkeypatch, capsys
         assert g["seeds"] == 2 and g["rsum"] == pytest.approx(statistics.mean(rs))
         assert g["rsum_std"] == pytest.approx(statistics.stdev(rs))
         # a filter (synthetic data: the truth is known)
-        assert (g["precision"] is None) == (g["method"] == "clip")
+        assert (g["precision"] is None) == (g["method"] in ("clip", "pretrained"))
         if g["method"] == "clean" and g["noise"]:
             assert g["precision"] == g["recall"] == 1.0
     assert all(r["split_epoch"] == r["best_epoch"] for r in runs if r["method"] == "dsdmr" and r["noise"])
     md = (tmp_path / "res" / "robustness.md").read_text()
     assert "| clean (reference: a perfect filter) |" in md and "‡" not in md.split("(‡")[1]
     assert "**caption-level noise**" in md and "**image-level noise**" in md and "kept at 60%" in md
+    assert "(zero-shot): test rSum" in md and "Gap to the clean reference, image-level noise" in md
+    clip0 = next(g for g in report["summary"] if g["method"] == "clip" and g["noise"] == 0)
+    zero_cells = [line.split(" | ")[1] for line in md.split("Gap to")[0].splitlines() + md.split(
+        "**image-level noise**")[1].split("Gap to")[0].splitlines() if line.startswith(("| clip |", "| clean ("))]
+    assert zero_cells == [f"{clip0['rsum']:.1f} ± {clip0['rsum_std']:.1f}"] * 4  # both tables, clean = clip
     assert Image.open(tmp_path / "res" / "plot.png").size[0] > 800  # one panel per protocol + legend
     capsys.readouterr()
     with pytest.raises(SystemExit):  # a misspelt method stops before any run
@@ -3124,7 +3162,11 @@ def test_bench_robustness_grid_resumes_and_reports(tmp_path, monkeypatch, capsys
     assert "unknown method(s) ['dsdmr-sharp']" in capsys.readouterr().err
     B.main(args)  # resumes: nothing left to run, same report
     assert "to run" not in capsys.readouterr().out
-    assert len((tmp_path / "res" / "robustness_runs.jsonl").read_text().splitlines()) == 24
+    runs[-1]["pretrained"] = "another.pt:0123456789ab"  # a run from another pretrained model is run again
+    (tmp_path / "res" / "robustness_runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
+    B.main(args)
+    assert "17 already done, 1 to run" in capsys.readouterr().out
+    assert len((tmp_path / "res" / "robustness_runs.jsonl").read_text().splitlines()) == 19
     sys.modules.pop("robustness", None)
 
 

@@ -12,12 +12,14 @@ both printed, and a setting is chosen on validation.
 What it is not: the benchmark itself (bench/robustness.py), nor seeds: one seed per setting.
 
 Usage: python bench/pretrain.py --settings 10000x5x512,16000x6x512 [--device cpu] [--out DIR]
+       python bench/pretrain.py --save weights/scenes_pretrained.pt
+           # the shipped model: robustitm.SCENES_PRETRAINING's recipe, one torch thread (~7 min, 2-core CPU)
 """
 import argparse
 import json
-import math
 import multiprocessing
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -28,19 +30,6 @@ sys.path.insert(0, str(ROOT))
 import robustitm as R  # noqa: E402
 
 
-
-def pretrain(n_scenes, epochs, batch, seed, device, out):
-    """A tiny CLIP trained on clean shifted-domain scenes -> its best.pt (selected on their own val split)."""
-    pre = R.synthetic_splits(n_scenes, 300, 300, seed=seed + 1, image_size=32, domain="pretrain")
-    target = R.synthetic_splits(100, 10, 10, seed=seed, image_size=32)
-    cfg = R.TrainConfig(preset="clip", noise_ratio=0.0, epochs=epochs, batch_size=batch,
-                        lr=1e-3 * math.sqrt(batch / 128), lr_decay_epochs=max(1, epochs - 1), seed=seed,
-                        output_dir=str(out / "pretrain"), overwrite=True, device=device, workers=0)
-    # the word tokenizer knows the words of both domains, as the demo's does
-    R.train(cfg, pre, lambda *a, **k: None, vocab_captions=pre["train"].captions + target["train"].captions)
-    return out / "pretrain" / "best.pt"
-
-
 def measure(setting, sizes, device, workdir):
     """One setting: pretrain, then zero-shot / clean fine-tuning / clip at 60% on the benchmark's task."""
     R.torch.set_num_threads(1)
@@ -48,7 +37,7 @@ def measure(setting, sizes, device, workdir):
     n_scenes, epochs, batch = (int(x) for x in setting.split("x"))
     out = Path(workdir) / setting
     t0 = time.time()
-    ckpt = pretrain(n_scenes, epochs, batch, 0, device, out)
+    ckpt = R.pretrain_scenes(out / "pretrain", n_scenes, epochs, batch, 0, device, log=lambda *a, **k: None)
     splits = R.synthetic_splits(*sizes, seed=0, image_size=32)
     model, tok, pre, _ = R.load_checkpoint(ckpt)
     cfg = R.TrainConfig(device=device, workers=0)
@@ -91,7 +80,17 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=None, help="folder for pretrain_runs.jsonl and pretrain.md (default: "
                     "print only)")
+    ap.add_argument("--save", default=None, help="only pretrain robustitm.SCENES_PRETRAINING's recipe (one torch "
+                    "thread) and write its best.pt here")
     args = ap.parse_args(argv)
+    if args.save:
+        R.torch.set_num_threads(1)
+        with tempfile.TemporaryDirectory(prefix="pretrain_") as workdir:
+            best = R.pretrain_scenes(Path(workdir), **R.SCENES_PRETRAINING, device=args.device)
+            Path(args.save).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(best, args.save)
+        print(f"wrote {args.save}")
+        return
     settings, sizes = args.settings.split(","), tuple(int(x) for x in args.sizes.split(","))
     with tempfile.TemporaryDirectory(prefix="pretrain_") as workdir:
         ctx = multiprocessing.get_context("spawn")

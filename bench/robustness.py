@@ -1,13 +1,16 @@
 """Robustness benchmark: test rSum of each method as the noise rate rises, on the synthetic scenes task.
 
-Every run fine-tunes the demo's pretrained tiny model (built and cached on first use) on synthetic splits
-drawn from the run's seed, selects its epoch on validation rSum (never the test split), and reports the test
-split (1,000 images x 5 captions, the Flickr30K test protocol). Each finished run is appended to a JSON-lines
+Every run fine-tunes the shipped pretrained tiny model (weights/scenes_pretrained.pt, the demo's; calibrated by
+bench/pretrain.py so that its zero-shot rSum is ~93% of clean fine-tuning's, as CLIP's on Flickr30K) on
+synthetic splits drawn from the run's seed, selects its epoch on validation rSum (never the test split), and
+reports the test split (1,000 images x 5 captions, the Flickr30K test protocol). The method `pretrained` is the
+model itself, no fine-tuning, on each seed's test split. 0% noise is run once (the protocols differ only in
+what they corrupt) and shown under both; `clean` at 0% is `clip`. Each finished run is appended to a JSON-lines
 file, so an interrupted grid resumes where it stopped; the report (bench/results/robustness.md and .json, and
 the plot docs/robustness.png drawn with Pillow) is rebuilt from every run in that file that belongs to the
 grid.
 
-A method is a preset of robustitm.py (clip, vse, dsdmr, mscn, iuccl, all; clean is the reference: clip on
+A method is `pretrained`, a preset of robustitm.py (clip, vse, dsdmr, mscn, iuccl, all; clean is the reference: clip on
 exactly the pairs the noise left intact) or a variant in VARIANTS (dsdmr-<margin schedule>, clean-dsdm,
 iuccl-<part off>).
 
@@ -26,6 +29,7 @@ iuccl-<part off>).
 """
 import argparse
 import concurrent.futures as cf
+import hashlib
 import json
 import multiprocessing
 import os
@@ -57,7 +61,12 @@ COST = {"mscn": 3, "all": 3, "iuccl": 2}  # rough relative run time: the slow on
 
 def key(r):
     return (r["method"], r["protocol"], float(r["noise"]), int(r["seed"]), r["sizes"], int(r["epochs"]),
-            r.get("lr_decay_epochs"))
+            r.get("lr_decay_epochs"), r.get("pretrained"))  # runs from another pretrained model never match
+
+
+def model_id(path):
+    """File name and content hash of the pretrained model every run starts from."""
+    return f"{Path(path).name}:{hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]}"
 
 
 _SPLITS = {}  # per worker process: (sizes, seed) -> splits, built once
@@ -66,13 +75,13 @@ _SPLITS = {}  # per worker process: (sizes, seed) -> splits, built once
 def run_one(task):
     """One fine-tuning run (in a worker process); returns its result row, or the error that stopped it."""
     method, noise, protocol, seed, sizes, epochs, lr_decay, device, pretrained, workdir = task
-    torch = R.torch
-    torch.set_num_threads(1)  # many workers share the cores
+    R.torch.set_num_threads(1)  # many workers share the cores
     sys.stdout = open(os.devnull, "w")  # the per-step progress lines of parallel runs would interleave
     row = {"method": method, "protocol": protocol, "noise": noise, "seed": seed, "sizes": sizes,
-           "epochs": epochs, "lr_decay_epochs": lr_decay}
+           "epochs": epochs, "lr_decay_epochs": lr_decay, "pretrained": model_id(pretrained)}
     t0 = time.time()
-    cfg = R.TrainConfig(preset=method.split("-")[0], pretrained=str(pretrained), noise_ratio=noise,
+    preset = "clip" if method == "pretrained" else method.split("-")[0]
+    cfg = R.TrainConfig(preset=preset, pretrained=str(pretrained), noise_ratio=noise,
                         noise_protocol=protocol, seed=seed, epochs=epochs, device=device, overwrite=True,
                         output_dir=str(Path(workdir) / f"{method}_{protocol}_{noise}_{seed}"))
     if lr_decay:
@@ -83,6 +92,13 @@ def run_one(task):
                                                         image_size=32)
         for k, v in VARIANTS.get(method, {}).items():
             setattr(cfg, k, v)
+        if method == "pretrained":  # zero-shot: the model as shipped, on this seed's test split
+            model, tok, pre, _ = R.load_checkpoint(pretrained)
+            dev = R._device(device)
+            res = R.evaluate_pairs(model.to(dev), _SPLITS[(sizes, seed)]["test"], tok, pre, cfg, dev)
+            row.update(rsum=res["rsum"], i2t_r1=res["i2t_r1"], t2i_r1=res["t2i_r1"])
+            row["seconds"], row["machine"] = round(time.time() - t0, 1), machine(device)
+            return row
         res = R.train(cfg, _SPLITS[(sizes, seed)], log=lambda *a, **k: None)
         f = res.get("filter") or {}
         row.update(rsum=res["rsum"], i2t_r1=res["i2t_r1"], t2i_r1=res["t2i_r1"], best_epoch=res["best_epoch"],
@@ -98,11 +114,13 @@ def run_one(task):
     except Exception as e:  # one failed run must not lose the others; it is reported and not counted
         row["error"] = f"{type(e).__name__}: {e}"
     shutil.rmtree(cfg.output_dir, ignore_errors=True)  # checkpoints and plots of a finished run are not kept
-    row["seconds"] = round(time.time() - t0, 1)
-    dev = R._device(device)
-    row["machine"] = (torch.cuda.get_device_name(dev) if dev.type == "cuda"
-                      else f"cpu ({os.cpu_count()} cores)")
+    row["seconds"], row["machine"] = round(time.time() - t0, 1), machine(device)
     return row
+
+
+def machine(device):
+    dev = R._device(device)
+    return R.torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
 
 
 def summarise(rows):
@@ -116,37 +134,73 @@ def summarise(rows):
         out.append({"method": m, "protocol": p, "noise": n, "seeds": len(rs), "rsum": statistics.mean(rsum),
                     "rsum_std": statistics.stdev(rsum) if len(rsum) > 1 else 0.0, "i2t_r1": mean("i2t_r1"),
                     "t2i_r1": mean("t2i_r1"), "precision": mean("precision"), "recall": mean("recall"),
+                    "clusters": ({k: statistics.mean(r["clusters"][k] for r in rs) for k in rs[0]["clusters"]}
+                                 if all("clusters" in r for r in rs) else None),
                     # runs recorded before the selected epoch's split was tracked report the last round's
                     "last_round": any(r.get("precision") is not None and "split_epoch" not in r for r in rs),
                     "machine": ", ".join(sorted({r.get("machine", "not recorded") for r in rs}))})
     return out
 
 
-def tables(summary, methods, noises):
+def lookup(summary):
+    """(method, protocol, noise) -> summary group; 0% noise (run once) answers for every protocol, and the
+    clean reference at 0% is clip."""
+    at = {(g["method"], g["protocol"], g["noise"]): g for g in summary}
+
+    def get(m, p, n):
+        if n == 0:
+            m = "clip" if m == "clean" else m
+            return next((g for (gm, _, gn), g in at.items() if gm == m and gn == 0), None)
+        return at.get((m, p, n))
+    return get
+
+
+def tables(summary, methods, noises, protocols):
     """Markdown: per protocol, methods x noise (mean ± std, † = below clip's mean at that noise, with the
-    share of its own 0%-noise rSum kept at 60%), then the ablation, then every group in detail."""
-    at = {(s["method"], s["protocol"], s["noise"]): s for s in summary}
-    keep_col = 0.0 in noises and 0.6 in noises
+    share of its own 0%-noise rSum kept at 60% and 80%), the gap to the clean reference, then the ablation,
+    then every group in detail (filter precision/recall, paper C's batch hardness)."""
+    get = lookup(summary)
+    kept = [n for n in (0.6, 0.8) if 0.0 in noises and n in noises]
+    zero = get("pretrained", protocols[0], 0.0)
     lines = []
-    for p in sorted({s["protocol"] for s in summary}):
+    if zero:
+        lines += [f"The pretrained model without fine-tuning (zero-shot): test rSum {zero['rsum']:.1f} ± "
+                  f"{zero['rsum_std']:.1f} over {zero['seeds']} seeds' test splits.", ""]
+    for p in protocols:
         lines += [f"**{p}-level noise**: test rSum, mean ± std over seeds († below `clip` at that noise)", "",
                   "| method | " + " | ".join(f"{n:.0%}" for n in noises)
-                  + (" | kept at 60% |" if keep_col else " |"),
-                  "|---|" + "---:|" * (len(noises) + keep_col)]
+                  + "".join(f" | kept at {n:.0%}" for n in kept) + " |",
+                  "|---|" + "---:|" * (len(noises) + len(kept))]
         for m in methods:
             cells = []
             for n in noises:
-                s, base = at.get((m, p, n)), at.get(("clip", p, n))
-                below = " †" if s and base and m != "clip" and s["rsum"] < base["rsum"] else ""
+                s, base = get(m, p, n), get("clip", p, n)
+                below = " †" if s and base and m not in ("clip", "clean") and s["rsum"] < base["rsum"] else ""
                 cells.append(f"{s['rsum']:.1f} ± {s['rsum_std']:.1f}{below}" if s else "–")
-            if keep_col:
-                s0, s60 = at.get((m, p, 0.0)), at.get((m, p, 0.6))
-                if s0 is None and m == "clean":  # at 0% the clean reference is clip: nothing to drop
-                    s0 = at.get(("clip", p, 0.0))
-                cells.append(f"{s60['rsum'] / s0['rsum']:.1%}" if s0 and s60 else "–")
+            for n in kept:
+                s0, sn = get(m, p, 0.0), get(m, p, n)
+                cells.append(f"{sn['rsum'] / s0['rsum']:.1%}" if s0 and sn else "–")
             name = "clean (reference: a perfect filter)" if m == "clean" else m
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
+        noisy = [n for n in noises if n > 0]
+        if "clean" in methods and noisy:
+            lines += [f"Gap to the clean reference, {p}-level noise: mean rSum minus `clean`'s (✓ within one std "
+                      "of `clean`, or above it; ✗ more than one std below)", "",
+                      "| method | " + " | ".join(f"{n:.0%}" for n in noisy) + " |", "|---|" + "---:|" * len(noisy)]
+            for m in methods:
+                if m == "clean":
+                    continue
+                cells = []
+                for n in noisy:
+                    s, ref = get(m, p, n), get("clean", p, n)
+                    if s and ref:
+                        gap = s["rsum"] - ref["rsum"]
+                        cells.append(f"{gap:+.1f} {'✓' if gap >= -ref['rsum_std'] else '✗'}")
+                    else:
+                        cells.append("–")
+                lines.append(f"| {m} | " + " | ".join(cells) + " |")
+            lines.append("")
     ablation = [s for s in summary if s["method"].startswith("dsdmr-")]
     if ablation:
         cols = sorted({(s["protocol"], s["noise"]) for s in ablation})
@@ -154,21 +208,29 @@ def tables(summary, methods, noises):
                   "", "| schedule | " + " | ".join(f"{p} {n:.0%}" for p, n in cols) + " |",
                   "|---|" + "---:|" * len(cols)]
         for sch in SCHEDULES:
-            cells = [at.get((f"dsdmr-{sch}", p, n)) for p, n in cols]
+            cells = [get(f"dsdmr-{sch}", p, n) for p, n in cols]
             lines.append(f"| {sch} | " + " | ".join(f"{s['rsum']:.1f} ± {s['rsum_std']:.1f}" if s else "–"
                                                     for s in cells) + " |")
         lines.append("")
-    lines += ["**Every group**: R@1 and the filter's kept set (precision = clean share of the kept pairs,"
-              " recall = share of the clean pairs kept), of the split the selected epoch trained on (‡: of"
-              " the last round, runs recorded before the selected epoch's split was kept), mean over seeds",
-              "", "| protocol | noise | method | seeds | test rSum | i2t R@1 | t2i R@1 | kept precision "
-              "| kept recall | machine |", "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    lines += ["**Every group**: R@1, the filter's kept set (precision = clean share of the kept pairs, recall ="
+              " share of the clean pairs kept) of the split the selected epoch trained on (‡: of the last round,"
+              " runs recorded before the selected epoch's split was kept), and for paper C's clustered batches"
+              " the share from one cluster and their hardness (mean hardest in-batch negative cosine, clustered"
+              " / random batches of the same pairs); means over seeds", "",
+              "| protocol | noise | method | seeds | test rSum | i2t R@1 | t2i R@1 | kept precision "
+              "| kept recall | one-cluster batches | hardness clustered / random | machine |",
+              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for s in summary:
         pr = f"{s['precision']:.3f} | {s['recall']:.3f}" if s["precision"] is not None else "– | –"
         pr += " ‡" if s.get("last_round") else ""
-        lines.append(f"| {s['protocol']} | {s['noise']:.0%} | {s['method']} | {s['seeds']} | "
+        c = s.get("clusters")
+        hard = (f"{c['single_cluster_fraction']:.1%} | {c['hardness_clustered']:.3f} / "
+                f"{c['hardness_random']:.3f}" if c else "– | –")
+        noise = "–" if s["method"] == "pretrained" else f"{s['noise']:.0%}"
+        protocol = "any" if s["noise"] == 0 else s["protocol"]
+        lines.append(f"| {protocol} | {noise} | {s['method']} | {s['seeds']} | "
                      f"{s['rsum']:.1f} ± {s['rsum_std']:.1f} | {s['i2t_r1']:.1f} | {s['t2i_r1']:.1f} | "
-                     f"{pr} | {s.get('machine', '')} |")
+                     f"{pr} | {hard} | {s.get('machine', '')} |")
     return "\n".join(lines)
 
 
@@ -180,17 +242,32 @@ def colour(i, method):
     return (160, 160, 160) if method == "clean" else COLOURS[i % len(COLOURS)]  # the reference in grey
 
 
-def plot(summary, methods, path):
-    """One panel per protocol: test rSum (mean, with a ±std bar) against the noise rate, a line per method."""
+def polyline(d, points, fill, width=2, dash=0):
+    """A solid or (dash > 0: dash pixels on, dash off) dashed polyline."""
+    if not dash:
+        d.line(points, fill=fill, width=width)
+        return
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        n = max(1, int(((x1 - x0) ** 2 + (y1 - y0) ** 2) ** 0.5 // dash))
+        for i in range(0, n, 2):
+            a, b = i / n, min(n, i + 1) / n
+            d.line([x0 + a * (x1 - x0), y0 + a * (y1 - y0), x0 + b * (x1 - x0), y0 + b * (y1 - y0)],
+                   fill=fill, width=width)
+
+
+def plot(summary, methods, noises, protocols, path):
+    """One panel per protocol: test rSum (mean, with a ±std bar) against the noise rate, a line per method,
+    the clean reference dashed, the pretrained model's zero-shot rSum as a horizontal line."""
     from PIL import Image, ImageDraw
-    summary = [s for s in summary if s["method"] in methods]
-    protocols = sorted({s["protocol"] for s in summary})
-    noises = sorted({s["noise"] for s in summary})
-    PW, H, pad, legend = 420, 420, 56, 110
+    get = lookup(summary)
+    zero = get("pretrained", protocols[0], 0.0)
+    cells = [s for s in (get(m, p, n) for m in methods for p in protocols for n in noises) if s]
+    cells += [zero] if zero else []
+    PW, H, pad, legend = 420, 420, 56, 130
     img = Image.new("RGB", (PW * len(protocols) + legend, H), "white")
     d = ImageDraw.Draw(img)
-    lo = min(s["rsum"] - s["rsum_std"] for s in summary) // 50 * 50
-    hi = max(s["rsum"] + s["rsum_std"] for s in summary) // 50 * 50 + 50
+    lo = min(s["rsum"] - s["rsum_std"] for s in cells) // 50 * 50
+    hi = max(s["rsum"] + s["rsum_std"] for s in cells) // 50 * 50 + 50
     y = lambda v: H - pad - (v - lo) / (hi - lo) * (H - 2 * pad)  # noqa: E731
     for k, p in enumerate(protocols):
         x0 = k * PW + pad
@@ -204,18 +281,26 @@ def plot(summary, methods, path):
         for n in noises:
             d.text((x(n) - 10, H - pad + 8), f"{n:.0%}", fill="black")
         d.text((x0 + (PW - pad) // 2 - 40, H - pad + 26), "noise rate", fill="black")
+        if zero:
+            polyline(d, [(x0, y(zero["rsum"])), (x(noises[-1]), y(zero["rsum"]))], "black", 1, dash=4)
         for i, m in enumerate(methods):
             c = colour(i, m)
-            pts = [(x(s["noise"]), s) for s in summary if s["method"] == m and s["protocol"] == p]
-            d.line([(px, y(s["rsum"])) for px, s in pts], fill=c, width=2) if len(pts) > 1 else None
+            pts = [(x(n), s) for n in noises for s in [get(m, p, n)] if s]
+            if len(pts) > 1:
+                polyline(d, [(px, y(s["rsum"])) for px, s in pts], c, dash=8 if m == "clean" else 0)
             for px, s in pts:
                 d.line([px, y(s["rsum"] - s["rsum_std"]), px, y(s["rsum"] + s["rsum_std"])], fill=c)
                 d.ellipse([px - 3, y(s["rsum"]) - 3, px + 3, y(s["rsum"]) + 3], fill=c)
     lx = PW * len(protocols)
     d.text((lx, pad - 24), "test rSum", fill="black")
     for i, m in enumerate(methods):
-        d.line([lx, pad + 18 * i + 6, lx + 20, pad + 18 * i + 6], fill=colour(i, m), width=3)
-        d.text((lx + 26, pad + 18 * i), "clean (ref.)" if m == "clean" else m, fill="black")
+        polyline(d, [(lx, pad + 18 * i + 6), (lx + 24, pad + 18 * i + 6)], colour(i, m), 3,
+                 dash=6 if m == "clean" else 0)
+        d.text((lx + 26, pad + 18 * i), "clean (reference)" if m == "clean" else m, fill="black")
+    if zero:
+        i = len(methods)
+        polyline(d, [(lx, pad + 18 * i + 6), (lx + 24, pad + 18 * i + 6)], "black", 1, dash=4)
+        d.text((lx + 26, pad + 18 * i), "pretrained", fill="black")
     img.save(path)
 
 
@@ -275,14 +360,19 @@ def main(argv=None):
     if bad:
         p.error(f"unknown method(s) {bad}: a preset ({', '.join(R.PRESETS)}) "
                 f"or a variant ({', '.join(VARIANTS)})")
+    pretrained = R._demo_pretrained(R.TrainConfig(device=args.device), print)
     grid = []
     for s in seeds:  # seed by seed, so a stopped grid has complete seeds; slow methods first within one
-        block = [(m, n, pr) for pr in protocols for n in noises for m in methods]
+        # 0% noise once (under the first protocol); clean at 0% is clip; the pretrained model's zero-shot row
+        block = [("pretrained", 0.0, protocols[0])]
+        block += [(m, n, pr) for pr in protocols for n in noises for m in methods
+                  if (n > 0 or pr == protocols[0]) and not (n == 0 and m == "clean")]
         if not args.no_ablation:
             block += [(f"dsdmr-{sch}", n, pr) for sch in SCHEDULES for n in (0.4, 0.6) for pr in protocols]
         block.sort(key=lambda t: -COST.get(t[0], 1))
         grid += [dict(method=m, protocol=pr, noise=n, seed=s, sizes=args.sizes, epochs=args.epochs,
-                      lr_decay_epochs=args.lr_decay_epochs) for m, n, pr in block]
+                      lr_decay_epochs=args.lr_decay_epochs, pretrained=model_id(pretrained))
+                 for m, n, pr in block]
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -291,7 +381,6 @@ def main(argv=None):
     todo = [g for g in grid if key(g) not in done]
     t0 = time.time()
     if todo and not args.report:
-        pretrained = R._demo_pretrained(R.TrainConfig(device=args.device), print)
         workdir = tempfile.mkdtemp(prefix="robustness_")
         n_done = len(grid) - len(todo)
         print(f"{len(grid)} runs in the grid, {n_done} already done, {len(todo)} to run with {args.workers} "
@@ -335,7 +424,7 @@ def main(argv=None):
         return
     summary = summarise(rows)
     run_s = sum(r["seconds"] for r in rows)
-    md = tables(summary, methods, noises)
+    md = tables(summary, methods, noises, protocols)
     cmd = "python bench/robustness.py " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.report:
         cmd = (f"rebuilt from {runs_path.relative_to(ROOT) if runs_path.is_relative_to(ROOT) else runs_path} "
@@ -345,11 +434,11 @@ def main(argv=None):
     (out / f"{args.name}.md").write_text(
         f"{md}\n\n{len(rows)} of {len(grid)} runs; sizes {args.sizes} (train, val, test images); "
         f"{args.epochs} epochs{decay}; run time summed over runs {run_s / 60:.0f} min; "
-        f"machine: {machines}.\n{cmd}\n")
+        f"machine: {machines}; every run starts from {model_id(pretrained)}.\n{cmd}\n")
     (out / f"{args.name}.json").write_text(json.dumps({"sizes": args.sizes, "epochs": args.epochs,
                                                        "lr_decay_epochs": args.lr_decay_epochs, "runs": rows,
                                                        "summary": summary}, indent=1))
-    plot(summary, methods, args.plot)
+    plot(summary, methods, noises, protocols, args.plot)
     print(md)
     print(f"\n{len(rows)} of {len(grid)} runs reported; {time.time() - t0:.0f} s wall this call, "
           f"{run_s:.0f} s summed over runs")
