@@ -4143,8 +4143,9 @@ def _config_from(args, cls):
     return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
 
 
-# The demo's and the robustness benchmark's pretrained model, shipped in weights/ (bench/pretrain.py calibrated
-# the recipe: zero-shot rSum 88-95% of clean fine-tuning on the benchmark's task, as CLIP on Flickr30K)
+# The demo's and the robustness benchmark's pretrained model, shipped in weights/. bench/pretrain.py
+# calibrated the recipe: zero-shot rSum 88-95% of clean fine-tuning on the benchmark's task, as CLIP's on
+# Flickr30K.
 SCENES_PRETRAINING = {"n_scenes": 10_000, "epochs": 5, "batch_size": 512, "seed": 0}
 SHIPPED_PRETRAINED = Path(__file__).resolve().parent / "weights" / "scenes_pretrained.pt"
 

@@ -3152,8 +3152,9 @@ def test_bench_robustness_grid_resumes_and_reports(tmp_path, monkeypatch, capsys
     assert "**caption-level noise**" in md and "**image-level noise**" in md and "kept at 60%" in md
     assert "(zero-shot): test rSum" in md and "Gap to the clean reference, image-level noise" in md
     clip0 = next(g for g in report["summary"] if g["method"] == "clip" and g["noise"] == 0)
-    zero_cells = [line.split(" | ")[1] for line in md.split("Gap to")[0].splitlines() + md.split(
-        "**image-level noise**")[1].split("Gap to")[0].splitlines() if line.startswith(("| clip |", "| clean ("))]
+    tables = md.split("Gap to")[0] + md.split("**image-level noise**")[1].split("Gap to")[0]
+    zero_cells = [line.split(" | ")[1] for line in tables.splitlines()
+                  if line.startswith(("| clip |", "| clean ("))]
     assert zero_cells == [f"{clip0['rsum']:.1f} ± {clip0['rsum_std']:.1f}"] * 4  # both tables, clean = clip
     assert Image.open(tmp_path / "res" / "plot.png").size[0] > 800  # one panel per protocol + legend
     capsys.readouterr()

@@ -80,8 +80,8 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=None, help="folder for pretrain_runs.jsonl and pretrain.md (default: "
                     "print only)")
-    ap.add_argument("--save", default=None, help="only pretrain robustitm.SCENES_PRETRAINING's recipe (one torch "
-                    "thread) and write its best.pt here")
+    ap.add_argument("--save", default=None, help="only pretrain robustitm.SCENES_PRETRAINING's recipe (one "
+                    "torch thread) and write its best.pt here")
     args = ap.parse_args(argv)
     if args.save:
         R.torch.set_num_threads(1)

@@ -1,18 +1,18 @@
 """Robustness benchmark: test rSum of each method as the noise rate rises, on the synthetic scenes task.
 
-Every run fine-tunes the shipped pretrained tiny model (weights/scenes_pretrained.pt, the demo's; calibrated by
-bench/pretrain.py so that its zero-shot rSum is ~93% of clean fine-tuning's, as CLIP's on Flickr30K) on
+Every run fine-tunes the shipped pretrained tiny model (weights/scenes_pretrained.pt, the demo's; calibrated
+by bench/pretrain.py so that its zero-shot rSum is ~93% of clean fine-tuning's, as CLIP's on Flickr30K) on
 synthetic splits drawn from the run's seed, selects its epoch on validation rSum (never the test split), and
-reports the test split (1,000 images x 5 captions, the Flickr30K test protocol). The method `pretrained` is the
-model itself, no fine-tuning, on each seed's test split. 0% noise is run once (the protocols differ only in
-what they corrupt) and shown under both; `clean` at 0% is `clip`. Each finished run is appended to a JSON-lines
-file, so an interrupted grid resumes where it stopped; the report (bench/results/robustness.md and .json, and
-the plot docs/robustness.png drawn with Pillow) is rebuilt from every run in that file that belongs to the
-grid.
+reports the test split (1,000 images x 5 captions, the Flickr30K test protocol). The method `pretrained` is
+the model itself, no fine-tuning, on each seed's test split. 0% noise is run once (the protocols differ only
+in what they corrupt) and shown under both; `clean` at 0% is `clip`. Each finished run is appended to a
+JSON-lines file, so an interrupted grid resumes where it stopped; the report (bench/results/robustness.md and
+.json, and the plot docs/robustness.png drawn with Pillow) is rebuilt from every run in that file that belongs
+to the grid.
 
-A method is `pretrained`, a preset of robustitm.py (clip, vse, dsdmr, mscn, iuccl, all; clean is the reference: clip on
-exactly the pairs the noise left intact) or a variant in VARIANTS (dsdmr-<margin schedule>, clean-dsdm,
-iuccl-<part off>).
+A method is `pretrained`, a preset of robustitm.py (clip, vse, dsdmr, mscn, iuccl, all; clean is the
+reference: clip on exactly the pairs the noise left intact) or a variant in VARIANTS (dsdmr-<margin schedule>,
+clean-dsdm, iuccl-<part off>).
 
     python bench/robustness.py --quick
         # clip vs dsdmr, caption noise 0/40/80%: minutes, 2 cores
@@ -185,9 +185,10 @@ def tables(summary, methods, noises, protocols):
         lines.append("")
         noisy = [n for n in noises if n > 0]
         if "clean" in methods and noisy:
-            lines += [f"Gap to the clean reference, {p}-level noise: mean rSum minus `clean`'s (✓ within one std "
-                      "of `clean`, or above it; ✗ more than one std below)", "",
-                      "| method | " + " | ".join(f"{n:.0%}" for n in noisy) + " |", "|---|" + "---:|" * len(noisy)]
+            lines += [f"Gap to the clean reference, {p}-level noise: mean rSum minus `clean`'s (✓ within one "
+                      "std of `clean`, or above it; ✗ more than one std below)", "",
+                      "| method | " + " | ".join(f"{n:.0%}" for n in noisy) + " |",
+                      "|---|" + "---:|" * len(noisy)]
             for m in methods:
                 if m == "clean":
                     continue
@@ -212,11 +213,11 @@ def tables(summary, methods, noises, protocols):
             lines.append(f"| {sch} | " + " | ".join(f"{s['rsum']:.1f} ± {s['rsum_std']:.1f}" if s else "–"
                                                     for s in cells) + " |")
         lines.append("")
-    lines += ["**Every group**: R@1, the filter's kept set (precision = clean share of the kept pairs, recall ="
-              " share of the clean pairs kept) of the split the selected epoch trained on (‡: of the last round,"
-              " runs recorded before the selected epoch's split was kept), and for paper C's clustered batches"
-              " the share from one cluster and their hardness (mean hardest in-batch negative cosine, clustered"
-              " / random batches of the same pairs); means over seeds", "",
+    lines += ["**Every group**: R@1, the filter's kept set (precision = clean share of the kept pairs, "
+              "recall = share of the clean pairs kept) of the split the selected epoch trained on (‡: of the "
+              "last round, runs recorded before the selected epoch's split was kept), and for paper C's "
+              "clustered batches the share from one cluster and their hardness (mean hardest in-batch "
+              "negative cosine, clustered / random batches of the same pairs); means over seeds", "",
               "| protocol | noise | method | seeds | test rSum | i2t R@1 | t2i R@1 | kept precision "
               "| kept recall | one-cluster batches | hardness clustered / random | machine |",
               "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
