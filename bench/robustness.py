@@ -161,13 +161,19 @@ def tables(summary, methods, noises, protocols):
     then every group in detail (filter precision/recall, paper C's batch hardness)."""
     get = lookup(summary)
     kept = [n for n in (0.6, 0.8) if 0.0 in noises and n in noises]
+    most = max(g["seeds"] for g in summary)
+
+    def cell(g):  # mean ± std, and the number of seeds where fewer than the most any group has
+        return f"{g['rsum']:.1f}" + (f" ± {g['rsum_std']:.1f}" if g["seeds"] > 1 else "") + (
+            f" (n={g['seeds']})" if g["seeds"] < most else "")
     zero = get("pretrained", protocols[0], 0.0)
     lines = []
     if zero:
         lines += [f"The pretrained model without fine-tuning (zero-shot): test rSum {zero['rsum']:.1f} ± "
                   f"{zero['rsum_std']:.1f} over {zero['seeds']} seeds' test splits.", ""]
     for p in protocols:
-        lines += [f"**{p}-level noise**: test rSum, mean ± std over seeds († below `clip` at that noise)", "",
+        lines += [f"**{p}-level noise**: test rSum, mean ± std over {most} seeds (n=: fewer seeds; † below `clip` "
+                  "at that noise)", "",
                   "| method | " + " | ".join(f"{n:.0%}" for n in noises)
                   + "".join(f" | kept at {n:.0%}" for n in kept) + " |",
                   "|---|" + "---:|" * (len(noises) + len(kept))]
@@ -176,7 +182,7 @@ def tables(summary, methods, noises, protocols):
             for n in noises:
                 s, base = get(m, p, n), get("clip", p, n)
                 below = " †" if s and base and m not in ("clip", "clean") and s["rsum"] < base["rsum"] else ""
-                cells.append(f"{s['rsum']:.1f} ± {s['rsum_std']:.1f}{below}" if s else "–")
+                cells.append(f"{cell(s)}{below}" if s else "–")
             for n in kept:
                 s0, sn = get(m, p, 0.0), get(m, p, n)
                 cells.append(f"{sn['rsum'] / s0['rsum']:.1%}" if s0 and sn else "–")
