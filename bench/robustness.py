@@ -169,11 +169,13 @@ def tables(summary, methods, noises, protocols):
     zero = get("pretrained", protocols[0], 0.0)
     lines = []
     if zero:
-        lines += [f"The pretrained model without fine-tuning (zero-shot): test rSum {zero['rsum']:.1f} ± "
-                  f"{zero['rsum_std']:.1f} over {zero['seeds']} seeds' test splits.", ""]
+        spread = (f" ± {zero['rsum_std']:.1f} over {zero['seeds']} seeds' test splits" if zero["seeds"] > 1
+                  else " (one seed)")
+        lines += [f"The pretrained model without fine-tuning (zero-shot): test rSum {zero['rsum']:.1f}{spread}.",
+                  ""]
     for p in protocols:
-        lines += [f"**{p}-level noise**: test rSum, mean ± std over {most} seeds (n=: fewer seeds; † below `clip` "
-                  "at that noise)", "",
+        lines += [f"**{p}-level noise**: test rSum, mean ± std over {most} seeds (n=: fewer seeds; † below "
+                  "`clip` at that noise)", "",
                   "| method | " + " | ".join(f"{n:.0%}" for n in noises)
                   + "".join(f" | kept at {n:.0%}" for n in kept) + " |",
                   "|---|" + "---:|" * (len(noises) + len(kept))]
@@ -234,9 +236,10 @@ def tables(summary, methods, noises, protocols):
         hard = (f"{c['single_cluster_fraction']:.1%} | {c['hardness_clustered']:.3f} / "
                 f"{c['hardness_random']:.3f}" if c else "– | –")
         noise = "–" if s["method"] == "pretrained" else f"{s['noise']:.0%}"
+        std = f" ± {s['rsum_std']:.1f}" if s["seeds"] > 1 else ""
         protocol = "any" if s["noise"] == 0 else s["protocol"]
         lines.append(f"| {protocol} | {noise} | {s['method']} | {s['seeds']} | "
-                     f"{s['rsum']:.1f} ± {s['rsum_std']:.1f} | {s['i2t_r1']:.1f} | {s['t2i_r1']:.1f} | "
+                     f"{s['rsum']:.1f}{std} | {s['i2t_r1']:.1f} | {s['t2i_r1']:.1f} | "
                      f"{pr} | {hard} | {s.get('machine', '')} |")
     return "\n".join(lines)
 
