@@ -3163,6 +3163,8 @@ def test_bench_robustness_grid_resumes_and_reports(tmp_path, monkeypatch, capsys
     assert "unknown method(s) ['dsdmr-sharp']" in capsys.readouterr().err
     B.main(args)  # resumes: nothing left to run, same report
     assert "to run" not in capsys.readouterr().out
+    B.main(args + ["--protocols", "image,caption"])  # 0% noise is one run whichever protocol comes first
+    assert "to run" not in capsys.readouterr().out
     runs[-1]["pretrained"] = "another.pt:0123456789ab"  # a run from another pretrained model is run again
     (tmp_path / "res" / "robustness_runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
     B.main(args)

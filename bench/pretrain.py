@@ -13,7 +13,7 @@ What it is not: the benchmark itself (bench/robustness.py), nor seeds: one seed 
 
 Usage: python bench/pretrain.py --settings 10000x5x512,16000x6x512 [--device cpu] [--out DIR]
        python bench/pretrain.py --save weights/scenes_pretrained.pt
-           # the shipped model: robustitm.SCENES_PRETRAINING's recipe, one torch thread (~7 min, 2-core CPU)
+           # the shipped model: robustitm.SCENES_PRETRAINING's recipe, one torch thread (~5 min, 2-core CPU)
 """
 import argparse
 import json

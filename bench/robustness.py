@@ -60,7 +60,8 @@ COST = {"mscn": 3, "all": 3, "iuccl": 2}  # rough relative run time: the slow on
 
 
 def key(r):
-    return (r["method"], r["protocol"], float(r["noise"]), int(r["seed"]), r["sizes"], int(r["epochs"]),
+    protocol = r["protocol"] if float(r["noise"]) else "any"  # 0% noise is the same run under either protocol
+    return (r["method"], protocol, float(r["noise"]), int(r["seed"]), r["sizes"], int(r["epochs"]),
             r.get("lr_decay_epochs"), r.get("pretrained"))  # runs from another pretrained model never match
 
 
@@ -74,11 +75,11 @@ _SPLITS = {}  # per worker process: (sizes, seed) -> splits, built once
 
 def run_one(task):
     """One fine-tuning run (in a worker process); returns its result row, or the error that stopped it."""
-    method, noise, protocol, seed, sizes, epochs, lr_decay, device, pretrained, workdir = task
+    method, noise, protocol, seed, sizes, epochs, lr_decay, device, pretrained, pretrained_id, workdir = task
     R.torch.set_num_threads(1)  # many workers share the cores
     sys.stdout = open(os.devnull, "w")  # the per-step progress lines of parallel runs would interleave
     row = {"method": method, "protocol": protocol, "noise": noise, "seed": seed, "sizes": sizes,
-           "epochs": epochs, "lr_decay_epochs": lr_decay, "pretrained": model_id(pretrained)}
+           "epochs": epochs, "lr_decay_epochs": lr_decay, "pretrained": pretrained_id}
     t0 = time.time()
     preset = "clip" if method == "pretrained" else method.split("-")[0]
     cfg = R.TrainConfig(preset=preset, pretrained=str(pretrained), noise_ratio=noise,
@@ -371,6 +372,7 @@ def main(argv=None):
         p.error(f"unknown method(s) {bad}: a preset ({', '.join(R.PRESETS)}) "
                 f"or a variant ({', '.join(VARIANTS)})")
     pretrained = R._demo_pretrained(R.TrainConfig(device=args.device), print)
+    pretrained_id = model_id(pretrained)
     grid = []
     for s in seeds:  # seed by seed, so a stopped grid has complete seeds; slow methods first within one
         # 0% noise once (under the first protocol); clean at 0% is clip; the pretrained model's zero-shot row
@@ -381,7 +383,7 @@ def main(argv=None):
             block += [(f"dsdmr-{sch}", n, pr) for sch in SCHEDULES for n in (0.4, 0.6) for pr in protocols]
         block.sort(key=lambda t: -COST.get(t[0], 1))
         grid += [dict(method=m, protocol=pr, noise=n, seed=s, sizes=args.sizes, epochs=args.epochs,
-                      lr_decay_epochs=args.lr_decay_epochs, pretrained=model_id(pretrained))
+                      lr_decay_epochs=args.lr_decay_epochs, pretrained=pretrained_id)
                  for m, n, pr in block]
 
     out = Path(args.out)
@@ -407,7 +409,7 @@ def main(argv=None):
                         break
                     g = pending.pop(0)
                     task = (g["method"], g["noise"], g["protocol"], g["seed"], g["sizes"], g["epochs"],
-                            g["lr_decay_epochs"], args.device, pretrained, workdir)
+                            g["lr_decay_epochs"], args.device, pretrained, pretrained_id, workdir)
                     running[pool.submit(run_one, task)] = g
                 if not running:
                     break
@@ -444,7 +446,7 @@ def main(argv=None):
     (out / f"{args.name}.md").write_text(
         f"{md}\n\n{len(rows)} of {len(grid)} runs; sizes {args.sizes} (train, val, test images); "
         f"{args.epochs} epochs{decay}; run time summed over runs {run_s / 60:.0f} min; "
-        f"machine: {machines}; every run starts from {model_id(pretrained)}.\n{cmd}\n")
+        f"machine: {machines}; every run starts from {pretrained_id}.\n{cmd}\n")
     (out / f"{args.name}.json").write_text(json.dumps({"sizes": args.sizes, "epochs": args.epochs,
                                                        "lr_decay_epochs": args.lr_decay_epochs, "runs": rows,
                                                        "summary": summary}, indent=1))
