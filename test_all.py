@@ -3112,6 +3112,25 @@ def test_demo_uses_the_shipped_pretrained_model(tmp_path, monkeypatch):
     assert built == [{**R.SCENES_PRETRAINING, "device": "cpu", "log": print}]
 
 
+def test_bench_robustness_ablation_reuses_the_default_schedule(monkeypatch):
+    """The margin-schedule ablation runs the other schedules only: the default schedule's row is the dsdmr run
+    itself (with its seeds), not a second identical run."""
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(R.__file__), "bench"))
+    import robustness as B
+    block = B.seed_block(["clip"], [0.0, 0.6], ["caption", "image"], ablation=True)
+    default = R.TrainConfig().margin_schedule
+    assert len(block) == len(set(block)) and f"dsdmr-{default}" not in {m for m, _, _ in block}
+    others = [f"dsdmr-{s}" for s in B.SCHEDULES if s != default]
+    assert {(m, n) for m, n, _ in block if m.startswith("dsdmr")} == {
+        (m, n) for m in ["dsdmr", *others] for n in (0.4, 0.6)}
+    row = dict(protocol="caption", noise=0.4, rsum_std=1.0, i2t_r1=1.0, t2i_r1=1.0, precision=None,
+               recall=None, clusters=None, last_round=False, machine="cpu")
+    summary = [{**row, "method": "dsdmr", "seeds": 3, "rsum": 480.0},
+               {**row, "method": "dsdmr-fixed", "seeds": 1, "rsum": 470.0}]
+    md = B.tables(summary, ["dsdmr"], [0.4], ["caption"])
+    assert "| sharpened (the default: `dsdmr`) | 480.0 ± 1.0 |" in md and "| fixed | 470.0 (n=1) |" in md
+
+
 def test_bench_robustness_grid_resumes_and_reports(tmp_path, monkeypatch, capsys):
     """bench/robustness.py on a tiny grid with 2 worker processes: each run once in the JSON-lines file (0%
     noise once, not per protocol; clean at 0% is clip; the pretrained model's zero-shot row per seed), the
