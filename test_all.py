@@ -3131,6 +3131,33 @@ def test_bench_robustness_ablation_reuses_the_default_schedule(monkeypatch):
     assert "| sharpened (the default: `dsdmr`) | 480.0 ± 1.0 |" in md and "| fixed | 470.0 (n=1) |" in md
 
 
+def test_bench_robustness_report_with_noise_rates_in_any_order(tmp_path):
+    """--noise in descending order reports and plots like ascending order (an unsorted list once drew the
+    plot's axis from 80% back to 20%, and the dashed zero-shot line then never finished), and a rate outside
+    [0, 1) is refused."""
+    import hashlib
+    import subprocess
+    import sys
+    bench = os.path.join(os.path.dirname(R.__file__), "bench", "robustness.py")
+    digest = hashlib.sha256(R.SHIPPED_PRETRAINED.read_bytes()).hexdigest()[:12]  # runs of the shipped model
+    model_id = f"{R.SHIPPED_PRETRAINED.name}:{digest}"
+    runs = [dict(method=m, protocol="caption", noise=n, seed=0, sizes="6000,1000,1000", epochs=5,
+                 lr_decay_epochs=None, pretrained=model_id, rsum=400.0 + 100 * n, i2t_r1=1.0, t2i_r1=1.0, seconds=1.0)
+            for m in ("clip", "dsdmr") for n in (0.2, 0.8)]
+    (tmp_path / "robustness_runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
+    out = {}
+    for order in ("0.8,0.2", "0.2,0.8"):
+        plot = tmp_path / f"{order}.png"
+        subprocess.run([sys.executable, bench, "--report", "--methods", "clip,dsdmr", "--noise", order,
+                        "--protocols", "caption", "--seeds", "0", "--no-ablation", "--device", "cpu",
+                        "--out", str(tmp_path), "--plot", str(plot)], check=True, timeout=120)
+        out[order] = (tmp_path / "robustness.md").read_text().split("rebuilt from")[0], plot.read_bytes()
+    assert out["0.8,0.2"] == out["0.2,0.8"] and "| method | 20% | 80% |" in out["0.2,0.8"][0]
+    bad = subprocess.run([sys.executable, bench, "--report", "--noise", "0,1.5", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--noise: rates in [0, 1)" in bad.stderr
+
+
 def test_bench_robustness_grid_resumes_and_reports(tmp_path, monkeypatch, capsys):
     """bench/robustness.py on a tiny grid with 2 worker processes: each run once in the JSON-lines file (0%
     noise once, not per protocol; clean at 0% is clip; the pretrained model's zero-shot row per seed), the

@@ -286,7 +286,7 @@ def plot(summary, methods, noises, protocols, path):
     """One panel per protocol: test rSum (mean, with a ±std bar) against the noise rate, a line per method,
     the clean reference dashed, the pretrained model's zero-shot rSum as a horizontal line."""
     from PIL import Image, ImageDraw
-    get = lookup(summary)
+    get, noises = lookup(summary), sorted(noises)
     zero = get("pretrained", protocols[0], 0.0)
     cells = [s for s in (get(m, p, n) for m in methods for p in protocols for n in noises) if s]
     cells += [zero] if zero else []
@@ -381,7 +381,9 @@ def main(argv=None):
     args.name = args.name or ("robustness_quick" if args.quick else "robustness")
     args.plot = args.plot or str(ROOT / "docs" / f"{args.name}.png")
     args.sizes = args.sizes or (QUICK_SIZES if args.quick else FULL_SIZES)
-    methods, noises = args.methods.split(","), [float(n) for n in args.noise.split(",")]
+    methods, noises = args.methods.split(","), sorted({float(n) for n in args.noise.split(",")})
+    if not all(0 <= n < 1 for n in noises):
+        p.error(f"--noise: rates in [0, 1), got {args.noise}")
     protocols, seeds = args.protocols.split(","), [int(s) for s in args.seeds.split(",")]
     bad = [m for m in methods if m.split("-")[0] not in R.PRESETS or ("-" in m and m not in VARIANTS)]
     if bad:
