@@ -235,8 +235,8 @@ def tables(summary, methods, noises, protocols):
         for sch in SCHEDULES:
             m = "dsdmr" if sch == DEFAULT_SCHEDULE else f"dsdmr-{sch}"
             name = f"{sch} (the default: `dsdmr`)" if sch == DEFAULT_SCHEDULE else sch
-            lines.append(f"| {name} | " + " | ".join(cell(get(m, p, n)) if get(m, p, n) else "–"
-                                                     for p, n in cols) + " |")
+            groups = [get(m, p, n) for p, n in cols]
+            lines.append(f"| {name} | " + " | ".join(cell(g) if g else "–" for g in groups) + " |")
         lines.append("")
     lines += ["**Every group**: R@1, the filter's kept set (precision = clean share of the kept pairs, "
               "recall = share of the clean pairs kept) of the split the selected epoch trained on (‡: of the "
