@@ -2542,8 +2542,8 @@ def _caption(objs, kind, grid, rnd, p_size):
             return and_([f"{np_(o)} {pick(('in the', 'at the'))} {_where(o, grid)}" for o in objs])
         return "; ".join(f"{_where(o, grid)}: {np_(o)}" for o in objs)
     if kind == "count":
-        return f"{('one shape', 'two shapes', 'three shapes', 'four shapes')[len(objs) - 1]}: " + \
-            and_([np_(o) for o in objs])
+        n = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine")[len(objs) - 1]
+        return f"{n} shape{'s' if len(objs) > 1 else ''}: " + and_([np_(o) for o in objs])
     if kind == "vague":
         o, more = objs[0], ("", " and another shape", " and other shapes")[min(len(objs) - 1, 2)]
         return pick((np_(o) + more, art([o["colour"], "shape"]) + more, f"a picture with {art([o['shape']])}",

@@ -1263,6 +1263,13 @@ def test_data_scenes_domains_and_bag_of_words():
     assert 0.3 < np.mean([len(_NP.findall(c)) < 2 for c in vague.captions]) < 0.7
 
 
+def test_data_scenes_count_captions_name_up_to_nine_objects():
+    for k, word in [(1, "one shape:"), (5, "five shapes:"), (9, "nine shapes:")]:
+        p = make_scenes(60, 0, domain="pretrain", grid=3, n_objects=(k, k))
+        counts = [c for c in p.captions if "shape:" in c or "shapes:" in c]
+        assert counts and all(c.startswith(word) for c in counts)
+
+
 def test_data_scenes_export_roundtrip_and_figure(tmp_path):
     splits = R.synthetic_splits(6, 3, 4, seed=1)
     assert not np.array_equal(splits["train"].images.array[:3], splits["val"].images.array)
