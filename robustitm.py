@@ -4186,8 +4186,8 @@ def demo(cfg=None, log=print):
     out = Path(cfg.output_dir)
     _refuse_overwrite(out, cfg.overwrite, "pass --overwrite or another --output_dir")
     pretrained = _demo_pretrained(cfg, log)
-    splits = splits_for(cfg, Preprocess(cfg.image_size))
     model, tokenizer, preprocess, _ = load_checkpoint(pretrained)
+    splits = splits_for(cfg, preprocess)  # scenes at the pretrained model's size, not cfg.image_size
     device = _device(cfg.device)
     rows = {"pretrained (no fine-tuning)": evaluate_pairs(model.to(device), splits["test"], tokenizer,
                                                           preprocess, cfg, device)}

@@ -3119,6 +3119,21 @@ def test_demo_uses_the_shipped_pretrained_model(tmp_path, monkeypatch):
     assert built == [{**R.SCENES_PRETRAINING, "device": "cpu", "log": print}]
 
 
+def test_demo_draws_scenes_at_the_pretrained_models_size(tmp_path, monkeypatch):
+    """The demo fine-tunes the shipped 32 px model, so it draws 32 px scenes whatever cfg.image_size says
+    (that option sizes from-scratch models only)."""
+    sizes = []
+
+    def record(*a, **kw):
+        sizes.append(kw["image_size"])
+        raise RuntimeError("stop after the splits")
+    monkeypatch.setattr(R, "synthetic_splits", record)
+    cfg = R.TrainConfig(image_size=64, output_dir=str(tmp_path / "demo"), device="cpu")
+    with pytest.raises(RuntimeError, match="stop after the splits"):
+        R.demo(cfg, log=lambda *a: None)
+    assert sizes == [32]
+
+
 def test_bench_robustness_ablation_reuses_the_default_schedule(monkeypatch):
     """The margin-schedule ablation runs the other schedules only: the default schedule's row is the dsdmr run
     itself (with its seeds), not a second identical run."""
