@@ -3164,7 +3164,8 @@ def test_bench_robustness_report_with_noise_rates_in_any_order(tmp_path):
     digest = hashlib.sha256(R.SHIPPED_PRETRAINED.read_bytes()).hexdigest()[:12]  # runs of the shipped model
     model_id = f"{R.SHIPPED_PRETRAINED.name}:{digest}"
     runs = [dict(method=m, protocol="caption", noise=n, seed=0, sizes="6000,1000,1000", epochs=5,
-                 lr_decay_epochs=None, pretrained=model_id, rsum=400.0 + 100 * n, i2t_r1=1.0, t2i_r1=1.0, seconds=1.0)
+                 lr_decay_epochs=None, pretrained=model_id, rsum=400.0 + 100 * n, i2t_r1=1.0, t2i_r1=1.0,
+                 seconds=1.0)
             for m in ("clip", "dsdmr") for n in (0.2, 0.8)]
     (tmp_path / "robustness_runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
     out = {}
@@ -3178,6 +3179,35 @@ def test_bench_robustness_report_with_noise_rates_in_any_order(tmp_path):
     bad = subprocess.run([sys.executable, bench, "--report", "--noise", "0,1.5", "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--noise: rates in [0, 1)" in bad.stderr
+
+
+def test_bench_robustness_subset_call_keeps_the_full_report_and_exits_3_with_runs_left(tmp_path):
+    """A call for a few cells reports every finished run of the file with its settings (it once rewrote the
+    report with those cells only), and a call that leaves runs of its grid unfinished (time limit, failed
+    runs) says so and exits 3, not 0."""
+    import hashlib
+    import subprocess
+    import sys
+    bench = os.path.join(os.path.dirname(R.__file__), "bench", "robustness.py")
+    digest = hashlib.sha256(R.SHIPPED_PRETRAINED.read_bytes()).hexdigest()[:12]
+    runs = [dict(method=m, protocol="caption", noise=n, seed=0, sizes="6000,1000,1000", epochs=5,
+                 lr_decay_epochs=None, pretrained=f"{R.SHIPPED_PRETRAINED.name}:{digest}",
+                 rsum=400.0 + 100 * n, i2t_r1=1.0, t2i_r1=1.0, seconds=1.0)
+            for m in ("clip", "dsdmr") for n in (0.2, 0.8)]
+    runs.append({**runs[0], "epochs": 10, "method": "mscn"})  # other settings: another report's run
+    (tmp_path / "robustness_runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
+    common = ["--protocols", "caption", "--seeds", "0", "--no-ablation", "--device", "cpu", "--out",
+              str(tmp_path), "--plot", str(tmp_path / "plot.png")]
+    subprocess.run([sys.executable, bench, "--report", "--methods", "clip", "--noise", "0.2", *common],
+                   check=True, timeout=120)
+    md = (tmp_path / "robustness.md").read_text()
+    assert "| method | 20% | 80% |" in md and "| dsdmr | 420.0 | 480.0 |" in md and "mscn" not in md
+    assert "4 of 5 runs" in md  # the grid of the call has the zero-shot row too
+    left = subprocess.run([sys.executable, bench, "--methods", "clip", "--noise", "0.4",
+                           "--time-limit", "1e-9", *common], capture_output=True, text=True, timeout=120)
+    assert left.returncode == 3 and "2 of this call's 2 runs are not finished" in left.stdout
+    md = (tmp_path / "robustness.md").read_text()
+    assert "| dsdmr | 420.0 | – | 480.0 |" in md and "4 of 6 runs" in md
 
 
 def test_bench_robustness_grid_resumes_and_reports(tmp_path, monkeypatch, capsys):

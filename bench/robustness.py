@@ -7,8 +7,9 @@ reports the test split (1,000 images x 5 captions, the Flickr30K test protocol).
 the model itself, no fine-tuning, on each seed's test split. 0% noise is run once (the protocols differ only
 in what they corrupt) and shown under both; `clean` at 0% is `clip`. Each finished run is appended to a
 JSON-lines file, so an interrupted grid resumes where it stopped; the report (bench/results/robustness.md and
-.json, and the plot docs/robustness.png drawn with Pillow) is rebuilt from every run in that file that belongs
-to the grid.
+.json, and the plot docs/robustness.png drawn with Pillow) is rebuilt from every finished run in that file
+with the call's sizes, epochs, schedule and pretrained model, so a call for a few cells adds them to the
+report. A call that leaves runs of its grid unfinished (the time limit, a failed run) exits with status 3.
 
 A method is `pretrained`, a preset of robustitm.py (clip, vse, dsdmr, mscn, iuccl, all; clean is the
 reference: clip on exactly the pairs the noise left intact) or a variant in VARIANTS (dsdmr-<margin schedule>,
@@ -20,7 +21,8 @@ clean-dsdm, iuccl-<part off>).
         # the full grid, the clean reference and the margin-schedule
         # ablation (198 runs)
     python bench/robustness.py --device cuda --time-limit 540
-        # stop starting runs after 9 min; run again to resume
+        # stop starting runs after 9 min (exit status 3 while runs are
+        # left); run again to resume
     python bench/robustness.py --methods clip,dsdmr --noise 0,0.6 --no-ablation --epochs 10 \
         --lr-decay-epochs 5 --name robustness_10epochs
         # a longer schedule, written beside the main report
@@ -369,7 +371,8 @@ def main(argv=None):
                    help="runs in parallel (processes of one thread "
                         "each; default: one per CPU core)")
     p.add_argument("--time-limit", type=float, default=None,
-                   help="seconds: start no run that would end after it")
+                   help="seconds: start no run that would end after it (exit status 3 "
+                                                          "while runs are left)")
     p.add_argument("--report", action="store_true", help="only rebuild the report from the runs file")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     p.add_argument("--plot", default=None,
@@ -442,10 +445,31 @@ def main(argv=None):
                           f"{time.time() - t0:.0f} s elapsed)", flush=True)
         shutil.rmtree(workdir, ignore_errors=True)
 
-    rows = [done[key(g)] for g in grid if key(g) in done]
-    if not rows:
+    # The report covers every finished run in the file with this call's settings, not only this call's grid:
+    # a call for a few cells adds them to the full report instead of replacing it.
+    settings = (args.sizes, args.epochs, args.lr_decay_epochs, pretrained_id)
+    rows = [r for k, r in done.items() if k[4:] == settings]
+    grid_keys = {key(g) for g in grid}
+    left, n_grid = len(grid_keys - done.keys()), len(grid_keys | {key(r) for r in rows})
+    order = METHODS.split(",")
+    methods = sorted({*methods, *(r["method"] for r in rows if r["method"] != "pretrained"
+                                  and not r["method"].startswith("dsdmr-"))},
+                     key=lambda m: (order.index(m) if m in order else len(order), m))
+    noises = sorted({*noises, *(r["noise"] for r in rows)})
+    protocols += sorted({r["protocol"] for r in rows if r["noise"] and r["protocol"] not in protocols})
+    if rows:
+        report(args, rows, n_grid, methods, noises, protocols, pretrained_id, runs_path, argv, t0)
+    else:
         print("no finished runs to report")
-        return
+    if left and not args.report:
+        print(f"{left} of this call's {len(grid_keys)} runs are not finished (the time limit, or failed runs "
+              "above): run the same command again to resume", flush=True)
+        sys.exit(3)
+
+
+def report(args, rows, n_grid, methods, noises, protocols, pretrained_id, runs_path, argv, t0):
+    """Write the tables (.md), the runs and their summary (.json) and the plot."""
+    out = Path(args.out)
     summary = summarise(rows)
     run_s = sum(r["seconds"] for r in rows)
     md = tables(summary, methods, noises, protocols)
@@ -456,7 +480,7 @@ def main(argv=None):
     decay = f", lr x0.1 every {args.lr_decay_epochs}" if args.lr_decay_epochs else ""
     machines = ", ".join(sorted({r.get("machine", "not recorded") for r in rows}))
     (out / f"{args.name}.md").write_text(
-        f"{md}\n\n{len(rows)} of {len(grid)} runs; sizes {args.sizes} (train, val, test images); "
+        f"{md}\n\n{len(rows)} of {n_grid} runs; sizes {args.sizes} (train, val, test images); "
         f"{args.epochs} epochs{decay}; run time summed over runs {run_s / 60:.0f} min; "
         f"machine: {machines}; every run starts from {pretrained_id}.\n{cmd}\n")
     (out / f"{args.name}.json").write_text(json.dumps({"sizes": args.sizes, "epochs": args.epochs,
@@ -464,7 +488,7 @@ def main(argv=None):
                                                        "summary": summary}, indent=1))
     plot(summary, methods, noises, protocols, args.plot)
     print(md)
-    print(f"\n{len(rows)} of {len(grid)} runs reported; {time.time() - t0:.0f} s wall this call, "
+    print(f"\n{len(rows)} of {n_grid} runs reported; {time.time() - t0:.0f} s wall this call, "
           f"{run_s:.0f} s summed over runs")
 
 
