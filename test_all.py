@@ -3153,21 +3153,28 @@ def test_bench_robustness_ablation_reuses_the_default_schedule(monkeypatch):
     assert "| sharpened (the default: `dsdmr`) | 480.0 ± 1.0 |" in md and "| fixed | 470.0 (n=1) |" in md
 
 
+def _bench_runs_file(tmp_path, extra=()):
+    """A runs file of bench/robustness.py in tmp_path with clip and dsdmr at 20% and 80% caption-level noise,
+    seed 0, from the shipped model (rSum 400 + 100 x noise), and one run per dict of `extra` (clip at 20%
+    with those fields changed); returns the script's path."""
+    import hashlib
+    digest = hashlib.sha256(R.SHIPPED_PRETRAINED.read_bytes()).hexdigest()[:12]
+    runs = [dict(method=m, protocol="caption", noise=n, seed=0, sizes="6000,1000,1000", epochs=5,
+                 lr_decay_epochs=None, pretrained=f"{R.SHIPPED_PRETRAINED.name}:{digest}",
+                 rsum=400.0 + 100 * n, i2t_r1=1.0, t2i_r1=1.0, seconds=1.0)
+            for m in ("clip", "dsdmr") for n in (0.2, 0.8)]
+    runs += [{**runs[0], **e} for e in extra]
+    (tmp_path / "robustness_runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
+    return os.path.join(os.path.dirname(R.__file__), "bench", "robustness.py")
+
+
 def test_bench_robustness_report_with_noise_rates_in_any_order(tmp_path):
     """--noise in descending order reports and plots like ascending order (an unsorted list once drew the
     plot's axis from 80% back to 20%, and the dashed zero-shot line then never finished), and a rate outside
     [0, 1) is refused."""
-    import hashlib
     import subprocess
     import sys
-    bench = os.path.join(os.path.dirname(R.__file__), "bench", "robustness.py")
-    digest = hashlib.sha256(R.SHIPPED_PRETRAINED.read_bytes()).hexdigest()[:12]  # runs of the shipped model
-    model_id = f"{R.SHIPPED_PRETRAINED.name}:{digest}"
-    runs = [dict(method=m, protocol="caption", noise=n, seed=0, sizes="6000,1000,1000", epochs=5,
-                 lr_decay_epochs=None, pretrained=model_id, rsum=400.0 + 100 * n, i2t_r1=1.0, t2i_r1=1.0,
-                 seconds=1.0)
-            for m in ("clip", "dsdmr") for n in (0.2, 0.8)]
-    (tmp_path / "robustness_runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
+    bench = _bench_runs_file(tmp_path)
     out = {}
     for order in ("0.8,0.2", "0.2,0.8"):
         plot = tmp_path / f"{order}.png"
@@ -3184,18 +3191,10 @@ def test_bench_robustness_report_with_noise_rates_in_any_order(tmp_path):
 def test_bench_robustness_subset_call_keeps_the_full_report_and_exits_3_with_runs_left(tmp_path):
     """A call for a few cells reports every finished run of the file with its settings (it once rewrote the
     report with those cells only), and a call that leaves runs of its grid unfinished (time limit, failed
-    runs) says so and exits 3, not 0."""
-    import hashlib
+    runs) or has nothing to report says so and exits 3, not 0."""
     import subprocess
     import sys
-    bench = os.path.join(os.path.dirname(R.__file__), "bench", "robustness.py")
-    digest = hashlib.sha256(R.SHIPPED_PRETRAINED.read_bytes()).hexdigest()[:12]
-    runs = [dict(method=m, protocol="caption", noise=n, seed=0, sizes="6000,1000,1000", epochs=5,
-                 lr_decay_epochs=None, pretrained=f"{R.SHIPPED_PRETRAINED.name}:{digest}",
-                 rsum=400.0 + 100 * n, i2t_r1=1.0, t2i_r1=1.0, seconds=1.0)
-            for m in ("clip", "dsdmr") for n in (0.2, 0.8)]
-    runs.append({**runs[0], "epochs": 10, "method": "mscn"})  # other settings: another report's run
-    (tmp_path / "robustness_runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
+    bench = _bench_runs_file(tmp_path, extra=[dict(epochs=10, method="mscn")])  # other settings: not reported
     common = ["--protocols", "caption", "--seeds", "0", "--no-ablation", "--device", "cpu", "--out",
               str(tmp_path), "--plot", str(tmp_path / "plot.png")]
     subprocess.run([sys.executable, bench, "--report", "--methods", "clip", "--noise", "0.2", *common],
@@ -3208,6 +3207,9 @@ def test_bench_robustness_subset_call_keeps_the_full_report_and_exits_3_with_run
     assert left.returncode == 3 and "2 of this call's 2 runs are not finished" in left.stdout
     md = (tmp_path / "robustness.md").read_text()
     assert "| dsdmr | 420.0 | – | 480.0 |" in md and "4 of 6 runs" in md
+    empty = subprocess.run([sys.executable, bench, "--report", "--out", str(tmp_path / "none")],
+                           capture_output=True, text=True, timeout=120)
+    assert empty.returncode == 3 and "no finished runs to report" in empty.stdout
 
 
 def test_bench_robustness_grid_resumes_and_reports(tmp_path, monkeypatch, capsys):

@@ -9,7 +9,8 @@ in what they corrupt) and shown under both; `clean` at 0% is `clip`. Each finish
 JSON-lines file, so an interrupted grid resumes where it stopped; the report (bench/results/robustness.md and
 .json, and the plot docs/robustness.png drawn with Pillow) is rebuilt from every finished run in that file
 with the call's sizes, epochs, schedule and pretrained model, so a call for a few cells adds them to the
-report. A call that leaves runs of its grid unfinished (the time limit, a failed run) exits with status 3.
+report. A call that leaves runs of its grid unfinished (the time limit, a failed run), or has no finished run
+to report, exits with status 3.
 
 A method is `pretrained`, a preset of robustitm.py (clip, vse, dsdmr, mscn, iuccl, all; clean is the
 reference: clip on exactly the pairs the noise left intact) or a variant in VARIANTS (dsdmr-<margin schedule>,
@@ -348,6 +349,47 @@ def load_runs(path):
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def run_grid(todo, n_grid, done, args, pretrained, pretrained_id, runs_path, t0):
+    """Run `todo` in worker processes, appending each finished run to the runs file and to `done` (by key);
+    with args.time_limit, start no run that would end after it."""
+    workdir = tempfile.mkdtemp(prefix="robustness_")
+    n_done = n_grid - len(todo)
+    print(f"{n_grid} runs in the grid, {n_done} already done, {len(todo)} to run with {args.workers} "
+          f"worker(s) on {args.device}", flush=True)
+    durations, pending, running = {}, list(todo), {}  # seconds per finished run, by method
+    ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
+    with cf.ProcessPoolExecutor(args.workers, mp_context=ctx) as pool, open(runs_path, "a") as fh:
+        while pending or running:
+            while pending and len(running) < args.workers:
+                if args.time_limit and (time.time() - t0 + expected(durations, pending[0])
+                                        > args.time_limit):
+                    print(f"time limit: {len(pending)} runs left for a later call", flush=True)
+                    pending = []
+                    break
+                g = pending.pop(0)
+                task = (g["method"], g["noise"], g["protocol"], g["seed"], g["sizes"], g["epochs"],
+                        g["lr_decay_epochs"], args.device, pretrained, pretrained_id, workdir)
+                running[pool.submit(run_one, task)] = g
+            if not running:
+                break
+            finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+            for f in finished:
+                running.pop(f)
+                r = f.result()
+                fh.write(json.dumps(r) + "\n")
+                fh.flush()
+                name = f"{r['method']} {r['protocol']} {r['noise']:.0%} seed {r['seed']}"
+                if "error" in r:
+                    print(f"{name}: {r['error']}", flush=True)
+                    continue
+                done[key(r)] = r
+                durations.setdefault(r["method"], []).append(r["seconds"])
+                n_done += 1
+                print(f"[{n_done}/{n_grid}] {name}: rSum {r['rsum']:.1f} ({r['seconds']:.0f} s; "
+                      f"{time.time() - t0:.0f} s elapsed)", flush=True)
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true",
@@ -371,8 +413,7 @@ def main(argv=None):
                    help="runs in parallel (processes of one thread "
                         "each; default: one per CPU core)")
     p.add_argument("--time-limit", type=float, default=None,
-                   help="seconds: start no run that would end after it (exit status 3 "
-                                                          "while runs are left)")
+                   help="seconds: start no run that would end after it (exit status 3 while runs are left)")
     p.add_argument("--report", action="store_true", help="only rebuild the report from the runs file")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     p.add_argument("--plot", default=None,
@@ -408,42 +449,7 @@ def main(argv=None):
     todo = [g for g in grid if key(g) not in done]
     t0 = time.time()
     if todo and not args.report:
-        workdir = tempfile.mkdtemp(prefix="robustness_")
-        n_done = len(grid) - len(todo)
-        print(f"{len(grid)} runs in the grid, {n_done} already done, {len(todo)} to run with {args.workers} "
-              f"worker(s) on {args.device}", flush=True)
-        durations, pending, running = {}, list(todo), {}  # seconds per finished run, by method
-        ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
-        with cf.ProcessPoolExecutor(args.workers, mp_context=ctx) as pool, open(runs_path, "a") as fh:
-            while pending or running:
-                while pending and len(running) < args.workers:
-                    if args.time_limit and (time.time() - t0 + expected(durations, pending[0])
-                                            > args.time_limit):
-                        print(f"time limit: {len(pending)} runs left for a later call", flush=True)
-                        pending = []
-                        break
-                    g = pending.pop(0)
-                    task = (g["method"], g["noise"], g["protocol"], g["seed"], g["sizes"], g["epochs"],
-                            g["lr_decay_epochs"], args.device, pretrained, pretrained_id, workdir)
-                    running[pool.submit(run_one, task)] = g
-                if not running:
-                    break
-                finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
-                for f in finished:
-                    running.pop(f)
-                    r = f.result()
-                    fh.write(json.dumps(r) + "\n")
-                    fh.flush()
-                    name = f"{r['method']} {r['protocol']} {r['noise']:.0%} seed {r['seed']}"
-                    if "error" in r:
-                        print(f"{name}: {r['error']}", flush=True)
-                        continue
-                    done[key(r)] = r
-                    durations.setdefault(r["method"], []).append(r["seconds"])
-                    n_done += 1
-                    print(f"[{n_done}/{len(grid)}] {name}: rSum {r['rsum']:.1f} ({r['seconds']:.0f} s; "
-                          f"{time.time() - t0:.0f} s elapsed)", flush=True)
-        shutil.rmtree(workdir, ignore_errors=True)
+        run_grid(todo, len(grid), done, args, pretrained, pretrained_id, runs_path, t0)
 
     # The report covers every finished run in the file with this call's settings, not only this call's grid:
     # a call for a few cells adds them to the full report instead of replacing it.
@@ -464,6 +470,7 @@ def main(argv=None):
     if left and not args.report:
         print(f"{left} of this call's {len(grid_keys)} runs are not finished (the time limit, or failed runs "
               "above): run the same command again to resume", flush=True)
+    if not rows or (left and not args.report):
         sys.exit(3)
 
 
