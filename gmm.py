@@ -7,13 +7,16 @@ covariance_type="diag")`. `kmeans` is Lloyd's algorithm with greedy k-means++ se
 Vassilvitskii, 2007) and chunked matmul distances. `clean_probability` turns a 2-component 1-D fit into
 P(clean | score): the noisy-correspondence split of paper A (Shi et al., TOIS 2024), used also by MSCN's
 purification (Han et al., CVPR 2023) and, through `kmeans`, by the clustered batches of paper C.
-`two_populations` checks, before any split, that the scores show two populations at all (BIC, Ashman's D,
-a minimum clean weight): one population, e.g. clean data, must not be cut in two.
+`mismatch_split` answers the question a split has to ask: which pairs score like pairs known to be
+mismatched? It fits the scores with one component held at a reference sample's mean and variance (e.g. the
+cosines of shuffled pairs) beside free "clean" components, so clean data keeps every pair and a small
+noisy group is still found.
 What it is not: no full/tied covariances, no Bayesian mixture, no mini-batch EM. Runs on whatever device
 the data lives on (CPU or GPU); float64 by default. Copy this file alone: standard library + torch.
 
 Usage: g = GaussianMixture(2).fit(scores)  # scores: (N,) cosines
-       p_clean = clean_probability(g, scores) if two_populations(g, scores)[0] else torch.ones(len(scores))
+       p_clean = clean_probability(g, scores)   # paper A's split: keep p_clean > 0.5
+       p_clean, info = mismatch_split(scores, shuffled_scores)  # the same, calibrated by mismatched pairs
 """
 from __future__ import annotations
 
@@ -153,14 +156,21 @@ class GaussianMixture:
     init: "kmeans" (hard k-means labels) or "quantile" (K equal-count slices along the data, or along its
     first principal axis when D > 1; deterministic). means_init / weights_init / variances_init override it;
     given means_init but not all three, the missing ones come from each point's nearest initial mean.
+    Beyond scikit-learn, two constraints for a population known in advance:
+    fixed      indices of components whose means and variances stay at means_init / variances_init (both
+               required); EM fits only their weights;
+    means_min  a lower bound (scalar or (D,)) on the means of the other components; the M-step then takes
+               the constrained maximum: the clamped mean, with the variance measured about it.
     """
 
     def __init__(self, n_components: int = 2, *, max_iter: int = 100, tol: float = 1e-3,
                  reg_covar: float = 1e-6, init: str = "kmeans", means_init=None, weights_init=None,
-                 variances_init=None, n_init: int = 1, seed: int = 0, dtype: torch.dtype = torch.float64):
+                 variances_init=None, n_init: int = 1, seed: int = 0, dtype: torch.dtype = torch.float64,
+                 fixed=(), means_min=None):
         self.n_components, self.max_iter, self.tol, self.reg_covar = n_components, max_iter, tol, reg_covar
         self.init, self.n_init, self.seed, self.dtype = init, n_init, seed, dtype
         self.means_init, self.weights_init, self.variances_init = means_init, weights_init, variances_init
+        self.fixed, self.means_min = tuple(fixed), means_min
 
     @property
     def covariances_(self) -> torch.Tensor:
@@ -243,6 +253,19 @@ class GaussianMixture:
             f"for K={K}, D={D}"
         return means, variances, weights
 
+    def _constrain(self, params, start):
+        """The M-step's (means, variances, weights) under `means_min` and `fixed` (see the class)."""
+        means, variances, weights = params
+        if self.means_min is not None:
+            low = torch.as_tensor(self.means_min, dtype=self.dtype, device=means.device) - self._shift
+            clamped = torch.maximum(means, low)  # (K, D)
+            variances = variances + (means - clamped) ** 2  # E[(x - c)^2] = var + (mean - c)^2
+            means = clamped
+        if self.fixed:
+            keep = list(self.fixed)
+            means[keep], variances[keep] = start[0][keep], start[1][keep]
+        return means, variances, weights
+
     # -- fit ----------------------------------------------------------------------------------------------
     def fit(self, x) -> "GaussianMixture":
         """EM on x (N,) or (N, D) until the mean log-likelihood changes by < tol; returns self."""
@@ -252,6 +275,10 @@ class GaussianMixture:
             raise ValueError(f"bad settings: n_components={K} (int >= 1), max_iter={self.max_iter} (>= 0), "
                              f"tol={self.tol} (>= 0), reg_covar={self.reg_covar} (>= 0), "
                              f"n_init={self.n_init} (>= 1), init={self.init!r} ('kmeans' or 'quantile')")
+        if self.fixed and (self.means_init is None or self.variances_init is None
+                           or not all(0 <= k < K for k in self.fixed)):
+            raise ValueError(f"fixed={self.fixed} holds components at their initial parameters: pass "
+                             f"means_init and variances_init, and indices in [0, {K})")
         x = _as_2d(x, "x", self.dtype)  # (N, D)
         if x.shape[0] < K:
             raise ValueError(f"{K} components need at least {K} points, got {x.shape[0]}; "
@@ -261,12 +288,12 @@ class GaussianMixture:
         feats = _features(x)  # (1 + 2D, N)
         best = None
         for run in range(self.n_init):
-            params = self._initial_params(x, feats, self.seed + run)
-            lower_bound, history, converged = -math.inf, [], False
+            start = self._initial_params(x, feats, self.seed + run)
+            params, lower_bound, history, converged = start, -math.inf, [], False
             for n_iter in range(1, self.max_iter + 1):
                 # E-step in log space: log p(x) = logsumexp_k (log w_k + log N_k), resp = p(k | x)
                 log_norm, resp = self._e_step(self._weighted_log_prob(feats, *params))  # (N,), (K, N)
-                params = self._m_step(feats, resp)  # M-step
+                params = self._constrain(self._m_step(feats, resp), start)  # M-step
                 prev, lower_bound = lower_bound, float(log_norm.mean())  # likelihood before this M-step
                 if not math.isfinite(lower_bound):
                     raise ValueError("the log-likelihood became NaN/Inf (a component collapsed to zero "
@@ -337,32 +364,90 @@ def clean_probability(gmm: GaussianMixture, x, higher_is_clean: bool = True) -> 
     return gmm.predict_proba(x)[:, clean]
 
 
-def two_populations(gmm: GaussianMixture, x, *, min_separation: float = 2.0, min_weight: float = 0.05):
-    """Do 1-D scores x show two populations, as the fitted 2-component mixture `gmm` claims? -> (bool, dict).
+def _auc(pos: torch.Tensor, neg: torch.Tensor) -> float:
+    """P(a score from pos > one from neg), ties counted half (the Mann-Whitney AUC), by sorting."""
+    neg = neg.sort().values
+    below = torch.searchsorted(neg, pos, right=False) + torch.searchsorted(neg, pos, right=True)  # 2 x (<) + (=)
+    return float(below.double().sum()) / (2 * len(pos) * len(neg))
 
-    A 2-component fit always finds two components, also in one skewed population (clean data) or around a
-    small group of outliers; splitting then throws data away. Three tests, all must pass:
-      BIC        the 2-component model beats a single Gaussian: bic(2) < bic(1) (Schwarz, 1978);
-      separation Ashman's D = |mu_1 - mu_2| / sqrt((var_1 + var_2) / 2) >= min_separation; a mixture of two
-                 Gaussians is bimodal only when D > 2 (Ashman, Bird & Zepeda, 1994);
-      weight     the higher-mean ("clean") component holds at least min_weight of the points.
-    Returns (passed, {"bic_1", "bic_2", "separation", "weight_clean", "reason"}); reason is "" when it passed.
+
+def _sample(x: torch.Tensor, n: Optional[int], seed: int) -> torch.Tensor:
+    """x itself, or a seeded random sample of n of its rows (in their order) when it has more."""
+    if n is None or len(x) <= n:
+        return x
+    gen = torch.Generator().manual_seed(seed)
+    return x[torch.randperm(len(x), generator=gen)[:n].sort().values.to(x.device)]
+
+
+def mismatch_split(scores, reference, *, threshold: float = 0.8, n_clean: int = 2, min_clean: float = 0.05,
+                   max_fit: Optional[int] = None, seed: int = 0, max_iter: int = 1000, tol: float = 1e-6):
+    """Which pairs score like mismatched pairs? -> (P(clean | score) (N,), info).
+
+    scores: (N,) one score per pair, higher = better matched. reference: (M,) scores, from the same model and
+    data, of pairs known to be mismatched (e.g. each caption with a random other image). Their mean and
+    variance say where the noisy population lies, so the question "does a group score like this?" has an
+    answer that does not depend on how large the group is.
+    The scores are fitted with 1 + n_clean Gaussians. Component 0 is held at the reference's mean and
+    variance (EM fits only its weight, the estimated noise rate); the n_clean free ("clean") components keep
+    their means at least one reference std above the reference's mean, so none can drift into the noisy
+    population. Two clean components let a clean set whose captions are partly vague (correct, but scoring
+    lower) be two clean groups rather than a clean and a "noisy" one. P(clean) = 1 - P(component 0 | score).
+    Clean data gets a noise rate near 0 and keeps its pairs; a 2% group of mismatched pairs is found.
+    (A 2-component fit without a reference asks whether the density has two modes, another question: it cuts
+    clean data in two and, at 2-5% noise, fits a broad low component over the clean one.)
+    threshold: a pair is dropped when P(clean) <= threshold. 0.8 (a pair must be 4x as likely clean as
+    mismatched) rather than the min-error 0.5, because the errors do not cost the same: a kept mismatched pair
+    is trained on as a match, a dropped clean pair is one of many; at 1% noise 0.5 keeps ~12% of the
+    mismatched pairs of CLIP-like cosines, and on the synthetic scenes at 80% noise it lowered the kept
+    set's precision from 0.97 to 0.96 and test rSum by 17 points.
+    When under min_clean of the scores lie above the mismatched population, or the split would keep under
+    min_clean of the pairs (the model cannot yet tell its pairs from shuffled ones: a fresh model, or one
+    early in its warm-up), nothing is split: every P(clean) = 1. A weak model can still keep too few: read
+    auc_vs_reference (1 - noise_rate / 2 for a model that separates perfectly).
+    Above max_fit scores (or reference scores) the mixture is fitted on a seeded random sample of max_fit
+    (2M points pin five parameters far below the differences that matter) and every score gets its P(clean)
+    from that fit, in chunks; the info's counts are over all the scores.
+    info: split (some pair has P(clean) <= threshold), noisy (how many), noise_rate, mu_noisy / var_noisy (the
+    reference's), mu_clean / var_clean (the clean components together), auc_vs_reference (P(pair score >
+    reference score)), n_reference, n_fit, converged, reason (why nothing is split; "" when split).
     """
-    if not hasattr(gmm, "means_") or tuple(gmm.means_.shape) != (2, 1):
-        raise ValueError("two_populations needs a fitted 2-component mixture on 1-D scores; fit "
-                         "GaussianMixture(2) on an (N,) score vector first")
-    mu, var, w = gmm.means_[:, 0], gmm.variances_[:, 0], gmm.weights_  # (2,) each
-    one = GaussianMixture(1, dtype=gmm.dtype).fit(x)  # closed form: one E/M step
-    info = {"bic_1": one.bic(x), "bic_2": gmm.bic(x),
-            "separation": float((mu[0] - mu[1]).abs() / ((var[0] + var[1]) / 2).sqrt()),
-            "weight_clean": float(w[int(mu.argmax())])}
-    reasons = []
-    if not info["bic_2"] < info["bic_1"]:
-        reasons.append(f"one Gaussian fits as well (BIC {info['bic_1']:.1f} vs {info['bic_2']:.1f} for two)")
-    if not info["separation"] >= min_separation:
-        reasons.append(f"the components overlap (separation D = {info['separation']:.2f} < {min_separation})")
-    if not info["weight_clean"] >= min_weight:
-        reasons.append(f"the high-score component holds {info['weight_clean']:.1%} of the points "
-                       f"(< {min_weight:.0%}: outliers, not a population)")
-    info["reason"] = "; ".join(reasons)
-    return not reasons, info
+    every = _as_2d(scores, "scores", torch.float64)[:, 0]  # (N,)
+    keep_all = torch.ones(len(every), dtype=torch.float64, device=every.device)
+    x = _sample(every, max_fit, seed)  # (n,) the scores the mixture is fitted on
+    ref = _sample(_as_2d(reference, "reference", torch.float64)[:, 0].to(x.device), max_fit, seed + 1)
+    if len(x) < 2 or len(ref) < 2:
+        raise ValueError(f"mismatch_split needs >= 2 scores and >= 2 reference scores, got {len(x)} and "
+                         f"{len(ref)}")
+    if n_clean < 1 or not 0 <= threshold <= 1 or not 0 <= min_clean < 1:
+        raise ValueError(f"need n_clean >= 1, 0 <= threshold <= 1 and 0 <= min_clean < 1, got {n_clean}, "
+                         f"{threshold}, {min_clean}")
+    mu_r, var_r = float(ref.mean()), float(ref.var(correction=0)) + 1e-12
+    floor = mu_r + math.sqrt(var_r)  # the clean components' lowest mean
+    info = {"mu_noisy": mu_r, "var_noisy": var_r, "auc_vs_reference": _auc(x, ref), "n_reference": len(ref),
+            "n_fit": len(x)}
+    cannot = (f"fewer than {min_clean:.0%} of the pairs score above the mismatched ones (AUC "
+              f"{info['auc_vs_reference']:.3f}): these scores cannot tell them apart")
+    above = x[x > floor]  # (n,) where the clean components start
+    if len(above) < max(2 * n_clean, min_clean * len(x)):
+        return keep_all, {**info, "split": False, "noisy": 0, "noise_rate": float("nan"),
+                          "mu_clean": float("nan"), "var_clean": float("nan"), "converged": False,
+                          "reason": cannot}
+    q = torch.quantile(above, (torch.arange(n_clean, dtype=torch.float64, device=x.device) + 0.5) / n_clean)
+    pi = min(max(1 - len(above) / len(x), 0.01), 0.99)  # start: the share at or below the floor
+    g = GaussianMixture(1 + n_clean, max_iter=max_iter, tol=tol, fixed=(0,), means_min=floor,
+                        means_init=torch.cat([q.new_tensor([mu_r]), q]),
+                        variances_init=[var_r] + [float(above.var(correction=0)) + 1e-12] * n_clean,
+                        weights_init=[pi] + [(1 - pi) / n_clean] * n_clean).fit(x)
+    p_clean = torch.cat([1 - g.predict_proba(part)[:, 0] for part in every.split(1 << 20)])  # (N,)
+    w, mu, var = g.weights_, g.means_[:, 0], g.variances_[:, 0]
+    wc = w[1:] / w[1:].sum()  # (n_clean,) the clean components' shares of the clean side
+    mu_c = float((wc * mu[1:]).sum())
+    noisy = int((p_clean <= threshold).sum())  # over every score
+    reason = "" if noisy else f"no pair scores like the mismatched pairs (P(clean) > {threshold} for every pair)"
+    if len(every) - noisy < min_clean * len(every):  # a split that would keep almost nothing
+        p_clean, noisy = keep_all, 0
+        reason = (f"fewer than {min_clean:.0%} of the pairs have P(clean) > {threshold} (AUC against the "
+                  f"mismatched pairs {info['auc_vs_reference']:.3f}): these scores cannot tell them apart")
+    return p_clean, {**info, "split": noisy > 0, "noisy": noisy, "noise_rate": float(w[0]), "mu_clean": mu_c,
+                     "var_clean": float((wc * (var[1:] + (mu[1:] - mu_c) ** 2)).sum()),
+                     "converged": bool(g.converged_), "reason": reason}

@@ -8,7 +8,7 @@ CVPR 2023, for any model with the contract `model(images, ids, mask) -> (img_emb
   meta_step             one-step look-ahead (Meta-Weight-Net style) -> BCE on meta pairs -> update the
                         corrector -> the real step on the model with the updated corrector         -> dict
   split_meta_set / sample_meta_negatives    the clean meta set (whole images) and its 1:1 mismatched pairs
-  purify                2-component GMM on logit(scores), initialised from the meta pairs           -> (N,)
+  purify                which pairs' logit(scores) look like the meta negatives' (gmm.mismatch_split) -> (N,)
 What it is not: no encoders, data loading or training loop; no SGRAF similarity reasoning (the paper corrects
 the SGRAF similarity vector, a dual encoder has only v * t); no fp16 GradScaler or gradient clipping
 inside meta_step.
@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from gmm import GaussianMixture, two_populations
+from gmm import mismatch_split
 
 HEAD_NAMES = ("visual.proj", "text_projection")  # the two projection layers of a CLIP-shaped dual encoder
 SCORE_EPS = 1e-6  # scores are clamped to [SCORE_EPS, 1 - SCORE_EPS] before the logit in purify
@@ -364,19 +364,23 @@ def _logit(x, name: str, eps: float) -> torch.Tensor:
     return torch.logit(x.clamp(eps, 1 - eps))
 
 
-def purify(scores, meta_pos_scores, meta_neg_scores, *, eps: float = SCORE_EPS, max_iter: int = 100,
+def purify(scores, meta_pos_scores, meta_neg_scores, *, eps: float = SCORE_EPS, threshold: float = 0.8,
            return_info: bool = False):
-    """P(clean | score) of every training pair -> (N,) float64; keep p_clean > 0.5 (paper B, Sec. 3.4).
+    """P(clean | score) of every training pair -> (N,) float64; keep p_clean > threshold (paper B, Sec. 3.4,
+    keeps p_clean > 0.5; 0.8 here, for the reason gmm.mismatch_split gives; `threshold` only sets the info's
+    counts).
 
-    A 2-component GMM on logit(score), started from the meta positives' and negatives' mean and variance
-    (weights 1/2 each): "meta-data as prior knowledge". Clean = the component started from the positives.
-    Choice: paper B fits a Beta mixture to the scores; a Gaussian on the logit is the logit-normal, a close
+    Paper B fits a 2-component mixture to the corrected scores, using the meta data "as prior knowledge".
+    Here the meta negatives (pairs mismatched by construction) are that knowledge, taken literally:
+    gmm.mismatch_split fits logit(scores) with one component held at the meta negatives' logit mean and
+    variance and free clean components above it, and P(clean) = 1 - the posterior of the held component.
+    Clean data keeps every pair (nothing looks like the negatives), a small noisy group is still found.
+    Choices: paper B fits a Beta mixture to the scores; a Gaussian on the logit is the logit-normal, a close
     cousin of the Beta on (0, 1), and it (1) is the corrector's own pre-sigmoid output, (2) stays well-behaved
     for scores that pile up at 0 or 1, where Beta densities diverge, and (3) reuses gmm.py's exact EM instead
-    of a second mixture family.
-    Beyond paper B: when the fitted logits do not show two populations (gmm.two_populations: BIC, separation,
-    clean weight), e.g. on clean data, nothing is split and every P(clean) is 1. return_info=True also returns
-    two_populations' dict with "two_populations": bool.
+    of a second mixture family. The meta positives only check the corrector (a warning when it does not yet
+    score them above the negatives).
+    return_info=True also returns mismatch_split's info (split, noisy, noise_rate, reason, ...).
     """
     x, pos, neg = (_logit(s, name, eps) for s, name in ((scores, "scores"),
                                                           (meta_pos_scores, "meta_pos_scores"),
@@ -388,13 +392,6 @@ def purify(scores, meta_pos_scores, meta_neg_scores, *, eps: float = SCORE_EPS, 
         warnings.warn(f"the corrector scores meta positives (mean logit {pos.mean():.3f}) no higher than "
                       f"meta negatives ({neg.mean():.3f}); purification is unreliable until the meta step "
                       f"has trained it", stacklevel=2)
-    gmm = GaussianMixture(2, max_iter=max_iter, means_init=[pos.mean(), neg.mean()],
-                          variances_init=[pos.var(correction=0) + 1e-6, neg.var(correction=0) + 1e-6],
-                          weights_init=[0.5, 0.5]).fit(x)
-    if not gmm.means_[0, 0] > gmm.means_[1, 0]:
-        warnings.warn("after EM the component started from the meta positives has the lower mean: "
-                      "the training scores do not look like the meta pairs; check the meta set", stacklevel=2)
-    two, info = two_populations(gmm, x)
-    p = gmm.predict_proba(x)[:, 0] if two else torch.ones_like(x)
+    p, info = mismatch_split(x, neg, threshold=threshold)
     p = p.to(torch.as_tensor(scores).device)
-    return (p, {**info, "two_populations": two}) if return_info else p
+    return (p, info) if return_info else p

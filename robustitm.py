@@ -53,7 +53,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from gmm import GaussianMixture, clean_probability, kmeans, two_populations
+from gmm import kmeans, mismatch_split
 from losses import MARGIN_SCHEDULES, dynamic_margin, info_nce, triplet_ranking_loss, unimodal_info_nce
 from meta import (HEAD_NAMES, SimilarityCorrector, meta_step, mscn_loss, purify, sample_meta_negatives,
                   split_meta_set)
@@ -176,7 +176,8 @@ class NoiseConfig:
 
 @dataclass
 class SplitConfig:
-    threshold: float = _opt(0.5, "keep pairs with P(clean) above this")
+    threshold: float = _opt(0.8, "keep pairs with P(clean) above this: 0.8 keeps a pair when it is at least 4x "
+                            "as likely clean as mismatched (0.5, the papers', keeps more mismatched pairs)")
 
     def __post_init__(self):
         if not 0 <= self.threshold <= 1:
@@ -2895,21 +2896,24 @@ def stream_blocks(samples, preprocess, block, workers=0, rank=0, world=1):
 
 
 def merge_parts(part_files, out_file):
-    """The readers' part files (JSON lines [unit, cosine, ...], units increasing in each file, each unit in
-    one file) merged into input order in `out_file` (the lines without their unit) -> the cosines (C,)
-    float32. Memory: one line per part, and 4 bytes per pair."""
+    """The readers' part files (JSON lines [unit, cosine, reference cosine or null, ...], units increasing in
+    each file, each unit in one file) merged into input order in `out_file` (the lines without their unit)
+    -> (the cosines (C,), the reference cosines (<= C,)), float32. Memory: one line per part, and 8 bytes
+    per pair."""
     files = [open(p, encoding="utf-8") for p in part_files]
-    cosines = array.array("f")
+    cosines, reference = array.array("f"), array.array("f")
     try:
         with open(out_file, "w", encoding="utf-8") as out:
             rows = [(json.loads(line) for line in f) for f in files]
             for row in heapq.merge(*rows, key=lambda row: row[0]):
                 cosines.append(row[1])
+                if row[2] is not None:
+                    reference.append(row[2])
                 out.write(json.dumps(row[1:]) + "\n")
     finally:
         for f in files:
             f.close()
-    return np.frombuffer(cosines, dtype=np.float32).copy()
+    return tuple(np.frombuffer(a, dtype=np.float32).copy() for a in (cosines, reference))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -3233,8 +3237,8 @@ def split_diagnostics(p_clean, kept, noisy=None):
             "f1": 2 * precision * recall / max(1e-12, precision + recall), "auc": auc_score(p_clean, clean)}
 
 
-def plot_scores(path, scores, noisy, gmm=None, title=""):
-    """PNG histogram of clean vs noisy pair scores with the fitted components (Pillow only)."""
+def plot_scores(path, scores, noisy, reference=None, title=""):
+    """PNG histogram of clean vs noisy pair scores, and of the mismatched reference pairs' (Pillow only)."""
     from PIL import Image, ImageDraw
     W, H, pad, bins = 640, 360, 40, 60
     s = torch.as_tensor(scores, dtype=torch.float64)
@@ -3248,17 +3252,14 @@ def plot_scores(path, scores, noisy, gmm=None, title=""):
         for b, v in enumerate(h.tolist()):
             x0 = pad + b * bw
             d.rectangle([x0, H - pad - v / top * (H - 2 * pad), x0 + bw - 1, H - pad], outline=colour)
-    if gmm is not None:  # each component's weighted density, scaled to the histogram's count per bin
-        xs = torch.linspace(lo, hi, 200, dtype=torch.float64)
-        components = (x.reshape(-1).tolist() for x in (gmm.means_, gmm.variances_, gmm.weights_))
-        for mu, var, w, colour in zip(*components, ((30, 30, 160), (160, 120, 0))):
-            ys = (w * len(s) * (hi - lo) / bins * torch.exp(-(xs - mu) ** 2 / (2 * var))
-                  / math.sqrt(2 * math.pi * var))
-            pts = [(pad + (x - lo) / (hi - lo) * (W - 2 * pad), H - pad - min(y, top) / top * (H - 2 * pad))
-                   for x, y in zip(xs.tolist(), ys.tolist())]
-            d.line(pts, fill=colour, width=2)
+    if reference is not None:  # the reference's histogram as a line, scaled to the same height
+        h = torch.histc(torch.as_tensor(reference, dtype=torch.float64), bins, lo, hi)
+        h = h / (float(h.max()) or 1.0)
+        d.line([(pad + (b + 0.5) * bw, H - pad - v * (H - 2 * pad)) for b, v in enumerate(h.tolist())],
+               fill=(30, 30, 160), width=2)
     d.line([pad, H - pad, W - pad, H - pad], fill="black")
-    d.text((pad, 8), f"{title}  green: clean pairs, red: noisy pairs, lines: GMM components", fill="black")
+    d.text((pad, 8), f"{title}  green: clean pairs, red: noisy pairs, blue line: mismatched reference",
+           fill="black")
     d.text((pad, H - pad + 8), f"{lo:.3f}", fill="black")
     d.text((W - pad - 40, H - pad + 8), f"{hi:.3f}", fill="black")
     img.save(path)
@@ -3308,32 +3309,38 @@ def embed_pairs(model, images, captions, tokenizer, preprocess, batch_size, devi
     return v, t
 
 
-def gmm_split(scores, threshold, seed, max_fit=2_000_000):
-    """Paper A: a 2-component GMM on the pair cosines; P(clean) = posterior of the higher-mean component.
-    Beyond paper A: when the scores do not show two populations (gmm.two_populations: BIC, separation, clean
-    weight), nothing is split: every pair is kept with P(clean) = 1 and stats say why. Above `max_fit` pairs
-    (web-scale scoring) the mixture is fitted on a seeded random sample of `max_fit` (2M points pin the means
-    and variances far below the differences that matter) and every pair gets its P(clean) from that fit, in
-    chunks; the stats (BIC, separation) are the sample's, `n_fit` says its size.
-    Returns ((P(clean) (C,), kept (C,) bool, stats), the fitted mixture)."""
-    scores = torch.as_tensor(scores, dtype=torch.float32)
-    fit = scores
-    if len(scores) > max_fit:
-        sample = np.random.default_rng(seed).choice(len(scores), max_fit, replace=False)
-        fit = scores[torch.from_numpy(np.sort(sample))]
-    g = GaussianMixture(2, seed=seed).fit(fit)
-    mu, var = g.means_.reshape(-1), g.variances_.reshape(-1)
-    hi = int(mu.argmax())
-    two, test = two_populations(g, fit)
-    stats = {"mu_clean": float(mu[hi]), "mu_noisy": float(mu[1 - hi]), "var_clean": float(var[hi]),
-             "var_noisy": float(var[1 - hi]), "weight_clean": float(g.weights_[hi]),
-             "converged": bool(g.converged_), "two_populations": two, "separation": test["separation"],
-             "bic_1": test["bic_1"], "bic_2": test["bic_2"], "n_fit": len(fit)}
-    if not two:
-        stats["one_population"] = test["reason"]
-        return (torch.ones(len(scores)), torch.ones(len(scores), dtype=torch.bool), stats), g
-    p = torch.cat([clean_probability(g, chunk).float() for chunk in scores.split(1 << 20)])
-    return (p, p > threshold, stats), g
+def shuffled_scores(v_img, t, assigned, generator):
+    """The split's reference: each caption's cosine with a random image other than the one it is paired with
+    -> (C,). Pairs mismatched with near certainty (as MSCN's meta negatives): they show where the noisy pairs'
+    scores lie for this model and data. v_img (N, E) the images, t (C, E) the captions, assigned (C,)."""
+    r = torch.randint(len(v_img) - 1, (len(t),), generator=generator)  # (C,) among the N - 1 other images
+    other = r + (r >= torch.as_tensor(assigned)).long()
+    return torch.cat([(v_img[o.to(v_img.device)] * tc).sum(1).float().cpu()
+                      for o, tc in zip(other.split(1 << 16), t.split(1 << 16))])
+
+
+def gmm_split(scores, reference, threshold, seed, max_fit=2_000_000):
+    """Paper A's split, asked as "which pairs score like mismatched pairs?" (gmm.mismatch_split): a mixture
+    of the pair cosines with one component held at the reference's (shuffled pairs' cosines) mean and
+    variance and two free clean ones; P(clean) = 1 - the posterior of the held one, keep P(clean) >
+    threshold. Clean data keeps every pair (nothing scores like the reference), a 2% noisy group is still
+    split. Above `max_fit` pairs (web-scale scoring) the mixture is fitted on a seeded sample of `max_fit`.
+    Returns (P(clean) (C,) float32, kept (C,) bool, stats: mismatch_split's info)."""
+    p, stats = mismatch_split(torch.as_tensor(scores), torch.as_tensor(reference), threshold=threshold,
+                              max_fit=max_fit, seed=seed)
+    p = p.float()
+    return p, p > threshold, {**stats, "reference": "shuffled pairs"}
+
+
+def split_summary(stats, kept):
+    """The split's decision in words, with its figures (the log, the console, score's summary)."""
+    C, dropped = len(kept), len(kept) - int(kept.sum())
+    ref = f"reference: {stats['n_reference']:,} {stats['reference']}, mean {stats['mu_noisy']:.3f}"
+    if not stats["split"]:
+        return f"no split: {stats['reason']} ({ref}); kept all {C:,}"
+    return (f"split: {dropped:,} of {C:,} pairs ({dropped / C:.1%}) score like mismatched pairs ({ref}; "
+            f"clean mean {stats['mu_clean']:.3f}); kept {int(kept.sum()):,}; estimated noise rate "
+            f"{stats['noise_rate']:.1%} (the mixture's weight on the reference's component)")
 
 
 def image_batch(images, idx):
@@ -3409,19 +3416,17 @@ def clustered_batches(kept_idx, image_cluster, assigned, batch_size, generator):
     return [torch.from_numpy(full[i]) for i in perm]
 
 
-def cluster_images(v_img, t, kept_idx, assigned, batch_size, seed):
-    """Paper C's clusters: k-means (gmm.py) over the images that have a kept caption, each image represented
-    by normalize(v + mean of its kept captions' t) -> (N,) long cluster of each image (-1: no kept caption).
+def cluster_images(v_img, kept_idx, assigned, batch_size, seed):
+    """Paper C's clusters: k-means (gmm.py) over the embeddings of the images that have a kept caption -> (N,)
+    long cluster of each image (-1: no kept caption). Images alone: an image's assigned captions are up to
+    the noise rate wrong (with no filter, 60% at 60% noise), and clusters built from them group images by
+    their wrong captions (batches +0.020 harder than random at 60% noise, against +0.072 from the true ones).
     A cluster must hold several batches of B distinct images: K = min(images / 2B, kept pairs / 4B), and a
     cluster of fewer than B images (k-means sizes are unequal) is merged, member by member, into the nearest
     remaining cluster (this implementation's choice; paper C does not say how it sized its clusters)."""
     N = len(v_img)
-    img = assigned[kept_idx].to(v_img.device)  # (P,)
-    n_kept = torch.bincount(img, minlength=N)  # (N,)
-    has = n_kept > 0
-    t_mean = (torch.zeros_like(v_img).index_add_(0, img, t[kept_idx.to(t.device)])
-              / n_kept.clamp(min=1)[:, None])
-    x = F.normalize(v_img + t_mean, dim=-1)[has]  # (N_has, E)
+    has = torch.bincount(assigned[kept_idx].to(v_img.device), minlength=N) > 0  # (N,) has a kept caption
+    x = F.normalize(v_img, dim=-1)[has]  # (N_has, E)
     k = max(1, min(len(x) // (2 * batch_size), len(kept_idx) // (4 * batch_size)))
     centers, labels = kmeans(x, k, iters=20, seed=seed)
     while True:  # merge the smallest cluster under B images into the nearest others, until none is left
@@ -3440,8 +3445,8 @@ def cluster_images(v_img, t, kept_idx, assigned, batch_size, seed):
 
 
 def cluster_report(v, t, batches, random_b, image_cluster, assigned):
-    """What the clustered batches achieved: the fraction of batches from a single cluster, and the hardest
-    in-batch negative cosine of clustered vs random batches of the same pairs and model."""
+    """What the clustered batches achieved: the fraction of batches from a single cluster, and the hardness
+    (batch_hardness) of clustered vs random batches of the same pairs and model."""
     single = [len(torch.unique(image_cluster[assigned[b]])) == 1 for b in batches]
     return {"single_cluster_fraction": float(np.mean(single)), "n_clusters": int(image_cluster.max()) + 1,
             "hardness_clustered": batch_hardness(v, t, batches, assigned),
@@ -3449,10 +3454,15 @@ def cluster_report(v, t, batches, random_b, image_cluster, assigned):
 
 
 def batch_hardness(v, t, batches, assigned):
-    """Mean over batches of the mean hardest in-batch negative cosine (image -> caption of another image)."""
-    hardest = [(v[b] @ t[b].t()).masked_fill(assigned[b][:, None] == assigned[b][None, :], -2).amax(1).mean()
-               for b in batches]  # (B, B) cosines, positives masked: each row's hardest negative
-    return float(torch.stack(hardest).mean())
+    """Mean over batches of the mean over rows of (hardest in-batch negative cosine - the row's own positive
+    cosine), image -> caption of another image. Relative to each row's positive: absolute cosines are not
+    comparable across noise rates or epochs (0 = the hardest negative scores as high as the positive)."""
+    gaps = []
+    for b in batches:
+        sims = v[b] @ t[b].t()  # (B, B)
+        hardest = sims.masked_fill(assigned[b][:, None] == assigned[b][None, :], -2).amax(1)  # (B,)
+        gaps.append((hardest - sims.diagonal()).mean())
+    return float(torch.stack(gaps).mean())
 
 
 def caption_partners(assigned, kept):
@@ -3478,8 +3488,8 @@ def batch_loss(cfg, sims, same, p_clean, stats, logit_scale, loss=None):
         return info_nce(sims, logit_scale.exp().clamp(max=100), same)
     if loss == "triplet":
         return triplet_ranking_loss(sims, cfg.margin_i2t, cfg.margin_t2i, same_image=same).mean()
-    # paper A; with no split (one population: every P(clean) = 1) the margins take their full weight, w = 1
-    schedule = cfg.margin_schedule if stats.get("two_populations", True) else "fixed"
+    # paper A; when nothing is split (every pair kept as clean) the margins take their full weight, w = 1
+    schedule = cfg.margin_schedule if stats.get("split", True) else "fixed"
     w = dynamic_margin(p_clean, sims.diagonal().detach(), stats, schedule)  # (B,)
     return triplet_ranking_loss(sims, cfg.margin_i2t * w, cfg.margin_t2i * w, same_image=same).mean()
 
@@ -3794,10 +3804,13 @@ def embed_training_pairs(run):
 def refit_split(run, epoch, emb):
     """Paper A's round: split the training pairs into clean and noisy by the current model's scores, a GMM on
     the cosines (gmm) or MSCN's purification of the corrected scores (mscn); logs and plots the split."""
-    cfg, C = run.cfg, len(run.assigned)
+    cfg = run.cfg
     if cfg.filter == "gmm":
         scores = (emb[1] * emb[2]).sum(1).float().cpu()  # (C,) cosine of each training pair
-        split, g = gmm_split(scores, cfg.threshold, cfg.seed) if run.rank == 0 else (None, None)
+        # the reference: shuffled pairs, drawn from their own generator (the epoch's batches stay as they were)
+        reference = shuffled_scores(emb[0], emb[2], run.assigned, torch.Generator().manual_seed(
+            cfg.seed * 1000 + epoch))
+        split = gmm_split(scores, reference, cfg.threshold, cfg.seed) if run.rank == 0 else None
         # one fit, on rank 0 (every rank holds the gathered scores); the others get its split
         if run.world > 1:
             box = [split]
@@ -3805,26 +3818,22 @@ def refit_split(run, epoch, emb):
             split = box[0]
         p_clean, kept, stats = split
     else:
-        (scores, p_clean, kept, stats), g = mscn_split(run, emb), None
+        scores, reference, p_clean, kept, stats = mscn_split(run, emb)
     diag = {**split_diagnostics(p_clean, kept, run.truth), **stats}
     run.state.update(kept=kept, p_clean=p_clean, stats=stats, split={**diag, "epoch": epoch})
-    known = f", precision {diag['precision']:.3f}, recall {diag['recall']:.3f}, AUC {diag['auc']:.3f}" \
-        if run.truth is not None else ""
-    if stats.get("two_populations", True):
-        run.log(f"epoch {epoch} split: kept {diag['kept']}/{C}, estimated noise "
-                f"{diag['estimated_noise_rate']:.1%}{known}")
-    else:
-        run.log(f"epoch {epoch} split: the scores show one population, keeping all {C} pairs "
-                f"({stats['one_population']})")
-    run.logf.write(json.dumps({"epoch": epoch, "split": diag}) + "\n")
+    known = f" (against the truth: precision {diag['precision']:.3f}, recall {diag['recall']:.3f}, AUC " \
+        f"{diag['auc']:.3f})" if run.truth is not None else ""
+    run.log(f"epoch {epoch} {split_summary(stats, kept)}{known}")
+    run.logf.write(json.dumps({"epoch": epoch, "split": {**diag, "decision": split_summary(stats, kept)}})
+                   + "\n")
     if run.rank == 0:
-        plot_scores(run.out / f"scores_epoch{epoch}.png", scores, run.noisy, g,
+        plot_scores(run.out / f"scores_epoch{epoch}.png", scores, run.noisy, reference,
                     f"epoch {epoch} ({cfg.filter})")
 
 
 def mscn_split(run, emb):
-    """Paper B's purification: a GMM on the corrected scores of the training pairs, initialised from the meta
-    pairs and this epoch's meta negatives -> (scores, P(clean), kept, stats)."""
+    """Paper B's purification: which training pairs' corrected scores look like this epoch's meta negatives
+    (meta.purify) -> (scores, the meta negatives' scores, P(clean), kept, stats)."""
     m, (v_img, v, t) = run.mscn, emb
     meta_v, meta_t = embed_pairs(run.model, m.meta.images, m.meta.captions, run.tokenizer, run.preprocess,
                                  run.cfg.embed_batch_size, run.device)
@@ -3832,14 +3841,10 @@ def mscn_split(run, emb):
         scores = torch.cat([m.corrector.pair(a, b) for a, b in zip(v.split(4096), t.split(4096))]).cpu()
         pos = m.corrector.pair(meta_v[torch.as_tensor(m.meta.img_of_cap, device=meta_v.device)], meta_t).cpu()
         neg = m.corrector.pair(v_img[m.neg_img.to(v_img.device)], t[m.neg_cap.to(t.device)]).cpu()
-    p_clean, test = purify(scores, pos, neg, return_info=True)
-    p_clean, kept = p_clean.float(), p_clean > run.cfg.threshold
-    stats = {"mu_clean": float(pos.mean()), "mu_noisy": float(neg.mean()),
-             "two_populations": test["two_populations"], "separation": test["separation"]}
-    if not test["two_populations"]:
-        stats["one_population"] = test["reason"]
-        kept = torch.ones(len(kept), dtype=torch.bool)
-    return scores, p_clean, kept, stats
+    p_clean, stats = purify(scores, pos, neg, threshold=run.cfg.threshold, return_info=True)
+    p_clean = p_clean.float()
+    stats = {**stats, "reference": "meta negatives (logit of the corrected score)"}
+    return scores, neg, p_clean, p_clean > run.cfg.threshold, stats
 
 
 def epoch_batches(run, epoch, warming, clustered, emb, gen):
@@ -3858,12 +3863,12 @@ def epoch_batches(run, epoch, warming, clustered, emb, gen):
     if not clustered:
         return batches, kept, None
     v_img, v, t = (x.float().cpu() for x in emb)
-    image_cluster = cluster_images(v_img, t, kept_idx, run.assigned, cfg.batch_size, cfg.seed + epoch)
+    image_cluster = cluster_images(v_img, kept_idx, run.assigned, cfg.batch_size, cfg.seed + epoch)
     clustered_b = clustered_batches(kept_idx, image_cluster, run.assigned, cfg.batch_size, gen)
     report = cluster_report(v, t, clustered_b, batches, image_cluster, run.assigned)  # vs random, same pairs
     run.log(f"epoch {epoch} clustered batches: {report['single_cluster_fraction']:.0%} from one of "
-            f"{report['n_clusters']} clusters; hardest in-batch negative cosine "
-            f"{report['hardness_clustered']:.3f} vs {report['hardness_random']:.3f} in random batches")
+            f"{report['n_clusters']} clusters; hardest in-batch negative minus positive cosine "
+            f"{report['hardness_clustered']:+.3f} vs {report['hardness_random']:+.3f} in random batches")
     return clustered_b, kept, report
 
 
@@ -4280,8 +4285,9 @@ def _all_ranks(value, world):
 
 def stream_scores(cfg, model, tokenizer, preprocess, device, part_file, rank=0, world=1, log=print):
     """This rank's share of the streaming pass: blocks of --embed_batch_size pairs decoded by --workers
-    processes, embedded, and written as JSON lines [unit, cosine, key, image, caption, fields] to
-    `part_file(part)`, one file per reader (rank x worker). Returns {why: skipped samples}."""
+    processes, embedded, and written as JSON lines [unit, cosine, reference cosine (the caption with another
+    image of its block, or null), key, image, caption, fields] to `part_file(part)`, one file per reader
+    (rank x worker). Returns {why: skipped samples}."""
     samples, total = _stream_samples(cfg)
     was_training, files, skipped, done = model.training, {}, Counter(), 0
     total = total and -(-total // world)
@@ -4305,9 +4311,14 @@ def stream_scores(cfg, model, tokenizer, preprocess, device, part_file, rank=0, 
             v = embed_images(model, ImageSet(array=images.numpy()), preprocess, len(recs), device)
             t = embed_captions(model, tokenizer, [r["caption"] for r in recs], len(recs), device)
             cos = (v * t).sum(1).cpu().tolist()  # (B,) float32 values
+            # the split's reference: each caption with the image half a block away (never its own file)
+            other = [(i + len(recs) // 2) % len(recs) for i in range(len(recs))]
+            ref = (v[other] * t).sum(1).cpu().tolist()
+            ref = [x if recs[o]["image"] != r["image"] else None for x, o, r in zip(ref, other, recs)]
             if part not in files:
                 files[part] = open(part_file(part), "w", encoding="utf-8")
-            rows = ([unit, c, r["key"], r["image"], r["caption"], r["fields"]] for r, c in zip(recs, cos))
+            rows = ([unit, c, x, r["key"], r["image"], r["caption"], r["fields"]]
+                    for r, c, x in zip(recs, cos, ref))
             files[part].writelines(json.dumps(row) + "\n" for row in rows)
             done += len(recs)
             if time.time() - last > 10:
@@ -4366,11 +4377,12 @@ def score_streamed(cfg, model, tokenizer, preprocess, device, rank=0, world=1, l
         return None
     skipped = dict(sum((Counter(s) for _, s in results), Counter()))
     try:
-        scores = merge_parts([p for p in part_files if p.exists()], pairs_file)
-        if len(scores) < 2:
-            raise ValueError(f"{cfg.data} holds {len(scores)} complete pairs (skipped: {skipped or 'none'}); "
-                             f"the split needs at least 2")
-        (p_clean, kept, stats), _ = gmm_split(scores, cfg.threshold, cfg.seed, max_fit=SCORE_FIT_MAX)
+        scores, reference = merge_parts([p for p in part_files if p.exists()], pairs_file)
+        if len(reference) < 2:
+            raise ValueError(f"{cfg.data} holds {len(scores)} complete pairs (skipped: {skipped or 'none'}) "
+                             f"and {len(reference)} pairs of a caption with another image; the split needs "
+                             f"at least 2 (raise --embed_batch_size, or give more pairs)")
+        p_clean, kept, stats = gmm_split(scores, reference, cfg.threshold, cfg.seed, max_fit=SCORE_FIT_MAX)
         p_clean, kept = p_clean.numpy(), kept.numpy()
         with open(pairs_file, encoding="utf-8") as src, open(outs[0][1], "w", newline="",
                                                               encoding="utf-8") as out:
@@ -4379,7 +4391,7 @@ def score_streamed(cfg, model, tokenizer, preprocess, device, rank=0, world=1, l
                 w = csv.writer(out)
                 w.writerow(["caption_index", "image_index", "caption", "cosine", "p_clean", "kept", "key"])
                 for c, line in enumerate(src):
-                    cos, key, image, caption, fields_ = json.loads(line)
+                    cos, _, key, image, caption, fields_ = json.loads(line)
                     w.writerow([c, c, caption, f"{cos:.6f}", f"{p_clean[c]:.6f}", int(kept[c]), key])
                     if clean is not None and kept[c]:
                         clean.write(json.dumps({**fields_, "image": image}) + "\n")
@@ -4428,13 +4440,8 @@ def export_clean_tar(shards, clean_jsonl, out_tar):
 
 
 def _report_split(cfg, kept, stats):
-    """Prints what the GMM split kept (or why it kept everything)."""
-    if stats["two_populations"]:
-        print(f"{int(kept.sum())}/{len(kept)} pairs kept (P(clean) > {cfg.threshold}); clean mean "
-              f"{stats['mu_clean']:.3f}, noisy mean {stats['mu_noisy']:.3f}; wrote {cfg.output}")
-    else:
-        print(f"the scores show one population ({stats['one_population']}): all {len(kept)} pairs kept; "
-              f"wrote {cfg.output}")
+    """Prints what the split kept (or why it kept everything)."""
+    print(f"{split_summary(stats, kept)}; wrote {cfg.output}")
 
 
 def score_command(cfg: ScoreCommandConfig):
@@ -4468,9 +4475,9 @@ def score_command(cfg: ScoreCommandConfig):
                               cfg.seed)
     v, t = embed_pairs(model.to(device), pairs.images, pairs.captions, tokenizer, preprocess,
                        cfg.embed_batch_size, device, workers=cfg.workers)
-    v = v[torch.as_tensor(assigned, device=v.device)]  # (C, E) the image each caption is paired with
-    scores = (v * t).sum(1).float().cpu()  # (C,) cosine of each pair
-    (p_clean, kept, stats), _ = gmm_split(scores, cfg.threshold, cfg.seed, max_fit=SCORE_FIT_MAX)
+    scores = (v[torch.as_tensor(assigned, device=v.device)] * t).sum(1).float().cpu()  # (C,) each pair's cosine
+    reference = shuffled_scores(v, t, assigned, torch.Generator().manual_seed(cfg.seed))
+    p_clean, kept, stats = gmm_split(scores, reference, cfg.threshold, cfg.seed, max_fit=SCORE_FIT_MAX)
     rows = ([c, int(assigned[c]), pairs.captions[c], f"{scores[c]:.6f}", f"{p_clean[c]:.6f}", int(kept[c])]
             for c in range(len(scores)))
     with open(cfg.output, "w", newline="") as f:

@@ -20,7 +20,7 @@ clean-dsdm, iuccl-<part off>).
         # clip vs dsdmr, caption noise 0/40/80%: minutes, 2 cores
     python bench/robustness.py --device cuda --workers 16
         # the full grid, the clean reference and the margin-schedule
-        # ablation (198 runs)
+        # ablation, the low-noise cells and paper C's parts (252 runs)
     python bench/robustness.py --device cuda --time-limit 540
         # stop starting runs after 9 min (exit status 3 while runs are
         # left); run again to resume
@@ -59,14 +59,32 @@ VARIANTS = {**{f"dsdmr-{s}": dict(margin_schedule=s) for s in SCHEDULES},
             # without the dropout its text-text view adds to a dropout-free tower
             "iuccl-random": dict(batches="random"), "iuccl-nounimodal": dict(unimodal=False),
             "iuccl-nodropout": dict(view_dropout=0.0)}
+# The regime of web-harvested data (CC152K is estimated at 3-20% noise): caption-level noise at these rates
+LOW_NOISE, LOW_NOISE_METHODS = (0.02, 0.05, 0.1), ("clip", "dsdmr", "mscn", "clean")
+NOISE = "0,0.2,0.4,0.6,0.8"  # the default grid's rates, both protocols; with it come the low-noise cells
 FULL_SIZES, QUICK_SIZES = "6000,1000,1000", "3000,500,1000"  # train, val, test images (5 captions each)
-COST = {"mscn": 3, "all": 3, "iuccl": 2}  # rough relative run time: the slow ones start first
+PAPER_C_PARTS = ("iuccl-random", "iuccl-nounimodal", "iuccl-nodropout")  # the ablation's rows for paper C
+COST = {"mscn": 3, "all": 3, "iuccl": 2, **{m: 2 for m in PAPER_C_PARTS}}  # rough relative run time
+# What a method's runs depend on that changed since older runs were recorded: the clean/noisy split of a
+# filter (gmm.mismatch_split, "reference"; before: a 2-component GMM gated by a bimodality test) and how paper
+# C's clusters are built ("images"; before: each image with its assigned captions). A run recorded under
+# other rules (older runs have none) never matches, so it is run again.
+RULES = {"split": "reference", "clusters": "images"}
+
+
+def rules(method):
+    """The RULES a method's runs depend on, as "split=...,clusters=...", or None for neither."""
+    cfg = {**R.PRESETS.get(method.split("-")[0], {}), **VARIANTS.get(method, {})}
+    parts = ([f"split={RULES['split']}"] if cfg.get("filter") in ("gmm", "mscn") else []) + (
+        [f"clusters={RULES['clusters']}"] if cfg.get("batches") == "clustered" else [])
+    return ",".join(parts) or None
 
 
 def key(r):
     protocol = r["protocol"] if float(r["noise"]) else "any"  # 0% noise is the same run under either protocol
     return (r["method"], protocol, float(r["noise"]), int(r["seed"]), r["sizes"], int(r["epochs"]),
-            r.get("lr_decay_epochs"), r.get("pretrained"))  # runs from another pretrained model never match
+            r.get("lr_decay_epochs"), r.get("pretrained"),  # runs from another pretrained model never match
+            r.get("rules"))
 
 
 def model_id(path):
@@ -83,7 +101,8 @@ def run_one(task):
     R.torch.set_num_threads(1)  # many workers share the cores
     sys.stdout = open(os.devnull, "w")  # the per-step progress lines of parallel runs would interleave
     row = {"method": method, "protocol": protocol, "noise": noise, "seed": seed, "sizes": sizes,
-           "epochs": epochs, "lr_decay_epochs": lr_decay, "pretrained": pretrained_id}
+           "epochs": epochs, "lr_decay_epochs": lr_decay, "pretrained": pretrained_id,
+           **({"rules": rules(method)} if rules(method) else {})}
     t0 = time.time()
     preset = "clip" if method == "pretrained" else method.split("-")[0]
     cfg = R.TrainConfig(preset=preset, pretrained=str(pretrained), noise_ratio=noise,
@@ -113,8 +132,8 @@ def run_one(task):
         if clusters:
             row["clusters"] = {k: statistics.mean(c[k] for c in clusters) for k in clusters[0]}
         splits = [e["split"] for e in log if "split" in e]
-        if splits:  # rounds whose scores showed one population (nothing split), and the first split's AUC
-            row["one_population_rounds"] = sum(not s.get("two_populations", True) for s in splits)
+        if splits:  # rounds that split nothing, and the first split's AUC
+            row["unsplit_rounds"] = sum(not s.get("split", True) for s in splits)
             row["first_split_auc"] = splits[0].get("auc")
     except Exception as e:  # one failed run must not lose the others; it is reported and not counted
         row["error"] = f"{type(e).__name__}: {e}"
@@ -123,16 +142,23 @@ def run_one(task):
     return row
 
 
-def seed_block(methods, noises, protocols, ablation):
+def seed_block(methods, noises, protocols, ablation, low_noise=False):
     """One seed's runs as (method, noise, protocol), the slow methods first: 0% noise once (under the first
-    protocol), clean at 0% is clip, the pretrained model's zero-shot row, and with `ablation` paper A's other
-    margin schedules at 40% and 60% (the default schedule's row is the dsdmr run itself)."""
+    protocol), clean at 0% is clip, the pretrained model's zero-shot row, with `low_noise` the regime of web
+    data (LOW_NOISE, caption-level, for LOW_NOISE_METHODS), and with `ablation` paper A's other margin
+    schedules at 40% and 60% (the default schedule's row is the dsdmr run itself) and paper C's parts one at a
+    time (PAPER_C_PARTS) at 0% and 60% caption-level noise."""
     block = [("pretrained", 0.0, protocols[0])]
     block += [(m, n, pr) for pr in protocols for n in noises for m in methods
               if (n > 0 or pr == protocols[0]) and not (n == 0 and m == "clean")]
+    if low_noise and "caption" in protocols:
+        block += [(m, n, "caption") for n in LOW_NOISE for m in LOW_NOISE_METHODS
+                  if m in methods and (m, n, "caption") not in block]
     if ablation:
         block += [(f"dsdmr-{sch}", n, pr) for sch in SCHEDULES if sch != DEFAULT_SCHEDULE
                   for n in (0.4, 0.6) for pr in protocols]
+        if "caption" in protocols:  # paper C's parts one at a time, on clean data and at 60% caption noise
+            block += [(m, n, "caption") for m in PAPER_C_PARTS for n in (0.0, 0.6)]
         block += [("dsdmr", n, pr) for n in (0.4, 0.6) for pr in protocols if ("dsdmr", n, pr) not in block]
     return sorted(block, key=lambda t: -COST.get(t[0], 1))
 
@@ -157,6 +183,7 @@ def summarise(rows):
                                  if all("clusters" in r for r in rs) else None),
                     # runs recorded before the selected epoch's split was tracked report the last round's
                     "last_round": any(r.get("precision") is not None and "split_epoch" not in r for r in rs),
+                    "previous_rules": any(r.get("previous_rules") for r in rs),
                     "machine": ", ".join(sorted({r.get("machine", "not recorded") for r in rs}))})
     return out
 
@@ -182,9 +209,9 @@ def tables(summary, methods, noises, protocols):
     kept = [n for n in (0.6, 0.8) if 0.0 in noises and n in noises]
     most = max(g["seeds"] for g in summary)
 
-    def cell(g):  # mean ± std, and the number of seeds where fewer than the most any group has
+    def cell(g):  # mean ± std, the number of seeds where fewer than the most any group has, § older rules
         return f"{g['rsum']:.1f}" + (f" ± {g['rsum_std']:.1f}" if g["seeds"] > 1 else "") + (
-            f" (n={g['seeds']})" if g["seeds"] < most else "")
+            f" (n={g['seeds']})" if g["seeds"] < most else "") + (" §" if g.get("previous_rules") else "")
     zero = get("pretrained", protocols[0], 0.0)
     lines = []
     if zero:
@@ -194,7 +221,9 @@ def tables(summary, methods, noises, protocols):
                   f"test rSum {zero['rsum']:.1f}{spread}.", ""]
     for p in protocols:
         lines += [f"**{p}-level noise**: test rSum, mean ± std over {most} seeds (n=: fewer seeds; † below "
-                  "`clip` at that noise)", "",
+                  "`clip` at that noise; § runs under an earlier split, a 2-component GMM gated by a "
+                  "bimodality test with P(clean) > 0.5, or earlier clusters, of images with their assigned "
+                  "captions)", "",
                   "| method | " + " | ".join(f"{n:.0%}" for n in noises)
                   + "".join(f" | kept at {n:.0%}" for n in kept) + " |",
                   "|---|" + "---:|" * (len(noises) + len(kept))]
@@ -241,11 +270,28 @@ def tables(summary, methods, noises, protocols):
             groups = [get(m, p, n) for p, n in cols]
             lines.append(f"| {name} | " + " | ".join(cell(g) if g else "–" for g in groups) + " |")
         lines.append("")
+    parts = [s for s in summary if s["method"] in PAPER_C_PARTS]
+    if parts:
+        cols = sorted({(s["protocol"], s["noise"]) for s in parts})
+        lines += ["**Paper C's parts one at a time**: test rSum, mean ± std, and the batches' hardness (hardest "
+                  "in-batch negative minus the positive cosine: clustered / random batches of the same pairs)", "",
+                  "| method | " + " | ".join(f"{'any' if n == 0 else p} {n:.0%}" for p, n in cols) + " |",
+                  "|---|" + "---:|" * len(cols)]
+        for m in ("iuccl", *PAPER_C_PARTS):
+            cells = []
+            for p, n in cols:
+                g = get(m, p, n)
+                c = g and g.get("clusters")
+                cells.append((cell(g) + (f" ({c['hardness_clustered']:+.3f} / {c['hardness_random']:+.3f})"
+                                         if c else "")) if g else "–")
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines.append("")
     lines += ["**Every group**: R@1, the filter's kept set (precision = clean share of the kept pairs, "
               "recall = share of the clean pairs kept) of the split the selected epoch trained on (‡: of the "
               "last round, runs recorded before the selected epoch's split was kept), and for paper C's "
               "clustered batches the share from one cluster and their hardness (mean hardest in-batch "
-              "negative cosine, clustered / random batches of the same pairs); means over seeds", "",
+              "negative minus the row's positive cosine, clustered / random batches of the same pairs; in § "
+              "rows the hardest negative cosine itself, as recorded then); means over seeds", "",
               "| protocol | noise | method | seeds | test rSum | i2t R@1 | t2i R@1 | kept precision "
               "| kept recall | one-cluster batches | hardness clustered / random | machine |",
               "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
@@ -253,10 +299,10 @@ def tables(summary, methods, noises, protocols):
         pr = f"{s['precision']:.3f} | {s['recall']:.3f}" if s["precision"] is not None else "– | –"
         pr += " ‡" if s.get("last_round") else ""
         c = s.get("clusters")
-        hard = (f"{c['single_cluster_fraction']:.1%} | {c['hardness_clustered']:.3f} / "
-                f"{c['hardness_random']:.3f}" if c else "– | –")
+        hard = (f"{c['single_cluster_fraction']:.1%} | {c['hardness_clustered']:+.3f} / "
+                f"{c['hardness_random']:+.3f}" if c else "– | –")
         noise = "–" if s["method"] == "pretrained" else f"{s['noise']:.0%}"
-        std = f" ± {s['rsum_std']:.1f}" if s["seeds"] > 1 else ""
+        std = (f" ± {s['rsum_std']:.1f}" if s["seeds"] > 1 else "") + (" §" if s.get("previous_rules") else "")
         protocol = "any" if s["noise"] == 0 else s["protocol"]
         lines.append(f"| {protocol} | {noise} | {s['method']} | {s['seeds']} | "
                      f"{s['rsum']:.1f}{std} | {s['i2t_r1']:.1f} | {s['t2i_r1']:.1f} | "
@@ -397,7 +443,10 @@ def main(argv=None):
     p.add_argument("--methods", default=METHODS)
     p.add_argument("--no-ablation", action="store_true",
                    help="skip paper A's margin schedules at 40%% and 60%%")
-    p.add_argument("--noise", default="0,0.2,0.4,0.6,0.8")
+    p.add_argument("--noise", default=NOISE, help=f"noise rates (default {NOISE}, and the low-noise cells)")
+    p.add_argument("--no-low-noise", action="store_true",
+                   help="with the default --noise, leave out the low-noise cells (caption-level 2/5/10%% for "
+                        "clip, dsdmr, mscn and clean)")
     p.add_argument("--protocols", default="caption,image")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--sizes", default=None,
@@ -421,7 +470,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.quick:
         args.methods, args.noise, args.protocols, args.seeds = "clip,dsdmr", "0,0.4,0.8", "caption", "0"
-        args.no_ablation = True
+        args.no_ablation = args.no_low_noise = True
     args.name = args.name or ("robustness_quick" if args.quick else "robustness")
     args.plot = args.plot or str(ROOT / "docs" / f"{args.name}.png")
     args.sizes = args.sizes or (QUICK_SIZES if args.quick else FULL_SIZES)
@@ -436,10 +485,12 @@ def main(argv=None):
     pretrained = R._demo_pretrained(R.TrainConfig(device=args.device), print)
     pretrained_id = model_id(pretrained)
     grid = []
-    block = seed_block(methods, noises, protocols, ablation=not args.no_ablation)
+    block = seed_block(methods, noises, protocols, ablation=not args.no_ablation,
+                       low_noise=args.noise == NOISE and not args.no_low_noise)
     for s in seeds:  # seed by seed, so a stopped grid has complete seeds
         grid += [dict(method=m, protocol=pr, noise=n, seed=s, sizes=args.sizes, epochs=args.epochs,
-                      lr_decay_epochs=args.lr_decay_epochs, pretrained=pretrained_id)
+                      lr_decay_epochs=args.lr_decay_epochs, pretrained=pretrained_id,
+                      **({"rules": rules(m)} if rules(m) else {}))
                  for m, n, pr in block]
 
     out = Path(args.out)
@@ -454,12 +505,16 @@ def main(argv=None):
     # The report covers every finished run in the file with this call's settings, not only this call's grid:
     # a call for a few cells adds them to the full report instead of replacing it.
     settings = (args.sizes, args.epochs, args.lr_decay_epochs, pretrained_id)
-    rows = [r for k, r in done.items() if k[4:] == settings]
+    rows = [r for k, r in done.items() if k[4:8] == settings and k[8] == rules(r["method"])]
     grid_keys = {key(g) for g in grid}
     left, n_grid = len(grid_keys - done.keys()), len(grid_keys | {key(r) for r in rows})
+    # a cell with no run under the current rules shows its runs under older ones, marked § as such
+    have = {key(r)[:3] for r in rows}
+    rows += [{**r, "previous_rules": True} for k, r in done.items()
+             if k[4:8] == settings and k[8] != rules(r["method"]) and k[:3] not in have]
     order = METHODS.split(",")
     methods = sorted({*methods, *(r["method"] for r in rows if r["method"] != "pretrained"
-                                  and not r["method"].startswith("dsdmr-"))},
+                                  and not r["method"].startswith(("dsdmr-", "iuccl-")))},
                      key=lambda m: (order.index(m) if m in order else len(order), m))
     noises = sorted({*noises, *(r["noise"] for r in rows)})
     protocols += sorted({r["protocol"] for r in rows if r["noise"] and r["protocol"] not in protocols})
