@@ -398,14 +398,14 @@ def mismatch_split(scores, reference, *, threshold: float = 0.8, n_clean: int = 
     threshold: a pair is dropped when P(clean) <= threshold. 0.8 (a pair must be 4x as likely clean as
     mismatched) rather than the min-error 0.5, because the errors do not cost the same: a kept mismatched pair
     is trained on as a match, a dropped clean pair is one of many; at 1% noise 0.5 keeps ~12% of the
-    mismatched pairs of CLIP-like cosines, and on the synthetic scenes at 80% noise it lowered the kept
-    set's precision from 0.97 to 0.96 and test rSum by 17 points.
+    mismatched pairs of CLIP-like cosines, and on the synthetic scenes at 80% noise (one seed) it lowered the
+    kept set's precision from 0.97 to 0.96 and test rSum by 17 points.
     When under min_clean of the scores lie above the mismatched population, or the split would keep under
     min_clean of the pairs (the model cannot yet tell its pairs from shuffled ones: a fresh model, or one
     early in its warm-up), nothing is split: every P(clean) = 1. A weak model can still keep too few: read
     auc_vs_reference (1 - noise_rate / 2 for a model that separates perfectly).
     Above max_fit scores (or reference scores) the mixture is fitted on a seeded random sample of max_fit
-    (2M points pin five parameters far below the differences that matter) and every score gets its P(clean)
+    (2M points pin its six parameters far below the differences that matter) and every score gets its P(clean)
     from that fit, in chunks; the info's counts are over all the scores.
     info: split (some pair has P(clean) <= threshold), noisy (how many), noise_rate, mu_noisy / var_noisy (the
     reference's), mu_clean / var_clean (the clean components together), auc_vs_reference (P(pair score >

@@ -58,7 +58,9 @@ VARIANTS = {**{f"dsdmr-{s}": dict(margin_schedule=s) for s in SCHEDULES},
             # paper C's parts one at a time: without the clustered batches, without the uni-modal terms, and
             # without the dropout its text-text view adds to a dropout-free tower
             "iuccl-random": dict(batches="random"), "iuccl-nounimodal": dict(unimodal=False),
-            "iuccl-nodropout": dict(view_dropout=0.0)}
+            "iuccl-nodropout": dict(view_dropout=0.0),
+            # paper B's corrector learning far below the main one, as MSCN's code (1.7e-5 against 2e-4)
+            "mscn-slowmeta": dict(meta_lr=0.1 * R.TrainConfig().lr)}
 # The regime of web-harvested data (CC152K is estimated at 3-20% noise): caption-level noise at these rates
 LOW_NOISE, LOW_NOISE_METHODS = (0.02, 0.05, 0.1), ("clip", "dsdmr", "mscn", "clean")
 NOISE = "0,0.2,0.4,0.6,0.8"  # the default grid's rates, both protocols; with it come the low-noise cells
@@ -514,7 +516,7 @@ def main(argv=None):
              if k[4:8] == settings and k[8] != rules(r["method"]) and k[:3] not in have]
     order = METHODS.split(",")
     methods = sorted({*methods, *(r["method"] for r in rows if r["method"] != "pretrained"
-                                  and not r["method"].startswith(("dsdmr-", "iuccl-")))},
+                                  and r["method"] not in VARIANTS)},
                      key=lambda m: (order.index(m) if m in order else len(order), m))
     noises = sorted({*noises, *(r["noise"] for r in rows)})
     protocols += sorted({r["protocol"] for r in rows if r["noise"] and r["protocol"] not in protocols})
