@@ -221,7 +221,9 @@ def tables(summary, methods, noises, protocols):
                   else " (one seed)")
         lines += ["The pretrained model without fine-tuning (zero-shot): "
                   f"test rSum {zero['rsum']:.1f}{spread}.", ""]
-    for p in protocols:
+    all_noises, run_at = noises, {(g["protocol"], g["noise"]) for g in summary}
+    for p in protocols:  # the rates this protocol has runs at; a rate with no run at all stays, as "–"
+        noises = [n for n in all_noises if n == 0 or (p, n) in run_at or all(q != n for _, q in run_at)]
         lines += [f"**{p}-level noise**: test rSum, mean ± std over {most} seeds (n=: fewer seeds; † below "
                   "`clip` at that noise; § runs under an earlier split, a 2-component GMM gated by a "
                   "bimodality test with P(clean) > 0.5, or earlier clusters, of images with their assigned "
