@@ -3367,7 +3367,7 @@ def test_bench_robustness_runs_of_older_rules_are_rerun_and_marked(tmp_path, mon
                     "--out", str(tmp_path), "--plot", str(tmp_path / "p.png")], check=True, timeout=120)
     md = (tmp_path / "robustness.md").read_text()
     assert "| dsdmr | 425.0 | 470.0 § | 480.0 |" in md and "| clip | 420.0 | – | 480.0 |" in md
-    assert "5 of 7 runs" in md  # the grid (zero-shot, clip and dsdmr at three rates) has not run dsdmr at 40%
+    assert "4 of 7 runs (and 1 runs under earlier rules, marked §)" in md  # dsdmr at 40% is still to run
 
 
 def test_bench_robustness_subset_call_keeps_the_full_report_and_exits_3_with_runs_left(tmp_path):

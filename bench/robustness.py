@@ -538,6 +538,8 @@ def report(args, rows, n_grid, methods, noises, protocols, pretrained_id, runs_p
     out = Path(args.out)
     summary = summarise(rows)
     run_s = sum(r["seconds"] for r in rows)
+    n_older = sum(bool(r.get("previous_rules")) for r in rows)
+    done_now, older = len(rows) - n_older, f" (and {n_older} runs under earlier rules, marked §)" if n_older else ""
     md = tables(summary, methods, noises, protocols)
     cmd = "python bench/robustness.py " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.report:
@@ -546,7 +548,7 @@ def report(args, rows, n_grid, methods, noises, protocols, pretrained_id, runs_p
     decay = f", lr x0.1 every {args.lr_decay_epochs}" if args.lr_decay_epochs else ""
     machines = ", ".join(sorted({r.get("machine", "not recorded") for r in rows}))
     (out / f"{args.name}.md").write_text(
-        f"{md}\n\n{len(rows)} of {n_grid} runs; sizes {args.sizes} (train, val, test images); "
+        f"{md}\n\n{done_now} of {n_grid} runs{older}; sizes {args.sizes} (train, val, test images); "
         f"{args.epochs} epochs{decay}; run time summed over runs {run_s / 60:.0f} min; "
         f"machine: {machines}; every run starts from {pretrained_id}.\n{cmd}\n")
     (out / f"{args.name}.json").write_text(json.dumps({"sizes": args.sizes, "epochs": args.epochs,
@@ -554,7 +556,7 @@ def report(args, rows, n_grid, methods, noises, protocols, pretrained_id, runs_p
                                                        "summary": summary}, indent=1))
     plot(summary, methods, noises, protocols, args.plot)
     print(md)
-    print(f"\n{len(rows)} of {n_grid} runs reported; {time.time() - t0:.0f} s wall this call, "
+    print(f"\n{done_now} of {n_grid} runs reported{older}; {time.time() - t0:.0f} s wall this call, "
           f"{run_s:.0f} s summed over runs")
 
 
