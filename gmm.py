@@ -367,7 +367,8 @@ def clean_probability(gmm: GaussianMixture, x, higher_is_clean: bool = True) -> 
 def _auc(pos: torch.Tensor, neg: torch.Tensor) -> float:
     """P(a score from pos > one from neg), ties counted half (the Mann-Whitney AUC), by sorting."""
     neg = neg.sort().values
-    below = torch.searchsorted(neg, pos, right=False) + torch.searchsorted(neg, pos, right=True)  # 2 x (<) + (=)
+    # 2 x (count below) + (count equal), summed over pos
+    below = torch.searchsorted(neg, pos, right=False) + torch.searchsorted(neg, pos, right=True)
     return float(below.double().sum()) / (2 * len(pos) * len(neg))
 
 
@@ -443,7 +444,8 @@ def mismatch_split(scores, reference, *, threshold: float = 0.8, n_clean: int = 
     wc = w[1:] / w[1:].sum()  # (n_clean,) the clean components' shares of the clean side
     mu_c = float((wc * mu[1:]).sum())
     noisy = int((p_clean <= threshold).sum())  # over every score
-    reason = "" if noisy else f"no pair scores like the mismatched pairs (P(clean) > {threshold} for every pair)"
+    reason = "" if noisy else \
+        f"no pair scores like the mismatched pairs (P(clean) > {threshold} for every pair)"
     if len(every) - noisy < min_clean * len(every):  # a split that would keep almost nothing
         p_clean, noisy = keep_all, 0
         reason = (f"fewer than {min_clean:.0%} of the pairs have P(clean) > {threshold} (AUC against the "

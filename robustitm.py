@@ -176,8 +176,9 @@ class NoiseConfig:
 
 @dataclass
 class SplitConfig:
-    threshold: float = _opt(0.8, "keep pairs with P(clean) above this: 0.8 keeps a pair when it is at least 4x "
-                            "as likely clean as mismatched (0.5, the papers', keeps more mismatched pairs)")
+    threshold: float = _opt(0.8, "keep pairs with P(clean) above this: 0.8 keeps a pair when it is at "
+                            "least 4x as likely clean as mismatched (the papers' 0.5 keeps more mismatched "
+                            "pairs)")
 
     def __post_init__(self):
         if not 0 <= self.threshold <= 1:
@@ -3807,7 +3808,7 @@ def refit_split(run, epoch, emb):
     cfg = run.cfg
     if cfg.filter == "gmm":
         scores = (emb[1] * emb[2]).sum(1).float().cpu()  # (C,) cosine of each training pair
-        # the reference: shuffled pairs, drawn from their own generator (the epoch's batches stay as they were)
+        # the reference: shuffled pairs, from their own generator (the epoch's batches stay as they were)
         reference = shuffled_scores(emb[0], emb[2], run.assigned, torch.Generator().manual_seed(
             cfg.seed * 1000 + epoch))
         split = gmm_split(scores, reference, cfg.threshold, cfg.seed) if run.rank == 0 else None
@@ -4475,7 +4476,7 @@ def score_command(cfg: ScoreCommandConfig):
                               cfg.seed)
     v, t = embed_pairs(model.to(device), pairs.images, pairs.captions, tokenizer, preprocess,
                        cfg.embed_batch_size, device, workers=cfg.workers)
-    scores = (v[torch.as_tensor(assigned, device=v.device)] * t).sum(1).float().cpu()  # (C,) each pair's cosine
+    scores = (v[torch.as_tensor(assigned, device=v.device)] * t).sum(1).float().cpu()  # (C,) pair cosines
     reference = shuffled_scores(v, t, assigned, torch.Generator().manual_seed(cfg.seed))
     p_clean, kept, stats = gmm_split(scores, reference, cfg.threshold, cfg.seed, max_fit=SCORE_FIT_MAX)
     rows = ([c, int(assigned[c]), pairs.captions[c], f"{scores[c]:.6f}", f"{p_clean[c]:.6f}", int(kept[c])]

@@ -278,7 +278,8 @@ def tables(summary, methods, noises, protocols):
     if parts:
         cols = sorted({(s["protocol"], s["noise"]) for s in parts})
         lines += ["**Paper C's parts one at a time**: test rSum, mean ± std, and the batches' hardness (hardest "
-                  "in-batch negative minus the positive cosine: clustered / random batches of the same pairs)", "",
+                  "in-batch negative minus the positive cosine: clustered / random batches of the same "
+                  "pairs)", "",
                   "| method | " + " | ".join(f"{'any' if n == 0 else p} {n:.0%}" for p, n in cols) + " |",
                   "|---|" + "---:|" * len(cols)]
         for m in ("iuccl", *PAPER_C_PARTS):
@@ -306,7 +307,8 @@ def tables(summary, methods, noises, protocols):
         hard = (f"{c['single_cluster_fraction']:.1%} | {c['hardness_clustered']:+.3f} / "
                 f"{c['hardness_random']:+.3f}" if c else "– | –")
         noise = "–" if s["method"] == "pretrained" else f"{s['noise']:.0%}"
-        std = (f" ± {s['rsum_std']:.1f}" if s["seeds"] > 1 else "") + (" §" if s.get("previous_rules") else "")
+        std = f" ± {s['rsum_std']:.1f}" if s["seeds"] > 1 else ""
+        std += " §" if s.get("previous_rules") else ""
         protocol = "any" if s["noise"] == 0 else s["protocol"]
         lines.append(f"| {protocol} | {noise} | {s['method']} | {s['seeds']} | "
                      f"{s['rsum']:.1f}{std} | {s['i2t_r1']:.1f} | {s['t2i_r1']:.1f} | "
@@ -539,7 +541,8 @@ def report(args, rows, n_grid, methods, noises, protocols, pretrained_id, runs_p
     summary = summarise(rows)
     run_s = sum(r["seconds"] for r in rows)
     n_older = sum(bool(r.get("previous_rules")) for r in rows)
-    done_now, older = len(rows) - n_older, f" (and {n_older} runs under earlier rules, marked §)" if n_older else ""
+    done_now = len(rows) - n_older
+    older = f" (and {n_older} runs under earlier rules, marked §)" if n_older else ""
     md = tables(summary, methods, noises, protocols)
     cmd = "python bench/robustness.py " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.report:
