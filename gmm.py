@@ -419,8 +419,8 @@ def mismatch_split(scores, reference, *, threshold: float = 0.8, n_clean: int = 
     if len(x) < 2 or len(ref) < 2:
         raise ValueError(f"mismatch_split needs >= 2 scores and >= 2 reference scores, got {len(x)} and "
                          f"{len(ref)}")
-    if n_clean < 1 or not 0 <= threshold <= 1 or not 0 <= min_clean < 1:
-        raise ValueError(f"need n_clean >= 1, 0 <= threshold <= 1 and 0 <= min_clean < 1, got {n_clean}, "
+    if n_clean < 1 or not 0 <= threshold < 1 or not 0 <= min_clean < 1:
+        raise ValueError(f"need n_clean >= 1, 0 <= threshold < 1 and 0 <= min_clean < 1, got {n_clean}, "
                          f"{threshold}, {min_clean}")
     mu_r, var_r = float(ref.mean()), float(ref.var(correction=0)) + 1e-12
     floor = mu_r + math.sqrt(var_r)  # the clean components' lowest mean

@@ -181,8 +181,9 @@ class SplitConfig:
                             "pairs)")
 
     def __post_init__(self):
-        if not 0 <= self.threshold <= 1:
-            raise ValueError(f"--threshold is a probability P(clean) in [0, 1], got {self.threshold}")
+        if not 0 <= self.threshold < 1:
+            raise ValueError(f"--threshold: keep pairs with P(clean) above it, a probability in [0, 1) (at 1 "
+                             f"no pair is kept), got {self.threshold}")
 
 
 @dataclass

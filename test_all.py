@@ -3217,8 +3217,9 @@ def test_eval_and_score_commands_share_the_training_flags(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "s.csv")))
     want = make_noise(splits["train"].img_of_cap, 60, 0.4, "caption", seed=3)
     assert [int(r["image_index"]) for r in rows] == want.tolist()
-    with pytest.raises(ValueError, match="--threshold"):
-        R.main(["score", ckpt, "--data", str(data), "--threshold", "2", "--output", str(tmp_path / "t.csv")])
+    for bad in ("2", "1"):  # at 1 no pair could be kept: refused, not reported as "cannot tell"
+        with pytest.raises(ValueError, match="--threshold"):
+            R.main(["score", ckpt, "--data", str(data), "--threshold", bad, "--output", str(tmp_path / "t.csv")])
     with pytest.raises(ValueError, match="--embed_batch_size"):
         R.main(["eval", ckpt, "--data", str(data), "--embed_batch_size", "0"])
 
