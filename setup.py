@@ -9,7 +9,7 @@ setup(
     "learning).",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    py_modules=["robustitm", "gmm", "losses", "meta"],
+    py_modules=["robustitm", "dual_encoder", "pairs", "batches", "gmm", "losses", "meta"],
     python_requires=">=3.9",
     install_requires=["torch>=2.1", "numpy>=1.22", "pillow>=9.0"],
     extras_require={"test": ["pytest>=7", "scikit-learn>=1.2", "transformers>=4.40", "open_clip_torch>=2.20",

@@ -27,13 +27,18 @@ from sklearn.cluster import KMeans
 from sklearn.datasets import make_blobs
 from sklearn.mixture import GaussianMixture as SkGaussianMixture
 
+import batches as BT
+import dual_encoder as D
 import gmm
 import losses
 import meta
+import pairs as P
 import robustitm as R
-from robustitm import (COLOURS, SHAPES, ByteTokenizer, ClipTokenizer, ImageSet, Preprocess,
-                       WordPieceTokenizer, WordTokenizer, augment, clip_split, embed_captions, embed_images,
-                       fix_text, format_metrics, load_pairs, load_splits, make_noise, make_scenes, noise_file)
+from dual_encoder import (ByteTokenizer, ClipTokenizer, Preprocess, WordPieceTokenizer, WordTokenizer,
+                          clip_split, fix_text)
+from pairs import (COLOURS, SHAPES, ImageSet, augment, load_pairs, load_splits, make_noise, make_scenes,
+                   noise_file)
+from robustitm import embed_captions, embed_images, format_metrics
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -850,13 +855,13 @@ def test_model_transformers5_tokenizer_json_and_processor_config(tmp_path):
         j["model"]["vocab"].pop(special)
     assert {t["content"] for t in j["added_tokens"]} >= {ClipTokenizer.START, ClipTokenizer.END}
     (tmp_path / "old.json").write_text(json.dumps(j))
-    old = R._clip_tokenizer(tmp_path, 16, tokenizer_path=tmp_path / "old.json")
+    old = D._clip_tokenizer(tmp_path, 16, tokenizer_path=tmp_path / "old.json")
     for a, b in zip(old(captions), ours(captions)):
         assert torch.equal(a, b)
     j["model"] = {"type": "WordPiece", "vocab": {}}
     (tmp_path / "old.json").write_text(json.dumps(j))
     with pytest.raises(ValueError, match="old.json holds no BPE model"):
-        R._clip_tokenizer(tmp_path, 16, tokenizer_path=tmp_path / "old.json")
+        D._clip_tokenizer(tmp_path, 16, tokenizer_path=tmp_path / "old.json")
 
 
 @pytest.mark.parametrize("kind", ["vit", "dinov2"])
@@ -1011,9 +1016,11 @@ def test_data_cache_is_identical_and_reused(tmp_path, monkeypatch):
 
     def no_decode(*a):
         raise AssertionError("decoded again")
-    monkeypatch.setattr(R, "decode_image", no_decode)
+    monkeypatch.setattr(P, "decode_image", no_decode)  # the name ImageSet calls (pairs.py)
     again = load_pairs(tmp_path / "d.csv", "train", size=32, cache_dir=tmp_path / "cache")
     assert torch.equal(again.images[5], want)
+    with pytest.raises(AssertionError, match="decoded again"):  # the spy fires where images are decoded
+        load_pairs(tmp_path / "d.csv", "train", size=32).images[5]
 
 
 # ----- readers -----
@@ -2638,7 +2645,10 @@ def test_train_clean_reference_keeps_exactly_the_clean_pairs(tmp_path, monkeypat
     real = R.random_batches
     monkeypatch.setattr(R, "random_batches", lambda idx, *a: trained.append(idx.clone()) or real(idx, *a))
     for name in ("embed_training_pairs", "gmm_split"):
-        monkeypatch.setattr(R, name, lambda *a, **k: pytest.fail("the clean reference scored the pairs"))
+        monkeypatch.setattr(R, name, lambda *a, **k: pytest.fail("the run scored the pairs"))
+    with pytest.raises(pytest.fail.Exception, match="scored the pairs"):  # the spies fire where runs score
+        R.main(["train", "--preset", "dsdmr", "--noise_ratio", "0.4", "--epochs", "1", "--output_dir",
+                str(tmp_path / "scored"), *_TINY])
     out = tmp_path / "run"
     res = R.main(["train", "--preset", "clean", "--noise_ratio", "0.4", "--epochs", "2", "--output_dir",
                   str(out), *_TINY])
@@ -2671,8 +2681,8 @@ def test_train_tokenizes_the_training_captions_once(tmp_path, monkeypatch, prese
     """The training captions go through the tokenizer once per run: the steps (and paper C's second caption
     views) and every scoring round read the ids tokenized at the start; only validation (each epoch) and the
     test split (once) are tokenized again. The results equal tokenizing at every step."""
-    seen, real = [], R._Tokenizer.__call__
-    monkeypatch.setattr(R._Tokenizer, "__call__",
+    seen, real = [], D._Tokenizer.__call__
+    monkeypatch.setattr(D._Tokenizer, "__call__",
                         lambda self, texts: seen.append(len(texts)) or real(self, texts))
 
     class PerStep:  # what training did before: the tokenizer on the batch's captions
@@ -2688,8 +2698,9 @@ def test_train_tokenizes_the_training_captions_once(tmp_path, monkeypatch, prese
     args = ["train", "--preset", preset, "--noise_ratio", "0.4", "--epochs", "2", *_TINY]
     R.main([*args, "--output_dir", str(tmp_path / "once")])
     assert sum(seen) == 600 + 2 * 200 + 200  # 120 train images x 5 captions; 40 val and 40 test images x 5
-    monkeypatch.setattr(R, "CaptionTokens", PerStep)
+    monkeypatch.setattr(R, "CaptionTokens", PerStep)  # the name prepare_run calls
     R.main([*args, "--output_dir", str(tmp_path / "each")])
+    assert sum(seen) > 2 * (600 + 2 * 200 + 200)  # PerStep was used: every step tokenized its captions
     one, each = (torch.load(tmp_path / d / "last.pt", weights_only=True)["model"] for d in ("once", "each"))
     assert all(torch.equal(one[k], each[k]) for k in one)
 
@@ -3646,7 +3657,7 @@ def test_stream_brace_expansion_and_large_gmm_split():
     assert R.expand_braces("x{y}.tar") == ["x{y}.tar"] and R.expand_braces("p.tar") == ["p.tar"]
     assert R.expand_braces("{0..10}") == [str(k) for k in range(11)]
     assert R.expand_braces("{3..1}") == ["3", "2", "1"]
-    assert R._tar_key("d/abc.seg.PNG") == ("d/abc", "seg.png")
+    assert P._tar_key("d/abc.seg.PNG") == ("d/abc", "seg.png")
     assert R.tar_shards("a.csv") is None
     g = torch.Generator().manual_seed(0)
     scores = torch.cat([0.2 + 0.05 * torch.randn(3000, generator=g),
@@ -3809,7 +3820,7 @@ def test_silent_high_bit_depth_images_decode_scaled_not_white(tmp_path, mode):
     Image.fromarray(arr).save(path)
     with Image.open(path) as im:
         assert im.mode == mode
-    got = R.decode_image(str(path), Preprocess(48))  # (3, 48, 48): the centre crop of the 64-wide image
+    got = D.decode_image(str(path), Preprocess(48))  # (3, 48, 48): the centre crop of the 64-wide image
     want = np.round(a[:, 8:56] / 257).astype(np.uint8)
     assert (got[0].numpy().astype(int) - want).__abs__().max() <= 1 and (got[0] == got[1]).all()
 

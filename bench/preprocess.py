@@ -2,7 +2,7 @@
 
 What it is: one run over generated image files (JPEG at several sizes and aspect ratios, plus PNG in the modes
 RGBA, P, L and 16-bit I;16), written to a temporary folder, that measures
-  1. parity of `robustitm.Preprocess.to_uint8` (S = 224) with
+  1. parity of `dual_encoder.Preprocess.to_uint8` (S = 224) with
      (a) torchvision's PIL transforms in open_clip's order (Resize(S, BICUBIC), CenterCrop(S), convert("RGB")
          last) and open_clip's own `image_transform(S, is_train=False)` (normalised floats compared, and also
          mapped back to 0..255 levels),
@@ -47,7 +47,7 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the flat repository root
-from robustitm import Preprocess, _to_8bit, decode_image  # noqa: E402
+from dual_encoder import Preprocess, _to_8bit, decode_image  # noqa: E402
 
 import torchvision  # noqa: E402
 import torchvision.transforms.v2.functional as F2  # noqa: E402
