@@ -319,6 +319,7 @@ DEMO_DEFAULTS = {"noise_ratio": 0.4, "epochs": 5, "output_dir": "runs/demo"}
 # Evaluation
 # ------------------------------------------------------------------------------------------------------------
 
+
 @torch.no_grad()
 def embed_images(model, images, preprocess, batch_size=256, device="cpu", num_workers=0) -> torch.Tensor:
     """(N, E) float image embeddings in eval mode, no grad, bf16 autocast on CUDA; mode restored after."""
@@ -350,6 +351,27 @@ def embed_captions(model, tokenizer, captions, batch_size=256, device="cpu", tok
     if not out:
         return torch.empty(0)
     return torch.cat(out)[torch.argsort(torch.tensor(order, device=device))]  # back to input order
+
+
+def embed_sharded(embed, n, rank=0, world=1):
+    """All n rows of an embedding, (n, E) in order, with each of `world` ranks embedding one contiguous share:
+    `embed(lo, hi)` -> (hi - lo, E) rows [lo, hi); the shares are gathered so every rank gets the whole."""
+    if world == 1 or n < world:
+        return embed(0, n)
+    bounds = [n * r // world for r in range(world + 1)]
+    return gather_with_grad(embed(bounds[rank], bounds[rank + 1]), world, np.diff(bounds).tolist())
+
+
+def embed_pairs(model, images, captions, tokenizer, preprocess, batch_size, device, rank=0, world=1,
+                workers=0, tokens=None):
+    """(v (N, E), t (C, E)): every image and caption embedded (no grad, chunked), shared out across ranks;
+    image files are decoded by `workers` processes; `tokens`: the captions tokenized once (CaptionTokens)."""
+    v = embed_sharded(lambda lo, hi: embed_images(model, images.subset(np.arange(lo, hi)), preprocess,
+                                                  batch_size, device, workers), len(images), rank, world)
+    t = embed_sharded(lambda lo, hi: embed_captions(model, tokenizer, captions[lo:hi], batch_size, device,
+                                                    None if tokens is None else tokens[lo:hi]),
+                      len(captions), rank, world)
+    return v, t
 
 
 def _ranks(tile, n_img, n_cap, img_of_cap, device, tile_elems):
@@ -470,13 +492,26 @@ def format_metrics(m: dict) -> str:
     return f"Image to text: {row('i2t')}\nText to image: {row('t2i')}\nrsum: {m['rsum']:.1f}"
 
 
-# ------------------------------------------------------------------------------------------------------------
-# Training
-# ------------------------------------------------------------------------------------------------------------
+def evaluate_pairs(model, pairs, tokenizer, preprocess, cfg, device, corrector=None, rank=0, world=1,
+                   protocol=None, strict=False):
+    """Recall metrics of `pairs` (the field's protocol, cfg.eval_protocol unless `protocol` is given): cosine,
+    or MSCN's corrected score when a corrector is given. Under torchrun the embedding is shared out across
+    ranks; every rank gets the metrics. strict: raise FloatingPointError on non-finite embeddings (a diverged
+    model) instead of scoring them as misses."""
+    v, t = embed_pairs(model, pairs.images, pairs.captions, tokenizer, preprocess, cfg.embed_batch_size,
+                       device, rank, world, cfg.workers)
+    if strict and not (bool(torch.isfinite(v).all()) and bool(torch.isfinite(t).all())):
+        raise FloatingPointError("non-finite embeddings")
+    # the corrector's tiles hold (rows, cols, hidden) pre-activations: 1/hidden of the cosine tile
+    hidden = 1 if corrector is None else corrector.fc1.out_features
+    with torch.no_grad():
+        return evaluate(v, t, pairs.img_of_cap, protocol=protocol or cfg.eval_protocol, score=corrector,
+                        tile_elems=(1 << 23) // hidden)
 
-def _device(name):
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
 
+# ------------------------------------------------------------------------------------------------------------
+# Run outputs: checkpoints written behind training, score histograms, the progress line
+# ------------------------------------------------------------------------------------------------------------
 
 def _snapshot(x, memo):
     """A copy of nested dicts/lists/tuples whose tensors are copied to CPU memory (each tensor once)."""
@@ -522,59 +557,6 @@ class CheckpointWriter:
         if self.error is not None:
             error, self.error = self.error, None
             raise error
-
-
-
-def build_model(cfg, captions):
-    """The model the config asks for -> (model, tokenizer, preprocess)."""
-    if cfg.pretrained and Path(cfg.pretrained).is_file() and _is_robustitm_checkpoint(cfg.pretrained):
-        return load_checkpoint(cfg.pretrained)[:3]
-    if cfg.pretrained or cfg.image_tower:
-        return load_pretrained(cfg.pretrained, cfg.image_tower, cfg.text_tower, embed_dim=cfg.embed_dim,
-                               activation=cfg.activation, allow_torchscript=cfg.allow_torchscript,
-                               tokenizer_path=cfg.tokenizer)
-    tokenizer = WordTokenizer.build(captions)
-    model = tiny_model(embed_dim=64, image_size=cfg.image_size, vocab_size=tokenizer.vocab_size,
-                       context_length=tokenizer.context_length)
-    return model, tokenizer, Preprocess(cfg.image_size)
-
-
-def get_lr(cfg, step, epoch):
-    """Linear warm-up, then x0.1 every lr_decay_epochs (paper A's schedule); pure in (step, epoch)."""
-    warm = min(1.0, (step + 1) / max(1, cfg.lr_warmup_steps))
-    return cfg.lr * warm * 0.1 ** (epoch // cfg.lr_decay_epochs)
-
-
-def make_optimizer(model, cfg, device):
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
-    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6, fused=device.type == "cuda")
-
-
-def auc_score(scores, labels):
-    """Area under the ROC curve (Mann-Whitney U with average ranks for ties); labels True = positive."""
-    scores, labels = torch.as_tensor(scores, dtype=torch.float64), torch.as_tensor(labels, dtype=torch.bool)
-    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    _, inverse, counts = torch.unique(scores, return_inverse=True, return_counts=True)  # values sorted
-    counts = counts.double()
-    ranks = (counts.cumsum(0) - counts + (counts + 1) / 2)[inverse]  # 1-based; ties share their average rank
-    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def split_diagnostics(p_clean, kept, noisy=None):
-    """The split's size and estimated noise rate; with the truth (`noisy`, known for synthetic or injected
-    noise) also the precision/recall/F1 of the kept set and the AUC of P(clean)."""
-    diag = {"kept": int(kept.sum()), "estimated_noise_rate": float(1 - p_clean.float().mean())}
-    if noisy is None:
-        return diag
-    clean = ~noisy
-    tp = int((kept & clean).sum())
-    precision, recall = tp / max(1, int(kept.sum())), tp / max(1, int(clean.sum()))
-    return {**diag, "precision": precision, "recall": recall,
-            "f1": 2 * precision * recall / max(1e-12, precision + recall), "auc": auc_score(p_clean, clean)}
 
 
 def plot_scores(path, scores, noisy, reference=None, title=""):
@@ -628,200 +610,11 @@ class Progress:
             print()
 
 
-def embed_sharded(embed, n, rank=0, world=1):
-    """All n rows of an embedding, (n, E) in order, with each of `world` ranks embedding one contiguous share:
-    `embed(lo, hi)` -> (hi - lo, E) rows [lo, hi); the shares are gathered so every rank gets the whole."""
-    if world == 1 or n < world:
-        return embed(0, n)
-    bounds = [n * r // world for r in range(world + 1)]
-    return gather_with_grad(embed(bounds[rank], bounds[rank + 1]), world, np.diff(bounds).tolist())
-
-
-def embed_pairs(model, images, captions, tokenizer, preprocess, batch_size, device, rank=0, world=1,
-                workers=0, tokens=None):
-    """(v (N, E), t (C, E)): every image and caption embedded (no grad, chunked), shared out across ranks;
-    image files are decoded by `workers` processes; `tokens`: the captions tokenized once (CaptionTokens)."""
-    v = embed_sharded(lambda lo, hi: embed_images(model, images.subset(np.arange(lo, hi)), preprocess,
-                                                  batch_size, device, workers), len(images), rank, world)
-    t = embed_sharded(lambda lo, hi: embed_captions(model, tokenizer, captions[lo:hi], batch_size, device,
-                                                    None if tokens is None else tokens[lo:hi]),
-                      len(captions), rank, world)
-    return v, t
-
-
-def shuffled_scores(v_img, t, assigned, generator):
-    """The split's reference: each caption's cosine with a random image other than the one it is paired with
-    -> (C,). Pairs mismatched with near certainty (as MSCN's meta negatives): they show where the noisy pairs'
-    scores lie for this model and data. v_img (N, E) the images, t (C, E) the captions, assigned (C,)."""
-    r = torch.randint(len(v_img) - 1, (len(t),), generator=generator)  # (C,) among the N - 1 other images
-    other = r + (r >= torch.as_tensor(assigned)).long()
-    return torch.cat([(v_img[o.to(v_img.device)] * tc).sum(1).float().cpu()
-                      for o, tc in zip(other.split(1 << 16), t.split(1 << 16))])
-
-
-def gmm_split(scores, reference, threshold, seed, max_fit=2_000_000):
-    """Paper A's split, asked as "which pairs score like mismatched pairs?" (gmm.mismatch_split): a mixture
-    of the pair cosines with one component held at the reference's (shuffled pairs' cosines) mean and
-    variance and two free clean ones; P(clean) = 1 - the posterior of the held one, keep P(clean) >
-    threshold. Clean data keeps every pair (nothing scores like the reference), a 2% noisy group is still
-    split. Above `max_fit` pairs (web-scale scoring) the mixture is fitted on a seeded sample of `max_fit`.
-    Returns (P(clean) (C,) float32, kept (C,) bool, stats: mismatch_split's info)."""
-    p, stats = mismatch_split(torch.as_tensor(scores), torch.as_tensor(reference), threshold=threshold,
-                              max_fit=max_fit, seed=seed)
-    p = p.float()
-    return p, p > threshold, {**stats, "reference": "shuffled pairs"}
-
-
-def split_summary(stats, kept):
-    """The split's decision in words, with its figures (the log, the console, score's summary)."""
-    C, dropped = len(kept), len(kept) - int(kept.sum())
-    ref = f"reference: {stats['n_reference']:,} {stats['reference']}, mean {stats['mu_noisy']:.3f}"
-    if not stats["split"]:
-        return f"no split: {stats['reason']} ({ref}); kept all {C:,}"
-    return (f"split: {dropped:,} of {C:,} pairs ({dropped / C:.1%}) score like mismatched pairs ({ref}; "
-            f"clean mean {stats['mu_clean']:.3f}); kept {int(kept.sum()):,}; estimated noise rate "
-            f"{stats['noise_rate']:.1%} (the mixture's weight on the reference's component)")
-
-
-def batch_loss(cfg, sims, same, p_clean, stats, logit_scale, loss=None):
-    """The cross-modal loss on (B, B) cosine similarities -> scalar. p_clean (B,) sets dsdm's per-pair
-    margins; `loss` overrides cfg.loss (the warm-up trains with InfoNCE)."""
-    loss = loss or cfg.loss
-    if loss == "infonce":
-        return info_nce(sims, logit_scale.exp().clamp(max=100), same)
-    if loss == "triplet":
-        return triplet_ranking_loss(sims, cfg.margin_i2t, cfg.margin_t2i, same_image=same).mean()
-    # paper A; when nothing is split (every pair kept as clean) the margins take their full weight, w = 1
-    schedule = cfg.margin_schedule if stats.get("split", True) else "fixed"
-    w = dynamic_margin(p_clean, sims.diagonal().detach(), stats, schedule)  # (B,)
-    return triplet_ranking_loss(sims, cfg.margin_i2t * w, cfg.margin_t2i * w, same_image=same).mean()
-
-
-# What a run writes into its output_dir (a run started with --overwrite removes these, and nothing else).
-RUN_FILES = ("config.json", "noise.npy", "noise.npy.json", "log.jsonl", "best.pt", "last.pt", "results.json")
-# may differ between a run and its resume
-RESUMABLE_CHANGES = {"epochs", "device", "workers", "resume", "overwrite"}
-
-
-def _refuse_overwrite(path, allowed=False, hint="choose another path (nothing is overwritten)"):
-    """The guard of every output: an existing file or non-empty folder is written into only when allowed."""
-    path = Path(path)
-    if allowed or not path.exists() or (path.is_dir() and not any(path.iterdir())):
-        return
-    raise ValueError(f"{path} {'is not empty' if path.is_dir() else 'exists'}; {hint}")
-
-
-def _prepare_output(cfg):
-    """Checks output_dir before anything is loaded or written: not someone else's non-empty folder, and, with
-    --resume, a last.pt of the same run (its config equal but for RESUMABLE_CHANGES)."""
-    out = Path(cfg.output_dir)
-    _refuse_overwrite(out, cfg.overwrite or cfg.resume,
-                      "pass --overwrite to write into it or --resume to continue")
-    if cfg.resume:
-        if not (out / "last.pt").is_file():
-            raise ValueError(f"--resume: {out / 'last.pt'} does not exist")
-        saved = torch.load(out / "last.pt", map_location="cpu", weights_only=True,
-                           mmap=True).get("config", {})
-        diff = [f"--{k} {saved.get(k)!r} -> {v!r}" for k, v in asdict(cfg).items()
-                if k not in RESUMABLE_CHANGES and k in saved and saved[k] != v]  # (new settings: absent)
-        if diff:
-            raise ValueError(f"--resume continues the run in {out}, but these settings differ from it: "
-                             f"{'; '.join(diff)}. Use the run's own settings (only --epochs, --device and "
-                             f"--workers may change), or a new --output_dir.")
-    return out
-
-
-def _start_output(cfg, out):
-    """Creates output_dir and removes the temp files of _atomic_write a killed run left; with --overwrite (a
-    new run), removes the previous run's files so that nothing of it is mixed in (but --noise_file's)."""
-    out.mkdir(parents=True, exist_ok=True)
-    for tmp in out.glob(".*.tmp[0-9]*"):
-        tmp.unlink(missing_ok=True)
-    if cfg.overwrite and not cfg.resume:
-        keep = ({Path(cfg.noise_file).resolve(), Path(f"{cfg.noise_file}.json").resolve()} if cfg.noise_file
-                else set())
-        for name in RUN_FILES:
-            if (out / name).resolve() not in keep:
-                (out / name).unlink(missing_ok=True)
-        for png in out.glob("scores_epoch*.png"):
-            png.unlink()
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-
-
-def splits_for(cfg, preprocess, names=SPLITS):
-    """The configured dataset's splits {name: Pairs}, images prepared by `preprocess` (size, mean, std)."""
-    if cfg.data == "synthetic":
-        n_train, n_val, n_test = (int(x) for x in cfg.synthetic_sizes.split(","))
-        splits = synthetic_splits(n_train, n_val, n_test, seed=cfg.seed, image_size=preprocess.size)
-        return {name: splits[name] for name in names}
-    return load_splits(cfg.data, list(names), image_root=cfg.image_root, size=preprocess.size,
-                       mean=preprocess.mean, std=preprocess.std, cache_dir=cfg.cache_dir,
-                       skip_bad_images=cfg.skip_bad_images, num_workers=cfg.workers,
-                       image_key=cfg.image_key, caption_key=cfg.caption_key, resize=preprocess.resize)
-
-
-def evaluate_pairs(model, pairs, tokenizer, preprocess, cfg, device, corrector=None, rank=0, world=1,
-                   protocol=None, strict=False):
-    """Recall metrics of `pairs` (the field's protocol, cfg.eval_protocol unless `protocol` is given): cosine,
-    or MSCN's corrected score when a corrector is given. Under torchrun the embedding is shared out across
-    ranks; every rank gets the metrics. strict: raise FloatingPointError on non-finite embeddings (a diverged
-    model) instead of scoring them as misses."""
-    v, t = embed_pairs(model, pairs.images, pairs.captions, tokenizer, preprocess, cfg.embed_batch_size,
-                       device, rank, world, cfg.workers)
-    if strict and not (bool(torch.isfinite(v).all()) and bool(torch.isfinite(t).all())):
-        raise FloatingPointError("non-finite embeddings")
-    # the corrector's tiles hold (rows, cols, hidden) pre-activations: 1/hidden of the cosine tile
-    hidden = 1 if corrector is None else corrector.fc1.out_features
-    with torch.no_grad():
-        return evaluate(v, t, pairs.img_of_cap, protocol=protocol or cfg.eval_protocol, score=corrector,
-                        tile_elems=(1 << 23) // hidden)
-
-
-# --- distributed data parallel: every rank runs the same loop on the same data and random draws, and embeds
-# its share of every batch; the loss sees the gathered global batch ---
-
-def _distributed(cfg):
-    """(rank, world size, device). Under torchrun (WORLD_SIZE > 1) joins the process group: NCCL on GPUs, gloo
-    on CPUs."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, _device(cfg.device)
-    cuda = torch.cuda.is_available() and cfg.device != "cpu"
-    torch.distributed.init_process_group("nccl" if cuda else "gloo")
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    return torch.distributed.get_rank(), world, device
-
-
-def wrap_model(model, cfg, device, world):
-    """What a training step calls: the model compiled (--compile) and, under torchrun, in DDP."""
-    fmodel = torch.compile(model) if cfg.compile else model
-    if world > 1:
-        # The temperature enters the loss outside forward (or not at all: the ranking losses); every rank's
-        # loss is the global batch's, so its gradient is already the same on every rank and DDP leaves it
-        # alone. (DDP tracks only the parameters that require grad when it is built.)
-        model.logit_scale.requires_grad_(False)
-        fmodel = torch.nn.parallel.DistributedDataParallel(
-            fmodel, device_ids=[device] if device.type == "cuda" else None,
-            find_unused_parameters=cfg.frozen_epochs > 0)  # a frozen stage: towers without gradients
-        model.logit_scale.requires_grad_(True)
-    return fmodel
-
-
-def gather_with_grad(x, world, sizes):
-    """Concatenate (B_local, ...) tensors of all ranks in rank order -> (B_global, ...), differentiable: each
-    rank's loss is the loss of the global batch, and DistributedDataParallel's gradient average then equals
-    the single-process gradient of that batch. `sizes`: every rank's B_local (they differ by one when the
-    global batch does not split evenly; all_gather needs equal shapes, so shares are padded and trimmed)."""
-    if world == 1:
-        return x
-    from torch.distributed.nn.functional import all_gather
-    x = torch.cat([x, x.new_zeros(max(sizes) - len(x), *x.shape[1:])])
-    return torch.cat([part[:n] for part, n in zip(all_gather(x), sizes)])
-
-
-# --- one training run: its state, then the phases train() calls in order ---
+# ------------------------------------------------------------------------------------------------------------
+# Training
+# A run's state, train() itself, then its phases in the order train() calls them: before the first
+# epoch, each epoch (score and split, batches, train, select on val and checkpoint), after the last.
+# ------------------------------------------------------------------------------------------------------------
 
 @dataclass
 class Mscn:
@@ -859,6 +652,61 @@ class Run:
     mscn: Optional[Mscn] = None
     writer: CheckpointWriter = field(default_factory=CheckpointWriter)  # best.pt and last.pt, behind training
 
+
+def train(cfg, splits=None, log=print, vocab_captions=None):
+    """The whole job: noise -> (warm-up) -> every round: score, split, train on the kept pairs, select on val
+    -> the test metrics of the model selected by validation rSum, with the split that epoch trained on."""
+    run = prepare_run(cfg, splits, log, vocab_captions)
+    heads = {*HEAD_NAMES, "logit_scale"}  # the projection heads (meta.py's) and the temperature
+    for epoch in range(run.state["epoch"], cfg.epochs):
+        # Every source of randomness in an epoch derives from (seed, epoch): resuming replays it exactly.
+        torch.manual_seed(cfg.seed * 1000 + epoch)
+        gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+        # paper C stage 1: towers frozen, heads and temperature train
+        for name, p in run.model.named_parameters():
+            p.requires_grad_(epoch >= cfg.frozen_epochs or name in heads)
+        # The warm-up (before the first split) trains on all pairs with InfoNCE: the method's own loss, a
+        # hardest-negative hinge, collapses a fresh model (as NCR warms up with a loss over all negatives).
+        warming = cfg.filter in ("gmm", "mscn") and epoch < cfg.warmup_epochs
+        if run.mscn is not None:  # paper B's meta negatives, 1:1 with the meta positives, redrawn every epoch
+            run.mscn.neg_img, run.mscn.neg_cap = sample_meta_negatives(
+                len(run.mscn.meta.captions), run.assigned, len(run.splits["train"].images), gen)
+
+        # -- round: re-score every training pair with the current model and re-split (paper A iterates) --
+        refit = (cfg.filter in ("gmm", "mscn") and not warming
+                 and (epoch - cfg.warmup_epochs) % cfg.refit_every == 0)
+        clustered = cfg.batches == "clustered" and epoch >= cfg.clustered_from
+        seconds, t0 = {}, _clock(run.device)
+        emb = embed_training_pairs(run) if refit or clustered else None
+        now = _clock(run.device)
+        seconds["scoring"], t0 = now - t0, now
+        if refit:
+            refit_split(run, epoch, emb)
+
+        # -- batches over the kept pairs: random, or B distinct images of one k-means cluster (paper C) --
+        batches, kept, clusters = epoch_batches(run, epoch, warming, clustered, emb, gen)
+        now = _clock(run.device)
+        seconds["split_and_batches"], t0 = now - t0, now
+
+        # -- train one epoch, then select on the validation split --
+        loss = train_epoch(run, epoch, batches, kept, warming, gen)
+        seconds["training"] = _clock(run.device) - t0
+        select_and_checkpoint(run, epoch,
+                              {"loss": loss, "trained_pairs": int(kept.sum()), "steps": len(batches),
+                               "batches": "clustered" if clustered else "random", "warm_up": warming,
+                               **({"clusters": clusters} if clusters else {}), "seconds": seconds,
+                               "train_pairs_per_s": sum(map(len, batches)) / max(seconds["training"], 1e-9)})
+    return test_selected(run)
+
+
+def _clock(device):
+    """time.perf_counter() once the device has finished its queued work: phase seconds land in their phase."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+# --- before the first epoch: output_dir, model and data, noise, MSCN's meta set, optimiser, resume ---
 
 def prepare_run(cfg, splits=None, log=print, vocab_captions=None) -> Run:
     """Everything before the first epoch: checks, output_dir, model and data, noise, MSCN's meta set,
@@ -898,6 +746,62 @@ def prepare_run(cfg, splits=None, log=print, vocab_captions=None) -> Run:
     return run
 
 
+# Distributed data parallel: every rank runs the same loop on the same data and random draws, and
+# embeds its share of every batch; the loss sees the gathered global batch (wrap_model, gather_with_grad).
+def _distributed(cfg):
+    """(rank, world size, device). Under torchrun (WORLD_SIZE > 1) joins the process group: NCCL on GPUs, gloo
+    on CPUs."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, _device(cfg.device)
+    cuda = torch.cuda.is_available() and cfg.device != "cpu"
+    torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return torch.distributed.get_rank(), world, device
+
+
+def _device(name):
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
+# What a run writes into its output_dir (a run started with --overwrite removes these, and nothing else).
+RUN_FILES = ("config.json", "noise.npy", "noise.npy.json", "log.jsonl", "best.pt", "last.pt", "results.json")
+
+
+# may differ between a run and its resume
+RESUMABLE_CHANGES = {"epochs", "device", "workers", "resume", "overwrite"}
+
+
+def _refuse_overwrite(path, allowed=False, hint="choose another path (nothing is overwritten)"):
+    """The guard of every output: an existing file or non-empty folder is written into only when allowed."""
+    path = Path(path)
+    if allowed or not path.exists() or (path.is_dir() and not any(path.iterdir())):
+        return
+    raise ValueError(f"{path} {'is not empty' if path.is_dir() else 'exists'}; {hint}")
+
+
+def _prepare_output(cfg):
+    """Checks output_dir before anything is loaded or written: not someone else's non-empty folder, and, with
+    --resume, a last.pt of the same run (its config equal but for RESUMABLE_CHANGES)."""
+    out = Path(cfg.output_dir)
+    _refuse_overwrite(out, cfg.overwrite or cfg.resume,
+                      "pass --overwrite to write into it or --resume to continue")
+    if cfg.resume:
+        if not (out / "last.pt").is_file():
+            raise ValueError(f"--resume: {out / 'last.pt'} does not exist")
+        saved = torch.load(out / "last.pt", map_location="cpu", weights_only=True,
+                           mmap=True).get("config", {})
+        diff = [f"--{k} {saved.get(k)!r} -> {v!r}" for k, v in asdict(cfg).items()
+                if k not in RESUMABLE_CHANGES and k in saved and saved[k] != v]  # (new settings: absent)
+        if diff:
+            raise ValueError(f"--resume continues the run in {out}, but these settings differ from it: "
+                             f"{'; '.join(diff)}. Use the run's own settings (only --epochs, --device and "
+                             f"--workers may change), or a new --output_dir.")
+    return out
+
+
 def _model_and_data(cfg, splits, vocab_captions):
     """(model, tokenizer, preprocess, splits): pretrained weights decide how images are prepared; a model from
     scratch takes its vocabulary from the training captions (or `vocab_captions`)."""
@@ -917,6 +821,49 @@ def _model_and_data(cfg, splits, vocab_captions):
                          f"holds {vocab}: they do not belong together; "
                          f"pass the tokenizer of these weights (--tokenizer)")
     return model, tokenizer, preprocess, dict(splits)  # (a copy: MSCN takes its meta set out of val)
+
+
+def build_model(cfg, captions):
+    """The model the config asks for -> (model, tokenizer, preprocess)."""
+    if cfg.pretrained and Path(cfg.pretrained).is_file() and _is_robustitm_checkpoint(cfg.pretrained):
+        return load_checkpoint(cfg.pretrained)[:3]
+    if cfg.pretrained or cfg.image_tower:
+        return load_pretrained(cfg.pretrained, cfg.image_tower, cfg.text_tower, embed_dim=cfg.embed_dim,
+                               activation=cfg.activation, allow_torchscript=cfg.allow_torchscript,
+                               tokenizer_path=cfg.tokenizer)
+    tokenizer = WordTokenizer.build(captions)
+    model = tiny_model(embed_dim=64, image_size=cfg.image_size, vocab_size=tokenizer.vocab_size,
+                       context_length=tokenizer.context_length)
+    return model, tokenizer, Preprocess(cfg.image_size)
+
+
+def splits_for(cfg, preprocess, names=SPLITS):
+    """The configured dataset's splits {name: Pairs}, images prepared by `preprocess` (size, mean, std)."""
+    if cfg.data == "synthetic":
+        n_train, n_val, n_test = (int(x) for x in cfg.synthetic_sizes.split(","))
+        splits = synthetic_splits(n_train, n_val, n_test, seed=cfg.seed, image_size=preprocess.size)
+        return {name: splits[name] for name in names}
+    return load_splits(cfg.data, list(names), image_root=cfg.image_root, size=preprocess.size,
+                       mean=preprocess.mean, std=preprocess.std, cache_dir=cfg.cache_dir,
+                       skip_bad_images=cfg.skip_bad_images, num_workers=cfg.workers,
+                       image_key=cfg.image_key, caption_key=cfg.caption_key, resize=preprocess.resize)
+
+
+def _start_output(cfg, out):
+    """Creates output_dir and removes the temp files of _atomic_write a killed run left; with --overwrite (a
+    new run), removes the previous run's files so that nothing of it is mixed in (but --noise_file's)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for tmp in out.glob(".*.tmp[0-9]*"):
+        tmp.unlink(missing_ok=True)
+    if cfg.overwrite and not cfg.resume:
+        keep = ({Path(cfg.noise_file).resolve(), Path(f"{cfg.noise_file}.json").resolve()} if cfg.noise_file
+                else set())
+        for name in RUN_FILES:
+            if (out / name).resolve() not in keep:
+                (out / name).unlink(missing_ok=True)
+        for png in out.glob("scores_epoch*.png"):
+            png.unlink()
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
 
 
 def assign_noise(cfg, train_set, out, rank, world, log):
@@ -959,6 +906,13 @@ def prepare_mscn(cfg, model, splits, device, log) -> Mscn:
     return Mscn(corrector, torch.optim.Adam(corrector.parameters(), lr=cfg.meta_lr), meta)
 
 
+def make_optimizer(model, cfg, device):
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6, fused=device.type == "cuda")
+
+
 def resume(run):
     """Loads last.pt into the run; drops what a killed run logged after that checkpoint."""
     ckpt = torch.load(run.out / "last.pt", map_location="cpu", weights_only=True)
@@ -976,12 +930,34 @@ def resume(run):
         _atomic_write(log, lambda f: f.write("".join(x + "\n" for x in lines).encode()))
 
 
-def _diverged(run, what):
-    run.writer.wait()  # a checkpoint still being written counts
-    last = run.out / "last.pt"
-    where = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint was written yet"
-    return FloatingPointError(f"{what}; {where}. Lower --lr or check the data.")
+def wrap_model(model, cfg, device, world):
+    """What a training step calls: the model compiled (--compile) and, under torchrun, in DDP."""
+    fmodel = torch.compile(model) if cfg.compile else model
+    if world > 1:
+        # The temperature enters the loss outside forward (or not at all: the ranking losses); every rank's
+        # loss is the global batch's, so its gradient is already the same on every rank and DDP leaves it
+        # alone. (DDP tracks only the parameters that require grad when it is built.)
+        model.logit_scale.requires_grad_(False)
+        fmodel = torch.nn.parallel.DistributedDataParallel(
+            fmodel, device_ids=[device] if device.type == "cuda" else None,
+            find_unused_parameters=cfg.frozen_epochs > 0)  # a frozen stage: towers without gradients
+        model.logit_scale.requires_grad_(True)
+    return fmodel
 
+
+def gather_with_grad(x, world, sizes):
+    """Concatenate (B_local, ...) tensors of all ranks in rank order -> (B_global, ...), differentiable: each
+    rank's loss is the loss of the global batch, and DistributedDataParallel's gradient average then equals
+    the single-process gradient of that batch. `sizes`: every rank's B_local (they differ by one when the
+    global batch does not split evenly; all_gather needs equal shapes, so shares are padded and trimmed)."""
+    if world == 1:
+        return x
+    from torch.distributed.nn.functional import all_gather
+    x = torch.cat([x, x.new_zeros(max(sizes) - len(x), *x.shape[1:])])
+    return torch.cat([part[:n] for part, n in zip(all_gather(x), sizes)])
+
+
+# --- each epoch, 1: re-score every training pair and re-split (paper A's round; paper B's purification) ---
 
 def embed_training_pairs(run):
     """(v_img (N, E), v (C, E), t (C, E)): every training image and caption embedded, and v[c] = the image
@@ -1023,6 +999,29 @@ def refit_split(run, epoch, emb):
                     f"epoch {epoch} ({cfg.filter})")
 
 
+def shuffled_scores(v_img, t, assigned, generator):
+    """The split's reference: each caption's cosine with a random image other than the one it is paired with
+    -> (C,). Pairs mismatched with near certainty (as MSCN's meta negatives): they show where the noisy pairs'
+    scores lie for this model and data. v_img (N, E) the images, t (C, E) the captions, assigned (C,)."""
+    r = torch.randint(len(v_img) - 1, (len(t),), generator=generator)  # (C,) among the N - 1 other images
+    other = r + (r >= torch.as_tensor(assigned)).long()
+    return torch.cat([(v_img[o.to(v_img.device)] * tc).sum(1).float().cpu()
+                      for o, tc in zip(other.split(1 << 16), t.split(1 << 16))])
+
+
+def gmm_split(scores, reference, threshold, seed, max_fit=2_000_000):
+    """Paper A's split, asked as "which pairs score like mismatched pairs?" (gmm.mismatch_split): a mixture
+    of the pair cosines with one component held at the reference's (shuffled pairs' cosines) mean and
+    variance and two free clean ones; P(clean) = 1 - the posterior of the held one, keep P(clean) >
+    threshold. Clean data keeps every pair (nothing scores like the reference), a 2% noisy group is still
+    split. Above `max_fit` pairs (web-scale scoring) the mixture is fitted on a seeded sample of `max_fit`.
+    Returns (P(clean) (C,) float32, kept (C,) bool, stats: mismatch_split's info)."""
+    p, stats = mismatch_split(torch.as_tensor(scores), torch.as_tensor(reference), threshold=threshold,
+                              max_fit=max_fit, seed=seed)
+    p = p.float()
+    return p, p > threshold, {**stats, "reference": "shuffled pairs"}
+
+
 def mscn_split(run, emb):
     """Paper B's purification: which training pairs' corrected scores look like this epoch's meta negatives
     (meta.purify) -> (scores, the meta negatives' scores, P(clean), kept, stats)."""
@@ -1038,6 +1037,44 @@ def mscn_split(run, emb):
     stats = {**stats, "reference": "meta negatives (logit of the corrected score)"}
     return scores, neg, p_clean, p_clean > run.cfg.threshold, stats
 
+
+def split_diagnostics(p_clean, kept, noisy=None):
+    """The split's size and estimated noise rate; with the truth (`noisy`, known for synthetic or injected
+    noise) also the precision/recall/F1 of the kept set and the AUC of P(clean)."""
+    diag = {"kept": int(kept.sum()), "estimated_noise_rate": float(1 - p_clean.float().mean())}
+    if noisy is None:
+        return diag
+    clean = ~noisy
+    tp = int((kept & clean).sum())
+    precision, recall = tp / max(1, int(kept.sum())), tp / max(1, int(clean.sum()))
+    return {**diag, "precision": precision, "recall": recall,
+            "f1": 2 * precision * recall / max(1e-12, precision + recall), "auc": auc_score(p_clean, clean)}
+
+
+def auc_score(scores, labels):
+    """Area under the ROC curve (Mann-Whitney U with average ranks for ties); labels True = positive."""
+    scores, labels = torch.as_tensor(scores, dtype=torch.float64), torch.as_tensor(labels, dtype=torch.bool)
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    _, inverse, counts = torch.unique(scores, return_inverse=True, return_counts=True)  # values sorted
+    counts = counts.double()
+    ranks = (counts.cumsum(0) - counts + (counts + 1) / 2)[inverse]  # 1-based; ties share their average rank
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def split_summary(stats, kept):
+    """The split's decision in words, with its figures (the log, the console, score's summary)."""
+    C, dropped = len(kept), len(kept) - int(kept.sum())
+    ref = f"reference: {stats['n_reference']:,} {stats['reference']}, mean {stats['mu_noisy']:.3f}"
+    if not stats["split"]:
+        return f"no split: {stats['reason']} ({ref}); kept all {C:,}"
+    return (f"split: {dropped:,} of {C:,} pairs ({dropped / C:.1%}) score like mismatched pairs ({ref}; "
+            f"clean mean {stats['mu_clean']:.3f}); kept {int(kept.sum()):,}; estimated noise rate "
+            f"{stats['noise_rate']:.1%} (the mixture's weight on the reference's component)")
+
+
+# --- each epoch, 2: the batches over the kept pairs (batches.py: random, or paper C's clustered) ---
 
 def epoch_batches(run, epoch, warming, clustered, emb, gen):
     """The epoch's batches over the kept pairs (all pairs during the warm-up, or when the split keeps under
@@ -1063,6 +1100,8 @@ def epoch_batches(run, epoch, warming, clustered, emb, gen):
             f"{report['hardness_clustered']:+.3f} vs {report['hardness_random']:+.3f} in random batches")
     return clustered_b, kept, report
 
+
+# --- each epoch, 3: one pass over the batches ---
 
 def train_epoch(run, epoch, batches, kept, warming, gen):
     """One pass over the epoch's batches -> the mean loss. The batches are fixed, so the next ones' images are
@@ -1093,6 +1132,19 @@ def train_epoch(run, epoch, batches, kept, warming, gen):
     if bar:
         bar.close()
     return float(loss_sum) / max(1, len(batches))
+
+
+def get_lr(cfg, step, epoch):
+    """Linear warm-up, then x0.1 every lr_decay_epochs (paper A's schedule); pure in (step, epoch)."""
+    warm = min(1.0, (step + 1) / max(1, cfg.lr_warmup_steps))
+    return cfg.lr * warm * 0.1 ** (epoch // cfg.lr_decay_epochs)
+
+
+def _diverged(run, what):
+    run.writer.wait()  # a checkpoint still being written counts
+    last = run.out / "last.pt"
+    where = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint was written yet"
+    return FloatingPointError(f"{what}; {where}. Lower --lr or check the data.")
 
 
 @dataclass
@@ -1172,6 +1224,20 @@ def step_loss(run, batch, corrector, v, t):
     return loss
 
 
+def batch_loss(cfg, sims, same, p_clean, stats, logit_scale, loss=None):
+    """The cross-modal loss on (B, B) cosine similarities -> scalar. p_clean (B,) sets dsdm's per-pair
+    margins; `loss` overrides cfg.loss (the warm-up trains with InfoNCE)."""
+    loss = loss or cfg.loss
+    if loss == "infonce":
+        return info_nce(sims, logit_scale.exp().clamp(max=100), same)
+    if loss == "triplet":
+        return triplet_ranking_loss(sims, cfg.margin_i2t, cfg.margin_t2i, same_image=same).mean()
+    # paper A; when nothing is split (every pair kept as clean) the margins take their full weight, w = 1
+    schedule = cfg.margin_schedule if stats.get("split", True) else "fixed"
+    w = dynamic_margin(p_clean, sims.diagonal().detach(), stats, schedule)  # (B,)
+    return triplet_ranking_loss(sims, cfg.margin_i2t * w, cfg.margin_t2i * w, same_image=same).mean()
+
+
 def mscn_step(run, batch, lr, gen):
     """Paper B's step (meta.meta_step): a look-ahead on the batch, a meta update of the corrector on clean
     meta pairs and as many meta negatives, then the real step -> the loss."""
@@ -1194,12 +1260,7 @@ def mscn_step(run, batch, lr, gen):
     return out["loss"]
 
 
-def _clock(device):
-    """time.perf_counter() once the device has finished its queued work: phase seconds land in their phase."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
+# --- each epoch, 4: select on the validation split, checkpoint ---
 
 def select_and_checkpoint(run, epoch, record):
     """Validation rSum on the full val split (DESIGN: full ranking, whatever the test protocol); best.pt when
@@ -1235,6 +1296,8 @@ def select_and_checkpoint(run, epoch, record):
     run.logf.flush()
 
 
+# --- after the last epoch: the selected model on the test split ---
+
 def test_selected(run):
     """Closes the run, then the test metrics of the model selected on validation (rank 0; others get {})."""
     run.logf.close()
@@ -1263,52 +1326,6 @@ def test_selected(run):
     (run.out / "results.json").write_text(json.dumps(results, indent=2))
     run.log(format_metrics(results))
     return results
-
-
-def train(cfg, splits=None, log=print, vocab_captions=None):
-    """The whole job: noise -> (warm-up) -> every round: score, split, train on the kept pairs, select on val
-    -> the test metrics of the model selected by validation rSum, with the split that epoch trained on."""
-    run = prepare_run(cfg, splits, log, vocab_captions)
-    heads = {*HEAD_NAMES, "logit_scale"}  # the projection heads (meta.py's) and the temperature
-    for epoch in range(run.state["epoch"], cfg.epochs):
-        # Every source of randomness in an epoch derives from (seed, epoch): resuming replays it exactly.
-        torch.manual_seed(cfg.seed * 1000 + epoch)
-        gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-        # paper C stage 1: towers frozen, heads and temperature train
-        for name, p in run.model.named_parameters():
-            p.requires_grad_(epoch >= cfg.frozen_epochs or name in heads)
-        # The warm-up (before the first split) trains on all pairs with InfoNCE: the method's own loss, a
-        # hardest-negative hinge, collapses a fresh model (as NCR warms up with a loss over all negatives).
-        warming = cfg.filter in ("gmm", "mscn") and epoch < cfg.warmup_epochs
-        if run.mscn is not None:  # paper B's meta negatives, 1:1 with the meta positives, redrawn every epoch
-            run.mscn.neg_img, run.mscn.neg_cap = sample_meta_negatives(
-                len(run.mscn.meta.captions), run.assigned, len(run.splits["train"].images), gen)
-
-        # -- round: re-score every training pair with the current model and re-split (paper A iterates) --
-        refit = (cfg.filter in ("gmm", "mscn") and not warming
-                 and (epoch - cfg.warmup_epochs) % cfg.refit_every == 0)
-        clustered = cfg.batches == "clustered" and epoch >= cfg.clustered_from
-        seconds, t0 = {}, _clock(run.device)
-        emb = embed_training_pairs(run) if refit or clustered else None
-        now = _clock(run.device)
-        seconds["scoring"], t0 = now - t0, now
-        if refit:
-            refit_split(run, epoch, emb)
-
-        # -- batches over the kept pairs: random, or B distinct images of one k-means cluster (paper C) --
-        batches, kept, clusters = epoch_batches(run, epoch, warming, clustered, emb, gen)
-        now = _clock(run.device)
-        seconds["split_and_batches"], t0 = now - t0, now
-
-        # -- train one epoch, then select on the validation split --
-        loss = train_epoch(run, epoch, batches, kept, warming, gen)
-        seconds["training"] = _clock(run.device) - t0
-        select_and_checkpoint(run, epoch,
-                              {"loss": loss, "trained_pairs": int(kept.sum()), "steps": len(batches),
-                               "batches": "clustered" if clustered else "random", "warm_up": warming,
-                               **({"clusters": clusters} if clusters else {}), "seconds": seconds,
-                               "train_pairs_per_s": sum(map(len, batches)) / max(seconds["training"], 1e-9)})
-    return test_selected(run)
 
 
 # ------------------------------------------------------------------------------------------------------------
