@@ -55,7 +55,7 @@ from types import SimpleNamespace
 import torch
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(BENCH))  # the flat repository root, before bench/ (its gmm.py, meta.py)
+sys.path.insert(0, os.path.dirname(BENCH))  # the flat repository root
 sys.path.append(BENCH)  # throughput.py, when imported from elsewhere
 import robustitm as R  # noqa: E402
 import throughput as T  # noqa: E402  (StepTimer, sync)

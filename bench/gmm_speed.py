@@ -10,7 +10,7 @@ both sides (one pass over the data per center; the random draws differ, so the i
 On a CPU shared with other busy processes, every multi-threaded torch op waits for a descheduled OpenMP
 thread; --threads 1 (applied to both sides) then shows the algorithmic difference without that noise.
 
-Usage: python bench/gmm.py [--device cpu|cuda] [--quick] [--threads N]
+Usage: python bench/gmm_speed.py [--device cpu|cuda] [--quick] [--threads N]
 """
 import argparse
 import os

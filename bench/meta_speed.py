@@ -9,7 +9,7 @@ the resident size after the first step (blocks >= 64 KiB are mmap-ed so that fre
 approximate). Prints a markdown table last.
 What it is not: a training run; inputs are random tensors.
 
-Usage: python bench/meta.py [--model tiny|vitb32|fallback] [--batch-size 32] [--steps 10]
+Usage: python bench/meta_speed.py [--model tiny|vitb32|fallback] [--batch-size 32] [--steps 10]
        [--device cuda] [--amp]
 """
 import argparse
@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the flat repository root (meta.py; robustitm.py for --model tiny|vitb32)
 # name -> meta_step's params (None: no meta)
 CONFIGS = {"plain": None, "meta-heads": "heads", "meta-all": "all"}
 
@@ -67,7 +68,6 @@ def _fallback_model(embed_dim=64, image_size=32, vocab_size=259, width=128):
 
 def _build(name):
     """(model, image_size, vocab_size, text_length, label) for --model."""
-    sys.path.insert(0, str(ROOT))
     if name == "fallback":
         return _fallback_model(), 32, 259, 16, "fallback dual encoder"
     try:
@@ -83,7 +83,6 @@ def _build(name):
 
 def _setup(args):
     """Model, corrector, optimisers and one fixed batch + meta batch -> dict."""
-    sys.path.insert(0, str(ROOT))  # the repository's meta.py, not this script of the same name
     import torch
     import meta
 
