@@ -2608,6 +2608,218 @@ def test_meta_bad_input_raises_value_error():
 
 
 # ------------------------------------------------------------------------------------------------------------
+# Copyable modules: each file with only the siblings its docstring names, in a fresh interpreter
+# ------------------------------------------------------------------------------------------------------------
+
+_ROOT = Path(__file__).resolve().parent
+_PROJECT_MODULES = ("dual_encoder", "pairs", "batches", "gmm", "losses", "meta", "robustitm")
+
+
+def _declared_siblings(name):
+    """The sibling modules name.py's docstring says to copy it with ("Copy this file alone" / "with x.py")."""
+    import ast
+    doc = ast.get_docstring(ast.parse((_ROOT / f"{name}.py").read_text(encoding="utf-8")))
+    said = re.search(r"Copy this file (alone|with [^:\n]+)", doc)
+    assert said, f"{name}.py's docstring does not say which siblings to copy it with"
+    return [m for m in re.findall(r"(\w+)\.py", said.group(1)) if m != name]
+
+
+def _in_copy(tmp_path, name, script):
+    """Runs `script` in a fresh interpreter (-I -S: no site, no PYTHONPATH, no working directory) whose only
+    project files are name.py and its declared siblings, copied into an empty folder. Outside that folder only
+    the standard library and the site-packages of torch, numpy and Pillow are on sys.path, and the script
+    first checks that no other project module can be imported. Returns what the script saved as OUT."""
+    import shutil
+    import subprocess
+    import sys
+    import PIL
+    folder = tmp_path / f"copy_{name}"
+    folder.mkdir()
+    copied = [name, *_declared_siblings(name)]
+    for m in copied:
+        shutil.copy(_ROOT / f"{m}.py", folder)
+    site = sorted({str(Path(mod.__file__).resolve().parent.parent) for mod in (torch, np, PIL)})
+    absent = [m for m in _PROJECT_MODULES if m not in copied]
+    prologue = (f"import sys, importlib.util\nsys.path[:0] = [{str(folder)!r}]\nsys.path += {site!r}\n"
+                f"OUT = {str(folder / 'out.pt')!r}\n"
+                f"assert not [m for m in {absent!r} if importlib.util.find_spec(m)], 'project importable'\n")
+    (folder / "check.py").write_text(prologue + script, encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-I", "-S", str(folder / "check.py")], cwd=folder, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"{name}.py with {copied[1:] or 'no sibling'}:\n{done.stderr[-3000:]}"
+    return torch.load(folder / "out.pt", weights_only=True)
+
+
+def test_copy_every_module_declares_its_siblings_and_they_suffice():
+    """The docstring's list is exactly what the module imports from the project (nothing undeclared, nothing
+    extra), for every module; the tests below then run each copy alone."""
+    import ast
+    for name in _PROJECT_MODULES:
+        tree = ast.parse((_ROOT / f"{name}.py").read_text(encoding="utf-8"))
+        nodes = list(ast.walk(tree))
+        imported = {a.name.split(".")[0] for n in nodes if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module.split(".")[0] for n in nodes if isinstance(n, ast.ImportFrom) and n.module}
+        assert sorted(imported & set(_PROJECT_MODULES)) == sorted(_declared_siblings(name)), name
+
+
+def test_copy_dual_encoder_alone_loads_open_clip_and_embeds_as_the_project(tmp_path):
+    """dual_encoder.py alone reads a checkpoint open_clip saved and embeds an image file and a caption exactly
+    as the project's own pipeline (load_pretrained, embed_images over the file, embed_captions) does."""
+    _open_clip_hub_folder(tmp_path / "hub", quick_gelu=True)
+    path = tmp_path / "cat.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 52, 3), dtype=np.uint8)).save(path)
+    caption = "a small red circle above a large blue square"
+    got = _in_copy(tmp_path, "dual_encoder", f"""
+import torch
+from PIL import Image
+from dual_encoder import load_pretrained
+model, tokenizer, preprocess = load_pretrained({str(tmp_path / 'hub')!r})
+with torch.no_grad(), Image.open({str(path)!r}) as img:
+    v = model.eval().encode_image(preprocess(img)[None])
+    t = model.encode_text(*tokenizer([{caption!r}]))
+torch.save({{"image": v, "caption": t}}, OUT)
+""")
+    model, tokenizer, pre = R.load_pretrained(tmp_path / "hub")
+    v = R.embed_images(model, ImageSet(paths=[str(path)], preprocess=pre), pre)
+    t = R.embed_captions(model, tokenizer, [caption])
+    torch.testing.assert_close(got["image"], v, atol=1e-6, rtol=0)
+    torch.testing.assert_close(got["caption"], t, atol=1e-6, rtol=0)
+
+
+def test_copy_pairs_with_dual_encoder_reads_a_table_and_makes_noise(tmp_path):
+    for i in range(4):
+        Image.new("RGB", (20, 16), (60 * i, 20, 200)).save(tmp_path / f"{i}.png")
+    (tmp_path / "d.csv").write_text("image,caption,split\n" + "".join(
+        f"{i}.png,picture {i} number {j},train\n" for i in range(4) for j in range(2)))
+    got = _in_copy(tmp_path, "pairs", f"""
+import torch
+from pairs import load_pairs, make_noise
+p = load_pairs({str(tmp_path / 'd.csv')!r}, "train", size=16)
+torch.save({{"images": torch.stack([p.images[i] for i in range(len(p.images))]),
+            "ioc": torch.as_tensor(p.img_of_cap),
+            "noise": torch.as_tensor(make_noise(p.img_of_cap, len(p.images), 0.5, seed=3))}}, OUT)
+""")
+    p = load_pairs(tmp_path / "d.csv", "train", size=16)
+    assert torch.equal(got["images"], torch.stack([p.images[i] for i in range(4)]))
+    assert got["ioc"].tolist() == p.img_of_cap.tolist()
+    assert got["noise"].tolist() == make_noise(p.img_of_cap, 4, 0.5, seed=3).tolist()
+
+
+def test_copy_gmm_alone_fits_known_parameters(tmp_path):
+    got = _in_copy(tmp_path, "gmm", """
+import torch
+from gmm import GaussianMixture, kmeans
+g = torch.Generator().manual_seed(0)
+x = torch.cat([0.2 + 0.03 * torch.randn(3000, generator=g), 0.5 + 0.05 * torch.randn(7000, generator=g)])
+m = GaussianMixture(2, seed=0).fit(x.double())
+pts = torch.cat([torch.randn(200, 2, generator=g) + 10, torch.randn(200, 2, generator=g) - 10])
+torch.save({"means": m.means_, "weights": m.weights_, "labels": kmeans(pts, 2, seed=0)[1]}, OUT)
+""")
+    order = got["means"].flatten().argsort()
+    means = got["means"].flatten()[order]
+    assert torch.allclose(means, torch.tensor([0.2, 0.5], dtype=torch.float64), atol=0.01)
+    assert torch.allclose(got["weights"][order], torch.tensor([0.3, 0.7], dtype=torch.float64), atol=0.02)
+    labels = got["labels"]
+    assert len(set(labels[:200].tolist())) == len(set(labels[200:].tolist())) == 1 and labels[0] != labels[-1]
+
+
+def test_copy_losses_alone_computes_every_loss_as_the_project(tmp_path):
+    script = """
+import torch
+import torch.nn.functional as F
+from losses import dynamic_margin, info_nce, triplet_ranking_loss, unimodal_info_nce
+g = torch.Generator().manual_seed(0)
+v, t, v2 = (F.normalize(torch.randn(6, 8, generator=g), dim=-1) for _ in range(3))
+sims, p = v @ t.T, torch.rand(6, generator=g)
+w = dynamic_margin(p)
+RESULT = {"info_nce": info_nce(sims, torch.tensor(20.0)), "w": w,
+          "triplet": triplet_ranking_loss(sims, 0.3 * w, 0.2 * w), "unimodal": unimodal_info_nce(v, v2, 20.0)}
+torch.save(RESULT, OUT)
+"""
+    got = _in_copy(tmp_path, "losses", script)
+    here = {"OUT": str(tmp_path / "here.pt")}
+    exec(script, here)  # the same lines with the project's losses.py
+    assert got.keys() == here["RESULT"].keys()
+    for k, x in here["RESULT"].items():
+        torch.testing.assert_close(got[k], x, atol=1e-6, rtol=0)
+
+
+def test_copy_meta_with_gmm_runs_a_meta_step(tmp_path):
+    got = _in_copy(tmp_path, "meta", """
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from meta import SimilarityCorrector, meta_step, mscn_loss, purify
+
+class Toy(nn.Module):  # CLIP's head names: visual.proj, text_projection
+    def __init__(self):
+        super().__init__()
+        self.visual = nn.Module()
+        self.visual.body, self.visual.proj = nn.Linear(48, 16), nn.Parameter(0.2 * torch.randn(16, 8))
+        self.embed, self.text_projection = nn.Embedding(30, 16), nn.Parameter(0.2 * torch.randn(16, 8))
+
+    def forward(self, images, ids, mask):
+        v = self.visual.body(images.flatten(1)) @ self.visual.proj
+        t = (self.embed(ids) * mask[..., None]).sum(1) @ self.text_projection
+        return F.normalize(v, dim=-1), F.normalize(t, dim=-1)
+
+torch.manual_seed(0)
+model, corrector = Toy(), SimilarityCorrector(8)
+opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+meta_opt = torch.optim.Adam(corrector.parameters(), lr=1e-2)
+batch = (torch.randn(6, 3, 4, 4), torch.randint(30, (6, 5)), torch.ones(6, 5, dtype=torch.bool))
+meta_batch = (*[x[:4] for x in batch], torch.tensor([1.0, 1.0, 0.0, 0.0]))
+before = [p.detach().clone() for p in (*model.parameters(), *corrector.parameters())]
+out = [meta_step(model, corrector, batch, meta_batch, inner_lr=None, loss_fn=mscn_loss, optimizer=opt,
+                 corrector_optimizer=meta_opt) for _ in range(2)]
+after = [p.detach() for p in (*model.parameters(), *corrector.parameters())]
+scores = torch.cat([torch.rand(200) * 0.3 + 0.7, torch.rand(50) * 0.3])
+p = purify(scores, torch.rand(40) * 0.3 + 0.7, torch.rand(40) * 0.3)
+torch.save({"loss": torch.stack([o["loss"].detach() for o in out]), "p": p,
+            "moved": torch.tensor([not torch.equal(a, b) for a, b in zip(before, after)])}, OUT)
+""")
+    assert torch.isfinite(got["loss"]).all() and got["moved"].all()  # the model and the corrector stepped
+    assert (got["p"][:200] > 0.8).float().mean() > 0.95 and (got["p"][200:] > 0.8).float().mean() < 0.05
+
+
+def test_copy_batches_with_gmm_deals_clustered_batches(tmp_path):
+    script = """
+import torch
+from batches import cluster_images, clustered_batches
+g = torch.Generator().manual_seed(0)
+centres = 3 * torch.randn(5, 8, generator=g)
+v_img = centres.repeat_interleave(32, 0) + 0.1 * torch.randn(160, 8, generator=g)  # (N, E): 5 groups of 32
+assigned = torch.arange(160).repeat_interleave(2)  # (C,) two captions per image
+kept_idx = torch.arange(320)
+image_cluster = cluster_images(v_img, kept_idx, assigned, 16, 0)
+RESULT = {"cluster": image_cluster,
+          "batches": torch.stack(clustered_batches(kept_idx, image_cluster, assigned, 16, g))}
+torch.save(RESULT, OUT)
+"""
+    got = _in_copy(tmp_path, "batches", script)
+    here = {"OUT": str(tmp_path / "here.pt")}
+    exec(script, here)  # the same lines with the project's batches.py
+    assert all(torch.equal(got[k], here["RESULT"][k]) for k in ("cluster", "batches"))
+    cluster, batches = got["cluster"], got["batches"]
+    assert sorted(batches.flatten().tolist()) == list(range(320))  # every kept pair once
+    imgs = torch.arange(160).repeat_interleave(2)[batches]  # (n, B) the images of each batch
+    assert all(len(set(b.tolist())) == 16 for b in imgs)  # B distinct images
+    assert all(len(set(cluster[b].tolist())) == 1 for b in imgs)  # each from one cluster
+
+
+def test_copy_robustitm_with_its_siblings_trains(tmp_path):
+    got = _in_copy(tmp_path, "robustitm", f"""
+import torch
+import robustitm
+res = robustitm.main(["train", "--preset", "iuccl", "--epochs", "1", "--synthetic_sizes", "40,10,10",
+                      "--batch_size", "16", "--workers", "0", "--output_dir", {str(tmp_path / 'run')!r}])
+torch.save({{"rsum": torch.tensor(res["rsum"])}}, OUT)
+""")
+    assert 0 <= float(got["rsum"]) <= 600
+
+
+# ------------------------------------------------------------------------------------------------------------
 # Training loop: config checks, presets, resume, every switch combination
 # ------------------------------------------------------------------------------------------------------------
 
