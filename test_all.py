@@ -42,7 +42,7 @@ from robustitm import embed_captions, embed_images, format_metrics
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Tokenizers: parity with open_clip, regex, ftfy, transformers
+# Tokenizers (dual_encoder.py): parity with open_clip, regex, ftfy, transformers
 # ------------------------------------------------------------------------------------------------------------
 
 # --- a deterministic corpus of awkward captions ---
@@ -410,7 +410,7 @@ def test_tok_pickle_roundtrip():
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Model and weights: parity with transformers / open_clip, safetensors, bad checkpoints
+# Model and weights (dual_encoder.py): parity with transformers / open_clip, safetensors, bad checkpoints
 # ------------------------------------------------------------------------------------------------------------
 
 # ----- model parity against transformers / open_clip on random weights -----
@@ -942,7 +942,7 @@ def test_model_sentence_transformers_text_tower(tmp_path, layout, pool):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Data, noise, synthetic scenes
+# Data, noise, synthetic scenes (pairs.py; preprocessing: dual_encoder.py)
 # ------------------------------------------------------------------------------------------------------------
 
 def _png(path, seed, size=(40, 48)):
@@ -1436,7 +1436,7 @@ def test_data_cc152k_three_columns_keep_the_url_out_of_the_caption(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Evaluation protocol: recall@K against naive loops, coco1k folds, non-finite embeddings
+# Evaluation protocol (robustitm.py): recall@K against naive loops, coco1k folds, non-finite embeddings
 # ------------------------------------------------------------------------------------------------------------
 
 def _scan_ranks(sims, img_of_cap):
@@ -2820,7 +2820,7 @@ torch.save({{"rsum": torch.tensor(res["rsum"])}}, OUT)
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Training loop: config checks, presets, resume, every switch combination
+# Training loop (robustitm.py): config checks, presets, resume, every switch combination
 # ------------------------------------------------------------------------------------------------------------
 
 # ----- runs, resume, checkpoints -----
@@ -3068,7 +3068,7 @@ def test_train_triplet_loss_uses_the_margin_flags_and_vse_keeps_vse_plus_plus_ma
     assert set(seen) == {(0.2, 0.2)}
 
 
-# ----- clustered batches and uni-modal terms (paper C) -----
+# ----- clustered batches (batches.py) and uni-modal terms (paper C) -----
 
 def _blob_pairs(n_img=3000, per_image=5, topics=300, dim=64, seed=0):
     """Embeddings with known structure: images around `topics` centers, captions near their image."""
