@@ -1140,13 +1140,6 @@ def get_lr(cfg, step, epoch):
     return cfg.lr * warm * 0.1 ** (epoch // cfg.lr_decay_epochs)
 
 
-def _diverged(run, what):
-    run.writer.wait()  # a checkpoint still being written counts
-    last = run.out / "last.pt"
-    where = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint was written yet"
-    return FloatingPointError(f"{what}; {where}. Lower --lr or check the data.")
-
-
 @dataclass
 class Batch:
     """One training batch on the device: this rank's rows of the inputs (all rows in one process), and for the
@@ -1258,6 +1251,13 @@ def mscn_step(run, batch, lr, gen):
                     loss_fn=functools.partial(step_loss, run, batch), optimizer=run.opt,
                     corrector_optimizer=m.opt, params=cfg.lookahead)
     return out["loss"]
+
+
+def _diverged(run, what):
+    run.writer.wait()  # a checkpoint still being written counts
+    last = run.out / "last.pt"
+    where = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint was written yet"
+    return FloatingPointError(f"{what}; {where}. Lower --lr or check the data.")
 
 
 # --- each epoch, 4: select on the validation split, checkpoint ---
