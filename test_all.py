@@ -3088,15 +3088,15 @@ def test_paperC_clustered_batches_one_cluster_each_harder_every_pair_once():
     g = torch.Generator().manual_seed(0)
     kept = torch.rand(len(assigned), generator=g) > 0.3  # a split that dropped ~30% of the pairs
     kept_idx = kept.nonzero().squeeze(1)
-    image_cluster = R.cluster_images(v_img, kept_idx, assigned, 128, seed=0)
+    image_cluster = BT.cluster_images(v_img, kept_idx, assigned, 128, seed=0)
     assert (image_cluster[torch.bincount(assigned[kept_idx], minlength=len(v_img)) > 0] >= 0).all()
     assert torch.bincount(image_cluster[image_cluster >= 0]).min() >= 128  # every cluster can fill a batch
-    batches = R.clustered_batches(kept_idx, image_cluster, assigned, 128, g)
+    batches = BT.clustered_batches(kept_idx, image_cluster, assigned, 128, g)
     flat = torch.cat(batches)
     assert sorted(flat.tolist()) == kept_idx.tolist()  # every kept pair exactly once
     assert all(len(b) <= 128 and len(set(assigned[b].tolist())) == len(b) for b in batches)  # no image twice
-    report = R.cluster_report(v_img[assigned], t, batches, R.random_batches(kept_idx, 128, g), image_cluster,
-                              assigned)
+    report = BT.cluster_report(v_img[assigned], t, batches, BT.random_batches(kept_idx, 128, g),
+                               image_cluster, assigned)
     assert report["single_cluster_fraction"] >= 0.8, report
     assert report["hardness_clustered"] > report["hardness_random"] + 0.1, report
 
@@ -3113,11 +3113,11 @@ def test_paperC_clusters_are_not_driven_by_caption_noise():
     every = torch.arange(len(truth))
     gains = {}
     for name, assigned in (("clean", truth), ("noisy", noisy)):
-        image_cluster = R.cluster_images(v_img, every, assigned, 128, seed=0)
-        batches = R.clustered_batches(every, image_cluster, assigned, 128, torch.Generator().manual_seed(0))
-        random_b = R.random_batches(every, 128, torch.Generator().manual_seed(0))
+        image_cluster = BT.cluster_images(v_img, every, assigned, 128, seed=0)
+        batches = BT.clustered_batches(every, image_cluster, assigned, 128, torch.Generator().manual_seed(0))
+        random_b = BT.random_batches(every, 128, torch.Generator().manual_seed(0))
         clean_part = [[y for x in bs if len(y := x[assigned[x] == truth[x]]) > 1] for bs in (batches, random_b)]
-        hard = [R.batch_hardness(v_img[truth], t, b, truth) for b in clean_part]  # among the correct pairs
+        hard = [BT.batch_hardness(v_img[truth], t, b, truth) for b in clean_part]  # among the correct pairs
         gains[name] = (hard[0] - hard[1], image_cluster)
     assert torch.equal(gains["noisy"][1], gains["clean"][1])  # the same clusters: the noise does not enter
     assert gains["noisy"][0] > 0.8 * gains["clean"][0] > 0.05, gains
@@ -3137,7 +3137,7 @@ def test_paperC_batch_hardness_is_relative_to_each_rows_positive():
             negs = [float(v[i] @ t[j]) for j in b.tolist() if assigned[j] != assigned[i]]
             rows.append(max(negs) - float(v[i] @ t[i]))
         want.append(sum(rows) / len(rows))
-    assert R.batch_hardness(v, t, batches, assigned) == pytest.approx(sum(want) / 2, abs=1e-6)
+    assert BT.batch_hardness(v, t, batches, assigned) == pytest.approx(sum(want) / 2, abs=1e-6)
 
 
 def test_paperC_train_logs_single_cluster_fraction_and_hardness(tmp_path):
@@ -3166,14 +3166,14 @@ def test_paperC_a_leftover_batch_of_one_pair_is_skipped(tmp_path, monkeypatch):
 def test_paperC_text_partner_is_another_kept_caption_of_the_same_image():
     assigned = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 3])
     kept = torch.tensor([1, 1, 0, 1, 0, 1, 1, 1, 1], dtype=torch.bool)
-    partners = R.caption_partners(assigned, kept)
+    partners = BT.caption_partners(assigned, kept)
     assert partners[0] == [1] and partners[1] == [0]  # never itself, never caption 2 (dropped)
     assert partners[3] == [] and partners[8] == []  # no other kept caption: two dropout passes
     assert sorted(partners[5]) == [6, 7]
     g = torch.Generator().manual_seed(0)
     batch = torch.tensor([0, 1, 3, 5, 6, 7, 8])
     for _ in range(50):
-        other = R.pick_partners(batch, partners, g)
+        other = BT.pick_partners(batch, partners, g)
         for c, o in zip(batch.tolist(), other):
             assert assigned[o] == assigned[c] and kept[o]
             assert (o != c) == bool(partners[c])
