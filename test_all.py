@@ -3675,7 +3675,7 @@ def test_silent_real_data_is_used_as_given_without_noise_flags(tmp_path, capsys)
 @pytest.mark.parametrize("flags, match", [
     (["--batch_size", "1"], "--batch_size must be >= 2"),
     (["--batch_size", "5000"], "--batch_size 5000 is larger than the 600 training pairs"),
-    (["--threshold", "1.5"], "--threshold is a probability"),
+    (["--threshold", "1.5"], r"--threshold: keep pairs with P\(clean\) above it, a probability"),
     (["--epochs", "0"], "--epochs must be >= 1"),
     (["--lr_decay_epochs", "0"], "--lr_decay_epochs must be >= 1"),
     (["--log_every", "0"], "--log_every must be >= 1"),
