@@ -17,6 +17,7 @@ Shapes: B batch, L tokens, P patches, S image side, D width, E embedding, H head
 C captions.
 """
 import argparse
+import contextlib
 import csv
 import functools
 import gc
@@ -656,6 +657,11 @@ class Run:
 def train(cfg, splits=None, log=print, vocab_captions=None):
     """The whole job: noise -> (warm-up) -> every round: score, split, train on the kept pairs, select on val
     -> the test metrics of the model selected by validation rSum, with the split that epoch trained on."""
+    with _claim_output_dir(cfg):  # (rank 0) another run into output_dir is refused while this one runs
+        return _train(cfg, splits, log, vocab_captions)
+
+
+def _train(cfg, splits, log, vocab_captions):
     run = prepare_run(cfg, splits, log, vocab_captions)
     heads = {*HEAD_NAMES, "logit_scale"}  # the projection heads (meta.py's) and the temperature
     for epoch in range(run.state["epoch"], cfg.epochs):
@@ -782,10 +788,111 @@ def _refuse_overwrite(path, allowed=False, hint="choose another path (nothing is
     raise ValueError(f"{path} {'is not empty' if path.is_dir() else 'exists'}; {hint}")
 
 
+def _refuse_unwritable(path, flag):
+    """The place of an output `path` (a file or a folder), checked before the work: not a symlink to nothing,
+    in a folder that exists and can be written in."""
+    path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise FileNotFoundError(f"{flag} {path} is a symlink to {os.readlink(path)}, which does not exist; "
+                                f"create that, or remove the link")
+    folder = path if path.is_dir() else path.parent
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{flag} {path}: the folder {folder} does not exist; create it first")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"{flag} {path}: cannot write in {folder} (read-only, or not yours); choose "
+                              f"another place")
+
+
+@contextlib.contextmanager
+def _claim(path, flag):
+    """Holds the output `path` (a run's folder, or a file) for this process until the block ends, after
+    _refuse_unwritable: an exclusive lock on the hidden file .<name>.lock beside it (removed at the end; the
+    kernel releases the lock of a process that dies). A second run writing the same path is refused."""
+    import fcntl  # (POSIX)
+    _refuse_unwritable(path, flag)
+    path = Path(path)
+    lock = path.with_name(f".{path.name}.lock")
+    while True:
+        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise FileExistsError(f"another run is writing {flag} {path} now (it holds {lock}); wait for "
+                                  f"it to end, or choose another {flag}") from None
+        try:  # the lock's last holder may have removed it between our open and flock: then again
+            if os.path.samestat(os.fstat(fd), os.stat(lock)):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        yield path
+    finally:
+        lock.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def _is_rank0():
+    """Whether this process writes the outputs (rank 0 under torchrun, or the only process)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _claim_output_dir(cfg):
+    """train's hold on output_dir for the whole run (rank 0; the folder's parents are made first)."""
+    if not _is_rank0():
+        return contextlib.nullcontext()
+    Path(cfg.output_dir).parent.mkdir(parents=True, exist_ok=True)
+    return _claim(cfg.output_dir, "--output_dir")
+
+
+@contextlib.contextmanager
+def _claim_output_files(outputs):
+    """score's and eval's hold on their output files [(flag, path)] until the block ends, each checked first:
+    a new file (not a folder) in a writable folder, no two the same file (one would replace the other)."""
+    paths = {}
+    for flag, path in outputs:
+        other = paths.setdefault(os.path.realpath(path), flag)
+        if other != flag:
+            raise ValueError(f"{other} and {flag} are the same file {path}: one would replace the other; "
+                             f"give each its own path")
+    with contextlib.ExitStack() as claims:
+        for flag, path in outputs:
+            if _is_rank0():
+                claims.enter_context(_claim(path, flag))
+            if Path(path).is_dir():
+                raise IsADirectoryError(f"{flag} {path} is a folder; give the path of a file to write")
+            _refuse_unwritable(path, flag)
+            _refuse_overwrite(path)
+        yield
+
+
+@contextlib.contextmanager
+def _replaced_together(paths):
+    """Temp paths beside `paths`, one each, for the block to write; when it ends without an error they are
+    flushed to disk and renamed over `paths` together. Whatever happens, no temp file is left."""
+    temps = [_tmp_next_to(path, "new") for path in paths]
+    try:
+        yield temps
+        for tmp in temps:
+            fd = os.open(tmp, os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+        for path, tmp in zip(paths, temps):
+            os.replace(tmp, path)
+    finally:
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
+
+
 def _prepare_output(cfg):
-    """Checks output_dir before anything is loaded or written: not someone else's non-empty folder, and, with
-    --resume, a last.pt of the same run (its config equal but for RESUMABLE_CHANGES)."""
+    """Checks output_dir before anything is loaded or written: a folder in a writable place, not someone
+    else's non-empty folder, and, with --resume, a last.pt of the same run (its config equal but for
+    RESUMABLE_CHANGES)."""
     out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--output_dir {out} is a file; give a folder")
+    _refuse_unwritable(out, "--output_dir")
     _refuse_overwrite(out, cfg.overwrite or cfg.resume,
                       "pass --overwrite to write into it or --resume to continue")
     if cfg.resume:
@@ -1449,14 +1556,13 @@ def _refuse_torchrun(what):
 def evaluate_command(cfg: EvalCommandConfig):
     """A model + data -> the SCAN-style recall table (and the metrics as JSON with cfg.output)."""
     _refuse_torchrun("eval")
-    if cfg.output:
-        _refuse_overwrite(cfg.output)
-    device = _device(cfg.device)
-    model, tokenizer, preprocess = _command_model(cfg)
-    m = evaluate_pairs(model.to(device), load_split(cfg, preprocess), tokenizer, preprocess, cfg, device)
-    print(format_metrics(m))
-    if cfg.output:
-        Path(cfg.output).write_text(json.dumps(m, indent=2))
+    with _claim_output_files([("--output", cfg.output)] if cfg.output else []):
+        device = _device(cfg.device)
+        model, tokenizer, preprocess = _command_model(cfg)
+        m = evaluate_pairs(model.to(device), load_split(cfg, preprocess), tokenizer, preprocess, cfg, device)
+        print(format_metrics(m))
+        if cfg.output:
+            _atomic_write(cfg.output, lambda f: f.write(json.dumps(m, indent=2).encode()))
     return m
 
 
@@ -1653,13 +1759,32 @@ def _report_split(cfg, kept, stats):
     print(f"{split_summary(stats, kept)}; wrote {cfg.output}")
 
 
+def _score_outputs(cfg):
+    """The files score writes [(flag, path)]: the CSV, the clean JSONL and, for tar input, the shard of the
+    kept samples; a --noise_file it will make."""
+    outputs = [("--output", cfg.output)]
+    if cfg.export_clean:
+        outputs.append(("--export_clean", cfg.export_clean))
+        if tar_shards(cfg.data):
+            outputs.append(("the kept samples' shard (for tar input, --export_clean's name with .tar)",
+                            _clean_tar(cfg)))
+    if cfg.noise_file and cfg.noise_ratio > 0 and not Path(cfg.noise_file).exists():
+        outputs.append(("--noise_file", cfg.noise_file))
+    return outputs
+
+
+def _clean_tar(cfg):
+    """The shard --export_clean of tar input copies the kept samples into: its name with .tar."""
+    return Path(cfg.export_clean).with_suffix(".tar")
+
+
 def score_command(cfg: ScoreCommandConfig):
     """Scores every pair with a model (a robustitm checkpoint or pretrained weights, as train takes), fits the
     GMM, writes a CSV (and optionally the kept pairs)."""
-    for path in (cfg.output, cfg.export_clean):  # every output checked before any is written
-        if path:
-            _refuse_overwrite(path)
-    if is_streamed(cfg.data):  # tar shards and tables: one batch in memory at a time, shared out by torchrun
+    with _claim_output_files(_score_outputs(cfg)):  # every output checked (and held) before any work
+        if not is_streamed(cfg.data):
+            return score_in_memory(cfg)
+        # tar shards and tables: one batch in memory at a time, shared out by torchrun
         model, tokenizer, preprocess = _command_model(cfg)
         rank, world, device = _distributed(cfg)
         try:
@@ -1667,6 +1792,10 @@ def score_command(cfg: ScoreCommandConfig):
         finally:
             if world > 1:
                 torch.distributed.destroy_process_group()
+
+
+def score_in_memory(cfg):
+    """score_command for data read into memory (Karpathy/COCO/CC152K, JSON arrays, synthetic)."""
     _refuse_torchrun("score on input read into memory")
     device = _device(cfg.device)
     model, tokenizer, preprocess = _command_model(cfg)
@@ -1689,16 +1818,17 @@ def score_command(cfg: ScoreCommandConfig):
     p_clean, kept, stats = gmm_split(scores, reference, cfg.threshold, cfg.seed, max_fit=SCORE_FIT_MAX)
     rows = ([c, int(assigned[c]), pairs.captions[c], f"{scores[c]:.6f}", f"{p_clean[c]:.6f}", int(kept[c])]
             for c in range(len(scores)))
-    with open(cfg.output, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["caption_index", "image_index", "caption", "cosine", "p_clean", "kept"])
-        w.writerows(rows)
+    with _replaced_together([cfg.output] + ([cfg.export_clean] if cfg.export_clean else [])) as temps:
+        with open(temps[0], "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["caption_index", "image_index", "caption", "cosine", "p_clean", "kept"])
+            w.writerows(rows)
+        if cfg.export_clean:
+            with open(temps[1], "w", encoding="utf-8") as f:
+                for c in kept.nonzero().squeeze(1).tolist():
+                    f.write(json.dumps({"image": image_name(pairs.images, int(assigned[c])),
+                                        "caption": pairs.captions[c]}) + "\n")
     _report_split(cfg, kept, stats)
-    if cfg.export_clean:
-        with open(cfg.export_clean, "w") as f:
-            for c in kept.nonzero().squeeze(1).tolist():
-                f.write(json.dumps({"image": image_name(pairs.images, int(assigned[c])),
-                                    "caption": pairs.captions[c]}) + "\n")
     return {"kept": int(kept.sum()), **stats}
 
 

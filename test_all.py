@@ -4146,3 +4146,158 @@ def test_silent_jsonl_captions_may_hold_unicode_line_separators(tmp_path):
     row = {"image": "a.png", "caption": "one\u2028two \x85 three", "split": "train"}
     (tmp_path / "p.jsonl").write_text(json.dumps(row, ensure_ascii=False) + "\r\n", encoding="utf-8")
     assert load_pairs(tmp_path / "p.jsonl", "train", size=32).captions == [row["caption"]]
+
+
+# --- outputs: nothing lost, nothing mixed, checked before the work (issue 30) ---
+
+def _no_work(monkeypatch):
+    """Makes loading a model or data fail the test: what is checked must be checked before the work."""
+    for name in ("_command_model", "splits_for", "build_model"):
+        monkeypatch.setattr(R, name, lambda *a, **k: pytest.fail("the work began before the check"))
+
+
+def _read_only(monkeypatch, folder):
+    """`folder` as a read-only location would be (chmod does not stop root, who runs some CI)."""
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, *a, **k: (
+        real(p, mode, *a, **k) and not (mode & os.W_OK and Path(p).resolve() == Path(folder).resolve())))
+
+
+def test_cli_output_locations_are_checked_before_the_work(tmp_path, monkeypatch):
+    """A missing folder, a folder given as a file, a read-only place, a dangling symlink: refused with the
+    flag and the path before any model or data is loaded, for score, eval and train."""
+    table = tmp_path / "t.jsonl"
+    table.write_text(json.dumps({"image": "a.png", "caption": "c"}) + "\n")
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "a_dir").mkdir()
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "a_file").write_text("mine")
+    _no_work(monkeypatch)
+    _read_only(monkeypatch, tmp_path / "ro")
+    score = ["score", "m.pt", "--data", str(table)]
+    for argv, error, match in (
+            (score + ["--output", str(tmp_path / "no" / "s.csv")], FileNotFoundError,
+             "--output .*s.csv: the folder .*no does not exist; create it first"),
+            (score + ["--output", str(tmp_path / "s.csv"), "--export_clean", str(tmp_path / "no" / "c.jsonl")],
+             FileNotFoundError, "--export_clean .*c.jsonl: the folder .*no does not exist"),
+            (score + ["--output", str(tmp_path / "a_dir")], IsADirectoryError, "--output .*a_dir is a folder"),
+            (score + ["--output", str(tmp_path / "ro" / "s.csv")], PermissionError,
+             "--output .*s.csv: cannot write in .*ro"),
+            (score + ["--output", str(tmp_path / "dangling")], FileNotFoundError,
+             "dangling is a symlink to .*nowhere, which does not exist"),
+            (["eval", "m.pt", "--output", str(tmp_path / "a_dir")], IsADirectoryError, "--output .*a_dir"),
+            (["train", "--output_dir", str(tmp_path / "dangling")], FileNotFoundError,
+             "--output_dir .*dangling is a symlink to .*nowhere, which does not exist"),
+            (["train", "--output_dir", str(tmp_path / "a_file"), "--overwrite"], NotADirectoryError,
+             "--output_dir .*a_file is a file"),
+            (["train", "--output_dir", str(tmp_path / "ro")], PermissionError,
+             "--output_dir .*ro: cannot write in .*ro"),
+            (["train", "--output_dir", str(tmp_path / "ro" / "run")], PermissionError,
+             "--output_dir .*run: cannot write in .*ro")):
+        with pytest.raises(error, match=match):
+            R.main(argv)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_dir", "a_file", "dangling", "ro", "t.jsonl"]
+    assert (tmp_path / "a_file").read_text() == "mine" and not list((tmp_path / "ro").iterdir())
+
+
+def test_silent_in_memory_score_writes_its_files_atomically(stream_setup, tmp_path, monkeypatch):
+    """A write that fails half-way (a full disk) leaves neither a truncated CSV nor a temp file, so the same
+    command runs again; the files are then the ones a first run writes."""
+    _, ckpt, data, _, _ = stream_setup
+    argv = ["score", ckpt, "--data", str(data), "--workers", "0", "--output", str(tmp_path / "s.csv"),
+            "--export_clean", str(tmp_path / "c.jsonl")]
+    real = csv.writer
+
+    class FullDisk:
+        def __init__(self, f):
+            self.w = real(f)
+            self.writerow = self.w.writerow
+
+        def writerows(self, rows):
+            for k, row in enumerate(rows):
+                if k == 20:
+                    raise OSError(28, "No space left on device")
+                self.w.writerow(row)
+    monkeypatch.setattr(csv, "writer", FullDisk)
+    with pytest.raises(OSError, match="No space left"):
+        R.main(argv)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(csv, "writer", real)
+    R.main(argv)
+    assert len((tmp_path / "s.csv").read_text().splitlines()) > 20 and (tmp_path / "c.jsonl").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl", "s.csv"]
+
+
+_SLOW_TRAIN = """
+import pathlib, sys, time
+import robustitm as R
+real = R.splits_for
+
+def slow(*a, **k):  # holds the run inside its data loading until the test says go
+    pathlib.Path(sys.argv[1]).touch()
+    while not pathlib.Path(sys.argv[2]).exists():
+        time.sleep(0.05)
+    return real(*a, **k)
+
+R.splits_for = slow
+R.main(sys.argv[3:])
+"""
+
+
+def test_silent_two_runs_into_one_output_dir_are_refused(tmp_path, monkeypatch):
+    """A second train into the output_dir of a run still loading its data is refused before it loads
+    anything (it used to pass the emptiness check and mix its files with the first run's); the first run
+    then finishes whole. Two score runs of one --output: the same."""
+    import subprocess
+    import sys
+    import time
+    out, loading, go = tmp_path / "run", tmp_path / "loading", tmp_path / "go"
+    args = ["train", "--epochs", "1", "--output_dir", str(out), *_TINY]
+    first = subprocess.Popen([sys.executable, "-c", _SLOW_TRAIN, str(loading), str(go), *args, "--seed", "1"],
+                             cwd=Path(R.__file__).parent, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for _ in range(1200):
+            if loading.exists() or first.poll() is not None:
+                break
+            time.sleep(0.05)
+        assert loading.exists(), first.communicate()[0][-3000:]
+        with monkeypatch.context() as m:
+            _no_work(m)
+            with pytest.raises(FileExistsError, match="another run is writing --output_dir .*run"):
+                R.main(args)
+    finally:
+        go.touch()
+        log = first.communicate(timeout=300)[0]
+    assert first.returncode == 0, log[-3000:]
+    assert json.loads((out / "config.json").read_text())["seed"] == 1
+    assert len((out / "log.jsonl").read_text().splitlines()) == 1 and not list(tmp_path.glob(".*"))
+    table = tmp_path / "t.jsonl"
+    table.write_text(json.dumps({"image": "a.png", "caption": "c"}) + "\n")
+    _no_work(monkeypatch)
+    with R._claim(tmp_path / "s.csv", "--output"):  # as another score writing s.csv holds it
+        with pytest.raises(FileExistsError, match="another run is writing --output .*s.csv"):
+            R.main(["score", "m.pt", "--data", str(table), "--output", str(tmp_path / "s.csv")])
+
+
+def test_cli_colliding_outputs_are_refused_before_scoring(tmp_path, monkeypatch):
+    """Two outputs that are one file (also through another spelling of the path, and the shard that
+    --export_clean of tar input writes under its name with .tar) are refused before any work."""
+    import tarfile
+    table = tmp_path / "t.jsonl"
+    table.write_text(json.dumps({"image": "a.png", "caption": "c"}) + "\n")
+    tarfile.open(tmp_path / "s.tar", "w").close()
+    _no_work(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    for data, outputs, match in (
+            (table, ["--output", "x", "--export_clean", str(tmp_path / "x")],
+             "--output and --export_clean are the same file .*x"),
+            (tmp_path / "s.tar", ["--output", "scores.csv", "--export_clean", "kept.tar"],
+             "--export_clean and the kept samples' shard .* are the same file .*kept.tar"),
+            (tmp_path / "s.tar", ["--output", "clean.tar", "--export_clean", "./clean.jsonl"],
+             "--output and the kept samples' shard .* are the same file .*clean.tar"),
+            (table, ["--output", "n.npy", "--noise_file", "n.npy", "--noise_ratio", "0.2"],
+             "--output and --noise_file are the same file")):
+        with pytest.raises(ValueError, match=match):
+            R.main(["score", "m.pt", "--data", str(data), *outputs])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.tar", "t.jsonl"]
