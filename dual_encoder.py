@@ -966,13 +966,25 @@ def _tmp_next_to(path, tag="", pid=None):
 
 
 def _atomic_write(path, write):
-    """`write(binary file)` into a temp file next to `path`, flushed to disk, then renamed over `path`."""
+    """`write(binary file)` into a temp file next to `path`, flushed to disk, then renamed over `path`. A write
+    that fails (a full disk, a file-size limit) raises OSError "could not write <path>: <reason>" at once,
+    leaving `path` as it was and no temp file."""
     path, tmp = Path(path), _tmp_next_to(path)
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        cause = e  # torch.save reports a failed write as "enforce fail ...": find the OSError behind it
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None or not isinstance(e, (OSError, RuntimeError)):
+            raise
+        raise OSError(f"could not write {path}: {cause.strerror or cause} (any earlier {path.name} is "
+                      f"kept)") from e
 
 
 def read_state_dict(path, allow_torchscript=False):

@@ -551,6 +551,11 @@ class CheckpointWriter:
         except BaseException as e:  # raised in the training thread by the next save or wait
             self.error = e
 
+    def check(self):
+        """Raises the error of a write that failed, without waiting for one in flight."""
+        if self.error is not None:
+            self.wait()
+
     def wait(self):
         if self.thread is not None:
             self.thread.join()
@@ -1227,6 +1232,7 @@ def train_epoch(run, epoch, batches, kept, warming, gen):
     for i, (cap_idx, raw) in enumerate(zip(batches, loader)):
         if len(cap_idx) < max(2, run.world):  # (the same decision on every rank)
             continue  # a lone pair has no negatives; a batch must also give every rank a pair
+        run.writer.check()  # a checkpoint that could not be written stops the run now, not an epoch later
         lr = get_lr(cfg, run.state["step"], epoch)
         loss_sum += train_step(run, make_batch(run, cap_idx, raw, warming, partners, gen), lr, gen)
         run.state["step"] += 1

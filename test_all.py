@@ -4301,3 +4301,53 @@ def test_cli_colliding_outputs_are_refused_before_scoring(tmp_path, monkeypatch)
         with pytest.raises(ValueError, match=match):
             R.main(["score", "m.pt", "--data", str(data), *outputs])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.tar", "t.jsonl"]
+
+
+_FILE_SIZE_LIMIT = """
+import os, resource, sys
+import robustitm as R
+out, args = sys.argv[1], sys.argv[2:]
+R.main(args + ["--epochs", "1"])
+size = os.path.getsize(os.path.join(out, "last.pt"))
+resource.setrlimit(resource.RLIMIT_FSIZE, (size // 2, resource.RLIM_INFINITY))
+try:
+    R.main(args + ["--epochs", "3", "--resume"])
+except Exception as e:
+    print(f"ERROR {type(e).__name__}: {e}")
+"""
+
+
+def test_silent_a_failed_checkpoint_write_says_so_and_keeps_the_previous_one(tmp_path, monkeypatch):
+    """A checkpoint that cannot be written (here: a file-size limit, as a full disk) stops the run at once
+    with "could not write <path>: <reason>", leaves no temp file, and the previous last.pt still resumes.
+    (It used to surface an epoch later as torch's "enforce fail at inline_container.cc", with a temp file.)"""
+    import subprocess
+    import sys
+    out = tmp_path / "run"
+    run = subprocess.run([sys.executable, "-c", _FILE_SIZE_LIMIT, str(out), "train", "--output_dir", str(out),
+                          *_TINY], cwd=Path(R.__file__).parent, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                         capture_output=True, text=True, timeout=300)
+    error = [x for x in run.stdout.splitlines() if x.startswith("ERROR")]
+    assert error and re.fullmatch(r"ERROR OSError: could not write \S+/run/last.pt: File too large.*",
+                                  error[0]), run.stdout[-2000:] + run.stderr[-3000:]
+    assert not list(out.glob(".*"))
+    last = torch.load(out / "last.pt", weights_only=True)
+    assert last["state"]["epoch"] == 1
+    R.main(["train", "--output_dir", str(out), "--epochs", "2", "--resume", *_TINY])  # it still resumes
+
+    steps, real_step = [], R.train_step  # "at once": the next training step raises, not the next epoch's end
+
+    def fail(path, write):
+        raise OSError(f"could not write {path}: No space left on device")
+    monkeypatch.setattr(R, "_atomic_write", fail)
+
+    def step(run, *a):
+        if run.writer.thread is not None:
+            run.writer.thread.join()
+        steps.append(run.state["step"])
+        return real_step(run, *a)
+    monkeypatch.setattr(R, "train_step", step)
+    with pytest.raises(OSError, match="could not write .*best.pt: No space left"):
+        R.main(["train", "--output_dir", str(tmp_path / "full"), "--epochs", "2", *_TINY])
+    per_epoch = json.loads((out / "log.jsonl").read_text().splitlines()[0])["steps"]
+    assert per_epoch <= len(steps) <= per_epoch + 1  # epoch 0's steps, then at most the one under way
