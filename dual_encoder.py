@@ -966,9 +966,9 @@ def _tmp_next_to(path, tag="", pid=None):
 
 
 def _atomic_write(path, write):
-    """`write(binary file)` into a temp file next to `path`, flushed to disk, then renamed over `path`. A write
-    that fails (a full disk, a file-size limit) raises OSError "could not write <path>: <reason>" at once,
-    leaving `path` as it was and no temp file."""
+    """`write(binary file)` into a temp file next to `path`, flushed to disk, then renamed over `path`. A
+    write that fails (a full disk, a file-size limit) raises OSError "could not write <path>: <reason>" at
+    once, leaving `path` as it was and no temp file."""
     path, tmp = Path(path), _tmp_next_to(path)
     try:
         with open(tmp, "wb") as f:

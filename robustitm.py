@@ -30,6 +30,7 @@ import tarfile
 import threading
 import time
 import warnings
+import zipfile
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -903,8 +904,7 @@ def _prepare_output(cfg):
     if cfg.resume:
         if not (out / "last.pt").is_file():
             raise ValueError(f"--resume: {out / 'last.pt'} does not exist")
-        saved = torch.load(out / "last.pt", map_location="cpu", weights_only=True,
-                           mmap=True).get("config", {})
+        saved = _read_last(out / "last.pt", mmap=True)["config"]
         diff = [f"--{k} {saved.get(k)!r} -> {v!r}" for k, v in asdict(cfg).items()
                 if k not in RESUMABLE_CHANGES and k in saved and saved[k] != v]  # (new settings: absent)
         if diff:
@@ -1025,9 +1025,32 @@ def make_optimizer(model, cfg, device):
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6, fused=device.type == "cuda")
 
 
+def _read_last(path, mmap=False):
+    """A run's last.pt as --resume needs it (model, optimizer, state, config), or one ValueError that names
+    the file, what is wrong with it and the fix."""
+    path, ckpt, why = Path(path), None, None
+    if path.stat().st_size == 0:
+        why = "is empty (0 bytes)"
+    elif not zipfile.is_zipfile(path):  # a torch.save file is a zip archive, its directory at the end
+        why = "is not a complete checkpoint (cut short, or not written by torch.save)"
+    else:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except Exception as e:  # damaged inside: torch, pickle or zip errors
+            why = f"cannot be read ({str(e).splitlines()[0]})"
+    missing = [k for k in ("model", "optimizer", "state", "config")
+               if not isinstance(ckpt, dict) or k not in ckpt]
+    if why is None and missing:
+        why = f"has no {', '.join(missing)}: a best.pt or another model-only checkpoint, not a run's last.pt"
+    if why:
+        raise ValueError(f"--resume: {path} {why}; restore it from a copy, or start again with --overwrite "
+                         f"(or another --output_dir)")
+    return ckpt
+
+
 def resume(run):
     """Loads last.pt into the run; drops what a killed run logged after that checkpoint."""
-    ckpt = torch.load(run.out / "last.pt", map_location="cpu", weights_only=True)
+    ckpt = _read_last(run.out / "last.pt")
     run.model.load_state_dict(ckpt["model"])
     run.opt.load_state_dict(ckpt["optimizer"])
     if run.mscn is not None:

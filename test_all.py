@@ -4178,9 +4178,11 @@ def test_cli_output_locations_are_checked_before_the_work(tmp_path, monkeypatch)
     for argv, error, match in (
             (score + ["--output", str(tmp_path / "no" / "s.csv")], FileNotFoundError,
              "--output .*s.csv: the folder .*no does not exist; create it first"),
-            (score + ["--output", str(tmp_path / "s.csv"), "--export_clean", str(tmp_path / "no" / "c.jsonl")],
-             FileNotFoundError, "--export_clean .*c.jsonl: the folder .*no does not exist"),
-            (score + ["--output", str(tmp_path / "a_dir")], IsADirectoryError, "--output .*a_dir is a folder"),
+            (score + ["--output", str(tmp_path / "s.csv"), "--export_clean",
+                      str(tmp_path / "no" / "c.jsonl")], FileNotFoundError,
+             "--export_clean .*c.jsonl: the folder .*no does not exist"),
+            (score + ["--output", str(tmp_path / "a_dir")], IsADirectoryError,
+             "--output .*a_dir is a folder"),
             (score + ["--output", str(tmp_path / "ro" / "s.csv")], PermissionError,
              "--output .*s.csv: cannot write in .*ro"),
             (score + ["--output", str(tmp_path / "dangling")], FileNotFoundError,
@@ -4351,3 +4353,20 @@ def test_silent_a_failed_checkpoint_write_says_so_and_keeps_the_previous_one(tmp
         R.main(["train", "--output_dir", str(tmp_path / "full"), "--epochs", "2", *_TINY])
     per_epoch = json.loads((out / "log.jsonl").read_text().splitlines()[0])["steps"]
     assert per_epoch <= len(steps) <= per_epoch + 1  # epoch 0's steps, then at most the one under way
+
+
+def test_cli_resume_from_a_damaged_last_pt_names_the_file_and_the_fix(tmp_path, monkeypatch):
+    """--resume with a last.pt that is truncated, empty, random bytes or best.pt copied over it: one
+    ValueError naming the file, what is wrong and the fix, before any model or data is loaded."""
+    out = tmp_path / "run"
+    args = ["train", "--output_dir", str(out), *_TINY]
+    R.main(args + ["--epochs", "1"])
+    good = (out / "last.pt").read_bytes()
+    _no_work(monkeypatch)
+    for damage, why in ((good[:len(good) // 2], "not a complete checkpoint"), (b"", "empty"),
+                        (random.Random(0).randbytes(5000), "not a complete checkpoint"),
+                        ((out / "best.pt").read_bytes(), "no optimizer, state, config: a best.pt")):
+        (out / "last.pt").write_bytes(damage)
+        with pytest.raises(ValueError, match=rf"--resume: {re.escape(str(out / 'last.pt'))} [^\n]*{why}[^\n]*"
+                                             r"restore it from a copy, or start again with --overwrite"):
+            R.main(args + ["--epochs", "2", "--resume"])
