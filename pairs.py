@@ -139,8 +139,8 @@ class Pairs:
     img_of_cap: np.ndarray  # (C,) int64
     name: str
     scenes: Optional[list] = None  # synthetic data only: the objects drawn in each image
-    # The input's other fields, one dict per caption (CC152K's url; a table's columns other than the image,
-    # caption and split ones), so that an exporter can keep them; None when the input has none.
+    # The input's other fields, one dict per caption (CC152K's url; a table's columns other than the image
+    # and caption ones, its split column too), so that an exporter can keep them; None when there are none.
     extras: Optional[list] = None
 
     def __post_init__(self):
@@ -429,7 +429,7 @@ def _table(path, recs, splits, image_root, image_key, caption_key):
     if "split" not in cols and len(splits or ()) != 1:
         raise ValueError(f"{path} has no 'split' column, so it is one split: name it (e.g. split='train').")
     root = Path(image_root) if image_root is not None else path.parent
-    raw, own = {}, {image_key, caption_key, "split"}  # own: the columns that are not extras
+    raw, own = {}, {image_key, caption_key}  # own: the columns that are not extras
     for where, r in recs:
         image = r.get(image_key)
         if not isinstance(image, str) or not image:
@@ -918,10 +918,12 @@ def _tar_key(name):
     return (f"{d}/{stem}" if d else stem), (ext.lower() if dot else "")
 
 
-def _tar_sample(shard, key, members):
+def _tar_sample(shard, key, members, place):
     """One grouped tar sample {ext: (member name, bytes)} -> (record, None) or (None, why it is skipped).
-    Record: key, image (shard#member, for display and --export_clean), caption, fields (key, caption and
-    the json member's fields), data (the image bytes)."""
+    Record: key, image (shard#member, for display and --export_clean), caption, place ([shard index, sample
+    number in the shard]: one sample, whatever its names), data (the image bytes), members [(name, bytes)],
+    fields (what --export_clean writes: the json member's fields, plus key, caption and image by
+    _add_fields)."""
     img = next((members[e] for e in TAR_IMAGE_EXTS if e in members), None)
     fields, caption = {}, None
     if "json" in members:
@@ -941,9 +943,21 @@ def _tar_sample(shard, key, members):
         return None, "no image"
     if caption is None:
         return None, "no caption"
-    fields = {**fields, "key": key, "caption": caption}
-    return {"key": key, "image": f"{os.path.abspath(shard)}#{img[0]}", "caption": caption, "fields": fields,
-            "data": img[1]}, None
+    image = f"{os.path.abspath(shard)}#{img[0]}"
+    return {"key": key, "image": image, "caption": caption, "place": list(place), "data": img[1],
+            "members": list(members.values()),
+            "fields": _add_fields(fields, key=key, caption=caption, image=image)}, None
+
+
+def _add_fields(fields, **added):
+    """A sample's own `fields`, kept as they are, plus `added`, each under its name, or where `fields` holds
+    another value under that name, under the name with "_" before it (as often as needed)."""
+    out = dict(fields)
+    for name, value in added.items():
+        while name in out and out[name] != value:
+            name = "_" + name
+        out[name] = value
+    return out
 
 
 def iter_tar_samples(shards, part=0, parts=1):
@@ -954,19 +968,19 @@ def iter_tar_samples(shards, part=0, parts=1):
     for j, shard in enumerate(shards):
         if j % parts != part:
             continue
-        key, members = None, {}
+        key, members, n = None, {}, 0
         with tarfile.open(shard, "r|*") as tf:
             for m in tf:
                 if not m.isfile():
                     continue
                 k, ext = _tar_key(m.name)
                 if k != key and members:
-                    yield (j, *_tar_sample(shard, key, members))
-                    members = {}
+                    yield (j, *_tar_sample(shard, key, members, (j, n)))
+                    members, n = {}, n + 1
                 key = k
                 members[ext] = (m.name, tf.extractfile(m).read())
         if members:
-            yield (j, *_tar_sample(shard, key, members))
+            yield (j, *_tar_sample(shard, key, members, (j, n)))
 
 
 def iter_table_samples(path, split, image_root=None, image_key="image", caption_key="caption"):
@@ -994,8 +1008,9 @@ def iter_table_samples(path, split, image_root=None, image_key="image", caption_
         if not isinstance(r.get(image_key), str) or not r[image_key]:
             raise ValueError(f"{path} {where}: no image path ({r.get(image_key)!r}); every row needs one")
         caption = _text(r.get(caption_key), f"{path} {where}")
-        image = str(root / r[image_key])  # absolute: --export_clean's JSONL reads back from anywhere
-        yield {"key": image, "image": os.path.abspath(image), "caption": caption, "fields": r}, None
+        image = os.path.abspath(root / r[image_key])  # --export_clean's JSONL reads back from anywhere
+        yield {"key": str(root / r[image_key]), "image": image, "caption": caption,
+               "fields": {**r, image_key: image}}, None
     if seen and split not in seen:
         raise ValueError(f"split {split!r} not found in {path}; it holds {sorted(seen)}: pass one as --split")
 
@@ -1055,6 +1070,7 @@ class StreamBlocks(torch.utils.data.IterableDataset):
             images, errors = torch.zeros(len(recs), 3, S, S, dtype=torch.uint8), []
             for i, rec in enumerate(recs):
                 data = rec.pop("data", None)
+                rec.pop("members", None)  # (bytes, for export_clean_tar's pass only)
                 try:
                     images[i] = (_decode_bytes(data, self.preprocess) if data is not None
                                  else decode_image(rec["image"], self.preprocess))

@@ -1627,6 +1627,12 @@ def _all_ranks(value, world):
     return out
 
 
+def _sample_image(rec):
+    """What tells a streamed sample's image from another's: its file, and for tar input its place (one sample
+    each, whatever the member names)."""
+    return rec["image"], rec.get("place")
+
+
 def stream_scores(cfg, model, tokenizer, preprocess, device, part_file, rank=0, world=1, log=print):
     """This rank's share of the streaming pass: blocks of --embed_batch_size pairs decoded by --workers
     processes, embedded, and written as JSON lines [unit, cosine, reference cosine (the caption with another
@@ -1658,10 +1664,11 @@ def stream_scores(cfg, model, tokenizer, preprocess, device, part_file, rank=0, 
             # the split's reference: each caption with the image half a block away (never its own file)
             other = [(i + len(recs) // 2) % len(recs) for i in range(len(recs))]
             ref = (v[other] * t).sum(1).cpu().tolist()
-            ref = [x if recs[o]["image"] != r["image"] else None for x, o, r in zip(ref, other, recs)]
+            ref = [x if _sample_image(recs[o]) != _sample_image(r) else None
+                   for x, o, r in zip(ref, other, recs)]
             if part not in files:
                 files[part] = open(part_file(part), "w", encoding="utf-8")
-            rows = ([unit, c, x, r["key"], r["image"], r["caption"], r["fields"]]
+            rows = ([unit, c, x, r["key"], r["caption"], r["fields"], r.get("place")]
                     for r, c, x in zip(recs, cos, ref))
             files[part].writelines(json.dumps(row) + "\n" for row in rows)
             done += len(recs)
@@ -1686,23 +1693,18 @@ def score_streamed(cfg, model, tokenizer, preprocess, device, rank=0, world=1, l
     table rows) are dealt to the ranks and their decode workers; rank 0 merges the part files in input order,
     so the output is the same as one process's. Writes --output (score's CSV columns, with caption_index =
     image_index = the pair's row number among the pairs scored, plus `key`: the tar key or the image path) and
-    --export_clean (JSONL: every input field of the kept pairs; `image` absolute, or for tar input
-    "shard.tar#member", which load_pairs cannot read back; for tar input the kept samples are also copied into
-    a new shard, the JSONL's name with .tar), each atomically. --cache_dir is not used: each image is decoded
+    --export_clean (JSONL: every input field of the kept pairs as read, a table's --image_key column made
+    absolute; for tar input the json member's fields plus key, caption and image "shard.tar#member" (under
+    _key, _caption, _image where the json holds others), and the kept samples copied into a new shard, the
+    JSONL's name with .tar), all renamed into place together. --cache_dir is not used: each image is decoded
     once anyway. Returns score_command's summary plus {"pairs", "skipped"} (None on ranks other than 0)."""
     shards = tar_shards(cfg.data)
-    clean_tar = Path(cfg.export_clean).with_suffix(".tar") if cfg.export_clean and shards else None
-    if clean_tar:
-        _refuse_overwrite(clean_tar)
     pid = _all_ranks(os.getpid(), world)[0]  # rank 0's temp names, known to every rank
     pairs_file = _tmp_next_to(cfg.output, "pairs", pid)
     parts = world * max(cfg.workers, 1)
     part_files = [_tmp_next_to(cfg.output, f"part{p}", pid) for p in range(parts)]
     if shards is not None and len(shards) < parts and rank == 0:
         log(f"{len(shards)} tar shards for {parts} readers (ranks x workers): {parts - len(shards)} idle")
-    outs = [(cfg.output, _tmp_next_to(cfg.output, "csv", pid))]
-    if cfg.export_clean:
-        outs.append((cfg.export_clean, _tmp_next_to(cfg.export_clean, "jsonl", pid)))
     error = None
     try:
         skipped = stream_scores(cfg, model, tokenizer, preprocess, device, part_files.__getitem__, rank,
@@ -1720,6 +1722,7 @@ def score_streamed(cfg, model, tokenizer, preprocess, device, rank=0, world=1, l
     if rank != 0:
         return None
     skipped = dict(sum((Counter(s) for _, s in results), Counter()))
+    outputs = [path for _, path in _score_outputs(cfg)]  # the CSV, the clean JSONL, the kept samples' shard
     try:
         scores, reference = merge_parts([p for p in part_files if p.exists()], pairs_file)
         if len(reference) < 2:
@@ -1728,58 +1731,56 @@ def score_streamed(cfg, model, tokenizer, preprocess, device, rank=0, world=1, l
                              f"at least 2 (raise --embed_batch_size, or give more pairs)")
         p_clean, kept, stats = gmm_split(scores, reference, cfg.threshold, cfg.seed, max_fit=SCORE_FIT_MAX)
         p_clean, kept = p_clean.numpy(), kept.numpy()
-        with open(pairs_file, encoding="utf-8") as src, open(outs[0][1], "w", newline="",
-                                                              encoding="utf-8") as out:
-            clean = open(outs[1][1], "w", encoding="utf-8") if cfg.export_clean else None
-            try:
-                w = csv.writer(out)
-                w.writerow(["caption_index", "image_index", "caption", "cosine", "p_clean", "kept", "key"])
-                for c, line in enumerate(src):
-                    cos, _, key, image, caption, fields_ = json.loads(line)
-                    w.writerow([c, c, caption, f"{cos:.6f}", f"{p_clean[c]:.6f}", int(kept[c]), key])
-                    if clean is not None and kept[c]:
-                        clean.write(json.dumps({**fields_, "image": image}) + "\n")
-            finally:
-                if clean is not None:
-                    clean.close()
-        for final, tmp in outs:
-            os.replace(tmp, final)
+        with _replaced_together(outputs) as temps, contextlib.ExitStack() as files:
+            src = files.enter_context(open(pairs_file, encoding="utf-8"))
+            w = csv.writer(files.enter_context(open(temps[0], "w", newline="", encoding="utf-8")))
+            clean = files.enter_context(open(temps[1], "w", encoding="utf-8")) if cfg.export_clean else None
+            w.writerow(["caption_index", "image_index", "caption", "cosine", "p_clean", "kept", "key"])
+            for c, line in enumerate(src):
+                cos, _, key, caption, fields_, _ = json.loads(line)
+                w.writerow([c, c, caption, f"{cos:.6f}", f"{p_clean[c]:.6f}", int(kept[c]), key])
+                if clean is not None and kept[c]:
+                    clean.write(json.dumps(fields_) + "\n")
+            if len(temps) == 3:
+                with open(temps[2], "wb") as f:
+                    n = export_clean_tar(shards, _kept_places(pairs_file, kept), f)
     finally:
-        for path in [pairs_file, *part_files] + [tmp for _, tmp in outs]:
-            Path(path).unlink(missing_ok=True)
+        for path in [pairs_file, *part_files]:
+            path.unlink(missing_ok=True)
     _report_split(cfg, kept, stats)
-    if clean_tar:
-        n = export_clean_tar(shards, cfg.export_clean, clean_tar)
-        print(f"copied the {n} kept samples into {clean_tar}")
+    if len(outputs) == 3:
+        print(f"copied the {n} kept samples into {outputs[2]}")
     return {"kept": int(kept.sum()), **stats, "pairs": len(scores), "skipped": skipped}
 
 
-def export_clean_tar(shards, clean_jsonl, out_tar):
-    """The kept samples of tar shards copied into one new WebDataset shard `out_tar` (key.<image ext> +
-    key.json holding the sample's fields as --export_clean wrote them), written atomically; returns how many.
-    A second streaming pass over the shards (reading, no decoding), in lockstep with the JSONL (same order),
-    so memory stays bounded. Keys are kept as they are: the same key in two source shards gives two samples
-    of that key."""
-    tmp, n = _tmp_next_to(out_tar, "tar"), 0
-    try:
-        with open(clean_jsonl, encoding="utf-8") as f, tarfile.open(tmp, "w") as out:
-            want = (json.loads(line) for line in f)
-            nxt = next(want, None)
-            for _, rec, _ in iter_tar_samples(shards):
-                if nxt is None:
-                    break
-                if rec is None or rec["image"] != nxt["image"]:
-                    continue
-                ext = _tar_key(rec["image"].rpartition("#")[2])[1]
-                for name, blob in ((f"{rec['key']}.{ext}", rec["data"]),
-                                   (f"{rec['key']}.json", json.dumps(nxt).encode("utf-8"))):
-                    info = tarfile.TarInfo(name)
-                    info.size = len(blob)
-                    out.addfile(info, io.BytesIO(blob))
-                n, nxt = n + 1, next(want, None)
-        os.replace(tmp, out_tar)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+def _kept_places(pairs_file, kept):
+    """The places ([shard, sample number]) of the kept pairs, from the merged pairs file, in input order."""
+    with open(pairs_file, encoding="utf-8") as f:
+        for c, line in enumerate(f):
+            if kept[c]:
+                yield json.loads(line)[-1]
+
+
+def export_clean_tar(shards, places, out):
+    """The kept samples of tar shards copied, every member as it was, into one new WebDataset shard written to
+    the binary file `out`; `places`: the kept samples' [shard index, sample number], in input order. Returns
+    how many. A second streaming pass over the shards (reading, no decoding), so memory stays bounded;
+    samples are matched by place, never by name (a shard may repeat a member name). A kept sample whose key
+    is the previous kept sample's gets "_<number>" after it, or a reader would merge the two samples."""
+    want, n, last = iter(places), 0, None
+    nxt = next(want, None)
+    with tarfile.open(fileobj=out, mode="w") as tar:
+        for _, rec, _ in iter_tar_samples(shards):
+            if nxt is None:
+                break
+            if rec is None or rec["place"] != nxt:
+                continue
+            key = rec["key"] if rec["key"] != last else f"{rec['key']}_{n}"
+            for name, blob in rec["members"]:
+                info = tarfile.TarInfo(key + name[len(rec["key"]):])
+                info.size = len(blob)
+                tar.addfile(info, io.BytesIO(blob))
+            n, nxt, last = n + 1, next(want, None), rec["key"]
     return n
 
 
@@ -1854,9 +1855,10 @@ def score_in_memory(cfg):
             w.writerows(rows)
         if cfg.export_clean:
             with open(temps[1], "w", encoding="utf-8") as f:
-                for c in kept.nonzero().squeeze(1).tolist():
-                    f.write(json.dumps({"image": image_name(pairs.images, int(assigned[c])),
-                                        "caption": pairs.captions[c]}) + "\n")
+                for c in kept.nonzero().squeeze(1).tolist():  # every field, as the streamed tables'
+                    f.write(json.dumps({cfg.image_key: image_name(pairs.images, int(assigned[c])),
+                                        cfg.caption_key: pairs.captions[c],
+                                        **(pairs.extras[c] if pairs.extras else {})}) + "\n")
     _report_split(cfg, kept, stats)
     return {"kept": int(kept.sum()), **stats}
 

@@ -1335,9 +1335,9 @@ def test_data_image_and_caption_keys_name_the_table_columns(tmp_path):
     tr = out["train"]
     assert tr.captions == [f"caption {k}, with comma" for k in range(3)]
     assert tr.img_of_cap.tolist() == [0, 1, 0]
-    assert tr.extras == [{"source": "src0"}, {"source": "src1"}, {"source": "src2"}]
+    assert tr.extras == [{"split": "train", "source": f"src{k}"} for k in range(3)]  # (every other column)
     assert torch.equal(tr.images[1], _uint8(tmp_path / "b.png"))
-    assert out["test"].extras == [{"source": "src5"}, {"source": "src6"}]
+    assert out["test"].extras == [{"split": "test", "source": "src5"}, {"split": "test", "source": "src6"}]
     (tmp_path / "hf.tsv").write_text("image_path\tcaption\na.png\tone\nb.png\ttwo\n")
     hf = load_pairs(tmp_path / "hf.tsv", "train", image_key="image_path", size=32)
     assert hf.captions == ["one", "two"] and hf.extras is None  # no other column: no extras
@@ -1384,7 +1384,7 @@ def test_data_json_lines_and_json_array_read_as_the_jsonl_table(tmp_path):
     (tmp_path / "lines.json").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     (tmp_path / "array.json").write_text(json.dumps(rows, indent=2))
     want = load_splits(tmp_path / "d.jsonl", image_key="image_path", size=32)
-    assert want["train"].extras == [{"id": k, "meta": {"w": k}} for k in range(3)]
+    assert want["train"].extras == [{"split": "train", "id": k, "meta": {"w": k}} for k in range(3)]
     for name in ("lines.json", "array.json"):
         got = load_splits(tmp_path / name, image_key="image_path", size=32)
         assert sorted(got) == sorted(want) == ["test", "train", "val"]
@@ -4370,3 +4370,94 @@ def test_cli_resume_from_a_damaged_last_pt_names_the_file_and_the_fix(tmp_path, 
         with pytest.raises(ValueError, match=rf"--resume: {re.escape(str(out / 'last.pt'))} [^\n]*{why}[^\n]*"
                                              r"restore it from a copy, or start again with --overwrite"):
             R.main(args + ["--epochs", "2", "--resume"])
+
+
+def _tar_add(tf, name, data):
+    import io
+    import tarfile
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tf.addfile(info, io.BytesIO(data))
+
+
+def _kept_rows(csv_path):
+    return [int(r["caption_index"]) for r in csv.DictReader(open(csv_path)) if r["kept"] == "1"]
+
+
+def test_silent_export_clean_keeps_every_field_and_overwrites_none(stream_setup, tmp_path, monkeypatch):
+    """--export_clean writes every input field as it was read: a table's own `image` column stays when
+    --image_key names another (that column is made absolute, so the JSONL reads back from anywhere with the
+    same flags); a tar sample's json keeps its own key/caption/image, the sample's key, scored caption and
+    member going under _key/_caption/_image; a .json array exports what the same rows as .jsonl export; the
+    kept tar samples are copied with every member as it was."""
+    import tarfile
+    _, ckpt, _, captions, paths = stream_setup
+    base = ["score", ckpt, "--workers", "0"]
+    table = tmp_path / "t" / "pairs.csv"
+    table.parent.mkdir()
+    with open(table, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["title", "filepath", "image", "source"])
+        w.writerows([c, os.path.relpath(p, table.parent), f"img-{k}", f"web{k}"]
+                    for k, (p, c) in enumerate(zip(paths, captions)))
+    R.main(base + ["--data", str(table), "--image_key", "filepath", "--caption_key", "title",
+                   "--output", str(tmp_path / "t.csv"), "--export_clean", str(tmp_path / "t.jsonl")])
+    kept = _kept_rows(tmp_path / "t.csv")
+    lines = [json.loads(x) for x in (tmp_path / "t.jsonl").read_text().splitlines()]
+    assert lines == [{"title": captions[k], "filepath": os.path.abspath(paths[k]), "image": f"img-{k}",
+                      "source": f"web{k}"} for k in kept]
+    monkeypatch.chdir(tmp_path / "t")
+    back = load_pairs(tmp_path / "t.jsonl", "train", image_key="filepath", caption_key="title", size=32)
+    assert back.captions == [captions[k] for k in kept]
+
+    rows = [{"image": os.path.abspath(p), "caption": c, "split": "train", "id": k, "meta": {"w": k}}
+            for k, (p, c) in enumerate(zip(paths, captions))]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    for name in ("rows.jsonl", "rows.json"):  # streamed, and read into memory
+        R.main(base + ["--data", str(tmp_path / name), "--output", str(tmp_path / f"{name}.csv"),
+                       "--export_clean", str(tmp_path / f"{name}.clean.jsonl")])
+    exported = [[json.loads(x) for x in (tmp_path / f"{name}.clean.jsonl").read_text().splitlines()]
+                for name in ("rows.jsonl", "rows.json")]
+    assert exported[0] == exported[1] == [rows[k] for k in _kept_rows(tmp_path / "rows.jsonl.csv")]
+
+    with tarfile.open(tmp_path / "s.tar", "w") as tf:
+        for k, (p, c) in enumerate(zip(paths, captions)):
+            _tar_add(tf, f"{k:05d}.png", Path(p).read_bytes())
+            _tar_add(tf, f"{k:05d}.txt", c.encode())
+            _tar_add(tf, f"{k:05d}.json", json.dumps({"caption": f"theirs {k}", "key": f"id{k}",
+                                                      "image": f"http://x/{k}.png", "n": k}).encode())
+    R.main(base + ["--data", str(tmp_path / "s.tar"), "--output", str(tmp_path / "s.csv"),
+                   "--export_clean", str(tmp_path / "clean.jsonl")])
+    kept = _kept_rows(tmp_path / "s.csv")
+    lines = [json.loads(x) for x in (tmp_path / "clean.jsonl").read_text().splitlines()]
+    assert lines == [{"caption": f"theirs {k}", "key": f"id{k}", "image": f"http://x/{k}.png", "n": k,
+                      "_key": f"{k:05d}", "_caption": captions[k],
+                      "_image": f"{tmp_path / 's.tar'}#{k:05d}.png"} for k in kept]
+    with tarfile.open(tmp_path / "s.tar") as src, tarfile.open(tmp_path / "clean.tar") as out:
+        want = {m.name: src.extractfile(m).read() for m in src if int(m.name[:5]) in set(kept)}
+        assert {m.name: out.extractfile(m).read() for m in out} == want
+
+
+def test_silent_export_clean_of_tar_never_pairs_a_dropped_image_with_a_kept_caption(stream_setup, tmp_path,
+                                                                                     monkeypatch):
+    """Samples of one shard may repeat a member name (here two keys take turns): the kept samples' shard holds
+    each kept sample's own image and caption, never a dropped sample's image beside a kept caption."""
+    import tarfile
+    _, ckpt, _, captions, paths = stream_setup
+    real = R.gmm_split
+
+    def split(*a, **k):  # this tiny model keeps every pair: drop every third one instead
+        p_clean, kept, stats = real(*a, **k)
+        return p_clean, torch.arange(len(kept)) % 3 != 1, stats
+    monkeypatch.setattr(R, "gmm_split", split)
+    with tarfile.open(tmp_path / "s.tar", "w") as tf:
+        for k, (p, c) in enumerate(zip(paths, captions)):
+            _tar_add(tf, f"s{k % 2}.png", Path(p).read_bytes())
+            _tar_add(tf, f"s{k % 2}.txt", c.encode())
+    R.main(["score", ckpt, "--workers", "0", "--data", str(tmp_path / "s.tar"),
+            "--output", str(tmp_path / "s.csv"), "--export_clean", str(tmp_path / "clean.jsonl")])
+    kept = _kept_rows(tmp_path / "s.csv")
+    assert 0 < len(kept) < len(captions)
+    got = [(r["data"], r["caption"]) for _, r, _ in R.iter_tar_samples([str(tmp_path / "clean.tar")])]
+    assert got == [(Path(paths[k]).read_bytes(), captions[k]) for k in kept]
