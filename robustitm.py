@@ -21,10 +21,13 @@ import contextlib
 import csv
 import functools
 import gc
+import glob
 import io
 import json
 import math
 import os
+import re
+import signal
 import sys
 import tarfile
 import threading
@@ -49,7 +52,7 @@ from gmm import mismatch_split
 from losses import MARGIN_SCHEDULES, dynamic_margin, info_nce, triplet_ranking_loss, unimodal_info_nce
 from meta import (HEAD_NAMES, SimilarityCorrector, meta_step, mscn_loss, purify, sample_meta_negatives,
                   split_meta_set)
-from pairs import (SPLITS, ImageSet, Pairs, _tar_key, augment, count_table_samples, gather_ahead, image_batch,
+from pairs import (SPLITS, ImageSet, Pairs, augment, count_table_samples, gather_ahead, image_batch,
                    image_name, is_streamed, iter_table_samples, iter_tar_samples, load_splits, make_noise,
                    merge_parts, noise_file, stream_blocks, subset_pairs, synthetic_splits, table_units,
                    tar_shards)
@@ -866,11 +869,50 @@ def _claim_output_files(outputs):
         for flag, path in outputs:
             if _is_rank0():
                 claims.enter_context(_claim(path, flag))
+                _remove_stale_temps(path)
             if Path(path).is_dir():
                 raise IsADirectoryError(f"{flag} {path} is a folder; give the path of a file to write")
             _refuse_unwritable(path, flag)
             _refuse_overwrite(path)
         yield
+
+
+def _remove_stale_temps(path):
+    """Removes the temp files beside the output `path` (_tmp_next_to's: .<name>[.<tag>].tmp<pid>) that an
+    earlier run of it left when it was killed: those of processes that are gone."""
+    path = Path(path)
+    temp = re.compile(rf"\.{re.escape(path.name)}(\.[a-z]+[0-9]*)?\.tmp([0-9]+)")
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}*.tmp*"):
+        match = temp.fullmatch(tmp.name)
+        if match and not _alive(int(match[2])):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm():
+    """SIGTERM (torchrun stopping the other ranks when one fails, kill) raises SystemExit in the main thread
+    until the block ends, so that `finally` blocks remove temp files; Ctrl-C already does."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager
@@ -1707,18 +1749,21 @@ def score_streamed(cfg, model, tokenizer, preprocess, device, rank=0, world=1, l
         log(f"{len(shards)} tar shards for {parts} readers (ranks x workers): {parts - len(shards)} idle")
     error = None
     try:
-        skipped = stream_scores(cfg, model, tokenizer, preprocess, device, part_files.__getitem__, rank,
-                                world, log)
-    except Exception as e:  # every rank must reach the exchange below, or the others would wait forever
-        error, skipped = e, {}
-    results = _all_ranks((str(error) if error else None, skipped), world)
-    failed = [(r, e) for r, (e, _) in enumerate(results) if e]
-    if failed:
+        try:
+            skipped = stream_scores(cfg, model, tokenizer, preprocess, device, part_files.__getitem__, rank,
+                                    world, log)
+        except Exception as e:  # every rank must reach the exchange below, or the others would wait forever
+            error, skipped = e, {}
+        results = _all_ranks((str(error) if error else None, skipped), world)
+        failed = [(r, e) for r, (e, _) in enumerate(results) if e]
+        if failed:
+            if error is not None:
+                raise error
+            raise ValueError(f"rank {failed[0][0]} failed: {failed[0][1]}")
+    except BaseException:  # also Ctrl-C and SIGTERM (_stop_on_sigterm): no part file is left
         for path in part_files:
             path.unlink(missing_ok=True)
-        if error is not None:
-            raise error
-        raise ValueError(f"rank {failed[0][0]} failed: {failed[0][1]}")
+        raise
     if rank != 0:
         return None
     skipped = dict(sum((Counter(s) for _, s in results), Counter()))
@@ -1811,7 +1856,7 @@ def _clean_tar(cfg):
 def score_command(cfg: ScoreCommandConfig):
     """Scores every pair with a model (a robustitm checkpoint or pretrained weights, as train takes), fits the
     GMM, writes a CSV (and optionally the kept pairs)."""
-    with _claim_output_files(_score_outputs(cfg)):  # every output checked (and held) before any work
+    with _claim_output_files(_score_outputs(cfg)), _stop_on_sigterm():  # outputs checked before any work
         if not is_streamed(cfg.data):
             return score_in_memory(cfg)
         # tar shards and tables: one batch in memory at a time, shared out by torchrun

@@ -4461,3 +4461,63 @@ def test_silent_export_clean_of_tar_never_pairs_a_dropped_image_with_a_kept_capt
     assert 0 < len(kept) < len(captions)
     got = [(r["data"], r["caption"]) for _, r, _ in R.iter_tar_samples([str(tmp_path / "clean.tar")])]
     assert got == [(Path(paths[k]).read_bytes(), captions[k]) for k in kept]
+
+
+_SIGTERM_MID_SCORE = """
+import os, signal, sys, time
+import robustitm as R
+real, calls = R.embed_captions, []
+
+def embed(*a, **k):  # the second block: the process is told to stop (as torchrun stops the other ranks)
+    calls.append(1)
+    if len(calls) == 2:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)
+    return real(*a, **k)
+
+R.embed_captions = embed
+R.main(sys.argv[1:])
+"""
+
+
+def test_silent_an_interrupted_score_leaves_no_part_files_and_a_rerun_removes_stale_ones(stream_setup,
+                                                                                        tmp_path,
+                                                                                        monkeypatch):
+    """Ctrl-C, or SIGTERM with decode workers, in the middle of a streamed score: no hidden part file (as
+    large as the output) is left. Those a killed run (kill -9) left are removed by the next run of the same
+    output, but not another output's, nor a live process's."""
+    import subprocess
+    import sys
+    _, ckpt, _, captions, paths = stream_setup
+    table = tmp_path / "in" / "t.jsonl"
+    table.parent.mkdir()
+    table.write_text("".join(json.dumps({"image": p, "caption": c}) + "\n" for p, c in zip(paths, captions)))
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = ["score", ckpt, "--data", str(table), "--embed_batch_size", "16", "--output", str(out / "s.csv"),
+            "--export_clean", str(out / "c.jsonl")]
+    real, calls = R.embed_captions, []
+
+    def ctrl_c(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    with monkeypatch.context() as m:
+        m.setattr(R, "embed_captions", ctrl_c)
+        with pytest.raises(KeyboardInterrupt):
+            R.main(argv + ["--workers", "0"])
+    assert list(out.iterdir()) == []
+    run = subprocess.run([sys.executable, "-c", _SIGTERM_MID_SCORE, *argv, "--workers", "2"],
+                         cwd=Path(R.__file__).parent, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0 and list(out.iterdir()) == [], run.stderr[-3000:]
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    stale = [f".s.csv.part0.tmp{dead}", f".s.csv.pairs.tmp{dead}", f".s.csv.new.tmp{dead}",
+             f".c.jsonl.new.tmp{dead}"]
+    kept = [f".other.csv.part0.tmp{dead}", f".s.csv.part3.tmp{os.getpid()}", ".s.csv.notes"]
+    for name in stale + kept:
+        (out / name).write_text("x" * 1000)
+    R.main(argv + ["--workers", "0"])
+    assert sorted(p.name for p in out.iterdir()) == sorted(kept + ["s.csv", "c.jsonl"])
