@@ -72,9 +72,15 @@ class ImageSet(torch.utils.data.Dataset):
 
     def batches(self, batch_size: int, num_workers: int = 0, pin_memory: bool = False):
         """Yield uint8 (B, 3, S, S) batches in order: array slices, or a DataLoader with workers for paths."""
-        if self.array is None:
-            yield from torch.utils.data.DataLoader(self, batch_size, num_workers=num_workers,
-                                                   pin_memory=pin_memory)
+        if self.array is None:  # decode errors come back as values, raised here (a DataLoader re-raises a
+            # worker's error as a copy whose message is the worker's traceback)
+            decoded = _Decode(paths=self.paths, preprocess=self.preprocess, rows=self.rows)
+            for idx, x, errors in torch.utils.data.DataLoader(decoded, batch_size, num_workers=num_workers,
+                                                              pin_memory=pin_memory):
+                for j, (i, error) in enumerate(zip(idx.tolist(), errors)):
+                    if error:
+                        x[j] = self[i]  # decoded again here: raises its error in this process
+                yield x
             return
         yield from gather_ahead(self, [range(i, min(i + batch_size, len(self)))
                                        for i in range(0, len(self), batch_size)], pin_memory, num_workers)
@@ -1051,25 +1057,31 @@ class StreamBlocks(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         part = self.rank * self.workers + (info.id if info is not None else 0)
         S = self.preprocess.size
-        for unit, recs, skipped in self._blocks(part, self.world * self.workers):
-            images, errors = torch.zeros(len(recs), 3, S, S, dtype=torch.uint8), []
-            for i, rec in enumerate(recs):
-                data = rec.pop("data", None)
-                try:
-                    images[i] = (_decode_bytes(data, self.preprocess) if data is not None
-                                 else decode_image(rec["image"], self.preprocess))
-                    errors.append("")
-                except (OSError, ValueError, Image.DecompressionBombError) as e:
-                    errors.append(f"cannot read image {rec['image']}: {e.__cause__ or e}")
-            yield part, unit, json.dumps(recs), images, errors, dict(skipped)
+        try:
+            for unit, recs, skipped in self._blocks(part, self.world * self.workers):
+                images, errors = torch.zeros(len(recs), 3, S, S, dtype=torch.uint8), []
+                for i, rec in enumerate(recs):
+                    data = rec.pop("data", None)
+                    try:
+                        images[i] = (_decode_bytes(data, self.preprocess) if data is not None
+                                     else decode_image(rec["image"], self.preprocess))
+                        errors.append("")
+                    except (OSError, ValueError, Image.DecompressionBombError) as e:
+                        errors.append(f"cannot read image {rec['image']}: {e.__cause__ or e}")
+                yield part, unit, json.dumps(recs), images, errors, dict(skipped)
+        except (OSError, ValueError) as e:  # the input's fault: passed on for stream_blocks to raise
+            yield e
 
 
 def stream_blocks(samples, preprocess, block, workers=0, rank=0, world=1):
-    """Iterator over StreamBlocks' blocks for this rank: decoded in `workers` processes (0: here)."""
+    """StreamBlocks' blocks for this rank, decoded in `workers` processes (0: here). A reader's ValueError or
+    OSError is raised here as it was raised (a DataLoader would raise a copy whose message is the worker's
+    traceback)."""
     ds = StreamBlocks(samples, preprocess, block, rank, world, max(workers, 1))
-    if workers == 0:
-        return iter(ds)
-    return iter(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers))
+    for got in (ds if workers == 0 else torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers)):
+        if isinstance(got, Exception):
+            raise got
+        yield got
 
 
 def merge_parts(part_files, out_file):

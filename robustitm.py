@@ -25,9 +25,11 @@ import json
 import math
 import os
 import sys
+import sysconfig
 import tarfile
 import threading
 import time
+import traceback
 import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -1712,23 +1714,64 @@ COMMANDS = {  # name: (help, config class, function)
 }
 
 
-def main(argv=None):
+def _parser():
     parser = argparse.ArgumentParser(prog="robustitm", description=__doc__.split("\n")[0])
+    debug = "show the full traceback of an error (or set ROBUSTITM_DEBUG=1)"
+    parser.add_argument("--debug", action="store_true", help=debug)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_text, cls, _) in COMMANDS.items():
         demo_only = (DEMO_FLAGS, DEMO_DEFAULTS) if name == "demo" else (None, None)
         positional = ("pretrained",) if name in ("eval", "score") else ()  # `robustitm eval best.pt ...`
-        _add_dataclass_args(sub.add_parser(name, help=help_text), cls, *demo_only, positional)
-    args = parser.parse_args(argv)
+        command = sub.add_parser(name, help=help_text)
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug)
+        _add_dataclass_args(command, cls, *demo_only, positional)
+    return parser
+
+
+def main(argv=None):
+    """Runs the command `argv` names -> its result. Errors are raised, as for any Python call; the console
+    script (cli) turns a user's mistake into one line."""
+    args = _parser().parse_args(argv)
     _, cls, command = COMMANDS[args.command]
     return command(_config_from(args, cls))
 
 
-def cli():
-    """The `robustitm` console script: exit status 0 on success (main's return value is
-    for Python callers)."""
-    main()
+# A ValueError or OSError raised in one of these modules is a user's mistake: a check that names the flag or
+# file and the fix, or open() and the like on a path the user gave.
+OWN_MODULES = ("robustitm", "pairs", "dual_encoder", "batches", "gmm", "losses", "meta")
+_STDLIB = sysconfig.get_paths()["stdlib"]
+
+
+def users_mistake(e) -> bool:
+    """Whether `e` was raised by our code: a ValueError or OSError whose innermost traceback frame is in one of
+    OWN_MODULES (builtins such as open() add no frame), or an OSError the standard library (pathlib, tarfile)
+    raised under our call on a user's path. A ValueError from inside torch or numpy is a bug of ours."""
+    if not isinstance(e, (ValueError, OSError)):
+        return False
+    own = {__file__} | {getattr(sys.modules.get(m), "__file__", None) for m in OWN_MODULES}
+    files = [frame.f_code.co_filename for frame, _ in traceback.walk_tb(e.__traceback__)]
+    last = max((i for i, f in enumerate(files) if f in own), default=None)
+    if last is None:
+        return False
+    below = files[last + 1:]  # the library's frames under our last call
+    return not below or isinstance(e, OSError) and all(f.startswith(_STDLIB) and "-packages" not in f
+                                                       for f in below)
+
+
+def cli(argv=None):
+    """The `robustitm` console script and `python robustitm.py`: exit status 0 on success; a user's mistake
+    (users_mistake) is one line `robustitm <command>: error: <message>` and exit status 2 (argparse's for a
+    usage error), a bug its traceback; --debug or ROBUSTITM_DEBUG=1 shows every traceback."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        main(argv)
+    except (ValueError, OSError) as e:
+        args = _parser().parse_args(argv)  # parsed before the command ran: cannot fail here
+        if args.debug or os.environ.get("ROBUSTITM_DEBUG", "0") not in ("", "0") or not users_mistake(e):
+            raise
+        print(f"robustitm {args.command}: error: {' '.join(str(e).splitlines())}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
-    main()
+    cli()

@@ -4146,3 +4146,83 @@ def test_silent_jsonl_captions_may_hold_unicode_line_separators(tmp_path):
     row = {"image": "a.png", "caption": "one\u2028two \x85 three", "split": "train"}
     (tmp_path / "p.jsonl").write_text(json.dumps(row, ensure_ascii=False) + "\r\n", encoding="utf-8")
     assert load_pairs(tmp_path / "p.jsonl", "train", size=32).captions == [row["caption"]]
+
+
+# ----- the CLI: a user's mistake is one line and exit status 2; a bug keeps its traceback -----
+
+def _cli(capsys, *argv):
+    """R.cli(argv) -> (exit status, stderr)."""
+    with pytest.raises(SystemExit) as stop:
+        R.cli(list(argv))
+    return stop.value.code, capsys.readouterr().err
+
+
+def test_cli_a_users_mistake_is_one_line_and_exit_status_2(tmp_path, capsys, monkeypatch):
+    """A ValueError of our checks, an OSError of open() on the user's path, and one the standard library
+    raised on our call (pathlib) -> `robustitm <command>: error: ...`, exit 2, no traceback; --debug (before
+    or after the command) and ROBUSTITM_DEBUG=1 raise instead; main() raises for Python callers."""
+    monkeypatch.delenv("ROBUSTITM_DEBUG", raising=False)
+    out = str(tmp_path / "run")
+    code, err = _cli(capsys, "train", "--epochs", "0", "--output_dir", out)
+    assert code == 2 and err == "robustitm train: error: --epochs must be >= 1, got 0\n"
+    (tmp_path / "dir.csv").mkdir()  # open() on a folder: IsADirectoryError, raised where our code called it
+    code, err = _cli(capsys, "eval", "weights.pt", "--data", str(tmp_path / "dir.csv"))
+    assert code == 2 and err.startswith("robustitm eval: error: ") and len(err.splitlines()) == 1
+    (tmp_path / "dir.json").mkdir()  # Path.read_text(): raised inside pathlib, which our code called
+    code, err = _cli(capsys, "train", "--data", str(tmp_path / "dir.json"), "--output_dir", out)
+    assert code == 2 and "Is a directory" in err and "dir.json" in err and len(err.splitlines()) == 1
+    for argv in (["--debug", "train", "--epochs", "0"], ["train", "--epochs", "0", "--debug"]):
+        with pytest.raises(ValueError, match="--epochs must be >= 1"):
+            R.cli(argv + ["--output_dir", out])
+    monkeypatch.setenv("ROBUSTITM_DEBUG", "1")
+    with pytest.raises(ValueError, match="--epochs must be >= 1"):
+        R.cli(["train", "--epochs", "0", "--output_dir", out])
+    with pytest.raises(ValueError, match="--epochs must be >= 1"):
+        R.main(["train", "--epochs", "0", "--output_dir", out])
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_a_bug_keeps_its_traceback(tmp_path, capsys, monkeypatch):
+    """A ValueError raised inside numpy (here by a bad call standing in for a bug of ours) is not the user's:
+    it propagates with its traceback; so does any other exception."""
+    monkeypatch.delenv("ROBUSTITM_DEBUG", raising=False)
+
+    def bug(cfg):
+        return np.arange(3).reshape(2, 2)
+    monkeypatch.setitem(R.COMMANDS, "train", (*R.COMMANDS["train"][:2], bug))
+    with pytest.raises(ValueError, match="cannot reshape"):
+        R.cli(["train", "--output_dir", str(tmp_path / "run")])
+    assert not R.users_mistake(KeyError("x")) and not R.users_mistake(ValueError("never raised"))
+
+
+def test_cli_script_prints_one_line(tmp_path):
+    """`python robustitm.py` (as the console script): the one line and exit status 2, no traceback."""
+    import subprocess
+    import sys
+    run = subprocess.run([sys.executable, R.__file__, "score", "--data", "synthetic", "--output",
+                          str(tmp_path / "s.csv")], capture_output=True, text=True, timeout=120,
+                         env={k: v for k, v in os.environ.items() if k != "ROBUSTITM_DEBUG"})
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert run.stderr.startswith("robustitm score: error: give the model to use") and \
+        len(run.stderr.splitlines()) == 1
+
+
+def test_cli_an_error_in_a_decode_worker_is_one_line(stream_setup, tmp_path, capsys, monkeypatch):
+    """A table without its caption column (read by score's decode workers) and a truncated image (decoded by
+    eval's workers): the worker's own message, one line, not DataLoader's copy of its traceback."""
+    monkeypatch.delenv("ROBUSTITM_DEBUG", raising=False)
+    _, ckpt, _, captions, paths = stream_setup
+    table = tmp_path / "t.csv"
+    table.write_text("image,text\n" + "".join(f"{p},{c}\n" for p, c in zip(paths[:8], captions)))
+    code, err = _cli(capsys, "score", ckpt, "--data", str(table), "--workers", "2", "--output",
+                     str(tmp_path / "s.csv"))
+    assert code == 2 and err.startswith(f"robustitm score: error: {table} needs 'image' and 'caption'"), err
+    assert len(err.splitlines()) == 1 and not list(tmp_path.glob(".*tmp*"))
+    blob = Path(paths[0]).read_bytes()
+    (tmp_path / "cut.png").write_bytes(blob[:len(blob) * 2 // 3])  # opens (header intact), cannot decode
+    (tmp_path / "k.jsonl").write_text("".join(json.dumps({"image": p, "caption": c, "split": "test"}) + "\n"
+                                              for p, c in zip([str(tmp_path / "cut.png"), *paths[5:9]],
+                                                              captions)))
+    code, err = _cli(capsys, "eval", ckpt, "--data", str(tmp_path / "k.jsonl"), "--workers", "2")
+    assert code == 2 and err.startswith("robustitm eval: error: cannot read image") and "cut.png" in err, err
+    assert len(err.splitlines()) == 1
