@@ -193,7 +193,7 @@ class SplitConfig:
 
 @dataclass
 class MethodConfig:
-    preset: str = _opt(None, "method preset (overrides the switches it names): " + "; ".join(
+    preset: str = _opt(None, "method preset (sets the switches it names; flags given win): " + "; ".join(
         f"{k}={'/'.join(str(x) for x in v.values())}" for k, v in PRESETS.items()), choices=list(PRESETS))
     filter: str = _opt("none", "clean/noisy split: none | gmm (paper A) | mscn (paper B) | truth (the "
                        "injected noise's own labels: a reference)", choices=list(FILTERS))
@@ -718,6 +718,8 @@ def prepare_run(cfg, splits=None, log=print, vocab_captions=None) -> Run:
         raise ValueError("--filter mscn runs in one process (its look-ahead is not distributed); "
                          "drop torchrun")
     log = log if rank == 0 else (lambda *a, **k: None)  # only rank 0 writes files and logs
+    if cfg.preset:
+        log(preset_summary(cfg))
     out = _prepare_output(cfg) if rank == 0 else Path(cfg.output_dir)
     torch.manual_seed(cfg.seed)
     model, tokenizer, preprocess, splits = _model_and_data(cfg, splits, vocab_captions)
@@ -1334,29 +1336,47 @@ def test_selected(run):
 # CLI
 # ------------------------------------------------------------------------------------------------------------
 
-def _add_dataclass_args(parser, cls, only=None, defaults=None, positional=()):
-    """One flag per field of `cls` (or of the fields named in `only`), with its default, help and choices;
-    the fields named in `positional` become optional positional arguments."""
+def _add_dataclass_args(parser, cls, only=None, positional=()):
+    """One flag per field of `cls` (or of the fields named in `only`), with its help and choices; the fields
+    named in `positional` become optional positional arguments. No defaults: only the flags given on the
+    command line are in the namespace (_config_from fills in the rest)."""
     for f in fields(cls):
         if only is not None and f.name not in only:
             continue
-        default = (defaults or {}).get(f.name, f.default)
         if f.name in positional:
-            parser.add_argument(f.name, nargs="?", default=default, help=f.metadata["help"])
+            parser.add_argument(f.name, nargs="?", default=argparse.SUPPRESS, help=f.metadata["help"])
             continue
-        kw = {"default": default, "help": f.metadata.get("help", ""),
+        kw = {"default": argparse.SUPPRESS, "help": f.metadata.get("help", ""),
               "required": f.metadata.get("required", False)}
         if "choices" in f.metadata:
             kw["choices"] = f.metadata["choices"]
         if isinstance(f.default, bool):
-            kw["action"] = argparse.BooleanOptionalAction
+            kw["action"], kw["help"] = argparse.BooleanOptionalAction, f"{kw['help']} (default: {f.default})"
         else:
             kw["type"] = type(f.default) if f.default is not None else str
         parser.add_argument(f"--{f.name}", **kw)
 
 
-def _config_from(args, cls):
-    return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
+def _config_from(cls, given, defaults=None):
+    """The config of the flags `given` on the command line ({name: value}); the others take `defaults`, then
+    their field's default. A --preset sets the switches it names, but not the ones given: a flag given wins.
+    (Python's TrainConfig(preset=...) sets every switch its preset names.)"""
+    preset = given.get("preset")
+    values = {**{f.name: f.default for f in fields(cls)}, **(defaults or {}), **PRESETS.get(preset, {}), **given}
+    if not preset:
+        return cls(**values)
+    cfg = cls(**{**values, "preset": None})  # (with it, __post_init__ would set its switches over the flags)
+    cfg.preset = preset
+    return cfg
+
+
+def preset_summary(cfg):
+    """What cfg's preset set, and what was given over it: "--preset clip set filter=none loss=infonce
+    batches=random unimodal=False; given over it: --filter gmm"."""
+    preset = PRESETS[cfg.preset]
+    over = [f"--{k} {getattr(cfg, k)}" for k, v in preset.items() if getattr(cfg, k) != v]
+    return (f"--preset {cfg.preset} set {' '.join(f'{k}={v}' for k, v in preset.items())}"
+            + (f"; given over it: {' '.join(over)}" if over else ""))
 
 
 # The demo's and the robustness benchmark's pretrained model, shipped in weights/. bench/pretrain.py
@@ -1720,20 +1740,21 @@ def _parser():
     parser.add_argument("--debug", action="store_true", help=debug)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_text, cls, _) in COMMANDS.items():
-        demo_only = (DEMO_FLAGS, DEMO_DEFAULTS) if name == "demo" else (None, None)
         positional = ("pretrained",) if name in ("eval", "score") else ()  # `robustitm eval best.pt ...`
         command = sub.add_parser(name, help=help_text)
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug)
-        _add_dataclass_args(command, cls, *demo_only, positional)
+        _add_dataclass_args(command, cls, DEMO_FLAGS if name == "demo" else None, positional)
     return parser
 
 
 def main(argv=None):
     """Runs the command `argv` names -> its result. Errors are raised, as for any Python call; the console
     script (cli) turns a user's mistake into one line."""
-    args = _parser().parse_args(argv)
-    _, cls, command = COMMANDS[args.command]
-    return command(_config_from(args, cls))
+    given = vars(_parser().parse_args(argv))
+    name = given.pop("command")
+    given.pop("debug")
+    _, cls, command = COMMANDS[name]
+    return command(_config_from(cls, given, DEMO_DEFAULTS if name == "demo" else None))
 
 
 # A ValueError or OSError raised in one of these modules is a user's mistake: a check that names the flag or

@@ -4226,3 +4226,24 @@ def test_cli_an_error_in_a_decode_worker_is_one_line(stream_setup, tmp_path, cap
     code, err = _cli(capsys, "eval", ckpt, "--data", str(tmp_path / "k.jsonl"), "--workers", "2")
     assert code == 2 and err.startswith("robustitm eval: error: cannot read image") and "cut.png" in err, err
     assert len(err.splitlines()) == 1
+
+
+def test_cli_flags_given_win_over_a_preset(tmp_path, capsys, monkeypatch):
+    """`--preset clip --filter gmm --warmup_epochs 1`: the --filter given wins, also when given at its default
+    value; the log says what the preset set and what was given over it; Python's TrainConfig(preset=...)
+    still sets every switch it names."""
+    out = tmp_path / "run"
+    R.main(["train", "--preset", "clip", "--filter", "gmm", "--warmup_epochs", "1", "--epochs", "1",
+            "--noise_ratio", "0.4", "--output_dir", str(out), *_TINY])
+    saved = json.loads((out / "config.json").read_text())
+    assert (saved["preset"], saved["filter"], saved["loss"], saved["warmup_epochs"]) == ("clip", "gmm",
+                                                                                        "infonce", 1)
+    assert "--preset clip set filter=none loss=infonce batches=random unimodal=False; given over it: " \
+           "--filter gmm" in capsys.readouterr().out
+    got = {}
+    monkeypatch.setitem(R.COMMANDS, "train", (*R.COMMANDS["train"][:2], lambda cfg: got.setdefault("c", cfg)))
+    R.main(["train", "--preset", "dsdmr", "--loss", "infonce"])  # --loss given at its default value
+    assert (got["c"].filter, got.pop("c").loss) == ("gmm", "infonce")
+    R.main(["train", "--preset", "vse", "--margin_t2i", "0.3"])
+    assert (got["c"].loss, got["c"].margin_i2t, got["c"].margin_t2i) == ("triplet", 0.2, 0.3)
+    assert R.TrainConfig(preset="clip", filter="gmm").filter == "none"  # Python: the preset sets its switches
