@@ -447,12 +447,23 @@ def _table(path, recs, splits, image_root, image_key, caption_key):
     return {s: _group_rows(rows) for s, rows in raw.items()}
 
 
+def _no_columns(path, kind, image_key, caption_key):
+    """A format without named columns refuses image_key/caption_key other than the defaults: they would do
+    nothing."""
+    named = [f"--{k} {v}" for k, v, default in (("image_key", image_key, "image"),
+                                                 ("caption_key", caption_key, "caption")) if v != default]
+    if named:
+        raise ValueError(f"--image_key/--caption_key name a table's columns, but {path} is a {kind} file "
+                         f"(no columns to name); drop {' '.join(named)}")
+
+
 def _parse(path, splits, image_root, max_captions, image_key="image", caption_key="caption"):
     """Pick the reader from the file name/extension; -> {split: (paths, captions, img_of_cap[, extras])}."""
     p = Path(path)
     if not p.exists():
         raise ValueError(f"{path} does not exist; pass a dataset file (see the README's data formats).")
     if (p.is_dir() and any(p.glob("*_caps.tsv"))) or p.name.endswith("_caps.tsv"):
+        _no_columns(path, "CC152K", image_key, caption_key)
         return read_cc152k(p if p.is_dir() else p.parent, splits, image_root)
     if p.suffix == ".json":
         text = _read_text(p)
@@ -468,8 +479,10 @@ def _parse(path, splits, image_root, max_captions, image_key="image", caption_ke
             if len(splits or ()) != 1:
                 raise ValueError(f"{path} is a COCO captions file, which holds one split: "
                                  f"name it (split='val').")
+            _no_columns(path, "COCO captions", image_key, caption_key)
             return read_coco(d, root, splits[0], max_captions)
         if isinstance(d, dict) and d.get("images") and "sentences" in d["images"][0]:
+            _no_columns(path, "Karpathy", image_key, caption_key)
             return read_karpathy(d, root, max_captions)
         if isinstance(d, list):  # an array of rows
             return read_table(p, splits, image_root, image_key, caption_key)

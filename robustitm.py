@@ -1747,6 +1747,48 @@ def _parser():
     return parser
 
 
+def _idle_flags(cfg):
+    """[(flags, the input that makes them do nothing)] for cfg's model and data."""
+    rules, model = [], cfg.pretrained
+    if model and Path(model).is_file() and _is_robustitm_checkpoint(model):
+        rules.append(({"image_tower", "text_tower", "embed_dim", "image_size", "activation", "tokenizer",
+                       "allow_torchscript"}, f"a robustitm checkpoint ({model}): it holds its model, "
+                                             f"tokenizer and image size"))
+    elif model:
+        rules.append(({"image_tower", "text_tower", "embed_dim", "image_size"},
+                      f"CLIP weights ({model}): they hold both towers, their heads and image size"))
+        oc = (Path(model) if Path(model).is_dir() else Path(model).parent) / "open_clip_config.json"
+        if oc.is_file():
+            rules.append(({"activation"}, f"{oc} next to the weights: it says the activation"))
+    elif cfg.image_tower:
+        rules.append(({"image_size", "activation", "tokenizer"}, "--image_tower/--text_tower: their "
+                                                                 "directories hold them"))
+    elif isinstance(cfg, TrainConfig):
+        rules.append(({"text_tower", "embed_dim", "activation", "tokenizer", "allow_torchscript"},
+                      "a model from scratch (no --pretrained or --image_tower)"))
+    if cfg.data == "synthetic":
+        rules.append(({"image_root", "cache_dir", "skip_bad_images", "image_key", "caption_key"},
+                      "the synthetic scenes (no files)"))
+    else:
+        rules.append(({"synthetic_sizes"}, f"--data {cfg.data}"))
+    if isinstance(cfg, ScoreCommandConfig) and is_streamed(cfg.data):
+        rules.append(({"cache_dir"}, "streamed input (tar shards, CSV/TSV/JSONL tables): each image is "
+                                     "decoded once"))
+        if tar_shards(cfg.data):
+            rules.append(({"image_root", "image_key", "caption_key"}, "tar shards: a sample's members are its "
+                                                                      "image and caption"))
+    return rules
+
+
+def _refuse_idle_flags(cfg, given):
+    """A flag given on the command line that cfg's model or data makes do nothing is an error, not ignored."""
+    for flags, why in _idle_flags(cfg):
+        idle = [f"--{k}" for k in given if k in flags]
+        if idle:
+            raise ValueError(f"{' '.join(idle)} {'does' if len(idle) == 1 else 'do'} nothing with {why}; "
+                             f"drop {'it' if len(idle) == 1 else 'them'}")
+
+
 def main(argv=None):
     """Runs the command `argv` names -> its result. Errors are raised, as for any Python call; the console
     script (cli) turns a user's mistake into one line."""
@@ -1754,7 +1796,9 @@ def main(argv=None):
     name = given.pop("command")
     given.pop("debug")
     _, cls, command = COMMANDS[name]
-    return command(_config_from(cls, given, DEMO_DEFAULTS if name == "demo" else None))
+    cfg = _config_from(cls, given, DEMO_DEFAULTS if name == "demo" else None)
+    _refuse_idle_flags(cfg, given)
+    return command(cfg)
 
 
 # A ValueError or OSError raised in one of these modules is a user's mistake: a check that names the flag or

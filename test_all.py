@@ -1363,14 +1363,14 @@ def test_data_image_and_caption_keys_from_the_command_line(tmp_path):
             for k, (n, s) in enumerate(_CONV_ROWS)]
     (tmp_path / "train.json").write_text("\n".join(rows) + "\n")  # run_clip's --train_file: JSON lines
     res = R.main(["train", "--data", str(tmp_path / "train.json"), "--image_key", "image_path",
-                  "--caption_key", "text", "--epochs", "1", "--output_dir", str(tmp_path / "run"), *_TINY,
+                  "--caption_key", "text", "--epochs", "1", "--output_dir", str(tmp_path / "run"), *_TINY_RUN,
                   "--batch_size", "2"])
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert (tmp_path / "run" / "best.pt").exists() and "rsum" in res
     assert (config["image_key"], config["caption_key"]) == ("image_path", "text")
     with pytest.raises(ValueError, match=r"no 'caption' among the columns found.*e\.g\. --caption_key text"):
         R.main(["train", "--data", str(tmp_path / "train.json"), "--image_key", "image_path",
-                "--epochs", "1", "--output_dir", str(tmp_path / "run2"), *_TINY])
+                "--epochs", "1", "--output_dir", str(tmp_path / "run2"), *_TINY_RUN])
     assert not (tmp_path / "run2").exists()
 
 
@@ -2825,8 +2825,8 @@ torch.save({{"rsum": torch.tensor(res["rsum"])}}, OUT)
 
 # ----- runs, resume, checkpoints -----
 
-_TINY = ["--synthetic_sizes", "120,40,40", "--batch_size", "32", "--lr_warmup_steps", "2", "--log_every", "2",
-         "--workers", "0"]
+_TINY_RUN = ["--batch_size", "32", "--lr_warmup_steps", "2", "--log_every", "2", "--workers", "0"]
+_TINY = ["--synthetic_sizes", "120,40,40", *_TINY_RUN]  # _TINY_RUN alone with --data
 
 
 def _weights(path):
@@ -2872,7 +2872,7 @@ def test_train_clean_reference_keeps_exactly_the_clean_pairs(tmp_path, monkeypat
             and 0 < res["filter"]["kept"] < len(truth))
     with pytest.raises(ValueError, match="--filter truth.*--noise_ratio"):
         R.main(["train", "--filter", "truth", "--noise_ratio", "0", "--data", "pairs.csv", "--output_dir",
-                str(tmp_path / "real"), *_TINY])
+                str(tmp_path / "real"), *_TINY_RUN])
 
 
 def test_train_logs_every_phase_seconds_and_prints_small_lrs(tmp_path, capsys):
@@ -3021,7 +3021,7 @@ def test_train_image_files_decoded_by_workers_give_the_same_run(tmp_path):
     """Image files read ahead by 2 loader processes (training batches, scoring, validation) give exactly the
     run that decoding in the training process gives."""
     data = R.export_karpathy(R.synthetic_splits(60, 20, 20, seed=0), tmp_path / "data")
-    tiny = [a for a in _TINY if a not in ("--workers", "0")]
+    tiny = [a for a in _TINY_RUN if a not in ("--workers", "0")]
     for w in ("0", "2"):
         R.main(["train", "--data", str(data), "--epochs", "2", "--preset", "dsdmr", "--noise_ratio", "0.4",
                 "--output_dir", str(tmp_path / f"w{w}"), "--workers", w, *tiny])
@@ -3368,7 +3368,7 @@ def test_train_two_processes_equal_one_process(tmp_path, preset):
 def test_train_score_and_export_clean_read_back(tmp_path):
     splits = R.synthetic_splits(60, 20, 20, seed=0)
     data = R.export_karpathy(splits, tmp_path / "data")
-    R.main(["train", "--data", str(data), "--epochs", "1", "--output_dir", str(tmp_path / "run"), *_TINY])
+    R.main(["train", "--data", str(data), "--epochs", "1", "--output_dir", str(tmp_path / "run"), *_TINY_RUN])
     csv_path, clean = tmp_path / "scores.csv", tmp_path / "clean.jsonl"
     R.main(["score", str(tmp_path / "run" / "best.pt"), "--data", str(data), "--output", str(csv_path),
             "--export_clean", str(clean)])
@@ -3429,7 +3429,7 @@ def test_eval_and_score_commands_share_the_training_flags(tmp_path):
     apply."""
     splits = R.synthetic_splits(60, 20, 20, seed=0)
     data = R.export_karpathy(splits, tmp_path / "data")
-    R.main(["train", "--data", str(data), "--epochs", "1", "--output_dir", str(tmp_path / "run"), *_TINY])
+    R.main(["train", "--data", str(data), "--epochs", "1", "--output_dir", str(tmp_path / "run"), *_TINY_RUN])
     ckpt = str(tmp_path / "run" / "best.pt")
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     m = R.main(["eval", ckpt, "--data", str(data), "--workers", "0", "--output", str(tmp_path / "m.json")])
@@ -3691,7 +3691,7 @@ def stream_setup(tmp_path_factory):
     noisy = make_noise(tr.img_of_cap, len(tr.images), 0.4, "image", seed=1)
     splits["train"] = R.Pairs(tr.images, tr.captions, noisy, "train")
     data = R.export_karpathy(splits, tmp / "data")
-    R.main(["train", "--data", str(data), "--epochs", "1", "--output_dir", str(tmp / "run"), *_TINY])
+    R.main(["train", "--data", str(data), "--epochs", "1", "--output_dir", str(tmp / "run"), *_TINY_RUN])
     pairs = load_pairs(data, "train", size=32)
     paths = [pairs.images.paths[i] for i in pairs.img_of_cap]
     return tmp, str(tmp / "run" / "best.pt"), data, pairs.captions, paths
@@ -3887,11 +3887,11 @@ def test_stream_brace_expansion_and_large_gmm_split():
 
 def test_silent_real_data_is_used_as_given_without_noise_flags(tmp_path, capsys):
     data = R.export_karpathy(R.synthetic_splits(40, 10, 10, seed=0), tmp_path / "data")
-    R.main(["train", "--data", str(data), "--epochs", "1", "--output_dir", str(tmp_path / "run"), *_TINY])
+    R.main(["train", "--data", str(data), "--epochs", "1", "--output_dir", str(tmp_path / "run"), *_TINY_RUN])
     assert not (tmp_path / "run" / "noise.npy").exists()
     assert "pairs as given (their noise is unknown)" in capsys.readouterr().out
     R.main(["train", "--data", str(data), "--epochs", "1", "--noise_ratio", "0.4", "--output_dir",
-            str(tmp_path / "noisy"), *_TINY])
+            str(tmp_path / "noisy"), *_TINY_RUN])
     assert (tmp_path / "noisy" / "noise.npy").is_file()  # asked for: injected and saved
 
 
@@ -3972,7 +3972,7 @@ def test_silent_resume_refuses_another_run_and_truncates_the_log(tmp_path):
 def test_silent_score_never_writes_a_noise_file_and_checks_outputs_first(tmp_path):
     splits = R.synthetic_splits(30, 10, 10, seed=0)
     data = R.export_karpathy(splits, tmp_path / "data")
-    R.main(["train", "--data", str(data), "--epochs", "1", "--output_dir", str(tmp_path / "run"), *_TINY])
+    R.main(["train", "--data", str(data), "--epochs", "1", "--output_dir", str(tmp_path / "run"), *_TINY_RUN])
     ckpt = str(tmp_path / "run" / "best.pt")
     with pytest.raises(ValueError, match="noise file .*typo.npy does not exist"):
         R.main(["score", ckpt, "--data", str(data), "--output", str(tmp_path / "a.csv"), "--noise_file",
@@ -4088,7 +4088,7 @@ def test_silent_training_needs_train_val_and_test_splits(tmp_path):
     _png(tmp_path / "a.png", 0)
     (tmp_path / "p.csv").write_text("image,caption,split\na.png,one,val\na.png,two,test\n")
     with pytest.raises(ValueError, match=r"split\(s\) \['train'\] not found.*Training needs train, val"):
-        R.main(["train", "--data", str(tmp_path / "p.csv"), "--output_dir", str(tmp_path / "run"), *_TINY])
+        R.main(["train", "--data", str(tmp_path / "p.csv"), "--output_dir", str(tmp_path / "run"), *_TINY_RUN])
     assert not (tmp_path / "run").exists()
 
 
@@ -4247,3 +4247,44 @@ def test_cli_flags_given_win_over_a_preset(tmp_path, capsys, monkeypatch):
     R.main(["train", "--preset", "vse", "--margin_t2i", "0.3"])
     assert (got["c"].loss, got["c"].margin_i2t, got["c"].margin_t2i) == ("triplet", 0.2, 0.3)
     assert R.TrainConfig(preset="clip", filter="gmm").filter == "none"  # Python: the preset sets its switches
+
+
+def test_cli_flags_the_input_makes_idle_are_refused(stream_setup, tmp_path):
+    """A flag that the model or data given makes do nothing is refused, naming it, before anything is read
+    or written: a robustitm checkpoint holds its tokenizer, heads, activation and image size; CLIP weights
+    their heads and size (an open_clip_config.json their activation); the synthetic scenes have no files;
+    streamed input has no cache (tar shards: no folder or columns); only tables have columns. The same
+    flags where they do something are taken."""
+    _, ckpt, data, captions, paths = stream_setup
+    torch.save(R.tiny_model().state_dict(), tmp_path / "clip.pt")
+    (tmp_path / "oc").mkdir()
+    torch.save(R.tiny_model().state_dict(), tmp_path / "oc" / "clip.pt")
+    (tmp_path / "oc" / "open_clip_config.json").write_text("{}")
+    table = tmp_path / "t.csv"
+    table.write_text("image,caption\n" + "".join(f"{p},{c}\n" for p, c in zip(paths[:8], captions)))
+    shards = _write_shards(tmp_path / "shards", captions[:12], paths[:12], n_shards=1)
+    out = ["--output", str(tmp_path / "s.csv")]
+    for argv, match in (
+            (["eval", ckpt, "--tokenizer", "missing.gz"], "--tokenizer does nothing with a robustitm checkpoint"),
+            (["score", ckpt, "--embed_dim", "64", "--activation", "gelu", *out],
+             "--embed_dim --activation do nothing with a robustitm checkpoint"),
+            (["score", ckpt, "--image_tower", "vit", *out], "--image_tower does nothing with a robustitm"),
+            (["eval", str(tmp_path / "clip.pt"), "--image_size", "64"], "--image_size does nothing with CLIP"),
+            (["eval", str(tmp_path / "oc" / "clip.pt"), "--activation", "gelu"],
+             "--activation does nothing with .*open_clip_config.json"),
+            (["train", "--tokenizer", "bpe.gz", "--embed_dim", "32"],
+             "--tokenizer --embed_dim do nothing with a model from scratch"),
+            (["train", "--cache_dir", "c", "--image_key", "path"], "--cache_dir --image_key do nothing with the "
+                                                                   "synthetic scenes"),
+            (["eval", ckpt, "--data", str(data), "--synthetic_sizes", "9,9,9"], "--synthetic_sizes does nothing"),
+            (["eval", ckpt, "--data", str(data), "--caption_key", "text"], "--caption_key .* Karpathy"),
+            (["score", ckpt, "--data", str(table), "--cache_dir", "c", *out], "--cache_dir does nothing with "
+                                                                              "streamed input"),
+            (["score", ckpt, "--data", shards, "--image_root", "x", *out], "--image_root does nothing with tar")):
+        with pytest.raises(ValueError, match=match):
+            R.main([*argv, "--output_dir", str(tmp_path / "run")] if argv[0] == "train" else argv)
+        assert not (tmp_path / "run").exists() and not (tmp_path / "s.csv").exists() and \
+            not (tmp_path / "c").exists()
+    R.main(["score", ckpt, "--data", str(table), "--image_root", "/", "--workers", "0", *out])  # used there
+    R.main(["eval", ckpt, "--data", str(data), "--cache_dir", str(tmp_path / "c"), "--workers", "0"])
+    assert (tmp_path / "c").is_dir()
