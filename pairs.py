@@ -364,6 +364,22 @@ def _first_line_is_object(text):
         return False
 
 
+def _named_twice(path, where, kind, names):
+    """Refuses a column (or JSON field) named twice: the reader would keep only the last one's value."""
+    twice = [k for k, n in Counter(names).items() if n > 1]
+    if twice:
+        raise ValueError(f"{path} {where}: {kind} {twice[0]!r} is named twice (only the last one's value would "
+                         f"be read); rename or remove one")
+
+
+def _json_object(path, where):
+    """json.loads' object_pairs_hook for table rows: a dict, refusing a field named twice."""
+    def hook(pairs):
+        _named_twice(path, where, "field", [k for k, _ in pairs])
+        return dict(pairs)
+    return hook
+
+
 def _table_records(path, image_key="image", caption_key="caption"):
     """The rows of a CSV/TSV (header row) or JSON-lines table, read one at a time (never the whole file) ->
     yields ("line k", row dict). Shared by read_table and the streaming score."""
@@ -375,7 +391,7 @@ def _table_records(path, image_key="image", caption_key="caption"):
                     if not line.strip():
                         continue
                     try:
-                        r = json.loads(line)
+                        r = json.loads(line, object_pairs_hook=_json_object(path, f"line {k}"))
                     except json.JSONDecodeError as e:
                         raise ValueError(f"{path} line {k} is not valid JSON ({e.msg}); each line must be "
                                          f"one JSON object with {image_key!r} and {caption_key!r}") from None
@@ -383,6 +399,7 @@ def _table_records(path, image_key="image", caption_key="caption"):
                 return
             reader = csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ",", strict=True)
             try:
+                _named_twice(path, "header", "column", reader.fieldnames or [])
                 for r in reader:  # DictReader files the fields beyond the header under the key None
                     if any(str(v).strip() for v in r.pop(None, ())):
                         raise ValueError(f"{path} line {reader.line_num} has more fields than the header "
@@ -407,7 +424,7 @@ def read_table(path, splits, image_root=None, image_key="image", caption_key="ca
     text = _read_text(path) if path.suffix == ".json" else ""
     if text.lstrip().startswith("["):  # a .json file holding a JSON array of objects
         try:
-            d = json.loads(text)
+            d = json.loads(text, object_pairs_hook=_json_object(path, "(a JSON array)"))
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); "
                              f"a truncated download?") from None

@@ -4288,3 +4288,25 @@ def test_cli_flags_the_input_makes_idle_are_refused(stream_setup, tmp_path):
     R.main(["score", ckpt, "--data", str(table), "--image_root", "/", "--workers", "0", *out])  # used there
     R.main(["eval", ckpt, "--data", str(data), "--cache_dir", str(tmp_path / "c"), "--workers", "0"])
     assert (tmp_path / "c").is_dir()
+
+
+@pytest.mark.parametrize("name, text", [
+    ("p.csv", "image,caption,caption\na.png,a red disc,a blue box\n"),
+    ("p.tsv", "image\tcaption\timage\na.png\ta red disc\tb.png\n"),
+    ("p.jsonl", '{"image": "a.png", "caption": "a red disc", "caption": "a blue box"}\n'),
+    ("p.json", '[{"image": "a.png", "caption": "a red disc", "caption": "a blue box"}]'),
+])
+def test_silent_a_table_with_a_repeated_column_is_refused(tmp_path, name, text):
+    """A header (or JSON object) naming a column twice would give every pair the last one's value: refused,
+    naming the file and the column, in memory and streamed; the same table without the repeat reads."""
+    _png(tmp_path / "a.png", 0)
+    (tmp_path / name).write_text(text)
+    match = rf"{name}.*(column|field) '(caption|image)' .*twice"
+    with pytest.raises(ValueError, match=match):
+        load_pairs(tmp_path / name, "train", size=32)
+    if name != "p.json":
+        with pytest.raises(ValueError, match=match):
+            list(P.iter_table_samples(tmp_path / name, "train"))
+    (tmp_path / name).write_text(text.replace("caption,caption", "caption,other")
+                                 .replace("caption\timage", "caption\tother").replace(', "caption": "a blue', ', "x": "'))
+    assert load_pairs(tmp_path / name, "train", size=32).captions == ["a red disc"]
