@@ -29,6 +29,7 @@ import tarfile
 import threading
 import time
 import warnings
+import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -982,27 +983,55 @@ def _tar_sample(shard, key, members):
             "data": img[1]}, None
 
 
-def iter_tar_samples(shards, part=0, parts=1):
+def iter_tar_samples(shards, part=0, parts=1, skip_bad=True):
     """Samples of WebDataset tar shards, read with tarfile's streaming mode ("r|*": no seeks, compressed tars
     too) -> yields (shard index, record or None, why skipped). Members of one sample are consecutive and share
-    a key. With `parts` readers (ranks x decode workers), reader `part` opens only the shards j with
-    j % parts == part."""
+    a key (a key that comes back later is refused). A sample without its image or caption is skipped, or with
+    skip_bad=False refused, as a table's missing image is. With `parts` readers (ranks x decode workers),
+    reader `part` opens only the shards j with j % parts == part. A shard that cannot be read is named."""
     for j, shard in enumerate(shards):
         if j % parts != part:
             continue
-        key, members = None, {}
-        with tarfile.open(shard, "r|*") as tf:
-            for m in tf:
-                if not m.isfile():
-                    continue
-                k, ext = _tar_key(m.name)
-                if k != key and members:
-                    yield (j, *_tar_sample(shard, key, members))
-                    members = {}
-                key = k
-                members[ext] = (m.name, tf.extractfile(m).read())
-        if members:
-            yield (j, *_tar_sample(shard, key, members))
+        try:
+            for rec, why in _shard_samples(shard):
+                if why and not skip_bad:
+                    raise ValueError(f"{shard}: sample {why[1]!r} has {why[0]}; each sample needs an image "
+                                     f"({', '.join(TAR_IMAGE_EXTS)}) and a caption (.txt, or .json with "
+                                     f"\"caption\" or \"text\"), its files next to each other. Fix the shard, or "
+                                     f"pass --skip_bad_images to skip such samples")
+                yield j, rec, why and why[0]
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+            raise ValueError(f"tar shard {shard} cannot be read ({e or type(e).__name__}); re-download it, or "
+                             f"leave it out of --data") from e
+
+
+def _shard_samples(shard):
+    """One shard's samples -> yields (record, None) or (None, (why skipped, key))."""
+    key, members, done = None, {}, set()
+    with tarfile.open(shard, "r|*") as tf:
+        for m in tf:
+            if not m.isfile():
+                continue
+            k, ext = _tar_key(m.name)
+            if k != key and members:
+                rec, why = _tar_sample(shard, key, members)
+                yield rec, why and (why, key)
+                members = {}
+                done.add(key)
+            if k in done:
+                raise ValueError(f"{shard}: the members of sample {k!r} are not consecutive ({m.name} comes "
+                                 f"after other samples' members); WebDataset reads a sample's files together: "
+                                 f"re-pack the shard in name order (tar --sort=name)")
+            key = k
+            members[ext] = (m.name, tf.extractfile(m).read())
+        if tf.fileobj.comptype == "tar":  # tarfile ends quietly at a cut or damaged header: a whole shard
+            with open(shard, "rb") as f:  # has a zero block (end of archive) there
+                f.seek(tf.offset)
+                if f.read(tarfile.BLOCKSIZE) != bytes(tarfile.BLOCKSIZE):
+                    raise tarfile.ReadError(f"cut or damaged after byte {tf.offset}")
+    if members:
+        rec, why = _tar_sample(shard, key, members)
+        yield rec, why and (why, key)
 
 
 def iter_table_samples(path, split, image_root=None, image_key="image", caption_key="caption"):

@@ -1498,7 +1498,7 @@ def _stream_samples(cfg):
         if cfg.split != "train":
             raise ValueError(f"tar shards have no splits; drop --split {cfg.split} "
                              f"(each --data is one split)")
-        return functools.partial(iter_tar_samples, shards), None
+        return functools.partial(iter_tar_samples, shards, skip_bad=cfg.skip_bad_images), None
     path = Path(cfg.data)
     rows = functools.partial(iter_table_samples, path, cfg.split, cfg.image_root, cfg.image_key,
                              cfg.caption_key)

@@ -3732,7 +3732,7 @@ def _cosines(path):
 def test_score_streams_tables_and_tar_shards_as_the_in_memory_path(stream_setup, monkeypatch):
     """Streamed score (CSV table, and tar shards through a brace pattern, 2 decode workers, odd batch size)
     gives the in-memory path's cosines (1e-5) and kept set on the same pairs; incomplete tar samples are
-    skipped and counted; the table's --export_clean reads back with load_pairs from another directory."""
+    skipped and counted with --skip_bad_images; the table's --export_clean reads back with load_pairs from another directory."""
     tmp, ckpt, data, captions, paths = stream_setup
     R.main(["score", ckpt, "--data", str(data), "--workers", "0", "--output", str(tmp / "mem.csv")])
     want, want_kept, _ = _cosines(tmp / "mem.csv")
@@ -3763,7 +3763,7 @@ def test_score_streams_tables_and_tar_shards_as_the_in_memory_path(stream_setup,
     np.testing.assert_allclose(_cosines(tmp / "renamed.csv")[0], want, atol=1e-5)
     pattern = _write_shards(tmp / "shards", captions, paths)
     out = R.main(["score", ckpt, "--data", pattern, "--workers", "2", "--embed_batch_size", "7",
-                  "--output", str(tmp / "tar.csv"), "--export_clean", str(tmp / "tar.jsonl")])
+                  "--skip_bad_images", "--output", str(tmp / "tar.csv"), "--export_clean", str(tmp / "tar.jsonl")])
     got, kept, rows = _cosines(tmp / "tar.csv")
     np.testing.assert_allclose(got, want, atol=1e-5)
     assert kept == want_kept and out["skipped"] == {"no caption": 3, "no image": 3}
@@ -3839,7 +3839,7 @@ def test_score_two_processes_write_the_one_process_files(stream_setup, tmp_path)
                "--output", f"{out}.csv", "--export_clean", f"{out}.jsonl", *flags]
         return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
-    for data, name, flags in ((pattern, "tar", ["--workers", "2", "--embed_batch_size", "7"]),
+    for data, name, flags in ((pattern, "tar", ["--workers", "2", "--embed_batch_size", "7", "--skip_bad_images"]),
                               (str(table), "table", ["--workers", "0", "--embed_batch_size", "16"])):
         for nproc in (1, 2):
             run = score(nproc, data, name, *flags)
@@ -4307,6 +4307,61 @@ def test_silent_a_table_with_a_repeated_column_is_refused(tmp_path, name, text):
     if name != "p.json":
         with pytest.raises(ValueError, match=match):
             list(P.iter_table_samples(tmp_path / name, "train"))
-    (tmp_path / name).write_text(text.replace("caption,caption", "caption,other")
-                                 .replace("caption\timage", "caption\tother").replace(', "caption": "a blue', ', "x": "'))
+    fixed = text.replace("caption,caption", "caption,other").replace("caption\timage", "caption\tother")
+    (tmp_path / name).write_text(fixed.replace(', "caption": "a blue', ', "x": "a blue'))
     assert load_pairs(tmp_path / name, "train", size=32).captions == ["a red disc"]
+
+
+def _tar(path, members):
+    """A tar file of (name, bytes) members, in the order given."""
+    import io
+    import tarfile
+    with tarfile.open(path, "w") as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def test_silent_tar_samples_follow_the_tables_rule(stream_setup, tmp_path):
+    """One rule for tables and tar shards: a pair that cannot be formed (a sample without its image or caption)
+    stops score naming the shard and the sample, unless --skip_bad_images, which skips and counts it. Members
+    not consecutive per key (all images, then all texts) are refused with or without it (skipping would drop
+    most pairs)."""
+    _, ckpt, _, captions, paths = stream_setup
+    png = [Path(p).read_bytes() for p in paths[:8]]
+    good = [m for k in range(8) for m in ((f"{k:03d}.png", png[k]), (f"{k:03d}.txt", captions[k].encode()))]
+    incomplete = _tar(tmp_path / "inc.tar", good + [("x.png", png[0])])
+    apart = _tar(tmp_path / "apart.tar", good[::2] + good[1::2])
+    base = ["score", ckpt, "--workers", "0", "--output", str(tmp_path / "s.csv")]
+    with pytest.raises(ValueError, match=r"inc.tar: sample 'x' has no caption.*--skip_bad_images"):
+        R.main([*base, "--data", incomplete])
+    with pytest.raises(ValueError, match=r"apart.tar: sample '000' has no caption.* next to each other"):
+        R.main([*base, "--data", apart])
+    with pytest.raises(ValueError, match=r"apart.tar: the members of sample '000' are not consecutive"):
+        R.main([*base, "--data", apart, "--skip_bad_images"])
+    assert not (tmp_path / "s.csv").exists()
+    out = R.main([*base, "--data", incomplete, "--skip_bad_images"])
+    assert out["pairs"] == 8 and out["skipped"] == {"no caption": 1}
+
+
+def test_cli_a_broken_tar_shard_is_named(stream_setup, tmp_path, capsys, monkeypatch):
+    """A truncated, garbage or empty shard: a ValueError naming the shard and the fix, with or without
+    --skip_bad_images, in a decode worker too (one line from the CLI)."""
+    monkeypatch.delenv("ROBUSTITM_DEBUG", raising=False)
+    _, ckpt, _, captions, paths = stream_setup
+    whole = Path(_tar(tmp_path / "whole.tar", [(f"{k:03d}.{e}", Path(paths[k]).read_bytes() if e == "png"
+                                                 else captions[k].encode()) for k in range(8)
+                                                for e in ("png", "txt")])).read_bytes()
+    for name, blob in (("cut.tar", whole[:len(whole) // 2 + 100]), ("junk.tar", os.urandom(5000)),
+                       ("empty.tar", b"")):
+        (tmp_path / name).write_bytes(blob)
+        for skip in ([], ["--skip_bad_images"]):
+            with pytest.raises(ValueError, match=rf"tar shard .*{name} cannot be read .*re-download it"):
+                R.main(["score", ckpt, "--data", str(tmp_path / name), "--workers", "0", "--output",
+                        str(tmp_path / "s.csv"), *skip])
+    code, err = _cli(capsys, "score", ckpt, "--data", f"{tmp_path}/{{whole,cut}}.tar", "--workers", "2",
+                     "--output", str(tmp_path / "s.csv"))
+    assert code == 2 and "cut.tar cannot be read" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "s.csv").exists() and not list(tmp_path.glob(".*tmp*"))
