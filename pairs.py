@@ -219,7 +219,8 @@ def _build(name, paths, captions, img_of_cap, preprocess, cache_dir=None, skip_b
         msg = (f"{len(empty)} of {len(captions)} captions in {source} (split '{name}') are empty, e.g. "
                f"caption #{empty[0]} of image {paths[ioc[empty[0]]]}")
         if not skip_bad_captions:
-            raise ValueError(msg + ". Fill them in, or pass skip_bad_captions=True to drop them.")
+            raise ValueError(msg + ". Fill them in, or pass --skip_bad_captions (skip_bad_captions=True in "
+                             "Python) to drop them.")
         warnings.warn(msg + "; dropped them.")
     if cache_dir is not None:  # decodes everything once: finds truncated files too
         array, bad = cache_images(paths, preprocess, cache_dir, num_workers)
@@ -978,27 +979,31 @@ def _tar_sample(shard, key, members):
         return None, "no image"
     if caption is None:
         return None, "no caption"
+    if not caption.strip():
+        return None, "empty caption"
     fields = {**fields, "key": key, "caption": caption}
     return {"key": key, "image": f"{os.path.abspath(shard)}#{img[0]}", "caption": caption, "fields": fields,
             "data": img[1]}, None
 
 
-def iter_tar_samples(shards, part=0, parts=1, skip_bad=True):
+def iter_tar_samples(shards, part=0, parts=1, skip_bad_images=True, skip_bad_captions=True):
     """Samples of WebDataset tar shards, read with tarfile's streaming mode ("r|*": no seeks, compressed tars
     too) -> yields (shard index, record or None, why skipped). Members of one sample are consecutive and share
-    a key (a key that comes back later is refused). A sample without its image or caption is skipped, or with
-    skip_bad=False refused, as a table's missing image is. With `parts` readers (ranks x decode workers),
-    reader `part` opens only the shards j with j % parts == part. A shard that cannot be read is named."""
+    a key (a key that comes back later is refused). A sample without its image (or its caption) is skipped,
+    or with skip_bad_images=False (skip_bad_captions=False) refused, as a table's bad image (caption) is.
+    With `parts` readers (ranks x decode workers), reader `part` opens only the shards j with
+    j % parts == part. A shard that cannot be read is named."""
     for j, shard in enumerate(shards):
         if j % parts != part:
             continue
         try:
             for rec, why in _shard_samples(shard):
-                if why and not skip_bad:
-                    raise ValueError(f"{shard}: sample {why[1]!r} has {why[0]}; each sample needs an image "
+                flag = why and ("images" if why[0] == "no image" else "captions")
+                if why and not (skip_bad_images if flag == "images" else skip_bad_captions):
+                    raise ValueError(f"{shard}: sample {why[1]!r}: {why[0]}; each sample needs an image "
                                      f"({', '.join(TAR_IMAGE_EXTS)}) and a caption (.txt, or .json with "
                                      f"\"caption\" or \"text\"), its files next to each other. Fix the shard, or "
-                                     f"pass --skip_bad_images to skip such samples")
+                                     f"pass --skip_bad_{flag} to skip such samples")
                 yield j, rec, why and why[0]
         except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
             raise ValueError(f"tar shard {shard} cannot be read ({e or type(e).__name__}); re-download it, or "
@@ -1034,12 +1039,13 @@ def _shard_samples(shard):
         yield rec, why and (why, key)
 
 
-def iter_table_samples(path, split, image_root=None, image_key="image", caption_key="caption"):
+def iter_table_samples(path, split, image_root=None, image_key="image", caption_key="caption",
+                       skip_bad_captions=False):
     """The pairs of a CSV/TSV/JSONL table (read_table's columns: image_key, caption_key, optional split and
-    others), row by row -> yields (record, None). With a `split` column only the rows of `split`; without one
-    the whole file, which is then one split: any `split` other than "train" (score's default) is refused
-    rather than silently scoring every row. Image paths are relative to image_root (default: the table's
-    folder)."""
+    others), row by row -> yields (record, None), or (None, "empty caption") with skip_bad_captions (else an
+    empty caption is refused). With a `split` column only the rows of `split`; without one the whole file,
+    which is then one split: any `split` other than "train" (score's default) is refused rather than silently
+    scoring every row. Image paths are relative to image_root (default: the table's folder)."""
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent
     first, seen = True, set()
@@ -1059,6 +1065,12 @@ def iter_table_samples(path, split, image_root=None, image_key="image", caption_
         if not isinstance(r.get(image_key), str) or not r[image_key]:
             raise ValueError(f"{path} {where}: no image path ({r.get(image_key)!r}); every row needs one")
         caption = _text(r.get(caption_key), f"{path} {where}")
+        if not caption.strip():
+            if not skip_bad_captions:
+                raise ValueError(f"{path} {where}: the caption is empty; fill it in, or pass "
+                                 f"--skip_bad_captions to skip such pairs")
+            yield None, "empty caption"
+            continue
         image = str(root / r[image_key])  # absolute: --export_clean's JSONL reads back from anywhere
         yield {"key": image, "image": os.path.abspath(image), "caption": caption, "fields": r}, None
     if seen and split not in seen:

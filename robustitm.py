@@ -118,6 +118,8 @@ class DataConfig:
     synthetic_sizes: str = _opt("3000,500,1000", "synthetic train,val,test image counts")
     cache_dir: str = _opt(None, "memory-mapped uint8 image cache (decode once, reuse every epoch and round)")
     skip_bad_images: bool = _opt(False, "drop pairs whose image is missing or corrupt instead of stopping")
+    skip_bad_captions: bool = _opt(False, "drop pairs whose caption is empty (or missing from a tar sample) "
+                                   "instead of stopping")
     image_key: str = _opt("image", "column/field of a CSV/TSV/JSON table that holds the image path "
                           "(open_clip's --csv-img-key, e.g. filepath; Hugging Face run_clip's image_path)")
     caption_key: str = _opt("caption", "column/field of a CSV/TSV/JSON table that holds the caption "
@@ -849,7 +851,8 @@ def splits_for(cfg, preprocess, names=SPLITS):
         return {name: splits[name] for name in names}
     return load_splits(cfg.data, list(names), image_root=cfg.image_root, size=preprocess.size,
                        mean=preprocess.mean, std=preprocess.std, cache_dir=cfg.cache_dir,
-                       skip_bad_images=cfg.skip_bad_images, num_workers=cfg.workers,
+                       skip_bad_images=cfg.skip_bad_images, skip_bad_captions=cfg.skip_bad_captions,
+                       num_workers=cfg.workers,
                        image_key=cfg.image_key, caption_key=cfg.caption_key, resize=preprocess.resize)
 
 
@@ -1498,10 +1501,11 @@ def _stream_samples(cfg):
         if cfg.split != "train":
             raise ValueError(f"tar shards have no splits; drop --split {cfg.split} "
                              f"(each --data is one split)")
-        return functools.partial(iter_tar_samples, shards, skip_bad=cfg.skip_bad_images), None
+        return functools.partial(iter_tar_samples, shards, skip_bad_images=cfg.skip_bad_images,
+                                 skip_bad_captions=cfg.skip_bad_captions), None
     path = Path(cfg.data)
     rows = functools.partial(iter_table_samples, path, cfg.split, cfg.image_root, cfg.image_key,
-                             cfg.caption_key)
+                             cfg.caption_key, cfg.skip_bad_captions)
     return functools.partial(table_units, rows, cfg.embed_batch_size), count_table_samples(path, cfg.split)
 
 
@@ -1767,7 +1771,8 @@ def _idle_flags(cfg):
         rules.append(({"text_tower", "embed_dim", "activation", "tokenizer", "allow_torchscript"},
                       "a model from scratch (no --pretrained or --image_tower)"))
     if cfg.data == "synthetic":
-        rules.append(({"image_root", "cache_dir", "skip_bad_images", "image_key", "caption_key"},
+        rules.append(({"image_root", "cache_dir", "skip_bad_images", "skip_bad_captions", "image_key",
+                       "caption_key"},
                       "the synthetic scenes (no files)"))
     else:
         rules.append(({"synthetic_sizes"}, f"--data {cfg.data}"))

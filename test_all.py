@@ -3732,7 +3732,8 @@ def _cosines(path):
 def test_score_streams_tables_and_tar_shards_as_the_in_memory_path(stream_setup, monkeypatch):
     """Streamed score (CSV table, and tar shards through a brace pattern, 2 decode workers, odd batch size)
     gives the in-memory path's cosines (1e-5) and kept set on the same pairs; incomplete tar samples are
-    skipped and counted with --skip_bad_images; the table's --export_clean reads back with load_pairs from another directory."""
+    skipped and counted with --skip_bad_images/--skip_bad_captions; the table's --export_clean reads back with
+    load_pairs from another directory."""
     tmp, ckpt, data, captions, paths = stream_setup
     R.main(["score", ckpt, "--data", str(data), "--workers", "0", "--output", str(tmp / "mem.csv")])
     want, want_kept, _ = _cosines(tmp / "mem.csv")
@@ -3763,7 +3764,8 @@ def test_score_streams_tables_and_tar_shards_as_the_in_memory_path(stream_setup,
     np.testing.assert_allclose(_cosines(tmp / "renamed.csv")[0], want, atol=1e-5)
     pattern = _write_shards(tmp / "shards", captions, paths)
     out = R.main(["score", ckpt, "--data", pattern, "--workers", "2", "--embed_batch_size", "7",
-                  "--skip_bad_images", "--output", str(tmp / "tar.csv"), "--export_clean", str(tmp / "tar.jsonl")])
+                  "--skip_bad_images", "--skip_bad_captions", "--output", str(tmp / "tar.csv"), "--export_clean",
+                  str(tmp / "tar.jsonl")])
     got, kept, rows = _cosines(tmp / "tar.csv")
     np.testing.assert_allclose(got, want, atol=1e-5)
     assert kept == want_kept and out["skipped"] == {"no caption": 3, "no image": 3}
@@ -3839,7 +3841,8 @@ def test_score_two_processes_write_the_one_process_files(stream_setup, tmp_path)
                "--output", f"{out}.csv", "--export_clean", f"{out}.jsonl", *flags]
         return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
-    for data, name, flags in ((pattern, "tar", ["--workers", "2", "--embed_batch_size", "7", "--skip_bad_images"]),
+    skip = ["--skip_bad_images", "--skip_bad_captions"]
+    for data, name, flags in ((pattern, "tar", ["--workers", "2", "--embed_batch_size", "7", *skip]),
                               (str(table), "table", ["--workers", "0", "--embed_batch_size", "16"])):
         for nproc in (1, 2):
             run = score(nproc, data, name, *flags)
@@ -4326,29 +4329,29 @@ def _tar(path, members):
 
 def test_silent_tar_samples_follow_the_tables_rule(stream_setup, tmp_path):
     """One rule for tables and tar shards: a pair that cannot be formed (a sample without its image or caption)
-    stops score naming the shard and the sample, unless --skip_bad_images, which skips and counts it. Members
-    not consecutive per key (all images, then all texts) are refused with or without it (skipping would drop
-    most pairs)."""
+    stops score naming the shard and the sample, unless --skip_bad_images (--skip_bad_captions), which skips
+    and counts it. Members not consecutive per key (all images, then all texts) are refused with or without
+    them (skipping would drop most pairs)."""
     _, ckpt, _, captions, paths = stream_setup
     png = [Path(p).read_bytes() for p in paths[:8]]
     good = [m for k in range(8) for m in ((f"{k:03d}.png", png[k]), (f"{k:03d}.txt", captions[k].encode()))]
     incomplete = _tar(tmp_path / "inc.tar", good + [("x.png", png[0])])
     apart = _tar(tmp_path / "apart.tar", good[::2] + good[1::2])
     base = ["score", ckpt, "--workers", "0", "--output", str(tmp_path / "s.csv")]
-    with pytest.raises(ValueError, match=r"inc.tar: sample 'x' has no caption.*--skip_bad_images"):
+    with pytest.raises(ValueError, match=r"inc.tar: sample 'x': no caption.*--skip_bad_captions"):
         R.main([*base, "--data", incomplete])
-    with pytest.raises(ValueError, match=r"apart.tar: sample '000' has no caption.* next to each other"):
+    with pytest.raises(ValueError, match=r"apart.tar: sample '000': no caption.* next to each other"):
         R.main([*base, "--data", apart])
     with pytest.raises(ValueError, match=r"apart.tar: the members of sample '000' are not consecutive"):
-        R.main([*base, "--data", apart, "--skip_bad_images"])
+        R.main([*base, "--data", apart, "--skip_bad_captions"])
     assert not (tmp_path / "s.csv").exists()
-    out = R.main([*base, "--data", incomplete, "--skip_bad_images"])
+    out = R.main([*base, "--data", incomplete, "--skip_bad_captions"])
     assert out["pairs"] == 8 and out["skipped"] == {"no caption": 1}
 
 
 def test_cli_a_broken_tar_shard_is_named(stream_setup, tmp_path, capsys, monkeypatch):
     """A truncated, garbage or empty shard: a ValueError naming the shard and the fix, with or without
-    --skip_bad_images, in a decode worker too (one line from the CLI)."""
+    --skip_bad_images/--skip_bad_captions, in a decode worker too (one line from the CLI)."""
     monkeypatch.delenv("ROBUSTITM_DEBUG", raising=False)
     _, ckpt, _, captions, paths = stream_setup
     whole = Path(_tar(tmp_path / "whole.tar", [(f"{k:03d}.{e}", Path(paths[k]).read_bytes() if e == "png"
@@ -4357,7 +4360,7 @@ def test_cli_a_broken_tar_shard_is_named(stream_setup, tmp_path, capsys, monkeyp
     for name, blob in (("cut.tar", whole[:len(whole) // 2 + 100]), ("junk.tar", os.urandom(5000)),
                        ("empty.tar", b"")):
         (tmp_path / name).write_bytes(blob)
-        for skip in ([], ["--skip_bad_images"]):
+        for skip in ([], ["--skip_bad_images", "--skip_bad_captions"]):
             with pytest.raises(ValueError, match=rf"tar shard .*{name} cannot be read .*re-download it"):
                 R.main(["score", ckpt, "--data", str(tmp_path / name), "--workers", "0", "--output",
                         str(tmp_path / "s.csv"), *skip])
@@ -4365,3 +4368,30 @@ def test_cli_a_broken_tar_shard_is_named(stream_setup, tmp_path, capsys, monkeyp
                      "--output", str(tmp_path / "s.csv"))
     assert code == 2 and "cut.tar cannot be read" in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "s.csv").exists() and not list(tmp_path.glob(".*tmp*"))
+
+
+def test_silent_empty_captions_one_rule_streamed_and_in_memory(stream_setup, tmp_path):
+    """An empty caption stops eval (in memory) and streamed score alike, naming the file and the line (or the
+    shard and the sample), unless --skip_bad_captions, which drops it: in memory with a warning, streamed
+    counted among the skipped."""
+    _, ckpt, _, captions, paths = stream_setup
+    rows = [{"image": p, "caption": c, "split": "test"} for p, c in zip(paths[::5][:6], captions)]
+    rows[2]["caption"] = "  "
+    table = tmp_path / "t.jsonl"
+    table.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"1 of 6 captions in .*t.jsonl .*empty.*--skip_bad_captions"):
+        R.main(["eval", ckpt, "--data", str(table), "--workers", "0"])
+    with pytest.warns(UserWarning, match="empty"):
+        R.main(["eval", ckpt, "--data", str(table), "--workers", "0", "--skip_bad_captions"])
+    score = ["score", ckpt, "--split", "test", "--workers", "0", "--output", str(tmp_path / "s.csv")]
+    with pytest.raises(ValueError, match=r"t.jsonl line 3: the caption is empty.*--skip_bad_captions"):
+        R.main([*score, "--data", str(table)])
+    out = R.main([*score, "--data", str(table), "--skip_bad_captions"])
+    assert out["pairs"] == 5 and out["skipped"] == {"empty caption": 1}
+    shard = _tar(tmp_path / "e.tar", [(f"{k:03d}.{e}", Path(r["image"]).read_bytes() if e == "png" else
+                                       r["caption"].encode()) for k, r in enumerate(rows) for e in ("png", "txt")])
+    score[-1] = str(tmp_path / "t.csv")
+    with pytest.raises(ValueError, match=r"e.tar: sample '002': empty caption.*--skip_bad_captions"):
+        R.main([*score[:2], *score[4:], "--data", shard])
+    out = R.main([*score[:2], *score[4:], "--data", shard, "--skip_bad_captions"])
+    assert out["pairs"] == 5 and out["skipped"] == {"empty caption": 1}
