@@ -928,7 +928,8 @@ def tar_shards(data: str):
     """The shard list of a `--data` value naming WebDataset tars (one .tar, a comma-separated list, brace
     patterns such as `shards/{00000..00099}.tar`), or None when `data` names no tar.
     Every shard must exist."""
-    paths = [p for part in _split_top(data, ",") for p in expand_braces(part.strip()) if part.strip()]
+    paths = [data] if os.path.isfile(data) else [  # a file is itself, commas or braces in its name or not
+        p for part in _split_top(data, ",") for p in expand_braces(part.strip()) if part.strip()]
     if not paths or not all(re.search(r"\.(tar|tar\.gz|tgz)$", p) for p in paths):
         return None
     missing = [p for p in paths if not os.path.isfile(p)]

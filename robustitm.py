@@ -982,6 +982,9 @@ def refit_split(run, epoch, emb):
     cfg = run.cfg
     if cfg.filter == "gmm":
         scores = (emb[1] * emb[2]).sum(1).float().cpu()  # (C,) cosine of each training pair
+        if not scores.isfinite().all():
+            raise _diverged(run, f"epoch {epoch}: {int((~scores.isfinite()).sum())} training pairs' cosines "
+                                 f"are NaN/Inf")
         # the reference: shuffled pairs, from their own generator (the epoch's batches stay as they were)
         reference = shuffled_scores(emb[0], emb[2], run.assigned, torch.Generator().manual_seed(
             cfg.seed * 1000 + epoch))
@@ -1014,6 +1017,15 @@ def shuffled_scores(v_img, t, assigned, generator):
     other = r + (r >= torch.as_tensor(assigned)).long()
     return torch.cat([(v_img[o.to(v_img.device)] * tc).sum(1).float().cpu()
                       for o, tc in zip(other.split(1 << 16), t.split(1 << 16))])
+
+
+def _refuse_nonfinite(cfg, scores):
+    """score's cosines must be numbers: NaN/Inf ones come from the model (finite weights whose embeddings
+    overflow or vanish), named here rather than by the GMM."""
+    bad = int((~torch.isfinite(torch.as_tensor(scores))).sum())
+    if bad:
+        raise ValueError(f"the model {cfg.pretrained or cfg.image_tower} gives NaN/Inf cosines for {bad} of "
+                         f"{len(scores)} pairs: its embeddings overflow or vanish; use another model")
 
 
 def gmm_split(scores, reference, threshold, seed, max_fit=2_000_000):
@@ -1613,6 +1625,7 @@ def score_streamed(cfg, model, tokenizer, preprocess, device, rank=0, world=1, l
     skipped = dict(sum((Counter(s) for _, s in results), Counter()))
     try:
         scores, reference = merge_parts([p for p in part_files if p.exists()], pairs_file)
+        _refuse_nonfinite(cfg, scores)
         if len(reference) < 2:
             raise ValueError(f"{cfg.data} holds {len(scores)} complete pairs (skipped: {skipped or 'none'}) "
                              f"and {len(reference)} pairs of a caption with another image; the split needs "
@@ -1711,6 +1724,7 @@ def score_command(cfg: ScoreCommandConfig):
     v, t = embed_pairs(model.to(device), pairs.images, pairs.captions, tokenizer, preprocess,
                        cfg.embed_batch_size, device, workers=cfg.workers)
     scores = (v[torch.as_tensor(assigned, device=v.device)] * t).sum(1).float().cpu()  # (C,) pair cosines
+    _refuse_nonfinite(cfg, scores)
     reference = shuffled_scores(v, t, assigned, torch.Generator().manual_seed(cfg.seed))
     p_clean, kept, stats = gmm_split(scores, reference, cfg.threshold, cfg.seed, max_fit=SCORE_FIT_MAX)
     rows = ([c, int(assigned[c]), pairs.captions[c], f"{scores[c]:.6f}", f"{p_clean[c]:.6f}", int(kept[c])]

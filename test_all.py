@@ -4395,3 +4395,49 @@ def test_silent_empty_captions_one_rule_streamed_and_in_memory(stream_setup, tmp
         R.main([*score[:2], *score[4:], "--data", shard])
     out = R.main([*score[:2], *score[4:], "--data", shard, "--skip_bad_captions"])
     assert out["pairs"] == 5 and out["skipped"] == {"empty caption": 1}
+
+
+def test_silent_nan_weights_and_a_comma_in_a_folder_name(stream_setup, tmp_path):
+    """Weights holding NaN/Inf (a robustitm checkpoint, a CLIP state dict) are refused when loaded, naming
+    the file and the tensor, before anything is written (not a GMM error about 'x'). A --data path whose
+    folder name holds a comma is that file (tar shard or table), not a list."""
+    _, ckpt, data, captions, paths = stream_setup
+    c = torch.load(ckpt, map_location="cpu", weights_only=True)
+    c["model"]["visual.proj"][0, 0] = float("nan")
+    torch.save(c, tmp_path / "nan.pt")
+    sd = R.tiny_model().state_dict()
+    sd["ln_final.weight"][:3] = float("inf")
+    torch.save(sd, tmp_path / "inf.pt")
+    for argv, match in ((["score", str(tmp_path / "nan.pt"), "--data", str(data), "--output",
+                          str(tmp_path / "s.csv")], r"nan.pt: 1 NaN/Inf values in visual.proj"),
+                        (["train", "--pretrained", str(tmp_path / "nan.pt"), "--data", str(data), "--output_dir",
+                          str(tmp_path / "run")], r"nan.pt: 1 NaN/Inf values in visual.proj"),
+                        (["eval", str(tmp_path / "inf.pt"), "--data", str(data)],
+                         r"inf.pt: 3 NaN/Inf values in ln_final.weight")):
+        with pytest.raises(ValueError, match=match):
+            R.main(argv)
+    assert not (tmp_path / "s.csv").exists() and not (tmp_path / "run").exists()
+    folder = tmp_path / "web,2024"
+    shard = _tar(folder.mkdir() or folder / "s.tar", [(f"{k:03d}.{e}", Path(paths[k]).read_bytes() if e == "png"
+                                                      else captions[k].encode()) for k in range(6)
+                                                     for e in ("png", "txt")])
+    assert R.tar_shards(shard) == [shard] and R.is_streamed(shard)
+    assert R.main(["score", ckpt, "--data", shard, "--workers", "0", "--output", str(tmp_path / "t.csv")])[
+        "pairs"] == 6
+
+
+def test_silent_nan_cosines_from_finite_weights(stream_setup, tmp_path, monkeypatch):
+    """A model with finite weights whose embeddings come out NaN: score names the model (in memory and
+    streamed), train stops with a FloatingPointError at the split, as for a NaN loss."""
+    _, ckpt, data, captions, paths = stream_setup
+    real = R.embed_images
+    monkeypatch.setattr(R, "embed_images", lambda *a, **k: real(*a, **k) * float("nan"))
+    table = tmp_path / "t.csv"
+    table.write_text("image,caption\n" + "".join(f"{p},{c}\n" for p, c in zip(paths[::5][:8], captions)))
+    for d in (data, table):
+        with pytest.raises(ValueError, match=r"the model .*best.pt gives NaN/Inf cosines for \d+ of"):
+            R.main(["score", ckpt, "--data", str(d), "--workers", "0", "--output", str(tmp_path / "s.csv")])
+    assert not (tmp_path / "s.csv").exists()
+    with pytest.raises(FloatingPointError, match=r"epoch 0: \d+ training pairs' cosines are NaN/Inf; no checkpoint"):
+        R.main(["train", "--preset", "dsdmr", "--pretrained", ckpt, "--data", str(data), "--epochs", "1",
+                "--output_dir", str(tmp_path / "run"), *_TINY_RUN])
