@@ -4441,3 +4441,23 @@ def test_silent_nan_cosines_from_finite_weights(stream_setup, tmp_path, monkeypa
     with pytest.raises(FloatingPointError, match=r"epoch 0: \d+ training pairs' cosines are NaN/Inf; no checkpoint"):
         R.main(["train", "--preset", "dsdmr", "--pretrained", ckpt, "--data", str(data), "--epochs", "1",
                 "--output_dir", str(tmp_path / "run"), *_TINY_RUN])
+
+
+def test_silent_exif_rotation_is_not_applied_as_in_open_clip(tmp_path):
+    """A JPEG whose EXIF says "rotate 90°" is read as stored, unrotated, as open_clip's image_transform reads
+    it (parity with the pipelines CLIP weights were trained and scored with); the README's bad-input table
+    says so."""
+    import open_clip
+    from PIL import ImageOps
+    a = np.zeros((24, 40, 3), dtype=np.uint8)
+    a[:, :20] = (200, 30, 30)  # left half red: a 90° rotation would put it on top
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90° clockwise to display
+    Image.fromarray(a).save(tmp_path / "r.jpg", exif=exif, quality=95)
+    with Image.open(tmp_path / "r.jpg") as im:
+        ref = open_clip.image_transform(24, is_train=False)(im)
+        upright = Preprocess(24)(ImageOps.exif_transpose(im))
+    ours = Preprocess(24).normalize(D.decode_image(str(tmp_path / "r.jpg"), Preprocess(24)))
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+    assert not torch.allclose(ours, upright, atol=0.1)
+    assert "EXIF" in (Path(R.__file__).parent / "README.md").read_text().split("## Bad input")[1]
