@@ -1271,8 +1271,9 @@ def _hf_vit(sd, config, layout, image_size=None):
     return out, unexpected, cfg
 
 
-def load_state_strict(model, sd, unexpected=(), only=None):
-    """Copies `sd` into `model`; any missing, unexpected or mis-shaped key raises one error listing them all.
+def load_state_strict(model, sd, unexpected=(), only=None, source="checkpoint"):
+    """Copies `sd` into `model`; any missing, unexpected or mis-shaped key raises one error listing them all,
+    NaN/Inf values another, naming `source` (the file) and the tensors.
 
     `only(name)` picks the parameters checked (a tower loaded into a new dual encoder: all but the heads).
     """
@@ -1285,7 +1286,13 @@ def load_state_strict(model, sd, unexpected=(), only=None):
         lines = [f"{title} ({len(items)}): {', '.join(items[:12])}{' ...' if len(items) > 12 else ''}"
                  for title, items in (("missing", missing), ("unexpected", unexpected),
                                       ("mis-shaped", shapes)) if items]
-        raise ValueError("checkpoint does not match the model:\n  " + "\n  ".join(lines))
+        raise ValueError(f"{source} does not match the model:\n  " + "\n  ".join(lines))
+    nonfinite = {k: int((~sd[k].isfinite()).sum()) for k in own if sd[k].is_floating_point()}
+    nonfinite = {k: n for k, n in nonfinite.items() if n}
+    if nonfinite:
+        raise ValueError(f"{source}: {sum(nonfinite.values())} NaN/Inf values in "
+                         f"{', '.join(list(nonfinite)[:5])}{' ...' if len(nonfinite) > 5 else ''}: weights of "
+                         f"a diverged run, or a damaged file; use another checkpoint")
     with torch.no_grad():
         for k, v in own.items():
             v.copy_(sd[k].to(v.dtype))
@@ -1515,7 +1522,7 @@ def load_model(path=None, image_tower=None, text_tower=None, *, embed_dim=512, a
                              f"pass it as --{'text' if layout == 'bert' else 'image'}"
                              f"_tower together with the other tower")
         model = DualEncoder(cfg)
-        load_state_strict(model, {k: v.float() for k, v in sd.items()}, unexpected)
+        load_state_strict(model, {k: v.float() for k, v in sd.items()}, unexpected, source=path)
         return model, {"layout": layout, "dir": directory, "config": config, "open_clip": open_clip}
     if image_tower is None or text_tower is None:
         raise ValueError("give either a CLIP checkpoint (path) or both image_tower and text_tower")
@@ -1533,6 +1540,7 @@ def load_model(path=None, image_tower=None, text_tower=None, *, embed_dim=512, a
     model = DualEncoder(ModelConfig(vcfg, tcfg, embed_dim))
     new_heads = ("visual.proj", "text_projection", "logit_scale")
     load_state_strict(model, {k: v.float() for k, v in {**isd, **tsd}.items()}, iunexpected + tunexpected,
+                      source=f"{image_tower} + {text_tower}",
                       only=lambda k: k not in new_heads)
     return model, {"layout": f"{ilayout}+bert", "dir": idir, "text_dir": tdir, "config": tconf}
 
@@ -1657,7 +1665,7 @@ def load_checkpoint(path):
         raise ValueError(f"{path} is not a robustitm checkpoint (no model_config); pass it as --pretrained")
     mc = ckpt["model_config"]
     model = DualEncoder(ModelConfig(VisionConfig(**mc["vision"]), TextConfig(**mc["text"]), mc["embed_dim"]))
-    load_state_strict(model, ckpt["model"])
+    load_state_strict(model, ckpt["model"], source=path)
     p = ckpt["preprocess"]
     return (model, tokenizer_from_state(ckpt["tokenizer"]),
             Preprocess(p["size"], tuple(p["mean"]), tuple(p["std"]), p.get("resize")), ckpt)

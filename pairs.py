@@ -29,6 +29,7 @@ import tarfile
 import threading
 import time
 import warnings
+import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -72,9 +73,15 @@ class ImageSet(torch.utils.data.Dataset):
 
     def batches(self, batch_size: int, num_workers: int = 0, pin_memory: bool = False):
         """Yield uint8 (B, 3, S, S) batches in order: array slices, or a DataLoader with workers for paths."""
-        if self.array is None:
-            yield from torch.utils.data.DataLoader(self, batch_size, num_workers=num_workers,
-                                                   pin_memory=pin_memory)
+        if self.array is None:  # decode errors come back as values, raised here (a DataLoader re-raises a
+            # worker's error as a copy whose message is the worker's traceback)
+            decoded = _Decode(paths=self.paths, preprocess=self.preprocess, rows=self.rows)
+            for idx, x, errors in torch.utils.data.DataLoader(decoded, batch_size, num_workers=num_workers,
+                                                              pin_memory=pin_memory):
+                for j, (i, error) in enumerate(zip(idx.tolist(), errors)):
+                    if error:
+                        x[j] = self[i]  # decoded again here: raises its error in this process
+                yield x
             return
         yield from gather_ahead(self, [range(i, min(i + batch_size, len(self)))
                                        for i in range(0, len(self), batch_size)], pin_memory, num_workers)
@@ -212,7 +219,8 @@ def _build(name, paths, captions, img_of_cap, preprocess, cache_dir=None, skip_b
         msg = (f"{len(empty)} of {len(captions)} captions in {source} (split '{name}') are empty, e.g. "
                f"caption #{empty[0]} of image {paths[ioc[empty[0]]]}")
         if not skip_bad_captions:
-            raise ValueError(msg + ". Fill them in, or pass skip_bad_captions=True to drop them.")
+            raise ValueError(msg + ". Fill them in, or pass --skip_bad_captions (skip_bad_captions=True in "
+                             "Python) to drop them.")
         warnings.warn(msg + "; dropped them.")
     if cache_dir is not None:  # decodes everything once: finds truncated files too
         array, bad = cache_images(paths, preprocess, cache_dir, num_workers)
@@ -358,6 +366,22 @@ def _first_line_is_object(text):
         return False
 
 
+def _named_twice(path, where, kind, names):
+    """Refuses a column (or JSON field) named twice: the reader would keep only the last one's value."""
+    twice = [k for k, n in Counter(names).items() if n > 1]
+    if twice:
+        raise ValueError(f"{path} {where}: {kind} {twice[0]!r} is named twice (only the last one's value would "
+                         f"be read); rename or remove one")
+
+
+def _json_object(path, where):
+    """json.loads' object_pairs_hook for table rows: a dict, refusing a field named twice."""
+    def hook(pairs):
+        _named_twice(path, where, "field", [k for k, _ in pairs])
+        return dict(pairs)
+    return hook
+
+
 def _table_records(path, image_key="image", caption_key="caption"):
     """The rows of a CSV/TSV (header row) or JSON-lines table, read one at a time (never the whole file) ->
     yields ("line k", row dict). Shared by read_table and the streaming score."""
@@ -369,7 +393,7 @@ def _table_records(path, image_key="image", caption_key="caption"):
                     if not line.strip():
                         continue
                     try:
-                        r = json.loads(line)
+                        r = json.loads(line, object_pairs_hook=_json_object(path, f"line {k}"))
                     except json.JSONDecodeError as e:
                         raise ValueError(f"{path} line {k} is not valid JSON ({e.msg}); each line must be "
                                          f"one JSON object with {image_key!r} and {caption_key!r}") from None
@@ -377,6 +401,7 @@ def _table_records(path, image_key="image", caption_key="caption"):
                 return
             reader = csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ",", strict=True)
             try:
+                _named_twice(path, "header", "column", reader.fieldnames or [])
                 for r in reader:  # DictReader files the fields beyond the header under the key None
                     if any(str(v).strip() for v in r.pop(None, ())):
                         raise ValueError(f"{path} line {reader.line_num} has more fields than the header "
@@ -401,7 +426,7 @@ def read_table(path, splits, image_root=None, image_key="image", caption_key="ca
     text = _read_text(path) if path.suffix == ".json" else ""
     if text.lstrip().startswith("["):  # a .json file holding a JSON array of objects
         try:
-            d = json.loads(text)
+            d = json.loads(text, object_pairs_hook=_json_object(path, "(a JSON array)"))
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); "
                              f"a truncated download?") from None
@@ -441,12 +466,23 @@ def _table(path, recs, splits, image_root, image_key, caption_key):
     return {s: _group_rows(rows) for s, rows in raw.items()}
 
 
+def _no_columns(path, kind, image_key, caption_key):
+    """A format without named columns refuses image_key/caption_key other than the defaults: they would do
+    nothing."""
+    named = [f"--{k} {v}" for k, v, default in (("image_key", image_key, "image"),
+                                                 ("caption_key", caption_key, "caption")) if v != default]
+    if named:
+        raise ValueError(f"--image_key/--caption_key name a table's columns, but {path} is a {kind} file "
+                         f"(no columns to name); drop {' '.join(named)}")
+
+
 def _parse(path, splits, image_root, max_captions, image_key="image", caption_key="caption"):
     """Pick the reader from the file name/extension; -> {split: (paths, captions, img_of_cap[, extras])}."""
     p = Path(path)
     if not p.exists():
         raise ValueError(f"{path} does not exist; pass a dataset file (see the README's data formats).")
     if (p.is_dir() and any(p.glob("*_caps.tsv"))) or p.name.endswith("_caps.tsv"):
+        _no_columns(path, "CC152K", image_key, caption_key)
         return read_cc152k(p if p.is_dir() else p.parent, splits, image_root)
     if p.suffix == ".json":
         text = _read_text(p)
@@ -462,8 +498,10 @@ def _parse(path, splits, image_root, max_captions, image_key="image", caption_ke
             if len(splits or ()) != 1:
                 raise ValueError(f"{path} is a COCO captions file, which holds one split: "
                                  f"name it (split='val').")
+            _no_columns(path, "COCO captions", image_key, caption_key)
             return read_coco(d, root, splits[0], max_captions)
         if isinstance(d, dict) and d.get("images") and "sentences" in d["images"][0]:
+            _no_columns(path, "Karpathy", image_key, caption_key)
             return read_karpathy(d, root, max_captions)
         if isinstance(d, list):  # an array of rows
             return read_table(p, splits, image_root, image_key, caption_key)
@@ -890,7 +928,8 @@ def tar_shards(data: str):
     """The shard list of a `--data` value naming WebDataset tars (one .tar, a comma-separated list, brace
     patterns such as `shards/{00000..00099}.tar`), or None when `data` names no tar.
     Every shard must exist."""
-    paths = [p for part in _split_top(data, ",") for p in expand_braces(part.strip()) if part.strip()]
+    paths = [data] if os.path.isfile(data) else [  # a file is itself, commas or braces in its name or not
+        p for part in _split_top(data, ",") for p in expand_braces(part.strip()) if part.strip()]
     if not paths or not all(re.search(r"\.(tar|tar\.gz|tgz)$", p) for p in paths):
         return None
     missing = [p for p in paths if not os.path.isfile(p)]
@@ -943,6 +982,8 @@ def _tar_sample(shard, key, members, place):
         return None, "no image"
     if caption is None:
         return None, "no caption"
+    if not caption.strip():
+        return None, "empty caption"
     image = f"{os.path.abspath(shard)}#{img[0]}"
     return {"key": key, "image": image, "caption": caption, "place": list(place), "data": img[1],
             "members": list(members.values()),
@@ -960,35 +1001,81 @@ def _add_fields(fields, **added):
     return out
 
 
-def iter_tar_samples(shards, part=0, parts=1):
+def iter_tar_samples(shards, part=0, parts=1, skip_bad_images=True, skip_bad_captions=True):
     """Samples of WebDataset tar shards, read with tarfile's streaming mode ("r|*": no seeks, compressed tars
     too) -> yields (shard index, record or None, why skipped). Members of one sample are consecutive and share
-    a key. With `parts` readers (ranks x decode workers), reader `part` opens only the shards j with
-    j % parts == part."""
+    a key (see _shard_samples for a key that comes back). A sample without its image (or its caption) is
+    skipped, or with skip_bad_images=False (skip_bad_captions=False) refused, as a table's bad image (caption)
+    is. With `parts` readers (ranks x decode workers), reader `part` opens only the shards j with
+    j % parts == part. A shard that cannot be read is named."""
     for j, shard in enumerate(shards):
         if j % parts != part:
             continue
-        key, members, n = None, {}, 0
-        with tarfile.open(shard, "r|*") as tf:
-            for m in tf:
-                if not m.isfile():
-                    continue
-                k, ext = _tar_key(m.name)
-                if k != key and members:
-                    yield (j, *_tar_sample(shard, key, members, (j, n)))
-                    members, n = {}, n + 1
-                key = k
-                members[ext] = (m.name, tf.extractfile(m).read())
-        if members:
-            yield (j, *_tar_sample(shard, key, members, (j, n)))
+        try:
+            for rec, why in _shard_samples(shard, j):
+                flag = why and ("images" if why[0] == "no image" else "captions")
+                if why and not (skip_bad_images if flag == "images" else skip_bad_captions):
+                    raise ValueError(f"{shard}: sample {why[1]!r}: {why[0]}; each sample needs an image "
+                                     f"({', '.join(TAR_IMAGE_EXTS)}) and a caption (.txt, or .json with "
+                                     f"\"caption\" or \"text\"), its files next to each other. Fix the shard, or "
+                                     f"pass --skip_bad_{flag} to skip such samples")
+                yield j, rec, why and why[0]
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+            raise ValueError(f"tar shard {shard} cannot be read ({e or type(e).__name__}); re-download it, or "
+                             f"leave it out of --data") from e
 
 
-def iter_table_samples(path, split, image_root=None, image_key="image", caption_key="caption"):
+def _shard_samples(shard, j):
+    """Shard j's samples -> yields (record, None) or (None, (why skipped, key)); a record's place is [j, its
+    sample number in the shard]. A key may come back (WebDataset reads it as another sample, and
+    --export_clean matches samples by place), but not with an incomplete sample of it on either side: its
+    files lie apart (all images, then all texts), and skipping would drop most pairs."""
+    key, members, n, done, skipped = None, {}, 0, set(), set()
+    with tarfile.open(shard, "r|*") as tf:
+        for m in tf:
+            if not m.isfile():
+                continue
+            k, ext = _tar_key(m.name)
+            if k != key and members:
+                yield _shard_sample(shard, key, members, (j, n), done, skipped)
+                members, n = {}, n + 1
+            if k in skipped:
+                raise _apart(shard, k, m.name)
+            key = k
+            members[ext] = (m.name, tf.extractfile(m).read())
+        if tf.fileobj.comptype == "tar":  # tarfile ends quietly at a cut or damaged header: a whole shard
+            with open(shard, "rb") as f:  # has a zero block (end of archive) there
+                f.seek(tf.offset)
+                if f.read(tarfile.BLOCKSIZE) != bytes(tarfile.BLOCKSIZE):
+                    raise tarfile.ReadError(f"cut or damaged after byte {tf.offset}")
+    if members:
+        yield _shard_sample(shard, key, members, (j, n), done, skipped)
+
+
+def _shard_sample(shard, key, members, place, done, skipped):
+    """_tar_sample's (record, None) or (None, (why skipped, key)); an incomplete sample of a key read before
+    is refused. Adds `key` to the keys `done` or `skipped` so far."""
+    rec, why = _tar_sample(shard, key, members, place)
+    if why and key in done:
+        raise _apart(shard, key, next(iter(members.values()))[0])
+    (skipped if why else done).add(key)
+    return rec, why and (why, key)
+
+
+def _apart(shard, key, member):
+    """The error for a sample whose members lie apart in its shard."""
+    return ValueError(f"{shard}: the members of sample {key!r} are not consecutive ({member} comes after other "
+                      f"samples' members); WebDataset reads a sample's files together: re-pack the shard in "
+                      f"name order (tar --sort=name)")
+
+
+def iter_table_samples(path, split, image_root=None, image_key="image", caption_key="caption",
+                       skip_bad_captions=False):
     """The pairs of a CSV/TSV/JSONL table (read_table's columns: image_key, caption_key, optional split and
-    others), row by row -> yields (record, None). With a `split` column only the rows of `split`; without one
-    the whole file, which is then one split: any `split` other than "train" (score's default) is refused
-    rather than silently scoring every row. Image paths are relative to image_root (default: the table's
-    folder)."""
+    others), row by row -> yields (record, None), or (None, "empty caption") with skip_bad_captions (else an
+    empty caption is refused). With a `split` column only the rows of `split`; without one the whole file,
+    which is then one split: any `split` other than "train" (score's default) is refused rather than silently
+    scoring every row. Image paths are relative to image_root (default: the table's folder)."""
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent
     first, seen = True, set()
@@ -1008,6 +1095,12 @@ def iter_table_samples(path, split, image_root=None, image_key="image", caption_
         if not isinstance(r.get(image_key), str) or not r[image_key]:
             raise ValueError(f"{path} {where}: no image path ({r.get(image_key)!r}); every row needs one")
         caption = _text(r.get(caption_key), f"{path} {where}")
+        if not caption.strip():
+            if not skip_bad_captions:
+                raise ValueError(f"{path} {where}: the caption is empty; fill it in, or pass "
+                                 f"--skip_bad_captions to skip such pairs")
+            yield None, "empty caption"
+            continue
         image = os.path.abspath(root / r[image_key])  # --export_clean's JSONL reads back from anywhere
         yield {"key": str(root / r[image_key]), "image": image, "caption": caption,
                "fields": {**r, image_key: image}}, None
@@ -1066,26 +1159,32 @@ class StreamBlocks(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         part = self.rank * self.workers + (info.id if info is not None else 0)
         S = self.preprocess.size
-        for unit, recs, skipped in self._blocks(part, self.world * self.workers):
-            images, errors = torch.zeros(len(recs), 3, S, S, dtype=torch.uint8), []
-            for i, rec in enumerate(recs):
-                data = rec.pop("data", None)
-                rec.pop("members", None)  # (bytes, for export_clean_tar's pass only)
-                try:
-                    images[i] = (_decode_bytes(data, self.preprocess) if data is not None
-                                 else decode_image(rec["image"], self.preprocess))
-                    errors.append("")
-                except (OSError, ValueError, Image.DecompressionBombError) as e:
-                    errors.append(f"cannot read image {rec['image']}: {e.__cause__ or e}")
-            yield part, unit, json.dumps(recs), images, errors, dict(skipped)
+        try:
+            for unit, recs, skipped in self._blocks(part, self.world * self.workers):
+                images, errors = torch.zeros(len(recs), 3, S, S, dtype=torch.uint8), []
+                for i, rec in enumerate(recs):
+                    data = rec.pop("data", None)
+                    rec.pop("members", None)  # (bytes, for export_clean_tar's pass only)
+                    try:
+                        images[i] = (_decode_bytes(data, self.preprocess) if data is not None
+                                     else decode_image(rec["image"], self.preprocess))
+                        errors.append("")
+                    except (OSError, ValueError, Image.DecompressionBombError) as e:
+                        errors.append(f"cannot read image {rec['image']}: {e.__cause__ or e}")
+                yield part, unit, json.dumps(recs), images, errors, dict(skipped)
+        except (OSError, ValueError) as e:  # the input's fault: passed on for stream_blocks to raise
+            yield e
 
 
 def stream_blocks(samples, preprocess, block, workers=0, rank=0, world=1):
-    """Iterator over StreamBlocks' blocks for this rank: decoded in `workers` processes (0: here)."""
+    """StreamBlocks' blocks for this rank, decoded in `workers` processes (0: here). A reader's ValueError or
+    OSError is raised here as it was raised (a DataLoader would raise a copy whose message is the worker's
+    traceback)."""
     ds = StreamBlocks(samples, preprocess, block, rank, world, max(workers, 1))
-    if workers == 0:
-        return iter(ds)
-    return iter(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers))
+    for got in (ds if workers == 0 else torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers)):
+        if isinstance(got, Exception):
+            raise got
+        yield got
 
 
 def merge_parts(part_files, out_file):

@@ -29,9 +29,11 @@ import os
 import re
 import signal
 import sys
+import sysconfig
 import tarfile
 import threading
 import time
+import traceback
 import warnings
 import zipfile
 from collections import Counter
@@ -121,6 +123,8 @@ class DataConfig:
     synthetic_sizes: str = _opt("3000,500,1000", "synthetic train,val,test image counts")
     cache_dir: str = _opt(None, "memory-mapped uint8 image cache (decode once, reuse every epoch and round)")
     skip_bad_images: bool = _opt(False, "drop pairs whose image is missing or corrupt instead of stopping")
+    skip_bad_captions: bool = _opt(False, "drop pairs whose caption is empty (or missing from a tar sample) "
+                                   "instead of stopping")
     image_key: str = _opt("image", "column/field of a CSV/TSV/JSON table that holds the image path "
                           "(open_clip's --csv-img-key, e.g. filepath; Hugging Face run_clip's image_path)")
     caption_key: str = _opt("caption", "column/field of a CSV/TSV/JSON table that holds the caption "
@@ -196,7 +200,7 @@ class SplitConfig:
 
 @dataclass
 class MethodConfig:
-    preset: str = _opt(None, "method preset (overrides the switches it names): " + "; ".join(
+    preset: str = _opt(None, "method preset (sets the switches it names; flags given win): " + "; ".join(
         f"{k}={'/'.join(str(x) for x in v.values())}" for k, v in PRESETS.items()), choices=list(PRESETS))
     filter: str = _opt("none", "clean/noisy split: none | gmm (paper A) | mscn (paper B) | truth (the "
                        "injected noise's own labels: a reference)", choices=list(FILTERS))
@@ -731,6 +735,8 @@ def prepare_run(cfg, splits=None, log=print, vocab_captions=None) -> Run:
         raise ValueError("--filter mscn runs in one process (its look-ahead is not distributed); "
                          "drop torchrun")
     log = log if rank == 0 else (lambda *a, **k: None)  # only rank 0 writes files and logs
+    if cfg.preset:
+        log(preset_summary(cfg))
     out = _prepare_output(cfg) if rank == 0 else Path(cfg.output_dir)
     torch.manual_seed(cfg.seed)
     model, tokenizer, preprocess, splits = _model_and_data(cfg, splits, vocab_captions)
@@ -999,7 +1005,8 @@ def splits_for(cfg, preprocess, names=SPLITS):
         return {name: splits[name] for name in names}
     return load_splits(cfg.data, list(names), image_root=cfg.image_root, size=preprocess.size,
                        mean=preprocess.mean, std=preprocess.std, cache_dir=cfg.cache_dir,
-                       skip_bad_images=cfg.skip_bad_images, num_workers=cfg.workers,
+                       skip_bad_images=cfg.skip_bad_images, skip_bad_captions=cfg.skip_bad_captions,
+                       num_workers=cfg.workers,
                        image_key=cfg.image_key, caption_key=cfg.caption_key, resize=preprocess.resize)
 
 
@@ -1152,6 +1159,9 @@ def refit_split(run, epoch, emb):
     cfg = run.cfg
     if cfg.filter == "gmm":
         scores = (emb[1] * emb[2]).sum(1).float().cpu()  # (C,) cosine of each training pair
+        if not scores.isfinite().all():
+            raise _diverged(run, f"epoch {epoch}: {int((~scores.isfinite()).sum())} training pairs' cosines "
+                                 f"are NaN/Inf")
         # the reference: shuffled pairs, from their own generator (the epoch's batches stay as they were)
         reference = shuffled_scores(emb[0], emb[2], run.assigned, torch.Generator().manual_seed(
             cfg.seed * 1000 + epoch))
@@ -1184,6 +1194,15 @@ def shuffled_scores(v_img, t, assigned, generator):
     other = r + (r >= torch.as_tensor(assigned)).long()
     return torch.cat([(v_img[o.to(v_img.device)] * tc).sum(1).float().cpu()
                       for o, tc in zip(other.split(1 << 16), t.split(1 << 16))])
+
+
+def _refuse_nonfinite(cfg, scores):
+    """score's cosines must be numbers: NaN/Inf ones come from the model (finite weights whose embeddings
+    overflow or vanish), named here rather than by the GMM."""
+    bad = int((~torch.isfinite(torch.as_tensor(scores))).sum())
+    if bad:
+        raise ValueError(f"the model {cfg.pretrained or cfg.image_tower} gives NaN/Inf cosines for {bad} of "
+                         f"{len(scores)} pairs: its embeddings overflow or vanish; use another model")
 
 
 def gmm_split(scores, reference, threshold, seed, max_fit=2_000_000):
@@ -1510,29 +1529,47 @@ def test_selected(run):
 # CLI
 # ------------------------------------------------------------------------------------------------------------
 
-def _add_dataclass_args(parser, cls, only=None, defaults=None, positional=()):
-    """One flag per field of `cls` (or of the fields named in `only`), with its default, help and choices;
-    the fields named in `positional` become optional positional arguments."""
+def _add_dataclass_args(parser, cls, only=None, positional=()):
+    """One flag per field of `cls` (or of the fields named in `only`), with its help and choices; the fields
+    named in `positional` become optional positional arguments. No defaults: only the flags given on the
+    command line are in the namespace (_config_from fills in the rest)."""
     for f in fields(cls):
         if only is not None and f.name not in only:
             continue
-        default = (defaults or {}).get(f.name, f.default)
         if f.name in positional:
-            parser.add_argument(f.name, nargs="?", default=default, help=f.metadata["help"])
+            parser.add_argument(f.name, nargs="?", default=argparse.SUPPRESS, help=f.metadata["help"])
             continue
-        kw = {"default": default, "help": f.metadata.get("help", ""),
+        kw = {"default": argparse.SUPPRESS, "help": f.metadata.get("help", ""),
               "required": f.metadata.get("required", False)}
         if "choices" in f.metadata:
             kw["choices"] = f.metadata["choices"]
         if isinstance(f.default, bool):
-            kw["action"] = argparse.BooleanOptionalAction
+            kw["action"], kw["help"] = argparse.BooleanOptionalAction, f"{kw['help']} (default: {f.default})"
         else:
             kw["type"] = type(f.default) if f.default is not None else str
         parser.add_argument(f"--{f.name}", **kw)
 
 
-def _config_from(args, cls):
-    return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
+def _config_from(cls, given, defaults=None):
+    """The config of the flags `given` on the command line ({name: value}); the others take `defaults`, then
+    their field's default. A --preset sets the switches it names, but not the ones given: a flag given wins.
+    (Python's TrainConfig(preset=...) sets every switch its preset names.)"""
+    preset = given.get("preset")
+    values = {**{f.name: f.default for f in fields(cls)}, **(defaults or {}), **PRESETS.get(preset, {}), **given}
+    if not preset:
+        return cls(**values)
+    cfg = cls(**{**values, "preset": None})  # (with it, __post_init__ would set its switches over the flags)
+    cfg.preset = preset
+    return cfg
+
+
+def preset_summary(cfg):
+    """What cfg's preset set, and what was given over it: "--preset clip set filter=none loss=infonce
+    batches=random unimodal=False; given over it: --filter gmm"."""
+    preset = PRESETS[cfg.preset]
+    over = [f"--{k} {getattr(cfg, k)}" for k, v in preset.items() if getattr(cfg, k) != v]
+    return (f"--preset {cfg.preset} set {' '.join(f'{k}={v}' for k, v in preset.items())}"
+            + (f"; given over it: {' '.join(over)}" if over else ""))
 
 
 # The demo's and the robustness benchmark's pretrained model, shipped in weights/. bench/pretrain.py
@@ -1653,10 +1690,11 @@ def _stream_samples(cfg):
         if cfg.split != "train":
             raise ValueError(f"tar shards have no splits; drop --split {cfg.split} "
                              f"(each --data is one split)")
-        return functools.partial(iter_tar_samples, shards), None
+        return functools.partial(iter_tar_samples, shards, skip_bad_images=cfg.skip_bad_images,
+                                 skip_bad_captions=cfg.skip_bad_captions), None
     path = Path(cfg.data)
     rows = functools.partial(iter_table_samples, path, cfg.split, cfg.image_root, cfg.image_key,
-                             cfg.caption_key)
+                             cfg.caption_key, cfg.skip_bad_captions)
     return functools.partial(table_units, rows, cfg.embed_batch_size), count_table_samples(path, cfg.split)
 
 
@@ -1770,6 +1808,7 @@ def score_streamed(cfg, model, tokenizer, preprocess, device, rank=0, world=1, l
     outputs = [path for _, path in _score_outputs(cfg)]  # the CSV, the clean JSONL, the kept samples' shard
     try:
         scores, reference = merge_parts([p for p in part_files if p.exists()], pairs_file)
+        _refuse_nonfinite(cfg, scores)
         if len(reference) < 2:
             raise ValueError(f"{cfg.data} holds {len(scores)} complete pairs (skipped: {skipped or 'none'}) "
                              f"and {len(reference)} pairs of a caption with another image; the split needs "
@@ -1889,6 +1928,7 @@ def score_in_memory(cfg):
     v, t = embed_pairs(model.to(device), pairs.images, pairs.captions, tokenizer, preprocess,
                        cfg.embed_batch_size, device, workers=cfg.workers)
     scores = (v[torch.as_tensor(assigned, device=v.device)] * t).sum(1).float().cpu()  # (C,) pair cosines
+    _refuse_nonfinite(cfg, scores)
     reference = shuffled_scores(v, t, assigned, torch.Generator().manual_seed(cfg.seed))
     p_clean, kept, stats = gmm_split(scores, reference, cfg.threshold, cfg.seed, max_fit=SCORE_FIT_MAX)
     rows = ([c, int(assigned[c]), pairs.captions[c], f"{scores[c]:.6f}", f"{p_clean[c]:.6f}", int(kept[c])]
@@ -1918,23 +1958,110 @@ COMMANDS = {  # name: (help, config class, function)
 }
 
 
-def main(argv=None):
+def _parser():
     parser = argparse.ArgumentParser(prog="robustitm", description=__doc__.split("\n")[0])
+    debug = "show the full traceback of an error (or set ROBUSTITM_DEBUG=1)"
+    parser.add_argument("--debug", action="store_true", help=debug)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_text, cls, _) in COMMANDS.items():
-        demo_only = (DEMO_FLAGS, DEMO_DEFAULTS) if name == "demo" else (None, None)
         positional = ("pretrained",) if name in ("eval", "score") else ()  # `robustitm eval best.pt ...`
-        _add_dataclass_args(sub.add_parser(name, help=help_text), cls, *demo_only, positional)
-    args = parser.parse_args(argv)
-    _, cls, command = COMMANDS[args.command]
-    return command(_config_from(args, cls))
+        command = sub.add_parser(name, help=help_text)
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug)
+        _add_dataclass_args(command, cls, DEMO_FLAGS if name == "demo" else None, positional)
+    return parser
 
 
-def cli():
-    """The `robustitm` console script: exit status 0 on success (main's return value is
-    for Python callers)."""
-    main()
+def _idle_flags(cfg):
+    """[(flags, the input that makes them do nothing)] for cfg's model and data."""
+    rules, model = [], cfg.pretrained
+    if model and Path(model).is_file() and _is_robustitm_checkpoint(model):
+        rules.append(({"image_tower", "text_tower", "embed_dim", "image_size", "activation", "tokenizer",
+                       "allow_torchscript"}, f"a robustitm checkpoint ({model}): it holds its model, "
+                                             f"tokenizer and image size"))
+    elif model:
+        rules.append(({"image_tower", "text_tower", "embed_dim", "image_size"},
+                      f"CLIP weights ({model}): they hold both towers, their heads and image size"))
+        oc = (Path(model) if Path(model).is_dir() else Path(model).parent) / "open_clip_config.json"
+        if oc.is_file():
+            rules.append(({"activation"}, f"{oc} next to the weights: it says the activation"))
+    elif cfg.image_tower:
+        rules.append(({"image_size", "activation", "tokenizer"}, "--image_tower/--text_tower: their "
+                                                                 "directories hold them"))
+    elif isinstance(cfg, TrainConfig):
+        rules.append(({"text_tower", "embed_dim", "activation", "tokenizer", "allow_torchscript"},
+                      "a model from scratch (no --pretrained or --image_tower)"))
+    if cfg.data == "synthetic":
+        rules.append(({"image_root", "cache_dir", "skip_bad_images", "skip_bad_captions", "image_key",
+                       "caption_key"},
+                      "the synthetic scenes (no files)"))
+    else:
+        rules.append(({"synthetic_sizes"}, f"--data {cfg.data}"))
+    if isinstance(cfg, ScoreCommandConfig) and is_streamed(cfg.data):
+        rules.append(({"cache_dir"}, "streamed input (tar shards, CSV/TSV/JSONL tables): each image is "
+                                     "decoded once"))
+        if tar_shards(cfg.data):
+            rules.append(({"image_root", "image_key", "caption_key"}, "tar shards: a sample's members are its "
+                                                                      "image and caption"))
+    return rules
+
+
+def _refuse_idle_flags(cfg, given):
+    """A flag given on the command line that cfg's model or data makes do nothing is an error, not ignored."""
+    for flags, why in _idle_flags(cfg):
+        idle = [f"--{k}" for k in given if k in flags]
+        if idle:
+            raise ValueError(f"{' '.join(idle)} {'does' if len(idle) == 1 else 'do'} nothing with {why}; "
+                             f"drop {'it' if len(idle) == 1 else 'them'}")
+
+
+def main(argv=None):
+    """Runs the command `argv` names -> its result. Errors are raised, as for any Python call; the console
+    script (cli) turns a user's mistake into one line."""
+    given = vars(_parser().parse_args(argv))
+    name = given.pop("command")
+    given.pop("debug")
+    _, cls, command = COMMANDS[name]
+    cfg = _config_from(cls, given, DEMO_DEFAULTS if name == "demo" else None)
+    _refuse_idle_flags(cfg, given)
+    return command(cfg)
+
+
+# A ValueError or OSError raised in one of these modules is a user's mistake: a check that names the flag or
+# file and the fix, or open() and the like on a path the user gave.
+OWN_MODULES = ("robustitm", "pairs", "dual_encoder", "batches", "gmm", "losses", "meta")
+_STDLIB = sysconfig.get_paths()["stdlib"]
+
+
+def users_mistake(e) -> bool:
+    """Whether `e` was raised by our code: a ValueError or OSError whose innermost traceback frame is in one of
+    OWN_MODULES (builtins such as open() add no frame), or an OSError the standard library (pathlib, tarfile)
+    raised under our call on a user's path. A ValueError from inside torch or numpy is a bug of ours."""
+    if not isinstance(e, (ValueError, OSError)):
+        return False
+    own = {__file__} | {getattr(sys.modules.get(m), "__file__", None) for m in OWN_MODULES}
+    files = [frame.f_code.co_filename for frame, _ in traceback.walk_tb(e.__traceback__)]
+    last = max((i for i, f in enumerate(files) if f in own), default=None)
+    if last is None:
+        return False
+    below = files[last + 1:]  # the library's frames under our last call
+    return not below or isinstance(e, OSError) and all(f.startswith(_STDLIB) and "-packages" not in f
+                                                       for f in below)
+
+
+def cli(argv=None):
+    """The `robustitm` console script and `python robustitm.py`: exit status 0 on success; a user's mistake
+    (users_mistake) is one line `robustitm <command>: error: <message>` and exit status 2 (argparse's for a
+    usage error), a bug its traceback; --debug or ROBUSTITM_DEBUG=1 shows every traceback."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        main(argv)
+    except (ValueError, OSError) as e:
+        args = _parser().parse_args(argv)  # parsed before the command ran: cannot fail here
+        if args.debug or os.environ.get("ROBUSTITM_DEBUG", "0") not in ("", "0") or not users_mistake(e):
+            raise
+        print(f"robustitm {args.command}: error: {' '.join(str(e).splitlines())}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
-    main()
+    cli()

@@ -1363,14 +1363,14 @@ def test_data_image_and_caption_keys_from_the_command_line(tmp_path):
             for k, (n, s) in enumerate(_CONV_ROWS)]
     (tmp_path / "train.json").write_text("\n".join(rows) + "\n")  # run_clip's --train_file: JSON lines
     res = R.main(["train", "--data", str(tmp_path / "train.json"), "--image_key", "image_path",
-                  "--caption_key", "text", "--epochs", "1", "--output_dir", str(tmp_path / "run"), *_TINY,
+                  "--caption_key", "text", "--epochs", "1", "--output_dir", str(tmp_path / "run"), *_TINY_RUN,
                   "--batch_size", "2"])
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert (tmp_path / "run" / "best.pt").exists() and "rsum" in res
     assert (config["image_key"], config["caption_key"]) == ("image_path", "text")
     with pytest.raises(ValueError, match=r"no 'caption' among the columns found.*e\.g\. --caption_key text"):
         R.main(["train", "--data", str(tmp_path / "train.json"), "--image_key", "image_path",
-                "--epochs", "1", "--output_dir", str(tmp_path / "run2"), *_TINY])
+                "--epochs", "1", "--output_dir", str(tmp_path / "run2"), *_TINY_RUN])
     assert not (tmp_path / "run2").exists()
 
 
@@ -2825,8 +2825,8 @@ torch.save({{"rsum": torch.tensor(res["rsum"])}}, OUT)
 
 # ----- runs, resume, checkpoints -----
 
-_TINY = ["--synthetic_sizes", "120,40,40", "--batch_size", "32", "--lr_warmup_steps", "2", "--log_every", "2",
-         "--workers", "0"]
+_TINY_RUN = ["--batch_size", "32", "--lr_warmup_steps", "2", "--log_every", "2", "--workers", "0"]
+_TINY = ["--synthetic_sizes", "120,40,40", *_TINY_RUN]  # _TINY_RUN alone with --data
 
 
 def _weights(path):
@@ -2872,7 +2872,7 @@ def test_train_clean_reference_keeps_exactly_the_clean_pairs(tmp_path, monkeypat
             and 0 < res["filter"]["kept"] < len(truth))
     with pytest.raises(ValueError, match="--filter truth.*--noise_ratio"):
         R.main(["train", "--filter", "truth", "--noise_ratio", "0", "--data", "pairs.csv", "--output_dir",
-                str(tmp_path / "real"), *_TINY])
+                str(tmp_path / "real"), *_TINY_RUN])
 
 
 def test_train_logs_every_phase_seconds_and_prints_small_lrs(tmp_path, capsys):
@@ -3021,7 +3021,7 @@ def test_train_image_files_decoded_by_workers_give_the_same_run(tmp_path):
     """Image files read ahead by 2 loader processes (training batches, scoring, validation) give exactly the
     run that decoding in the training process gives."""
     data = R.export_karpathy(R.synthetic_splits(60, 20, 20, seed=0), tmp_path / "data")
-    tiny = [a for a in _TINY if a not in ("--workers", "0")]
+    tiny = [a for a in _TINY_RUN if a not in ("--workers", "0")]
     for w in ("0", "2"):
         R.main(["train", "--data", str(data), "--epochs", "2", "--preset", "dsdmr", "--noise_ratio", "0.4",
                 "--output_dir", str(tmp_path / f"w{w}"), "--workers", w, *tiny])
@@ -3368,7 +3368,7 @@ def test_train_two_processes_equal_one_process(tmp_path, preset):
 def test_train_score_and_export_clean_read_back(tmp_path):
     splits = R.synthetic_splits(60, 20, 20, seed=0)
     data = R.export_karpathy(splits, tmp_path / "data")
-    R.main(["train", "--data", str(data), "--epochs", "1", "--output_dir", str(tmp_path / "run"), *_TINY])
+    R.main(["train", "--data", str(data), "--epochs", "1", "--output_dir", str(tmp_path / "run"), *_TINY_RUN])
     csv_path, clean = tmp_path / "scores.csv", tmp_path / "clean.jsonl"
     R.main(["score", str(tmp_path / "run" / "best.pt"), "--data", str(data), "--output", str(csv_path),
             "--export_clean", str(clean)])
@@ -3429,7 +3429,7 @@ def test_eval_and_score_commands_share_the_training_flags(tmp_path):
     apply."""
     splits = R.synthetic_splits(60, 20, 20, seed=0)
     data = R.export_karpathy(splits, tmp_path / "data")
-    R.main(["train", "--data", str(data), "--epochs", "1", "--output_dir", str(tmp_path / "run"), *_TINY])
+    R.main(["train", "--data", str(data), "--epochs", "1", "--output_dir", str(tmp_path / "run"), *_TINY_RUN])
     ckpt = str(tmp_path / "run" / "best.pt")
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     m = R.main(["eval", ckpt, "--data", str(data), "--workers", "0", "--output", str(tmp_path / "m.json")])
@@ -3691,7 +3691,7 @@ def stream_setup(tmp_path_factory):
     noisy = make_noise(tr.img_of_cap, len(tr.images), 0.4, "image", seed=1)
     splits["train"] = R.Pairs(tr.images, tr.captions, noisy, "train")
     data = R.export_karpathy(splits, tmp / "data")
-    R.main(["train", "--data", str(data), "--epochs", "1", "--output_dir", str(tmp / "run"), *_TINY])
+    R.main(["train", "--data", str(data), "--epochs", "1", "--output_dir", str(tmp / "run"), *_TINY_RUN])
     pairs = load_pairs(data, "train", size=32)
     paths = [pairs.images.paths[i] for i in pairs.img_of_cap]
     return tmp, str(tmp / "run" / "best.pt"), data, pairs.captions, paths
@@ -3732,7 +3732,8 @@ def _cosines(path):
 def test_score_streams_tables_and_tar_shards_as_the_in_memory_path(stream_setup, monkeypatch):
     """Streamed score (CSV table, and tar shards through a brace pattern, 2 decode workers, odd batch size)
     gives the in-memory path's cosines (1e-5) and kept set on the same pairs; incomplete tar samples are
-    skipped and counted; the table's --export_clean reads back with load_pairs from another directory."""
+    skipped and counted with --skip_bad_images/--skip_bad_captions; the table's --export_clean reads back with
+    load_pairs from another directory."""
     tmp, ckpt, data, captions, paths = stream_setup
     R.main(["score", ckpt, "--data", str(data), "--workers", "0", "--output", str(tmp / "mem.csv")])
     want, want_kept, _ = _cosines(tmp / "mem.csv")
@@ -3763,7 +3764,8 @@ def test_score_streams_tables_and_tar_shards_as_the_in_memory_path(stream_setup,
     np.testing.assert_allclose(_cosines(tmp / "renamed.csv")[0], want, atol=1e-5)
     pattern = _write_shards(tmp / "shards", captions, paths)
     out = R.main(["score", ckpt, "--data", pattern, "--workers", "2", "--embed_batch_size", "7",
-                  "--output", str(tmp / "tar.csv"), "--export_clean", str(tmp / "tar.jsonl")])
+                  "--skip_bad_images", "--skip_bad_captions", "--output", str(tmp / "tar.csv"), "--export_clean",
+                  str(tmp / "tar.jsonl")])
     got, kept, rows = _cosines(tmp / "tar.csv")
     np.testing.assert_allclose(got, want, atol=1e-5)
     assert kept == want_kept and out["skipped"] == {"no caption": 3, "no image": 3}
@@ -3839,7 +3841,8 @@ def test_score_two_processes_write_the_one_process_files(stream_setup, tmp_path)
                "--output", f"{out}.csv", "--export_clean", f"{out}.jsonl", *flags]
         return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
-    for data, name, flags in ((pattern, "tar", ["--workers", "2", "--embed_batch_size", "7"]),
+    skip = ["--skip_bad_images", "--skip_bad_captions"]
+    for data, name, flags in ((pattern, "tar", ["--workers", "2", "--embed_batch_size", "7", *skip]),
                               (str(table), "table", ["--workers", "0", "--embed_batch_size", "16"])):
         for nproc in (1, 2):
             run = score(nproc, data, name, *flags)
@@ -3887,11 +3890,11 @@ def test_stream_brace_expansion_and_large_gmm_split():
 
 def test_silent_real_data_is_used_as_given_without_noise_flags(tmp_path, capsys):
     data = R.export_karpathy(R.synthetic_splits(40, 10, 10, seed=0), tmp_path / "data")
-    R.main(["train", "--data", str(data), "--epochs", "1", "--output_dir", str(tmp_path / "run"), *_TINY])
+    R.main(["train", "--data", str(data), "--epochs", "1", "--output_dir", str(tmp_path / "run"), *_TINY_RUN])
     assert not (tmp_path / "run" / "noise.npy").exists()
     assert "pairs as given (their noise is unknown)" in capsys.readouterr().out
     R.main(["train", "--data", str(data), "--epochs", "1", "--noise_ratio", "0.4", "--output_dir",
-            str(tmp_path / "noisy"), *_TINY])
+            str(tmp_path / "noisy"), *_TINY_RUN])
     assert (tmp_path / "noisy" / "noise.npy").is_file()  # asked for: injected and saved
 
 
@@ -3972,7 +3975,7 @@ def test_silent_resume_refuses_another_run_and_truncates_the_log(tmp_path):
 def test_silent_score_never_writes_a_noise_file_and_checks_outputs_first(tmp_path):
     splits = R.synthetic_splits(30, 10, 10, seed=0)
     data = R.export_karpathy(splits, tmp_path / "data")
-    R.main(["train", "--data", str(data), "--epochs", "1", "--output_dir", str(tmp_path / "run"), *_TINY])
+    R.main(["train", "--data", str(data), "--epochs", "1", "--output_dir", str(tmp_path / "run"), *_TINY_RUN])
     ckpt = str(tmp_path / "run" / "best.pt")
     with pytest.raises(ValueError, match="noise file .*typo.npy does not exist"):
         R.main(["score", ckpt, "--data", str(data), "--output", str(tmp_path / "a.csv"), "--noise_file",
@@ -4088,7 +4091,7 @@ def test_silent_training_needs_train_val_and_test_splits(tmp_path):
     _png(tmp_path / "a.png", 0)
     (tmp_path / "p.csv").write_text("image,caption,split\na.png,one,val\na.png,two,test\n")
     with pytest.raises(ValueError, match=r"split\(s\) \['train'\] not found.*Training needs train, val"):
-        R.main(["train", "--data", str(tmp_path / "p.csv"), "--output_dir", str(tmp_path / "run"), *_TINY])
+        R.main(["train", "--data", str(tmp_path / "p.csv"), "--output_dir", str(tmp_path / "run"), *_TINY_RUN])
     assert not (tmp_path / "run").exists()
 
 
@@ -4521,3 +4524,319 @@ def test_silent_an_interrupted_score_leaves_no_part_files_and_a_rerun_removes_st
         (out / name).write_text("x" * 1000)
     R.main(argv + ["--workers", "0"])
     assert sorted(p.name for p in out.iterdir()) == sorted(kept + ["s.csv", "c.jsonl"])
+
+
+# ----- the CLI: a user's mistake is one line and exit status 2; a bug keeps its traceback -----
+
+def _cli(capsys, *argv):
+    """R.cli(argv) -> (exit status, stderr)."""
+    with pytest.raises(SystemExit) as stop:
+        R.cli(list(argv))
+    return stop.value.code, capsys.readouterr().err
+
+
+def test_cli_a_users_mistake_is_one_line_and_exit_status_2(tmp_path, capsys, monkeypatch):
+    """A ValueError of our checks, an OSError of open() on the user's path, and one the standard library
+    raised on our call (pathlib) -> `robustitm <command>: error: ...`, exit 2, no traceback; --debug (before
+    or after the command) and ROBUSTITM_DEBUG=1 raise instead; main() raises for Python callers."""
+    monkeypatch.delenv("ROBUSTITM_DEBUG", raising=False)
+    out = str(tmp_path / "run")
+    code, err = _cli(capsys, "train", "--epochs", "0", "--output_dir", out)
+    assert code == 2 and err == "robustitm train: error: --epochs must be >= 1, got 0\n"
+    (tmp_path / "dir.csv").mkdir()  # open() on a folder: IsADirectoryError, raised where our code called it
+    code, err = _cli(capsys, "eval", "weights.pt", "--data", str(tmp_path / "dir.csv"))
+    assert code == 2 and err.startswith("robustitm eval: error: ") and len(err.splitlines()) == 1
+    (tmp_path / "dir.json").mkdir()  # Path.read_text(): raised inside pathlib, which our code called
+    code, err = _cli(capsys, "train", "--data", str(tmp_path / "dir.json"), "--output_dir", out)
+    assert code == 2 and "Is a directory" in err and "dir.json" in err and len(err.splitlines()) == 1
+    for argv in (["--debug", "train", "--epochs", "0"], ["train", "--epochs", "0", "--debug"]):
+        with pytest.raises(ValueError, match="--epochs must be >= 1"):
+            R.cli(argv + ["--output_dir", out])
+    monkeypatch.setenv("ROBUSTITM_DEBUG", "1")
+    with pytest.raises(ValueError, match="--epochs must be >= 1"):
+        R.cli(["train", "--epochs", "0", "--output_dir", out])
+    with pytest.raises(ValueError, match="--epochs must be >= 1"):
+        R.main(["train", "--epochs", "0", "--output_dir", out])
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_a_bug_keeps_its_traceback(tmp_path, capsys, monkeypatch):
+    """A ValueError raised inside numpy (here by a bad call standing in for a bug of ours) is not the user's:
+    it propagates with its traceback; so does any other exception."""
+    monkeypatch.delenv("ROBUSTITM_DEBUG", raising=False)
+
+    def bug(cfg):
+        return np.arange(3).reshape(2, 2)
+    monkeypatch.setitem(R.COMMANDS, "train", (*R.COMMANDS["train"][:2], bug))
+    with pytest.raises(ValueError, match="cannot reshape"):
+        R.cli(["train", "--output_dir", str(tmp_path / "run")])
+    assert not R.users_mistake(KeyError("x")) and not R.users_mistake(ValueError("never raised"))
+
+
+def test_cli_script_prints_one_line(tmp_path):
+    """`python robustitm.py` (as the console script): the one line and exit status 2, no traceback."""
+    import subprocess
+    import sys
+    run = subprocess.run([sys.executable, R.__file__, "score", "--data", "synthetic", "--output",
+                          str(tmp_path / "s.csv")], capture_output=True, text=True, timeout=120,
+                         env={k: v for k, v in os.environ.items() if k != "ROBUSTITM_DEBUG"})
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert run.stderr.startswith("robustitm score: error: give the model to use") and \
+        len(run.stderr.splitlines()) == 1
+
+
+def test_cli_an_error_in_a_decode_worker_is_one_line(stream_setup, tmp_path, capsys, monkeypatch):
+    """A table without its caption column (read by score's decode workers) and a truncated image (decoded by
+    eval's workers): the worker's own message, one line, not DataLoader's copy of its traceback."""
+    monkeypatch.delenv("ROBUSTITM_DEBUG", raising=False)
+    _, ckpt, _, captions, paths = stream_setup
+    table = tmp_path / "t.csv"
+    table.write_text("image,text\n" + "".join(f"{p},{c}\n" for p, c in zip(paths[:8], captions)))
+    code, err = _cli(capsys, "score", ckpt, "--data", str(table), "--workers", "2", "--output",
+                     str(tmp_path / "s.csv"))
+    assert code == 2 and err.startswith(f"robustitm score: error: {table} needs 'image' and 'caption'"), err
+    assert len(err.splitlines()) == 1 and not list(tmp_path.glob(".*tmp*"))
+    blob = Path(paths[0]).read_bytes()
+    (tmp_path / "cut.png").write_bytes(blob[:len(blob) * 2 // 3])  # opens (header intact), cannot decode
+    (tmp_path / "k.jsonl").write_text("".join(json.dumps({"image": p, "caption": c, "split": "test"}) + "\n"
+                                              for p, c in zip([str(tmp_path / "cut.png"), *paths[5:9]],
+                                                              captions)))
+    code, err = _cli(capsys, "eval", ckpt, "--data", str(tmp_path / "k.jsonl"), "--workers", "2")
+    assert code == 2 and err.startswith("robustitm eval: error: cannot read image") and "cut.png" in err, err
+    assert len(err.splitlines()) == 1
+
+
+def test_cli_flags_given_win_over_a_preset(tmp_path, capsys, monkeypatch):
+    """`--preset clip --filter gmm --warmup_epochs 1`: the --filter given wins, also when given at its default
+    value; the log says what the preset set and what was given over it; Python's TrainConfig(preset=...)
+    still sets every switch it names."""
+    out = tmp_path / "run"
+    R.main(["train", "--preset", "clip", "--filter", "gmm", "--warmup_epochs", "1", "--epochs", "1",
+            "--noise_ratio", "0.4", "--output_dir", str(out), *_TINY])
+    saved = json.loads((out / "config.json").read_text())
+    assert (saved["preset"], saved["filter"], saved["loss"], saved["warmup_epochs"]) == ("clip", "gmm",
+                                                                                        "infonce", 1)
+    assert "--preset clip set filter=none loss=infonce batches=random unimodal=False; given over it: " \
+           "--filter gmm" in capsys.readouterr().out
+    got = {}
+    monkeypatch.setitem(R.COMMANDS, "train", (*R.COMMANDS["train"][:2], lambda cfg: got.setdefault("c", cfg)))
+    R.main(["train", "--preset", "dsdmr", "--loss", "infonce"])  # --loss given at its default value
+    assert (got["c"].filter, got.pop("c").loss) == ("gmm", "infonce")
+    R.main(["train", "--preset", "vse", "--margin_t2i", "0.3"])
+    assert (got["c"].loss, got["c"].margin_i2t, got["c"].margin_t2i) == ("triplet", 0.2, 0.3)
+    assert R.TrainConfig(preset="clip", filter="gmm").filter == "none"  # Python: the preset sets its switches
+
+
+def test_cli_flags_the_input_makes_idle_are_refused(stream_setup, tmp_path):
+    """A flag that the model or data given makes do nothing is refused, naming it, before anything is read
+    or written: a robustitm checkpoint holds its tokenizer, heads, activation and image size; CLIP weights
+    their heads and size (an open_clip_config.json their activation); the synthetic scenes have no files;
+    streamed input has no cache (tar shards: no folder or columns); only tables have columns. The same
+    flags where they do something are taken."""
+    _, ckpt, data, captions, paths = stream_setup
+    torch.save(R.tiny_model().state_dict(), tmp_path / "clip.pt")
+    (tmp_path / "oc").mkdir()
+    torch.save(R.tiny_model().state_dict(), tmp_path / "oc" / "clip.pt")
+    (tmp_path / "oc" / "open_clip_config.json").write_text("{}")
+    table = tmp_path / "t.csv"
+    table.write_text("image,caption\n" + "".join(f"{p},{c}\n" for p, c in zip(paths[:8], captions)))
+    shards = _write_shards(tmp_path / "shards", captions[:12], paths[:12], n_shards=1)
+    out = ["--output", str(tmp_path / "s.csv")]
+    for argv, match in (
+            (["eval", ckpt, "--tokenizer", "missing.gz"], "--tokenizer does nothing with a robustitm checkpoint"),
+            (["score", ckpt, "--embed_dim", "64", "--activation", "gelu", *out],
+             "--embed_dim --activation do nothing with a robustitm checkpoint"),
+            (["score", ckpt, "--image_tower", "vit", *out], "--image_tower does nothing with a robustitm"),
+            (["eval", str(tmp_path / "clip.pt"), "--image_size", "64"], "--image_size does nothing with CLIP"),
+            (["eval", str(tmp_path / "oc" / "clip.pt"), "--activation", "gelu"],
+             "--activation does nothing with .*open_clip_config.json"),
+            (["train", "--tokenizer", "bpe.gz", "--embed_dim", "32"],
+             "--tokenizer --embed_dim do nothing with a model from scratch"),
+            (["train", "--cache_dir", "c", "--image_key", "path"], "--cache_dir --image_key do nothing with the "
+                                                                   "synthetic scenes"),
+            (["eval", ckpt, "--data", str(data), "--synthetic_sizes", "9,9,9"], "--synthetic_sizes does nothing"),
+            (["eval", ckpt, "--data", str(data), "--caption_key", "text"], "--caption_key .* Karpathy"),
+            (["score", ckpt, "--data", str(table), "--cache_dir", "c", *out], "--cache_dir does nothing with "
+                                                                              "streamed input"),
+            (["score", ckpt, "--data", shards, "--image_root", "x", *out], "--image_root does nothing with tar")):
+        with pytest.raises(ValueError, match=match):
+            R.main([*argv, "--output_dir", str(tmp_path / "run")] if argv[0] == "train" else argv)
+        assert not (tmp_path / "run").exists() and not (tmp_path / "s.csv").exists() and \
+            not (tmp_path / "c").exists()
+    R.main(["score", ckpt, "--data", str(table), "--image_root", "/", "--workers", "0", *out])  # used there
+    R.main(["eval", ckpt, "--data", str(data), "--cache_dir", str(tmp_path / "c"), "--workers", "0"])
+    assert (tmp_path / "c").is_dir()
+
+
+@pytest.mark.parametrize("name, text", [
+    ("p.csv", "image,caption,caption\na.png,a red disc,a blue box\n"),
+    ("p.tsv", "image\tcaption\timage\na.png\ta red disc\tb.png\n"),
+    ("p.jsonl", '{"image": "a.png", "caption": "a red disc", "caption": "a blue box"}\n'),
+    ("p.json", '[{"image": "a.png", "caption": "a red disc", "caption": "a blue box"}]'),
+])
+def test_silent_a_table_with_a_repeated_column_is_refused(tmp_path, name, text):
+    """A header (or JSON object) naming a column twice would give every pair the last one's value: refused,
+    naming the file and the column, in memory and streamed; the same table without the repeat reads."""
+    _png(tmp_path / "a.png", 0)
+    (tmp_path / name).write_text(text)
+    match = rf"{name}.*(column|field) '(caption|image)' .*twice"
+    with pytest.raises(ValueError, match=match):
+        load_pairs(tmp_path / name, "train", size=32)
+    if name != "p.json":
+        with pytest.raises(ValueError, match=match):
+            list(P.iter_table_samples(tmp_path / name, "train"))
+    fixed = text.replace("caption,caption", "caption,other").replace("caption\timage", "caption\tother")
+    (tmp_path / name).write_text(fixed.replace(', "caption": "a blue', ', "x": "a blue'))
+    assert load_pairs(tmp_path / name, "train", size=32).captions == ["a red disc"]
+
+
+def _tar(path, members):
+    """A tar file of (name, bytes) members, in the order given."""
+    import io
+    import tarfile
+    with tarfile.open(path, "w") as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def test_silent_tar_samples_follow_the_tables_rule(stream_setup, tmp_path):
+    """One rule for tables and tar shards: a pair that cannot be formed (a sample without its image or caption)
+    stops score naming the shard and the sample, unless --skip_bad_images (--skip_bad_captions), which skips
+    and counts it. Members not consecutive per key (all images, then all texts; a key back with an incomplete
+    sample) are refused with or without them (skipping would drop most pairs). A key back with a complete sample
+    is another sample (test_silent_export_clean_of_tar_never_pairs_a_dropped_image_with_a_kept_caption)."""
+    _, ckpt, _, captions, paths = stream_setup
+    png = [Path(p).read_bytes() for p in paths[:8]]
+    good = [m for k in range(8) for m in ((f"{k:03d}.png", png[k]), (f"{k:03d}.txt", captions[k].encode()))]
+    incomplete = _tar(tmp_path / "inc.tar", good + [("x.png", png[0])])
+    apart = _tar(tmp_path / "apart.tar", good[::2] + good[1::2])
+    base = ["score", ckpt, "--workers", "0", "--output", str(tmp_path / "s.csv")]
+    with pytest.raises(ValueError, match=r"inc.tar: sample 'x': no caption.*--skip_bad_captions"):
+        R.main([*base, "--data", incomplete])
+    with pytest.raises(ValueError, match=r"apart.tar: sample '000': no caption.* next to each other"):
+        R.main([*base, "--data", apart])
+    with pytest.raises(ValueError, match=r"apart.tar: the members of sample '000' are not consecutive"):
+        R.main([*base, "--data", apart, "--skip_bad_captions"])
+    late = _tar(tmp_path / "late.tar", good + [("000.json", b"{}")])  # a key back, its sample incomplete
+    with pytest.raises(ValueError, match=r"late.tar: the members of sample '000' are not consecutive"):
+        R.main([*base, "--data", late, "--skip_bad_images", "--skip_bad_captions"])
+    assert not (tmp_path / "s.csv").exists()
+    out = R.main([*base, "--data", incomplete, "--skip_bad_captions"])
+    assert out["pairs"] == 8 and out["skipped"] == {"no caption": 1}
+
+
+def test_cli_a_broken_tar_shard_is_named(stream_setup, tmp_path, capsys, monkeypatch):
+    """A truncated, garbage or empty shard: a ValueError naming the shard and the fix, with or without
+    --skip_bad_images/--skip_bad_captions, in a decode worker too (one line from the CLI)."""
+    monkeypatch.delenv("ROBUSTITM_DEBUG", raising=False)
+    _, ckpt, _, captions, paths = stream_setup
+    whole = Path(_tar(tmp_path / "whole.tar", [(f"{k:03d}.{e}", Path(paths[k]).read_bytes() if e == "png"
+                                                 else captions[k].encode()) for k in range(8)
+                                                for e in ("png", "txt")])).read_bytes()
+    for name, blob in (("cut.tar", whole[:len(whole) // 2 + 100]), ("junk.tar", os.urandom(5000)),
+                       ("empty.tar", b"")):
+        (tmp_path / name).write_bytes(blob)
+        for skip in ([], ["--skip_bad_images", "--skip_bad_captions"]):
+            with pytest.raises(ValueError, match=rf"tar shard .*{name} cannot be read .*re-download it"):
+                R.main(["score", ckpt, "--data", str(tmp_path / name), "--workers", "0", "--output",
+                        str(tmp_path / "s.csv"), *skip])
+    code, err = _cli(capsys, "score", ckpt, "--data", f"{tmp_path}/{{whole,cut}}.tar", "--workers", "2",
+                     "--output", str(tmp_path / "s.csv"))
+    assert code == 2 and "cut.tar cannot be read" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "s.csv").exists() and not list(tmp_path.glob(".*tmp*"))
+
+
+def test_silent_empty_captions_one_rule_streamed_and_in_memory(stream_setup, tmp_path):
+    """An empty caption stops eval (in memory) and streamed score alike, naming the file and the line (or the
+    shard and the sample), unless --skip_bad_captions, which drops it: in memory with a warning, streamed
+    counted among the skipped."""
+    _, ckpt, _, captions, paths = stream_setup
+    rows = [{"image": p, "caption": c, "split": "test"} for p, c in zip(paths[::5][:6], captions)]
+    rows[2]["caption"] = "  "
+    table = tmp_path / "t.jsonl"
+    table.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"1 of 6 captions in .*t.jsonl .*empty.*--skip_bad_captions"):
+        R.main(["eval", ckpt, "--data", str(table), "--workers", "0"])
+    with pytest.warns(UserWarning, match="empty"):
+        R.main(["eval", ckpt, "--data", str(table), "--workers", "0", "--skip_bad_captions"])
+    score = ["score", ckpt, "--split", "test", "--workers", "0", "--output", str(tmp_path / "s.csv")]
+    with pytest.raises(ValueError, match=r"t.jsonl line 3: the caption is empty.*--skip_bad_captions"):
+        R.main([*score, "--data", str(table)])
+    out = R.main([*score, "--data", str(table), "--skip_bad_captions"])
+    assert out["pairs"] == 5 and out["skipped"] == {"empty caption": 1}
+    shard = _tar(tmp_path / "e.tar", [(f"{k:03d}.{e}", Path(r["image"]).read_bytes() if e == "png" else
+                                       r["caption"].encode()) for k, r in enumerate(rows) for e in ("png", "txt")])
+    score[-1] = str(tmp_path / "t.csv")
+    with pytest.raises(ValueError, match=r"e.tar: sample '002': empty caption.*--skip_bad_captions"):
+        R.main([*score[:2], *score[4:], "--data", shard])
+    out = R.main([*score[:2], *score[4:], "--data", shard, "--skip_bad_captions"])
+    assert out["pairs"] == 5 and out["skipped"] == {"empty caption": 1}
+
+
+def test_silent_nan_weights_and_a_comma_in_a_folder_name(stream_setup, tmp_path):
+    """Weights holding NaN/Inf (a robustitm checkpoint, a CLIP state dict) are refused when loaded, naming
+    the file and the tensor, before anything is written (not a GMM error about 'x'). A --data path whose
+    folder name holds a comma is that file (tar shard or table), not a list."""
+    _, ckpt, data, captions, paths = stream_setup
+    c = torch.load(ckpt, map_location="cpu", weights_only=True)
+    c["model"]["visual.proj"][0, 0] = float("nan")
+    torch.save(c, tmp_path / "nan.pt")
+    sd = R.tiny_model().state_dict()
+    sd["ln_final.weight"][:3] = float("inf")
+    torch.save(sd, tmp_path / "inf.pt")
+    for argv, match in ((["score", str(tmp_path / "nan.pt"), "--data", str(data), "--output",
+                          str(tmp_path / "s.csv")], r"nan.pt: 1 NaN/Inf values in visual.proj"),
+                        (["train", "--pretrained", str(tmp_path / "nan.pt"), "--data", str(data), "--output_dir",
+                          str(tmp_path / "run")], r"nan.pt: 1 NaN/Inf values in visual.proj"),
+                        (["eval", str(tmp_path / "inf.pt"), "--data", str(data)],
+                         r"inf.pt: 3 NaN/Inf values in ln_final.weight")):
+        with pytest.raises(ValueError, match=match):
+            R.main(argv)
+    assert not (tmp_path / "s.csv").exists() and not (tmp_path / "run").exists()
+    folder = tmp_path / "web,2024"
+    shard = _tar(folder.mkdir() or folder / "s.tar", [(f"{k:03d}.{e}", Path(paths[k]).read_bytes() if e == "png"
+                                                      else captions[k].encode()) for k in range(6)
+                                                     for e in ("png", "txt")])
+    assert R.tar_shards(shard) == [shard] and R.is_streamed(shard)
+    assert R.main(["score", ckpt, "--data", shard, "--workers", "0", "--output", str(tmp_path / "t.csv")])[
+        "pairs"] == 6
+
+
+def test_silent_nan_cosines_from_finite_weights(stream_setup, tmp_path, monkeypatch):
+    """A model with finite weights whose embeddings come out NaN: score names the model (in memory and
+    streamed), train stops with a FloatingPointError at the split, as for a NaN loss."""
+    _, ckpt, data, captions, paths = stream_setup
+    real = R.embed_images
+    monkeypatch.setattr(R, "embed_images", lambda *a, **k: real(*a, **k) * float("nan"))
+    table = tmp_path / "t.csv"
+    table.write_text("image,caption\n" + "".join(f"{p},{c}\n" for p, c in zip(paths[::5][:8], captions)))
+    for d in (data, table):
+        with pytest.raises(ValueError, match=r"the model .*best.pt gives NaN/Inf cosines for \d+ of"):
+            R.main(["score", ckpt, "--data", str(d), "--workers", "0", "--output", str(tmp_path / "s.csv")])
+    assert not (tmp_path / "s.csv").exists()
+    with pytest.raises(FloatingPointError, match=r"epoch 0: \d+ training pairs' cosines are NaN/Inf; no checkpoint"):
+        R.main(["train", "--preset", "dsdmr", "--pretrained", ckpt, "--data", str(data), "--epochs", "1",
+                "--output_dir", str(tmp_path / "run"), *_TINY_RUN])
+
+
+def test_silent_exif_rotation_is_not_applied_as_in_open_clip(tmp_path):
+    """A JPEG whose EXIF says "rotate 90°" is read as stored, unrotated, as open_clip's image_transform reads
+    it (parity with the pipelines CLIP weights were trained and scored with); the README's bad-input table
+    says so."""
+    import open_clip
+    from PIL import ImageOps
+    a = np.zeros((24, 40, 3), dtype=np.uint8)
+    a[:, :20] = (200, 30, 30)  # left half red: a 90° rotation would put it on top
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90° clockwise to display
+    Image.fromarray(a).save(tmp_path / "r.jpg", exif=exif, quality=95)
+    with Image.open(tmp_path / "r.jpg") as im:
+        ref = open_clip.image_transform(24, is_train=False)(im)
+        upright = Preprocess(24)(ImageOps.exif_transpose(im))
+    ours = Preprocess(24).normalize(D.decode_image(str(tmp_path / "r.jpg"), Preprocess(24)))
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+    assert not torch.allclose(ours, upright, atol=0.1)
+    assert "EXIF" in (Path(R.__file__).parent / "README.md").read_text().split("## Bad input")[1]
