@@ -419,14 +419,17 @@ class WordPieceTokenizer(_Tokenizer):
     control characters, whitespace -> space, spaces around CJK ideographs, NFC, lower case + accent stripping,
     split off punctuation), then greedy longest-match-first WordPiece with '##' continuations; a word over 100
     characters or with no segmentation becomes [UNK]. Ids are [CLS] ... [SEP], padded with [PAD].
+    `fast=True` normalises as the `tokenizers` library's BertNormalizer (a tokenizer.json, transformers 5):
+    no NFC, accents stripped before lower-casing, and lower case letter by letter (no final sigma).
 
         tok = WordPieceTokenizer.from_file("bert-base-uncased/vocab.txt"); ids, mask = tok(["a dog"])
     """
 
     MAX_WORD_CHARS = 100
 
-    def __init__(self, vocab, lower_case=True, context_length=512):
+    def __init__(self, vocab, lower_case=True, context_length=512, fast=False):
         self.context_length = self._check_context_length(context_length)
+        self.fast = fast
         if isinstance(vocab, (str, os.PathLike)):
             with open(vocab, encoding="utf-8") as f:  # one token per line, id = line number (as transformers)
                 vocab = {line.rstrip("\n"): i for i, line in enumerate(f)}
@@ -462,8 +465,12 @@ class WordPieceTokenizer(_Tokenizer):
             else:
                 chars.append(f" {c} " if _is_cjk(cp) else c)
         words = []
-        for word in unicodedata.normalize("NFC", "".join(chars)).split():
-            if self.lower_case:
+        text = "".join(chars)
+        for word in (text if self.fast else unicodedata.normalize("NFC", text)).split():
+            if self.lower_case and self.fast:
+                word = "".join(c.lower() for c in unicodedata.normalize("NFD", word)
+                               if unicodedata.category(c) != "Mn")
+            elif self.lower_case:
                 word = "".join(c for c in unicodedata.normalize("NFD", word.lower())
                                if unicodedata.category(c) != "Mn")
             words.append("")
@@ -1463,10 +1470,78 @@ def _clip_tokenizer(directory, context_length, tokenizer_path=None):
                      f"or pass --tokenizer PATH")
 
 
+def _tokenizer_settings_mismatch(found, want):
+    """The settings in `found` whose value is not the one in `want` (None and a missing key count as the
+    default `want` says), as "key = value" strings for an error message."""
+    return [f"{k} = {found[k]!r}" for k, v in want.items() if k in found and found[k] not in v]
+
+
+def _wordpiece_tokenizer(directory, context_length):
+    """The WordPiece tokenizer of a BERT folder, as transformers loads it: tokenizer.json (transformers 5,
+    sentence-transformers 6; its BertNormalizer says the case) first, else vocab.txt with do_lower_case from
+    tokenizer_config.json. The context length is the model's, cut to the folder's own limit: a
+    sentence-transformers max_seq_length, else the tokenizer's model_max_length."""
+    tj, vocab_txt = directory / "tokenizer.json", directory / "vocab.txt"
+    tc = _read_json(directory / "tokenizer_config.json") if (directory / "tokenizer_config.json").is_file() \
+        else {}
+    sbert = _read_json(directory / "sentence_bert_config.json") \
+        if (directory / "sentence_bert_config.json").is_file() else {}
+    limit = sbert.get("max_seq_length", tc.get("model_max_length"))
+    if isinstance(limit, int) and 2 <= limit < context_length:
+        context_length = limit
+    if sbert.get("do_lower_case"):  # sentence-transformers lower-cases the text itself before tokenizing
+        raise ValueError(f"{directory / 'sentence_bert_config.json'}: do_lower_case = true (the text "
+                         f"lower-cased before the tokenizer) is not supported; robustitm follows the "
+                         f"tokenizer")
+    if tj.is_file():
+        j = _read_json(tj)
+        model, norm = j.get("model") or {}, j.get("normalizer") or {}
+        bad = [] if model.get("type") == "WordPiece" and isinstance(model.get("vocab"), dict) \
+            else [f"model.type = {model.get('type')!r}"]
+        bad += _tokenizer_settings_mismatch(model, {"unk_token": ("[UNK]",),
+                                                    "continuing_subword_prefix": ("##",),
+                                                    "max_input_chars_per_word": (100,)})
+        if norm.get("type") != "BertNormalizer":
+            bad.append(f"normalizer.type = {norm.get('type')!r}")
+        lower = norm.get("lowercase", True)
+        bad += _tokenizer_settings_mismatch(norm, {"clean_text": (True,), "handle_chinese_chars": (True,),
+                                                   "strip_accents": (None, lower)})
+        if (j.get("pre_tokenizer") or {}).get("type") != "BertPreTokenizer":
+            bad.append(f"pre_tokenizer.type = {(j.get('pre_tokenizer') or {}).get('type')!r}")
+        if bad:
+            raise ValueError(f"{tj}: {', '.join(bad)} is not supported; robustitm reproduces BERT's "
+                             f"WordPiece tokenizer (BertNormalizer, BertPreTokenizer, '##' pieces)")
+        vocab, fast = model["vocab"], True
+    elif vocab_txt.is_file():
+        lower = tc.get("do_lower_case", True)
+        bad = _tokenizer_settings_mismatch(tc, {"strip_accents": (None, lower),
+                                                "tokenize_chinese_chars": (True,)})
+        if bad:
+            raise ValueError(f"{directory / 'tokenizer_config.json'}: {', '.join(bad)} is not supported; "
+                             f"robustitm strips accents exactly when it lower-cases")
+        vocab, fast = vocab_txt, False
+    else:
+        raise ValueError(f"{directory} has neither tokenizer.json nor vocab.txt for the BERT WordPiece "
+                         f"tokenizer: save the tokenizer with the model (tokenizer.save_pretrained)")
+    try:
+        return WordPieceTokenizer(vocab, lower_case=bool(lower), context_length=context_length, fast=fast)
+    except ValueError as e:
+        raise ValueError(f"{tj if fast else vocab_txt}: {e}") from None
+
+
+# sentence-transformers' Pooling keys before version 6 (one boolean per mode), as it converts them itself.
+_ST_LEGACY_POOLING = {"pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max",
+                      "pooling_mode_mean_tokens": "mean",
+                      "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+                      "pooling_mode_weightedmean_tokens": "weightedmean",
+                      "pooling_mode_lasttoken": "lasttoken"}
+
+
 def _sentence_transformer(path):
     """(directory of the BERT weights, pooling) of a text tower: a sentence-transformers folder (modules.json)
     has them in its Transformer module's folder ("0_Transformer/", or the top level) and its Pooling
-    module's config.json (CLS token or masked mean); any other path is a BertModel pooled at [CLS]."""
+    module's config.json (CLS token or masked mean: "pooling_mode", or the older boolean keys); any other
+    path is a BertModel pooled at [CLS]."""
     modules_json = path / "modules.json"
     if not modules_json.is_file():
         return path, "cls"
@@ -1480,15 +1555,17 @@ def _sentence_transformer(path):
     if unknown or "Transformer" not in kinds:
         raise ValueError(f"{modules_json}: modules {unknown or 'without a Transformer'} are not supported; "
                          f"robustitm takes a Transformer (BERT) followed by a CLS or mean Pooling")
-    pooling = _read_json(kinds["Pooling"] / "config.json") if "Pooling" in kinds else {}
-    modes = sorted(k for k, v in pooling.items() if k.startswith("pooling_mode_") and v is True)
-    pool = {(): "cls", ("pooling_mode_cls_token",): "cls",
-            ("pooling_mode_mean_tokens",): "mean"}.get(tuple(modes))
-    if pool is None:
-        raise ValueError(f"{kinds['Pooling'] / 'config.json'}: pooling {modes} is not supported; "
-                         f"robustitm pools at [CLS] (pooling_mode_cls_token) or by masked mean "
-                         f"(pooling_mode_mean_tokens)")
-    return kinds["Transformer"], pool
+    if "Pooling" not in kinds:
+        return kinds["Transformer"], "cls"
+    pooling = _read_json(kinds["Pooling"] / "config.json")
+    mode = pooling.get("pooling_mode")  # sentence-transformers 6; older versions: one boolean key per mode
+    if mode is None:
+        mode = [name for key, name in _ST_LEGACY_POOLING.items() if pooling.get(key) is True] or ["mean"]
+    mode = mode[0] if isinstance(mode, list) and len(mode) == 1 else mode
+    if mode not in ("cls", "mean"):
+        raise ValueError(f"{kinds['Pooling'] / 'config.json'}: pooling {mode!r} is not supported; "
+                         f"robustitm pools at [CLS] (\"cls\") or by masked mean (\"mean\")")
+    return kinds["Transformer"], mode
 
 
 def load_model(path=None, image_tower=None, text_tower=None, *, embed_dim=512, activation="quick_gelu",
@@ -1550,8 +1627,8 @@ def load_pretrained(path=None, image_tower=None, text_tower=None, *, embed_dim=5
     """Loads pretrained weights -> (model, tokenizer, preprocess); see load_model for the arguments.
 
     The CLIP vocabulary is read from the checkpoint's directory (vocab.json + merges.txt, tokenizer.json,
-    or OpenAI's bpe_simple_vocab_16e6.txt.gz) or `tokenizer_path` (any of these); BERT's from vocab.txt in
-    the text tower's directory.
+    or OpenAI's bpe_simple_vocab_16e6.txt.gz) or `tokenizer_path` (any of these); BERT's from tokenizer.json
+    or vocab.txt in the text tower's directory (_wordpiece_tokenizer).
     """
     model, info = load_model(path, image_tower, text_tower, embed_dim=embed_dim, activation=activation,
                              allow_torchscript=allow_torchscript)
@@ -1560,11 +1637,7 @@ def load_pretrained(path=None, image_tower=None, text_tower=None, *, embed_dim=5
         tokenizer = _clip_tokenizer(info["dir"], t.context_length, tokenizer_path)
         return model, tokenizer, _preprocess_for(info["dir"], size, CLIP_MEAN, CLIP_STD,
                                                  open_clip=info.get("open_clip", False))
-    vocab = info["text_dir"] / "vocab.txt"
-    if not vocab.is_file():
-        raise ValueError(f"{info['text_dir']} has no vocab.txt for the BERT WordPiece tokenizer")
-    tokenizer = WordPieceTokenizer(vocab, lower_case=info["config"].get("do_lower_case", True),
-                                   context_length=t.context_length)
+    tokenizer = _wordpiece_tokenizer(info["text_dir"], t.context_length)
     dino = info["layout"].startswith("dinov2")
     mean, std = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)) if dino else ((0.5,) * 3, (0.5,) * 3)
     return model, tokenizer, _preprocess_for(info["dir"], size, mean, std)
@@ -1625,7 +1698,7 @@ def export_hf(model, tokenizer, out_dir, preprocess=None):
 # ------------------------------------------------------------------------------------------------------------
 
 # What each tokenizer is rebuilt from, before its context_length (the constructor's arguments, in order).
-_TOKENIZER_ARGS = {ClipTokenizer: ("vocab", "merges"), WordPieceTokenizer: ("vocab", "lower_case"),
+_TOKENIZER_ARGS = {ClipTokenizer: ("vocab", "merges"), WordPieceTokenizer: ("vocab", "lower_case", "fast"),
                    WordTokenizer: ("vocab",), ByteTokenizer: ()}
 
 
@@ -1639,7 +1712,9 @@ def tokenizer_state(tok):
 
 def tokenizer_from_state(state):
     cls = {c.__name__: c for c in _TOKENIZER_ARGS}.get(state["kind"], ByteTokenizer)
-    return cls(*(state[name] for name in _TOKENIZER_ARGS[cls]), state["context_length"])
+    # a setting added later is absent from older checkpoints: the constructor's default, as they were built
+    return cls(**{name: state[name] for name in _TOKENIZER_ARGS[cls] if name in state},
+               context_length=state["context_length"])
 
 
 def checkpoint(model, tokenizer, preprocess, **extra) -> dict:

@@ -933,12 +933,130 @@ def test_model_sentence_transformers_text_tower(tmp_path, layout, pool):
                                atol=1e-4, rtol=0)
     # Poolings and modules this model cannot reproduce are refused by name.
     (st / "1_Pooling" / "config.json").write_text(json.dumps({**pooling, "pooling_mode_max_tokens": True}))
-    with pytest.raises(ValueError, match="pooling .*'pooling_mode_max_tokens'.* is not supported"):
+    with pytest.raises(ValueError, match=r"pooling \[.*'max'.*\] is not supported"):
         R.load_model(image_tower=tmp_path / "vit", text_tower=st, embed_dim=16)
     modules.append({"idx": 3, "name": "3", "path": "3_Dense", "type": "sentence_transformers.models.Dense"})
     (st / "modules.json").write_text(json.dumps(modules))
     with pytest.raises(ValueError, match=r"modules \['Dense'\] are not supported"):
         R.load_model(image_tower=tmp_path / "vit", text_tower=st, embed_dim=16)
+
+
+def _bert_captions():
+    """The tokenizer corpus without BERT's special-token text and lone surrogates (the Rust tokenizer
+    takes only valid UTF-8)."""
+    captions = [*_tok_captions(), *(s for s in _tok_ascii_strings() if s.strip())]
+    return [c for c in captions if not any(s.lower() in c.lower() for s in _TOK_BERT_SPECIALS)
+            and not any(0xD800 <= ord(ch) <= 0xDFFF for ch in c)]
+
+
+def _bert_tokenizer_json_folder(tmp_path, lower_case, captions):
+    """A BertModel and transformers 5's BertTokenizer saved with save_pretrained: tokenizer.json and
+    tokenizer_config.json, no vocab.txt (the vocabulary is written by the test, from the captions)."""
+    import transformers
+    vocab = _tok_bert_vocab(tmp_path, captions, lower_case)
+    ref_tok = transformers.BertTokenizer(str(vocab), do_lower_case=lower_case)
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=len(ref_tok), hidden_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, intermediate_size=128, max_position_embeddings=40)
+    bert = transformers.BertModel(cfg).eval()
+    bert.save_pretrained(tmp_path / "bert")
+    ref_tok.save_pretrained(tmp_path / "bert")
+    assert {"tokenizer.json", "tokenizer_config.json"} <= {p.name for p in (tmp_path / "bert").iterdir()}
+    assert not (tmp_path / "bert" / "vocab.txt").exists()
+    return bert, ref_tok, vocab
+
+
+_CASED_STRINGS = ["A Dog runs on the Beach", "two RED cubes, one Blue", "Ångström and São Paulo",
+                  "IT'S a Snowboarder jumping", "Zoë's café"]
+
+
+@pytest.mark.parametrize("lower_case", [True, False])
+def test_model_bert_folder_tokenizer_json_and_its_case(tmp_path, lower_case):
+    """transformers 5 saves a BERT tokenizer as tokenizer.json only; its BertNormalizer says the case (a cased
+    BERT is not lower-cased). Older folders: vocab.txt with do_lower_case in tokenizer_config.json."""
+    import transformers
+    captions = _bert_captions()
+    bert, ref_tok, vocab = _bert_tokenizer_json_folder(tmp_path, lower_case, captions)
+    _vit_dir(tmp_path, "vit")
+    model, tok, _ = R.load_pretrained(image_tower=tmp_path / "vit", text_tower=tmp_path / "bert", embed_dim=16)
+    assert tok.lower_case == lower_case and tok.context_length == 40
+    ids, mask = tok(captions)
+    expected = ref_tok(captions, truncation=True, max_length=40)["input_ids"]
+    wrong = [c for i, c in enumerate(captions) if _tok_row(ids, mask, i) != expected[i]]
+    assert not wrong, f"{len(wrong)} captions differ from the folder's tokenizer, e.g. {wrong[:3]}"
+    again = D.tokenizer_from_state(D.tokenizer_state(tok))  # as a robustitm checkpoint stores it
+    assert again.fast and torch.equal(again(captions)[0], ids)
+    older = {k: v for k, v in D.tokenizer_state(tok).items() if k != "fast"}  # a checkpoint from before
+    assert not D.tokenizer_from_state(older).fast
+    with torch.no_grad():
+        ref = bert(**ref_tok(_CASED_STRINGS, padding=True, return_tensors="pt")).last_hidden_state[:, 0]
+        torch.testing.assert_close(model.eval().text_features(*tok(_CASED_STRINGS)), ref, atol=1e-4, rtol=0)
+    # The older layout: vocab.txt, the case in tokenizer_config.json (not config.json), Python BertTokenizer.
+    (tmp_path / "bert" / "tokenizer.json").unlink()
+    (tmp_path / "bert" / "vocab.txt").write_bytes(vocab.read_bytes())
+    _, tok, _ = R.load_pretrained(image_tower=tmp_path / "vit", text_tower=tmp_path / "bert", embed_dim=16)
+    legacy = getattr(transformers, "BertTokenizerLegacy", None) or transformers.BertTokenizer
+    expected = legacy(str(vocab), do_lower_case=lower_case)(_CASED_STRINGS)["input_ids"]
+    ids, mask = tok(_CASED_STRINGS)
+    assert [_tok_row(ids, mask, i) for i in range(len(_CASED_STRINGS))] == expected
+
+
+def test_model_bert_tokenizer_settings_not_reproduced_are_refused(tmp_path):
+    captions = _bert_captions()[:200]
+    _bert_tokenizer_json_folder(tmp_path, False, captions)
+    _vit_dir(tmp_path, "vit")
+    tj = tmp_path / "bert" / "tokenizer.json"
+    good = json.loads(tj.read_text())
+    for change, error in [(lambda j: j["normalizer"].update(strip_accents=True), "strip_accents = True"),
+                          (lambda j: j["model"].update(continuing_subword_prefix="@@"),
+                           "continuing_subword_prefix = '@@'"),
+                          (lambda j: j.update(pre_tokenizer={"type": "Whitespace"}),
+                           "pre_tokenizer.type = 'Whitespace'"),
+                          (lambda j: j["model"].update(type="BPE"), "model.type = 'BPE'")]:
+        bad = copy.deepcopy(good)
+        change(bad)
+        tj.write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=re.escape(f"{tj}: {error}") + ".* is not supported"):
+            R.load_pretrained(image_tower=tmp_path / "vit", text_tower=tmp_path / "bert", embed_dim=16)
+    tj.unlink()
+    with pytest.raises(ValueError, match="has neither tokenizer.json nor vocab.txt"):
+        R.load_pretrained(image_tower=tmp_path / "vit", text_tower=tmp_path / "bert", embed_dim=16)
+
+
+def test_model_sentence_transformers_6_folder(tmp_path):
+    """sentence-transformers 6 saves "pooling_mode": "mean" and keeps max_seq_length in the tokenizer's
+    model_max_length; older versions keep it in sentence_bert_config.json. Both are followed, from raw
+    strings to the library's own embeddings."""
+    pytest.importorskip("sentence_transformers")
+    from sentence_transformers import SentenceTransformer
+    try:
+        from sentence_transformers.sentence_transformer import modules as M  # version 6
+    except ImportError:
+        from sentence_transformers import models as M
+    captions = _bert_captions()
+    _bert_tokenizer_json_folder(tmp_path, True, captions)
+    _vit_dir(tmp_path, "vit")
+    ref = SentenceTransformer(modules=[M.Transformer(str(tmp_path / "bert"), max_seq_length=12),
+                                       M.Pooling(64, "mean"), M.Normalize()], device="cpu")
+    ref.save(str(tmp_path / "st"))
+    pooling = json.loads((tmp_path / "st" / "1_Pooling" / "config.json").read_text())
+    assert pooling.get("pooling_mode") == "mean" and not (tmp_path / "st" / "vocab.txt").exists()
+    strings = captions[:40] + ["a dog " * 30, "Two red cubes"]
+    want = ref.encode(strings, convert_to_tensor=True)
+    model, tok, _ = R.load_pretrained(image_tower=tmp_path / "vit", text_tower=tmp_path / "st", embed_dim=16)
+    assert model.cfg.text.pool == "mean" and tok.context_length == 12
+    with torch.no_grad():
+        ours = F.normalize(model.eval().text_features(*tok(strings)), dim=-1)
+    torch.testing.assert_close(ours, want, atol=1e-4, rtol=0)
+    # An older save: max_seq_length in sentence_bert_config.json; the mode as a one-item list.
+    (tmp_path / "st" / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 9}))
+    (tmp_path / "st" / "1_Pooling" / "config.json").write_text(json.dumps({**pooling, "pooling_mode": ["cls"]}))
+    model, tok, _ = R.load_pretrained(image_tower=tmp_path / "vit", text_tower=tmp_path / "st", embed_dim=16)
+    assert model.cfg.text.pool == "cls" and tok.context_length == 9
+    for mode in ["max", ["mean", "max"]]:
+        (tmp_path / "st" / "1_Pooling" / "config.json").write_text(json.dumps({**pooling, "pooling_mode": mode}))
+        with pytest.raises(ValueError, match=re.escape(f"pooling {mode!r} is not supported")):
+            R.load_model(image_tower=tmp_path / "vit", text_tower=tmp_path / "st", embed_dim=16)
 
 
 # ------------------------------------------------------------------------------------------------------------
