@@ -830,28 +830,43 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8), "L")
 
 
+_RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
+
+
 @dataclass(frozen=True)
 class Preprocess:
     """CLIP eval preprocessing in open_clip's `image_transform(size, is_train=False)` order: shorter side to
     `resize` (PIL bicubic), centre crop `size`, both in the image's own mode, RGB last (it matters for palette
-    and RGBA images), then normalise. EXIF orientation is not applied (nor there)."""
+    and RGBA images), then normalise. EXIF orientation is not applied (nor there). `resize_mode` "squash"
+    resizes both sides to `resize` (the aspect ratio not kept: open_clip's squash, Hugging Face processors
+    with size {height, width}); `interpolation` "bilinear" resamples bilinearly."""
     size: int = 224
     mean: tuple = CLIP_MEAN
     std: tuple = CLIP_STD
     resize: int = None            # short side before the crop; None = size (DINOv2: 256, then crop 224)
+    resize_mode: str = "shortest"  # "shortest" (keep the aspect ratio) or "squash" (both sides to resize)
+    interpolation: str = "bicubic"  # or "bilinear"
 
     def __post_init__(self):
         if self.resize is None:
             object.__setattr__(self, "resize", self.size)
         if self.resize < self.size:
             raise ValueError(f"resize {self.resize} is smaller than the crop size {self.size}")
+        if self.resize_mode not in ("shortest", "squash") or self.interpolation not in _RESAMPLE:
+            raise ValueError(f"resize_mode {self.resize_mode!r} / interpolation {self.interpolation!r}: "
+                             f"robustitm implements resize_mode 'shortest' or 'squash' and interpolation "
+                             f"'bicubic' or 'bilinear'")
 
     def to_uint8(self, img: Image.Image) -> torch.Tensor:
         img = _to_8bit(img)
         S, R, (w, h) = self.size, self.resize, img.size
-        if min(w, h) != R:  # torchvision's rule: short side to R, long side int(R * long / short)
+        if self.resize_mode == "squash" and (w, h) != (R, R):
+            w, h = R, R
+            img = img.resize((w, h), _RESAMPLE[self.interpolation])
+        elif self.resize_mode == "shortest" and min(w, h) != R:
+            # torchvision's rule: short side to R, long side int(R * long / short)
             w, h = (R, int(R * h / w)) if w <= h else (int(R * w / h), R)
-            img = img.resize((w, h), Image.BICUBIC)
+            img = img.resize((w, h), _RESAMPLE[self.interpolation])
         top, left = int(round((h - S) / 2.0)), int(round((w - S) / 2.0))
         img = img.crop((left, top, left + S, top + S)).convert("RGB")
         return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()  # (3, S, S)
@@ -1390,9 +1405,9 @@ def _image_processor(directory):
 
 
 def _processor_sizes(directory):
-    """(crop side, resize side) of a Hugging Face image processor, None where it does not say: crop_size
-    when it centre-crops, size when it resizes (each an int, a square {"height", "width"}, or
-    {"shortest_edge"})."""
+    """(crop side, resize side, resize mode) of a Hugging Face image processor, None where it does not say:
+    crop_size when it centre-crops, size when it resizes (an int, a square {"height", "width"}: squashed, or
+    {"shortest_edge"}). An int size is square for ViT's processor, the short side for the others."""
     p = _image_processor(directory)
 
     def side(key):
@@ -1408,24 +1423,66 @@ def _processor_sizes(directory):
         return v
     crop = side("crop_size") if p.get("do_center_crop", True) and p.get("crop_size") is not None else None
     resize = side("size") if p.get("do_resize", True) and p.get("size") is not None else None
-    return crop, resize
+    size = p.get("size")
+    square = isinstance(size, dict) and "height" in size or isinstance(size, int) \
+        and str(p.get("image_processor_type", "")).startswith("ViT")
+    return crop, resize, "squash" if square else "shortest"
+
+
+# PIL's resampling filters by number (Hugging Face processors' "resample"), those Preprocess implements.
+_HF_RESAMPLE = {2: "bilinear", 3: "bicubic"}
+
+
+def _hf_preprocess(directory, size, default_mean, default_std):
+    """Preprocess of a Hugging Face image processor (CLIP, ViT, DINOv2's Bit), step by step as it says:
+    resize (short side, or squashed to a square), resample filter, centre crop, rescale, normalise. What
+    Preprocess cannot do is refused, naming the setting."""
+    p = _image_processor(directory)
+    if not p:
+        return Preprocess(size, tuple(default_mean), tuple(default_std))
+    crop, resize, mode = _processor_sizes(directory)
+    where = f"the image processor in {directory}"
+    resample = p.get("resample", 2 if str(p.get("image_processor_type", "")).startswith("ViT") else 3)
+    if resample not in _HF_RESAMPLE:
+        raise ValueError(f"{where} resamples with PIL filter {resample!r}; robustitm implements "
+                         f"2 (bilinear) and 3 (bicubic)")
+    if not p.get("do_rescale", True) or abs(p.get("rescale_factor", 1 / 255) - 1 / 255) > 1e-9 \
+            or not p.get("do_normalize", True):
+        raise ValueError(f"{where} has do_rescale {p.get('do_rescale')!r}, rescale_factor "
+                         f"{p.get('rescale_factor')!r}, do_normalize {p.get('do_normalize')!r}; robustitm "
+                         f"scales pixels by 1/255 and normalises")
+    out = crop or resize
+    if crop is None and mode == "shortest" or out != size:
+        made = "images of each photo's aspect ratio" if crop is None and mode == "shortest" \
+            else f"{out} x {out} images"
+        raise ValueError(f"{where} makes {made}; the model takes {size} x {size}: a square centre crop of "
+                         f"that size, or a resize to that square")
+    return Preprocess(size, tuple(p.get("image_mean", default_mean)), tuple(p.get("image_std", default_std)),
+                      resize if resize and resize > size else None, mode, _HF_RESAMPLE[resample])
+
+
+def _open_clip_preprocess(oc, size):
+    """Preprocess of open_clip_config.json's preprocess_cfg: mean, std, resize_mode ("shortest" or "squash")
+    and interpolation ("bicubic", "bilinear"; "random" is bicubic at evaluation, as open_clip does)."""
+    pp = _read_json(oc).get("preprocess_cfg") or {}
+    mode, interpolation = pp.get("resize_mode") or "shortest", pp.get("interpolation") or "bicubic"
+    if mode not in ("shortest", "squash") or interpolation not in ("bicubic", "bilinear", "random") \
+            or (pp.get("mode") or "RGB") != "RGB":
+        raise ValueError(f"{oc}: preprocess_cfg resize_mode {mode!r}, interpolation {interpolation!r}, mode "
+                         f"{pp.get('mode')!r} is not supported; robustitm implements resize_mode 'shortest' "
+                         f"or 'squash', interpolation 'bicubic' or 'bilinear', RGB")
+    mean, std = (pp["mean"], pp["std"]) if "mean" in pp and "std" in pp else (CLIP_MEAN, CLIP_STD)
+    return Preprocess(size, tuple(mean), tuple(std), resize_mode=mode,
+                      interpolation="bilinear" if interpolation == "bilinear" else "bicubic")
 
 
 def _preprocess_for(directory, size, default_mean, default_std, open_clip=False):
-    """Preprocess of a model directory: mean and std from open_clip_config.json's preprocess_cfg for
-    open_clip weights, else from the image processor's settings (and its resize side before the crop, as
-    DINOv2's 256 before 224), else the defaults given."""
+    """Preprocess of a model directory, as its own config says: open_clip_config.json's preprocess_cfg for
+    open_clip weights, else the Hugging Face image processor's settings, else the defaults given."""
     oc = directory / "open_clip_config.json"
-    p, resize = {}, None
-    if open_clip and oc.is_file():
-        pp = _read_json(oc).get("preprocess_cfg") or {}
-        p = {"image_mean": pp["mean"], "image_std": pp["std"]} if "mean" in pp and "std" in pp else {}
-    elif not open_clip:
-        p = _image_processor(directory)
-        crop, resize = _processor_sizes(directory)
-        resize = resize if crop == size and resize and resize > size else None
-    return Preprocess(size, tuple(p.get("image_mean", default_mean)), tuple(p.get("image_std", default_std)),
-                      resize)
+    if open_clip:
+        return _open_clip_preprocess(oc, size)
+    return _hf_preprocess(directory, size, default_mean, default_std)
 
 
 def _tokenizer_json(path, context_length):
@@ -1610,7 +1667,7 @@ def load_model(path=None, image_tower=None, text_tower=None, *, embed_dim=512, a
     if ilayout not in ("vit", "dinov2") or tlayout != "bert":
         raise ValueError(f"image_tower must be a ViT/DINOv2 directory (got {ilayout}) and text_tower a BERT "
                          f"directory (got {tlayout})")
-    crop, resize = _processor_sizes(idir)
+    crop, resize, _ = _processor_sizes(idir)
     isd, iunexpected, vcfg = _hf_vit(isd, iconf, ilayout, crop or resize)
     tsd, tunexpected, tcfg = _hf_bert(tsd, tconf)
     tcfg.pool = pool
@@ -1741,9 +1798,9 @@ def load_checkpoint(path):
     mc = ckpt["model_config"]
     model = DualEncoder(ModelConfig(VisionConfig(**mc["vision"]), TextConfig(**mc["text"]), mc["embed_dim"]))
     load_state_strict(model, ckpt["model"], source=path)
-    p = ckpt["preprocess"]
-    return (model, tokenizer_from_state(ckpt["tokenizer"]),
-            Preprocess(p["size"], tuple(p["mean"]), tuple(p["std"]), p.get("resize")), ckpt)
+    p = ckpt["preprocess"]  # the fields of its time: older checkpoints lack the later ones (the defaults)
+    p = {**p, "mean": tuple(p["mean"]), "std": tuple(p["std"])}
+    return model, tokenizer_from_state(ckpt["tokenizer"]), Preprocess(**p), ckpt
 
 
 def _is_robustitm_checkpoint(path):

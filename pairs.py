@@ -177,9 +177,14 @@ def _atomic_json(obj, path):
 def cache_images(paths, preprocess, cache_dir, num_workers=0):
     """Decode every image once into `cache_dir/images_{S}px_{key}.npy` (uint8 (N, 3, S, S), memory-mapped);
     -> (array, {row: error}). The key hashes the paths, their byte sizes and mtimes (an edited file gives a
-    new cache), S and the resize. Written to a temp file and renamed: a killed run leaves no half cache."""
+    new cache), S, the resize and its mode and filter. Written to a temp file and renamed: a killed run leaves
+    no half cache."""
     S, R = preprocess.size, preprocess.resize
-    h = hashlib.sha1((str(S) if R == S else f"{S},{R}").encode())  # a key without R: as before resize existed
+    # the defaults leave the key as it was before these settings existed, so older caches stay valid
+    key = str(S) if R == S else f"{S},{R}"
+    for setting, default in (("resize_mode", "shortest"), ("interpolation", "bicubic")):
+        key += "" if getattr(preprocess, setting) == default else f",{getattr(preprocess, setting)}"
+    h = hashlib.sha1(key.encode())
     for p in paths:
         st = os.stat(p) if os.path.isfile(p) else None
         h.update(f"{p}\t{st.st_size if st else -1}\t{st.st_mtime_ns if st else -1}\n".encode())
@@ -520,9 +525,10 @@ def _parse(path, splits, image_root, max_captions, image_key="image", caption_ke
 
 def load_splits(path, splits=None, image_root=None, size=224, mean=CLIP_MEAN, std=CLIP_STD, cache_dir=None,
                 skip_bad_images=False, skip_bad_captions=False, max_captions=5, num_workers=0,
-                image_key="image", caption_key="caption", resize=None) -> dict:
+                image_key="image", caption_key="caption", resize=None, preprocess=None) -> dict:
     """Read a dataset file once -> {split: Pairs} for `splits` (None: every split the file holds). Images are
-    prepared as Preprocess(size, mean, std, resize) (resize: the short side before the crop; None = size).
+    prepared by `preprocess`, by default Preprocess(size, mean, std, resize) (resize: the short side before
+    the crop; None = size).
     Formats: `*_caps.tsv` or a folder holding them -> CC152K; `*.json` with `images[].sentences` -> Karpathy,
     with `annotations` -> COCO captions, with JSON lines or an array of objects -> generic table; `*.csv`,
     other `*.tsv`, `*.jsonl` -> generic table, its image and caption columns named by `image_key` and
@@ -535,7 +541,7 @@ def load_splits(path, splits=None, image_root=None, size=224, mean=CLIP_MEAN, st
                          f"Training needs train, val (model selection) and test: "
                          f"add a 'split' column/field, or name the split you have.")
     _warn_duplicate_images(raw, path)
-    pre = Preprocess(size, tuple(mean), tuple(std), resize)
+    pre = preprocess or Preprocess(size, tuple(mean), tuple(std), resize)
     return {s: _build(s, *raw[s][:3], pre, cache_dir, skip_bad_images, skip_bad_captions, num_workers,
                       str(path), extras=raw[s][3] if len(raw[s]) > 3 else None)
             for s in (splits or raw)}

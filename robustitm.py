@@ -998,16 +998,15 @@ def build_model(cfg, captions):
 
 
 def splits_for(cfg, preprocess, names=SPLITS):
-    """The configured dataset's splits {name: Pairs}, images prepared by `preprocess` (size, mean, std)."""
+    """The configured dataset's splits {name: Pairs}, images prepared by `preprocess` (all its settings)."""
     if cfg.data == "synthetic":
         n_train, n_val, n_test = (int(x) for x in cfg.synthetic_sizes.split(","))
         splits = synthetic_splits(n_train, n_val, n_test, seed=cfg.seed, image_size=preprocess.size)
         return {name: splits[name] for name in names}
-    return load_splits(cfg.data, list(names), image_root=cfg.image_root, size=preprocess.size,
-                       mean=preprocess.mean, std=preprocess.std, cache_dir=cfg.cache_dir,
-                       skip_bad_images=cfg.skip_bad_images, skip_bad_captions=cfg.skip_bad_captions,
-                       num_workers=cfg.workers,
-                       image_key=cfg.image_key, caption_key=cfg.caption_key, resize=preprocess.resize)
+    return load_splits(cfg.data, list(names), image_root=cfg.image_root, preprocess=preprocess,
+                       cache_dir=cfg.cache_dir, skip_bad_images=cfg.skip_bad_images,
+                       skip_bad_captions=cfg.skip_bad_captions, num_workers=cfg.workers,
+                       image_key=cfg.image_key, caption_key=cfg.caption_key)
 
 
 def _start_output(cfg, out):

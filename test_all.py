@@ -673,9 +673,10 @@ def _open_clip_bpe():
     return Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
 
 
-def _open_clip_hub_folder(path, quick_gelu, safetensors=True):
+def _open_clip_hub_folder(path, quick_gelu, safetensors=True, preprocess_cfg=None):
     """A tiny open_clip CLIP saved as a hub folder by open_clip's own save_for_hf. Heads differ from
-    width / 64 and mean/std from CLIP's, so the test sees both taken from open_clip_config.json."""
+    width / 64 and mean/std from CLIP's, so the test sees both taken from open_clip_config.json;
+    `preprocess_cfg` adds resize_mode / interpolation."""
     import open_clip
     from open_clip.push_to_hf_hub import save_for_hf
     torch.manual_seed(0)
@@ -686,6 +687,7 @@ def _open_clip_hub_folder(path, quick_gelu, safetensors=True):
         del cfg["quick_gelu"]  # open_clip's own configs leave it out for gelu models
     ref = open_clip.CLIP(**cfg).eval()
     ref.visual.image_mean, ref.visual.image_std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    ref.visual.preprocess_cfg = preprocess_cfg or {}
     # The tokenizer files of an older transformers (vocab.json + merges.txt); offline, from the wheel's BPE.
     tok = ClipTokenizer.from_bpe_gz(_open_clip_bpe(), 16)
     save_for_hf(ref, type("Tok", (), {"save_pretrained": staticmethod(tok.save)}), cfg, path,
@@ -902,6 +904,92 @@ def test_model_image_tower_at_the_processors_size(tmp_path, kind):
     assert R.Preprocess(32) == R.Preprocess(32, resize=32)
     with pytest.raises(ValueError, match="resize 16 is smaller than the crop size 32"):
         R.Preprocess(32, resize=16)
+
+
+def _photo_files(tmp_path):
+    """Non-square photo files (landscape and portrait), where squashing and cropping differ."""
+    return [_png(tmp_path / "photos" / f"{i}.png", i, size) for i, size in enumerate([(70, 40), (45, 90)])]
+
+
+def test_model_open_clip_preprocess_cfg_squash_and_bilinear(tmp_path):
+    """open_clip_config.json's preprocess_cfg resize_mode "squash" (as DFN5B ViT-H-14) and interpolation
+    "bilinear": image file to embedding, as open_clip's own transforms for the folder."""
+    import open_clip
+    cfg = {"resize_mode": "squash", "interpolation": "bilinear"}
+    _open_clip_hub_folder(tmp_path / "hub", quick_gelu=False, preprocess_cfg=cfg)
+    ref, _, transform = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'hub'}")
+    model, _, pre = R.load_pretrained(tmp_path / "hub")
+    assert (pre.resize_mode, pre.interpolation) == ("squash", "bilinear")
+    for path in _photo_files(tmp_path):
+        with Image.open(path) as im, torch.no_grad():
+            ours, theirs = pre(im), transform(im)
+            torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+            torch.testing.assert_close(model.eval().encode_image(ours[None]),
+                                       ref.eval().encode_image(theirs[None], normalize=True), atol=1e-4, rtol=0)
+    config_path = tmp_path / "hub" / "open_clip_config.json"
+    good = json.loads(config_path.read_text())
+    for key, value in [("resize_mode", "longest"), ("interpolation", "lanczos")]:
+        bad = copy.deepcopy(good)
+        bad["preprocess_cfg"][key] = value
+        config_path.write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=re.escape(f"{config_path}: preprocess_cfg") + ".*not supported"):
+            R.load_pretrained(tmp_path / "hub")
+
+
+def _pil_image_processor(name, **settings):
+    """transformers 5's PIL image processor (the oracle for PIL's own resampling); older versions': the
+    class itself."""
+    import transformers
+    return (getattr(transformers, name + "Pil", None) or getattr(transformers, name))(**settings)
+
+
+def test_model_hf_image_processors_that_squash_or_resample_bilinearly(tmp_path):
+    """A CLIP folder whose processor squashes (size {height, width}, no centre crop) with resample bilinear,
+    and a ViT tower with ViT's own processor (squash + bilinear): image files to embeddings as transformers."""
+    import transformers
+    torch.manual_seed(0)
+    hf = transformers.CLIPModel(_hf_clip_config("gelu")).eval()
+    hf.save_pretrained(tmp_path / "clip")
+    processor = _pil_image_processor("CLIPImageProcessor", size={"height": 32, "width": 32},
+                                     do_center_crop=False, resample=2, image_mean=[0.4, 0.5, 0.6])
+    processor.save_pretrained(tmp_path / "clip")
+    (tmp_path / "clip" / "tokenizer.json").write_text("{}")  # the tokenizer is not what this test looks at
+    model, info = R.load_model(tmp_path / "clip")
+    pre = D._preprocess_for(info["dir"], 32, D.CLIP_MEAN, D.CLIP_STD)
+    assert (pre.resize_mode, pre.interpolation, pre.mean) == ("squash", "bilinear", (0.4, 0.5, 0.6))
+    photos = [Image.open(p).convert("RGB") for p in _photo_files(tmp_path)]
+    ids, mask = _ids_and_mask(2, 12, 99, 98)
+    with torch.no_grad():
+        pixels = processor(photos, return_tensors="pt")["pixel_values"]
+        ours = torch.stack([pre(im) for im in photos])
+        torch.testing.assert_close(ours, pixels, atol=1e-5, rtol=0)
+        want = hf(input_ids=ids, attention_mask=mask.long(), pixel_values=pixels).image_embeds
+        torch.testing.assert_close(model.eval().encode_image(ours), want, atol=1e-4, rtol=0)
+    # ViT's own processor, saved with its defaults: 32 x 32 squashed, bilinear, mean and std 0.5.
+    vit = _vit_dir(tmp_path, "vit")
+    processor = _pil_image_processor("ViTImageProcessor", size={"height": 32, "width": 32})
+    processor.save_pretrained(tmp_path / "vit")
+    _bert_dir(tmp_path)
+    (tmp_path / "bert" / "vocab.txt").write_text("\n".join(_TOK_BERT_SPECIALS + [f"w{i}" for i in range(115)]))
+    model, _, pre = R.load_pretrained(image_tower=tmp_path / "vit", text_tower=tmp_path / "bert", embed_dim=16)
+    assert (pre.resize_mode, pre.interpolation) == ("squash", "bilinear")
+    with torch.no_grad():
+        pixels = processor(photos, return_tensors="pt")["pixel_values"]
+        ours = torch.stack([pre(im) for im in photos])
+        torch.testing.assert_close(ours, pixels, atol=1e-5, rtol=0)
+        torch.testing.assert_close(model.eval().visual.features(ours),
+                                   vit(pixel_values=pixels).last_hidden_state[:, 0], atol=1e-4, rtol=0)
+    # What Preprocess does not implement is refused, naming the folder and the setting.
+    pc = tmp_path / "clip" / "preprocessor_config.json"
+    good = json.loads(pc.read_text())
+    for change, error in [({"resample": 0}, "resamples with PIL filter 0"),
+                          ({"size": {"shortest_edge": 32}}, "makes images of each photo's aspect ratio"),
+                          ({"size": {"height": 40, "width": 40}}, "makes 40 x 40 images; the model takes 32"),
+                          ({"do_normalize": False}, "do_normalize False")]:
+        pc.write_text(json.dumps({**good, **change}))
+        with pytest.raises(ValueError, match=re.escape(f"the image processor in {tmp_path / 'clip'}") + ".*"
+                           + re.escape(error)):
+            D._preprocess_for(tmp_path / "clip", 32, D.CLIP_MEAN, D.CLIP_STD)
 
 
 @pytest.mark.parametrize("layout,pool", [("0_Transformer", "mean"), ("", "cls")])
@@ -3050,6 +3138,21 @@ def test_train_resize_before_crop_reaches_data_cache_and_checkpoint(tmp_path):
     assert len(list((tmp_path / "cache").glob("*.npy"))) == 2
     R.save_checkpoint(tmp_path / "m.pt", R.tiny_model(), WordTokenizer(["a"]), pre)
     assert R.load_checkpoint(tmp_path / "m.pt")[2] == pre
+    # A squashing, bilinear Preprocess (#31) the same way: load_splits, its own cache, the checkpoint.
+    squash = Preprocess(32, resize=40, resize_mode="squash", interpolation="bilinear")
+    for cache in (None, tmp_path / "cache"):
+        got = load_splits(data, ["train"], preprocess=squash, cache_dir=cache)["train"]
+        with Image.open(got.images.paths[0]) as im:
+            assert torch.equal(got.images[0], squash.to_uint8(im)) and not torch.equal(got.images[0],
+                                                                                      pre.to_uint8(im))
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 3
+    R.save_checkpoint(tmp_path / "m.pt", R.tiny_model(), WordTokenizer(["a"]), squash)
+    assert R.load_checkpoint(tmp_path / "m.pt")[2] == squash
+    ckpt = torch.load(tmp_path / "m.pt", weights_only=True)  # a checkpoint from before these settings
+    for key in ("resize_mode", "interpolation"):
+        del ckpt["preprocess"][key]
+    torch.save(ckpt, tmp_path / "old.pt")
+    assert R.load_checkpoint(tmp_path / "old.pt")[2] == pre
 
 
 def test_train_writes_checkpoints_behind_the_next_epoch(tmp_path, monkeypatch):
