@@ -1208,16 +1208,16 @@ def _text_config(sd, width, config, act, ln_eps, **fields):
 
 
 # The tensors an OpenAI-layout state dict's architecture is read from, with the shape each must have.
-_OPENAI_ARCH = {"visual.conv1.weight": "(D, 3, p, p), D a multiple of 64", "visual.positional_embedding":
-                "(grid^2 + 1, D)", "ln_final.weight": "(W,), W a multiple of 64", "text_projection": "(W, E)",
+_OPENAI_ARCH = {"visual.conv1.weight": "(D, 3, p, p)", "visual.positional_embedding":
+                "(grid^2 + 1, D)", "ln_final.weight": "(W,)", "text_projection": "(W, E)",
                 "token_embedding.weight": "(vocab, W)", "positional_embedding": "(context, W)",
                 "visual.transformer.resblocks.0.mlp.c_fc.weight": "(hidden, D)",
                 "transformer.resblocks.0.mlp.c_fc.weight": "(hidden, W)"}
 
 
 def _openai_config(sd, act):
-    """ModelConfig of an OpenAI-layout CLIP state dict, from its tensor shapes
-    (as OpenAI's build_model does)."""
+    """ModelConfig of an OpenAI-layout CLIP state dict, from its tensor shapes (as OpenAI's build_model
+    does); the heads are set by the caller (_bare_heads, or an open_clip config)."""
     shape = {k: tuple(sd[k].shape) if k in sd else () for k in _OPENAI_ARCH}
     ndim = {k: 4 if k == "visual.conv1.weight" else 1 if k == "ln_final.weight" else 2 for k in _OPENAI_ARCH}
     ok = all(len(shape[k]) == n for k, n in ndim.items())
@@ -1225,14 +1225,36 @@ def _openai_config(sd, act):
         D, rgb, p, q = shape["visual.conv1.weight"]
         (tokens, width), (W,) = shape["visual.positional_embedding"], shape["ln_final.weight"]
         grid = round((tokens - 1) ** 0.5)
-        ok = rgb == 3 and p == q > 0 and D > 0 and D % 64 == 0 and W > 0 and W % 64 == 0 \
-            and grid * grid == tokens - 1 and width == D
+        ok = rgb == 3 and p == q > 0 and D > 0 and W > 0 and grid * grid == tokens - 1 and width == D
     if not ok:
         listing = "; ".join(f"{k}: {shape[k]} (expected {want})" for k, want in _OPENAI_ARCH.items())
         raise ValueError(f"the checkpoint's architecture cannot be read from its shapes: {listing}. "
                          f"The file is damaged or not an OpenAI/open_clip CLIP state dict")
     return ModelConfig(_vision_config(sd, {}, act, 1e-5), _text_config(sd, W, {}, act, 1e-5),
                        sd["text_projection"].shape[1])
+
+
+# open_clip's ViT-H, ViT-g and ViT-bigG image towers: widths whose heads are 80, 88 and 104 wide, not 64.
+_WIDE_HEADS = {1280: 80, 1408: 88, 1664: 104}
+
+
+def _bare_heads(cfg, head_width, source):
+    """Sets the heads of a state dict without a config: text heads 64 wide (OpenAI's build_model, and every
+    open_clip text tower), image heads `head_width` wide, or 64 where the width says so. Widths that are not
+    multiples of 64, or those of open_clip's ViT-H/g/bigG, leave the image heads unknown: refused."""
+    D, W = cfg.vision.width, cfg.text.width
+    if head_width is None and (D % 64 or D in _WIDE_HEADS):
+        known = f"open_clip's ViT-H/g/bigG ({D} wide) use heads {_WIDE_HEADS[D]} wide, OpenAI's 64" \
+            if D in _WIDE_HEADS else "it is not a multiple of 64"
+        raise ValueError(f"{source}: the image tower is {D} wide and its head width cannot be read from the "
+                         f"weights ({known}): put the model's open_clip_config.json next to the file, or "
+                         f"pass --head_width (head_width=)")
+    for tower, name, width in ((cfg.vision, "image", head_width or 64), (cfg.text, "text", 64)):
+        if tower.width % width:
+            raise ValueError(f"{source}: the {name} tower is {tower.width} wide, not a multiple of its head "
+                             f"width {width}: the file is damaged, or pass the right --head_width")
+        tower.heads = tower.width // width
+    return cfg
 
 
 def _hf_clip(sd, config):
@@ -1380,6 +1402,7 @@ def _open_clip_config(sd, oc, source):
                                  f"open_clip's standard ViT CLIP")
     cfg = _openai_config(sd, "quick_gelu" if mc.get("quick_gelu") else "gelu")
     vc, tc = mc.get("vision_cfg") or {}, mc.get("text_cfg") or {}
+    _check_against_open_clip_config(cfg, mc, vc, tc, source)
     head_width, heads = vc.get("head_width", 64), tc.get("heads", 8)  # open_clip's defaults
     for tower, n in ((cfg.vision, cfg.vision.width / head_width), (cfg.text, heads)):
         if n != int(n) or n < 1 or tower.width % int(n):
@@ -1388,6 +1411,30 @@ def _open_clip_config(sd, oc, source):
                              f"to these weights")
         tower.heads = int(n)
     return cfg
+
+
+def _check_against_open_clip_config(cfg, mc, vc, tc, source):
+    """The shapes read from the weights against what open_clip_config.json says it builds (open_clip's
+    defaults where it is silent): a mismatch names each value and refuses the pair."""
+    size = vc.get("image_size", 224)
+    size = size[0] if isinstance(size, (list, tuple)) and len(set(size)) == 1 else size
+    v, t = cfg.vision, cfg.text
+    said = {"embed_dim": (mc.get("embed_dim"), cfg.embed_dim),
+            "vision_cfg.width": (vc.get("width", 768), v.width),
+            "vision_cfg.layers": (vc.get("layers", 12), v.layers),
+            "vision_cfg.patch_size": (vc.get("patch_size", 16), v.patch_size),
+            "vision_cfg.image_size": (size, v.image_size),
+            "vision_cfg.mlp_ratio": (vc.get("mlp_ratio", 4.0), v.mlp_width / v.width),
+            "text_cfg.width": (tc.get("width", 512), t.width),
+            "text_cfg.layers": (tc.get("layers", 12), t.layers),
+            "text_cfg.context_length": (tc.get("context_length", 77), t.context_length),
+            "text_cfg.vocab_size": (tc.get("vocab_size", 49408), t.vocab_size),
+            "text_cfg.mlp_ratio": (tc.get("mlp_ratio", 4.0), t.mlp_width / t.width)}
+    wrong = [f"{k} {want!r} (weights: {got:g})" for k, (want, got) in said.items()
+             if want is not None and want != got]
+    if wrong:
+        raise ValueError(f"{source} does not describe these weights: model_cfg {', '.join(wrong)}; use the "
+                         f"config saved with them")
 
 
 def _image_processor(directory):
@@ -1626,7 +1673,7 @@ def _sentence_transformer(path):
 
 
 def load_model(path=None, image_tower=None, text_tower=None, *, embed_dim=512, activation="quick_gelu",
-               allow_torchscript=False):
+               allow_torchscript=False, head_width=None):
     """Builds a DualEncoder from pretrained weights (float32) -> (model, info: layout, directories, configs).
 
     path: an OpenAI/open_clip CLIP state dict (.pt/.bin/.safetensors), an open_clip hub folder
@@ -1635,6 +1682,8 @@ def load_model(path=None, image_tower=None, text_tower=None, *, embed_dim=512, a
           `-quickgelu` models use quick_gelu, other open_clip models gelu. It is not used where a config
           says it: config.json of Hugging Face directories, open_clip_config.json of hub folders or next
           to the state dict given (its "quick_gelu"; false or absent is gelu, as open_clip builds it).
+          `head_width`, the image tower's head width of a bare state dict, is the other: 64 by default,
+          refused where the width says it may not be (see _bare_heads); a config says it instead.
     image_tower / text_tower: Hugging Face ViT or DINOv2 / BERT directories joined with new projection heads
           to `embed_dim` (separately pretrained towers, paper C's setting). The text tower may be a
           sentence-transformers folder; its Pooling module sets the pooling (CLS or mean).
@@ -1648,7 +1697,8 @@ def load_model(path=None, image_tower=None, text_tower=None, *, embed_dim=512, a
             sd, unexpected = {k: v for k, v in sd.items() if not _UNUSED.search(k)}, []
             if open_clip:
                 config = _read_json(oc)
-            cfg = _open_clip_config(sd, config, oc) if open_clip else _openai_config(sd, activation)
+            cfg = _open_clip_config(sd, config, oc) if open_clip \
+                else _bare_heads(_openai_config(sd, activation), head_width, path)
         elif layout == "hf_clip":
             sd, unexpected, cfg = _hf_clip(sd, config)
         else:
@@ -1680,7 +1730,7 @@ def load_model(path=None, image_tower=None, text_tower=None, *, embed_dim=512, a
 
 
 def load_pretrained(path=None, image_tower=None, text_tower=None, *, embed_dim=512, activation="quick_gelu",
-                    allow_torchscript=False, tokenizer_path=None):
+                    allow_torchscript=False, tokenizer_path=None, head_width=None):
     """Loads pretrained weights -> (model, tokenizer, preprocess); see load_model for the arguments.
 
     The CLIP vocabulary is read from the checkpoint's directory (vocab.json + merges.txt, tokenizer.json,
@@ -1688,7 +1738,7 @@ def load_pretrained(path=None, image_tower=None, text_tower=None, *, embed_dim=5
     or vocab.txt in the text tower's directory (_wordpiece_tokenizer).
     """
     model, info = load_model(path, image_tower, text_tower, embed_dim=embed_dim, activation=activation,
-                             allow_torchscript=allow_torchscript)
+                             allow_torchscript=allow_torchscript, head_width=head_width)
     t, size = model.cfg.text, model.cfg.vision.image_size
     if path is not None:
         tokenizer = _clip_tokenizer(info["dir"], t.context_length, tokenizer_path)

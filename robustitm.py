@@ -162,6 +162,9 @@ class ModelSourceConfig:
     activation: str = _opt("quick_gelu", "MLP activation of a bare state-dict file (shapes cannot tell; an "
                            "open_clip_config.json next to it says it instead)",
                            choices=["quick_gelu", "gelu"])
+    head_width: int = _opt(None, "attention head width of a bare state-dict file's image tower (shapes "
+                           "cannot tell): 64 for OpenAI's, 80/88/104 for open_clip's ViT-H/g/bigG; an "
+                           "open_clip_config.json next to it says it instead")
     tokenizer: str = _opt(None, "CLIP vocabulary: bpe_simple_vocab_16e6.txt.gz, a tokenizer.json, or a dir "
                           "with vocab.json + merges.txt")
     allow_torchscript: bool = _opt(False, "allow loading TorchScript .pt archives (this EXECUTES code from "
@@ -990,6 +993,7 @@ def build_model(cfg, captions):
     if cfg.pretrained or cfg.image_tower:
         return load_pretrained(cfg.pretrained, cfg.image_tower, cfg.text_tower, embed_dim=cfg.embed_dim,
                                activation=cfg.activation, allow_torchscript=cfg.allow_torchscript,
+                               head_width=cfg.head_width,
                                tokenizer_path=cfg.tokenizer)
     tokenizer = WordTokenizer.build(captions)
     model = tiny_model(embed_dim=64, image_size=cfg.image_size, vocab_size=tokenizer.vocab_size,
@@ -1975,20 +1979,24 @@ def _idle_flags(cfg):
     rules, model = [], cfg.pretrained
     if model and Path(model).is_file() and _is_robustitm_checkpoint(model):
         rules.append(({"image_tower", "text_tower", "embed_dim", "image_size", "activation", "tokenizer",
-                       "allow_torchscript"}, f"a robustitm checkpoint ({model}): it holds its model, "
-                                             f"tokenizer and image size"))
+                       "allow_torchscript", "head_width"},
+                      f"a robustitm checkpoint ({model}): it holds its model, tokenizer and image size"))
     elif model:
         rules.append(({"image_tower", "text_tower", "embed_dim", "image_size"},
                       f"CLIP weights ({model}): they hold both towers, their heads and image size"))
         oc = (Path(model) if Path(model).is_dir() else Path(model).parent) / "open_clip_config.json"
         if oc.is_file():
-            rules.append(({"activation"}, f"{oc} next to the weights: it says the activation"))
+            rules.append(({"activation", "head_width"},
+                          f"{oc} next to the weights: it says the activation and the heads"))
+        elif Path(model).is_dir():
+            rules.append(({"head_width"}, f"a Hugging Face directory ({model}): its config.json says the "
+                                          f"heads"))
     elif cfg.image_tower:
-        rules.append(({"image_size", "activation", "tokenizer"}, "--image_tower/--text_tower: their "
-                                                                 "directories hold them"))
+        rules.append(({"image_size", "activation", "tokenizer", "head_width"},
+                      "--image_tower/--text_tower: their directories hold them"))
     elif isinstance(cfg, TrainConfig):
-        rules.append(({"text_tower", "embed_dim", "activation", "tokenizer", "allow_torchscript"},
-                      "a model from scratch (no --pretrained or --image_tower)"))
+        rules.append(({"text_tower", "embed_dim", "activation", "tokenizer", "allow_torchscript",
+                       "head_width"}, "a model from scratch (no --pretrained or --image_tower)"))
     if cfg.data == "synthetic":
         rules.append(({"image_root", "cache_dir", "skip_bad_images", "skip_bad_captions", "image_key",
                        "caption_key"},

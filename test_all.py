@@ -673,7 +673,7 @@ def _open_clip_bpe():
     return Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
 
 
-def _open_clip_hub_folder(path, quick_gelu, safetensors=True, preprocess_cfg=None):
+def _open_clip_hub_folder(path, quick_gelu, safetensors=True, preprocess_cfg=None, towers=None):
     """A tiny open_clip CLIP saved as a hub folder by open_clip's own save_for_hf. Heads differ from
     width / 64 and mean/std from CLIP's, so the test sees both taken from open_clip_config.json;
     `preprocess_cfg` adds resize_mode / interpolation."""
@@ -683,6 +683,8 @@ def _open_clip_hub_folder(path, quick_gelu, safetensors=True, preprocess_cfg=Non
     cfg = dict(embed_dim=32, quick_gelu=quick_gelu,
                vision_cfg=dict(image_size=32, layers=2, width=128, patch_size=8, head_width=32),
                text_cfg=dict(context_length=16, vocab_size=49408, width=128, heads=4, layers=2))
+    for tower, settings in (towers or {}).items():
+        cfg[tower].update(settings)
     if not quick_gelu:
         del cfg["quick_gelu"]  # open_clip's own configs leave it out for gelu models
     ref = open_clip.CLIP(**cfg).eval()
@@ -723,6 +725,57 @@ def test_model_open_clip_hub_folder(tmp_path, act):
                                       tokenizer_path=_open_clip_bpe())
     assert model.cfg.vision.act == act and pre.mean == (0.5, 0.4, 0.3)
     _assert_same_as_open_clip(model, tokenizer, ref)
+
+
+def test_model_open_clip_config_is_the_architecture(tmp_path):
+    """A hub folder whose heads are 80 wide (as ViT-H-14's) on widths that are not multiples of 64: built
+    as its open_clip_config.json says, from image files and raw strings as open_clip. The same weights
+    bare need the head width (the width cannot tell it); a config that does not describe the weights is
+    refused."""
+    import open_clip
+    towers = {"vision_cfg": dict(width=160, head_width=80), "text_cfg": dict(width=96, heads=2)}
+    _open_clip_hub_folder(tmp_path / "hub", quick_gelu=False, towers=towers)
+    ref, _, transform = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'hub'}")
+    ref_tok = open_clip.get_tokenizer(f"local-dir:{tmp_path / 'hub'}")
+    strings = ["a photo of a dog on the grass", "Two “red” cubes & a ball"]
+    photos = _photo_files(tmp_path)
+
+    def assert_same_as_open_clip(model, tokenizer, pre):
+        with torch.no_grad():
+            for path in photos:
+                with Image.open(path) as im:
+                    torch.testing.assert_close(model.eval().encode_image(pre(im)[None]),
+                                               ref.eval().encode_image(transform(im)[None], normalize=True),
+                                               atol=1e-4, rtol=0)
+            torch.testing.assert_close(model.encode_text(*tokenizer(strings)),
+                                       ref.encode_text(ref_tok(strings), normalize=True), atol=1e-4, rtol=0)
+
+    model, tokenizer, pre = R.load_pretrained(tmp_path / "hub")
+    assert (model.cfg.vision.heads, model.cfg.text.heads) == (2, 2)
+    assert_same_as_open_clip(model, tokenizer, pre)
+    # The weights alone: refused until the head width is given.
+    sd = open_clip.create_model(f"local-dir:{tmp_path / 'hub'}").state_dict()
+    torch.save(sd, tmp_path / "bare.pt")
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'bare.pt'}: the image tower is 160 wide and "
+                                                   f"its head width cannot be read")):
+        R.load_model(tmp_path / "bare.pt", activation="gelu")
+    with pytest.raises(ValueError, match="the text tower is 96 wide, not a multiple of its head width 64"):
+        R.load_model(tmp_path / "bare.pt", activation="gelu", head_width=80)
+    for width, head in D._WIDE_HEADS.items():  # ViT-H, g, bigG widths: refused without the head width
+        cfg = D.ModelConfig(D.VisionConfig(width=width), D.TextConfig(width=1024))
+        with pytest.raises(ValueError, match=f"ViT-H/g/bigG \\({width} wide\\) use heads {head} wide"):
+            D._bare_heads(cfg, None, "f.pt")
+        assert D._bare_heads(cfg, head, "f.pt").vision.heads == width // head
+    # A config beside the weights is checked against them.
+    config_path = tmp_path / "hub" / "open_clip_config.json"
+    good = json.loads(config_path.read_text())
+    bad = copy.deepcopy(good)
+    bad["model_cfg"]["vision_cfg"]["layers"], bad["model_cfg"]["text_cfg"]["context_length"] = 3, 77
+    config_path.write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match=re.escape(f"{config_path} does not describe these weights: model_cfg "
+                                                   f"vision_cfg.layers 3 (weights: 2), text_cfg.context_length "
+                                                   f"77 (weights: 16)")):
+        R.load_model(tmp_path / "hub")
 
 
 def test_model_open_clip_hub_folder_pickle_and_bad_configs(tmp_path):
