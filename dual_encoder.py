@@ -1166,13 +1166,23 @@ def _n_blocks(sd, pattern):
     return max(idx) + 1 if idx else 0
 
 
-def _detect_layout(sd):
+_SUPPORTED = ("robustitm loads ViT CLIP models (OpenAI, open_clip, Hugging Face CLIPModel) and a ViT/DINOv2 "
+              "image tower with a BERT text tower")
+
+
+def _detect_layout(sd, source="the checkpoint"):
     if any(k.startswith("visual.layer1") for k in sd):
         raise ValueError("ResNet CLIP image towers (RN50, ...) are not supported; use a ViT CLIP checkpoint")
     if "visual.conv1.weight" in sd and "token_embedding.weight" in sd:
         return "openai"
+    if "logit_bias" in sd or any(k.startswith(("vision_model.head.", "text_model.head.")) for k in sd):
+        raise ValueError(f"{source} is a SigLIP model (sigmoid loss, attention-pooled image head), which is "
+                         f"not supported: {_SUPPORTED}")
     if "text_model.embeddings.token_embedding.weight" in sd \
             and "vision_model.embeddings.patch_embedding.weight" in sd:
+        if not {"text_projection.weight", "visual_projection.weight"} <= set(sd):
+            raise ValueError(f"{source} has CLIP towers without the projections into the shared space "
+                             f"(text_projection, visual_projection), which are not supported: {_SUPPORTED}")
         return "hf_clip"
     if "embeddings.word_embeddings.weight" in sd:
         return "bert"
@@ -1690,7 +1700,7 @@ def load_model(path=None, image_tower=None, text_tower=None, *, embed_dim=512, a
     """
     if path is not None:
         sd, config, directory = _read_dir_or_file(path, allow_torchscript)
-        layout = _detect_layout(sd)
+        layout = _detect_layout(sd, path)
         oc = directory / "open_clip_config.json"  # a hub folder's, or next to the file given
         open_clip = layout == "openai" and oc.is_file()
         if layout == "openai":
@@ -1713,7 +1723,7 @@ def load_model(path=None, image_tower=None, text_tower=None, *, embed_dim=512, a
     isd, iconf, idir = _read_dir_or_file(image_tower, allow_torchscript)
     text_tower, pool = _sentence_transformer(Path(text_tower))
     tsd, tconf, tdir = _read_dir_or_file(text_tower, allow_torchscript)
-    ilayout, tlayout = _detect_layout(isd), _detect_layout(tsd)
+    ilayout, tlayout = _detect_layout(isd, image_tower), _detect_layout(tsd, text_tower)
     if ilayout not in ("vit", "dinov2") or tlayout != "bert":
         raise ValueError(f"image_tower must be a ViT/DINOv2 directory (got {ilayout}) and text_tower a BERT "
                          f"directory (got {tlayout})")

@@ -463,6 +463,21 @@ def test_model_parity_hf_clip(tmp_path, act):
     _assert_same_as_hf_clip(model, ref)
 
 
+def test_model_siglip_and_clip_without_projections_are_refused_clearly(tmp_path):
+    import transformers
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    transformers.SiglipModel(transformers.SiglipConfig(
+        text_config=dict(tower, vocab_size=99, max_position_embeddings=16),
+        vision_config=dict(tower, image_size=32, patch_size=8))).save_pretrained(tmp_path / "siglip")
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'siglip'} is a SigLIP model") + ".* not "
+                       "supported: robustitm loads ViT CLIP models .*Hugging Face CLIPModel"):
+        R.load_model(tmp_path / "siglip")
+    sd = transformers.CLIPModel(_hf_clip_config("gelu")).state_dict()
+    R.write_safetensors({k: v for k, v in sd.items() if "projection" not in k}, tmp_path / "towers.safetensors")
+    with pytest.raises(ValueError, match="has CLIP towers without the projections"):
+        R.load_model(tmp_path / "towers.safetensors")
+
+
 @pytest.mark.parametrize("name,act", [("ViT-B-32-quickgelu", "quick_gelu"), ("ViT-B-32", "gelu")])
 def test_model_parity_open_clip_state_dict(tmp_path, name, act):
     import open_clip
