@@ -243,13 +243,18 @@ _SKIP, _LETTER, _NUMBER, _OTHER = range(4)
 _CONTRACTION_RE = re.compile("'(?:[sSſ]|[tT]|[rR][eE]|[vV][eE]|[mM]|[lL][lL]|[dD])")
 
 
+# transformers' CLIPTokenizer (tokenizer.json) runs the pattern case-sensitively on lower-cased text.
+_HF_CONTRACTION_RE = re.compile("'(?:s|t|re|ve|m|ll|d)")
+
+
 @functools.lru_cache(maxsize=1 << 16)
-def _char_kind(c):
-    """The class of one character in CLIP's split pattern, as the `regex` module sees it under IGNORECASE."""
+def _char_kind(c, hf=False):
+    """The class of one character in CLIP's split pattern, as the `regex` module sees it under IGNORECASE
+    (hf: as the `tokenizers` library sees it, case-sensitive)."""
     if c.isspace() and c not in "\x1c\x1d\x1e\x1f":  # `regex`'s \s; str.isspace also counts U+001C..U+001F
         return _SKIP
     # a mark whose upper case is a letter: `regex` puts it in neither [\p{L}] nor [^\p{L}...]
-    if c == "\u0345":
+    if c == "\u0345" and not hf:
         return _SKIP
     category = unicodedata.category(c)
     return _LETTER if category[0] == "L" else _NUMBER if category[0] == "N" else _OTHER
@@ -260,30 +265,36 @@ def _char_kind(c):
 _ASCII_SPLIT_RE = re.compile(_CONTRACTION_RE.pattern + r"|[A-Za-z]+|[0-9]|[^ \t\n\x0b\x0c\rA-Za-z0-9]+")
 
 
-def clip_split(text):
+def clip_split(text, hf=False):
     """CLIP's pre-tokenizer: the pattern
     `'s|'t|'re|'ve|'m|'ll|'d|[\\p{L}]+|[\\p{N}]|[^\\s\\p{L}\\p{N}]+` (case-insensitive) run left to right, as
     a hand-written scanner on `unicodedata` categories (the standard `re` has no \\p{L}); ASCII text takes a
     standard `re` shortcut. Special-token text such as "<|endoftext|>" inside a caption is plain text here
-    (open_clip spells its own markers differently)."""
+    (open_clip spells its own markers differently). `hf`: case-sensitive, as the `tokenizers` library runs
+    it for transformers' CLIPTokenizer (on lower-cased text, so only "'ſ" and U+0345 differ)."""
     if text.isascii():
         return _ASCII_SPLIT_RE.findall(text)
+    contractions = _HF_CONTRACTION_RE if hf else _CONTRACTION_RE
     words, i, n = [], 0, len(text)
     while i < n:
         # alternatives are tried in order: a contraction wins over a run of punctuation
-        contraction = _CONTRACTION_RE.match(text, i)
+        contraction = contractions.match(text, i)
         if contraction:
             words.append(contraction.group())
             i = contraction.end()
             continue
-        kind, j = _char_kind(text[i]), i + 1
+        kind, j = _char_kind(text[i], hf), i + 1
         if kind in (_LETTER, _OTHER):  # letters and "other" come in runs, numbers one digit at a time
-            while j < n and _char_kind(text[j]) == kind:
+            while j < n and _char_kind(text[j], hf) == kind:
                 j += 1
         if kind != _SKIP:
             words.append(text[i:j])
         i = j
     return words
+
+
+_HF_SPECIAL_RE = re.compile(r"(<\|startoftext\|>)")
+_HF_SPACE_RE = re.compile("[^\\S\x1c-\x1f]+")  # \s of the `tokenizers` library: U+001C..U+001F are not
 
 
 class ClipTokenizer(_Tokenizer):
@@ -292,14 +303,19 @@ class ClipTokenizer(_Tokenizer):
     Cleaning as open_clip's default: `fix_text` (ftfy without mojibake repair), HTML unescape twice,
     whitespace collapsed, lower case. Then CLIP's split pattern, bytes -> printable characters, BPE with
     "</w>" marking the end of a word. pad_id is 0, as open_clip (the mask, not the id, tells padding apart).
+    `hf=True` cleans and splits as transformers' CLIPTokenizer (a Hugging Face folder's tokenizer.json):
+    NFC, whitespace collapsed, lower case letter by letter, no ftfy and no HTML unescaping;
+    "<|startoftext|>" in a caption is the special token, and the caption ends at "<|endoftext|>" (where
+    transformers' CLIP pools).
 
         tok = ClipTokenizer.from_bpe_gz("bpe_simple_vocab_16e6.txt.gz"); ids, mask = tok(["a dog"])  # (1, 4)
     """
 
     START, END = "<|startoftext|>", "<|endoftext|>"
 
-    def __init__(self, vocab, merges, context_length=77):
+    def __init__(self, vocab, merges, context_length=77, hf=False):
         self.context_length = self._check_context_length(context_length)
+        self.hf = hf
         self.vocab = dict(vocab)
         self.merges = [tuple(m) for m in merges]
         for m in self.merges:
@@ -359,7 +375,11 @@ class ClipTokenizer(_Tokenizer):
             f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in self.merges))
 
     def clean(self, text):
-        """The BPE's input: open_clip's 'lower' cleaning (ftfy, HTML unescape, whitespace, lower case)."""
+        """The BPE's input: open_clip's 'lower' cleaning (ftfy, HTML unescape, whitespace, lower case), or
+        (hf) transformers' (NFC, whitespace, lower case letter by letter: no final sigma, as Rust's)."""
+        if self.hf:
+            text = _HF_SPACE_RE.sub(" ", unicodedata.normalize("NFC", text))
+            return text.lower() if "\u03a3" not in text else "".join(c.lower() for c in text)
         text = html.unescape(html.unescape(fix_text(text)))
         return " ".join(text.split()).lower()
 
@@ -384,7 +404,16 @@ class ClipTokenizer(_Tokenizer):
 
     def encode(self, text):
         """Text -> BPE ids, without the start and end tokens."""
-        return [i for word in clip_split(self.clean(text)) for i in self._cached(word, self._bpe)]
+        if not self.hf:
+            return self._encode_clean(text)
+        # transformers matches the special tokens before any cleaning and pools at the first end token; the
+        # text is causal, so the caption up to that token gives its embedding
+        parts = _HF_SPECIAL_RE.split(text.split(self.END)[0])  # start tokens at the odd places
+        return [i for k, part in enumerate(parts)
+                for i in ([self.vocab[part]] if k % 2 else self._encode_clean(part))]
+
+    def _encode_clean(self, text):
+        return [i for word in clip_split(self.clean(text), self.hf) for i in self._cached(word, self._bpe)]
 
     def decode(self, ids):
         """Ids of one caption -> text, special tokens dropped. Pass `ids[i][mask[i]]`: the pad id 0 is "!"."""
@@ -1563,7 +1592,15 @@ def _tokenizer_json(path, context_length):
         raise ValueError(f"{path}: {e}") from None
 
 
-def _clip_tokenizer(directory, context_length, tokenizer_path=None):
+def _clip_tokenizer(directory, context_length, tokenizer_path=None, hf=False):
+    """The CLIP tokenizer of a checkpoint: its vocabulary from `tokenizer_path` or the directory; `hf`
+    (a Hugging Face CLIP folder) cleans captions as transformers does, else as open_clip (ClipTokenizer)."""
+    tok = _clip_vocabulary(directory, context_length, tokenizer_path)
+    tok.hf = hf  # cleaning only: the vocabulary, merges and cached words are the same
+    return tok
+
+
+def _clip_vocabulary(directory, context_length, tokenizer_path):
     if tokenizer_path is not None:
         tp = Path(tokenizer_path)
         if tp.is_dir():
@@ -1751,7 +1788,8 @@ def load_pretrained(path=None, image_tower=None, text_tower=None, *, embed_dim=5
                              allow_torchscript=allow_torchscript, head_width=head_width)
     t, size = model.cfg.text, model.cfg.vision.image_size
     if path is not None:
-        tokenizer = _clip_tokenizer(info["dir"], t.context_length, tokenizer_path)
+        tokenizer = _clip_tokenizer(info["dir"], t.context_length, tokenizer_path,
+                                    hf=info["layout"] == "hf_clip")
         return model, tokenizer, _preprocess_for(info["dir"], size, CLIP_MEAN, CLIP_STD,
                                                  open_clip=info.get("open_clip", False))
     tokenizer = _wordpiece_tokenizer(info["text_dir"], t.context_length)
@@ -1815,7 +1853,7 @@ def export_hf(model, tokenizer, out_dir, preprocess=None):
 # ------------------------------------------------------------------------------------------------------------
 
 # What each tokenizer is rebuilt from, before its context_length (the constructor's arguments, in order).
-_TOKENIZER_ARGS = {ClipTokenizer: ("vocab", "merges"), WordPieceTokenizer: ("vocab", "lower_case", "fast"),
+_TOKENIZER_ARGS = {ClipTokenizer: ("vocab", "merges", "hf"), WordPieceTokenizer: ("vocab", "lower_case", "fast"),
                    WordTokenizer: ("vocab",), ByteTokenizer: ()}
 
 

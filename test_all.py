@@ -916,8 +916,7 @@ def test_model_transformers5_tokenizer_json_and_processor_config(tmp_path):
     captions = _tok_captions(300)
     _, tokenizer, pre = R.load_pretrained(tmp_path / "clip")
     assert (pre.mean, pre.std) == ((0.1, 0.2, 0.3), (0.4, 0.5, 0.6))
-    for a, b in zip(tokenizer(captions), ours(captions)):
-        assert torch.equal(a, b)
+    assert (tokenizer.vocab, tokenizer.merges) == (ours.vocab, ours.merges)  # its cleaning: the next test
     # Older tokenizer.json files: merges as "a b" strings, special tokens only among added_tokens.
     j = json.loads((tmp_path / "clip" / "tokenizer.json").read_text())
     j["model"]["merges"] = [" ".join(m) for m in j["model"]["merges"]]
@@ -932,6 +931,38 @@ def test_model_transformers5_tokenizer_json_and_processor_config(tmp_path):
     (tmp_path / "old.json").write_text(json.dumps(j))
     with pytest.raises(ValueError, match="old.json holds no BPE model"):
         D._clip_tokenizer(tmp_path, 16, tokenizer_path=tmp_path / "old.json")
+
+
+def test_model_hf_clip_folder_tokenizes_as_transformers(tmp_path):
+    """A Hugging Face CLIP folder's captions are cleaned as its own tokenizer.json (transformers'
+    CLIPTokenizer: no ftfy, no HTML unescaping), raw strings to embeddings; open_clip files keep open_clip's
+    cleaning (test_model_open_clip_config_is_the_architecture)."""
+    import transformers
+    ClipTokenizer.from_bpe_gz(_open_clip_bpe(), 16).save(tmp_path / "files")
+    hf_tok = transformers.CLIPTokenizer(str(tmp_path / "files" / "vocab.json"),
+                                        str(tmp_path / "files" / "merges.txt"))
+    torch.manual_seed(0)
+    hf = transformers.CLIPModel(_hf_clip_config("gelu", vocab=49408)).eval()
+    hf.save_pretrained(tmp_path / "clip")
+    hf_tok.save_pretrained(tmp_path / "clip")
+    model, tokenizer, _ = R.load_pretrained(tmp_path / "clip")
+    assert tokenizer.hf
+    captions = [c for c in _tok_captions() if not any(0xD800 <= ord(ch) <= 0xDFFF for ch in c)
+                and ClipTokenizer.END not in c]  # cut there (where transformers pools): embeddings below
+    ids, mask = tokenizer(captions)
+    expected = hf_tok(captions, truncation=True, max_length=16)["input_ids"]
+    wrong = [c for i, c in enumerate(captions) if _tok_row(ids, mask, i) != expected[i]]
+    assert not wrong, f"{len(wrong)} captions differ from transformers' CLIPTokenizer, e.g. {wrong[:3]}"
+    strings = ["a “curly” dog’s ball", "caf&eacute; <|endoftext|> ﬁsh", "ΣΊΣΥΦΟΣ at the beach"]
+    ours = ClipTokenizer.from_bpe_gz(_open_clip_bpe(), 16)
+    assert all(_tok_row(*tokenizer(s), 0) != _tok_row(*ours(s), 0) for s in strings)  # open_clip's differ
+    batch = hf_tok(strings, padding=True, truncation=True, max_length=16, return_tensors="pt")
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        want = hf(**batch, pixel_values=images).text_embeds
+        torch.testing.assert_close(model.eval().encode_text(*tokenizer(strings)), want, atol=1e-4, rtol=0)
+    again = D.tokenizer_from_state(D.tokenizer_state(tokenizer))  # as a robustitm checkpoint stores it
+    assert again.hf and torch.equal(again(strings)[0], tokenizer(strings)[0])
 
 
 @pytest.mark.parametrize("kind", ["vit", "dinov2"])
