@@ -1853,8 +1853,9 @@ def export_hf(model, tokenizer, out_dir, preprocess=None):
 # ------------------------------------------------------------------------------------------------------------
 
 # What each tokenizer is rebuilt from, before its context_length (the constructor's arguments, in order).
-_TOKENIZER_ARGS = {ClipTokenizer: ("vocab", "merges", "hf"), WordPieceTokenizer: ("vocab", "lower_case", "fast"),
-                   WordTokenizer: ("vocab",), ByteTokenizer: ()}
+_TOKENIZER_ARGS = {ClipTokenizer: ("vocab", "merges", "hf"),
+                   WordPieceTokenizer: ("vocab", "lower_case", "fast"), WordTokenizer: ("vocab",),
+                   ByteTokenizer: ()}
 
 
 def tokenizer_state(tok):

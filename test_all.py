@@ -473,7 +473,8 @@ def test_model_siglip_and_clip_without_projections_are_refused_clearly(tmp_path)
                        "supported: robustitm loads ViT CLIP models .*Hugging Face CLIPModel"):
         R.load_model(tmp_path / "siglip")
     sd = transformers.CLIPModel(_hf_clip_config("gelu")).state_dict()
-    R.write_safetensors({k: v for k, v in sd.items() if "projection" not in k}, tmp_path / "towers.safetensors")
+    towers = {k: v for k, v in sd.items() if "projection" not in k}
+    R.write_safetensors(towers, tmp_path / "towers.safetensors")
     with pytest.raises(ValueError, match="has CLIP towers without the projections"):
         R.load_model(tmp_path / "towers.safetensors")
 
@@ -787,9 +788,9 @@ def test_model_open_clip_config_is_the_architecture(tmp_path):
     bad = copy.deepcopy(good)
     bad["model_cfg"]["vision_cfg"]["layers"], bad["model_cfg"]["text_cfg"]["context_length"] = 3, 77
     config_path.write_text(json.dumps(bad))
-    with pytest.raises(ValueError, match=re.escape(f"{config_path} does not describe these weights: model_cfg "
-                                                   f"vision_cfg.layers 3 (weights: 2), text_cfg.context_length "
-                                                   f"77 (weights: 16)")):
+    error = (f"{config_path} does not describe these weights: model_cfg vision_cfg.layers 3 (weights: 2), "
+             f"text_cfg.context_length 77 (weights: 16)")
+    with pytest.raises(ValueError, match=re.escape(error)):
         R.load_model(tmp_path / "hub")
 
 
@@ -1023,8 +1024,8 @@ def test_model_open_clip_preprocess_cfg_squash_and_bilinear(tmp_path):
         with Image.open(path) as im, torch.no_grad():
             ours, theirs = pre(im), transform(im)
             torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
-            torch.testing.assert_close(model.eval().encode_image(ours[None]),
-                                       ref.eval().encode_image(theirs[None], normalize=True), atol=1e-4, rtol=0)
+            want = ref.eval().encode_image(theirs[None], normalize=True)
+            torch.testing.assert_close(model.eval().encode_image(ours[None]), want, atol=1e-4, rtol=0)
     config_path = tmp_path / "hub" / "open_clip_config.json"
     good = json.loads(config_path.read_text())
     for key, value in [("resize_mode", "longest"), ("interpolation", "lanczos")]:
@@ -1044,7 +1045,8 @@ def _pil_image_processor(name, **settings):
 
 def test_model_hf_image_processors_that_squash_or_resample_bilinearly(tmp_path):
     """A CLIP folder whose processor squashes (size {height, width}, no centre crop) with resample bilinear,
-    and a ViT tower with ViT's own processor (squash + bilinear): image files to embeddings as transformers."""
+    and a ViT tower with ViT's own processor (squash + bilinear): image files to embeddings as
+    transformers."""
     import transformers
     torch.manual_seed(0)
     hf = transformers.CLIPModel(_hf_clip_config("gelu")).eval()
@@ -1069,8 +1071,10 @@ def test_model_hf_image_processors_that_squash_or_resample_bilinearly(tmp_path):
     processor = _pil_image_processor("ViTImageProcessor", size={"height": 32, "width": 32})
     processor.save_pretrained(tmp_path / "vit")
     _bert_dir(tmp_path)
-    (tmp_path / "bert" / "vocab.txt").write_text("\n".join(_TOK_BERT_SPECIALS + [f"w{i}" for i in range(115)]))
-    model, _, pre = R.load_pretrained(image_tower=tmp_path / "vit", text_tower=tmp_path / "bert", embed_dim=16)
+    words = _TOK_BERT_SPECIALS + [f"w{i}" for i in range(115)]
+    (tmp_path / "bert" / "vocab.txt").write_text("\n".join(words))
+    model, _, pre = R.load_pretrained(image_tower=tmp_path / "vit", text_tower=tmp_path / "bert",
+                                      embed_dim=16)
     assert (pre.resize_mode, pre.interpolation) == ("squash", "bilinear")
     with torch.no_grad():
         pixels = processor(photos, return_tensors="pt")["pixel_values"]
@@ -1165,7 +1169,8 @@ def test_model_bert_folder_tokenizer_json_and_its_case(tmp_path, lower_case):
     captions = _bert_captions()
     bert, ref_tok, vocab = _bert_tokenizer_json_folder(tmp_path, lower_case, captions)
     _vit_dir(tmp_path, "vit")
-    model, tok, _ = R.load_pretrained(image_tower=tmp_path / "vit", text_tower=tmp_path / "bert", embed_dim=16)
+    model, tok, _ = R.load_pretrained(image_tower=tmp_path / "vit", text_tower=tmp_path / "bert",
+                                      embed_dim=16)
     assert tok.lower_case == lower_case and tok.context_length == 40
     ids, mask = tok(captions)
     expected = ref_tok(captions, truncation=True, max_length=40)["input_ids"]
@@ -1237,11 +1242,13 @@ def test_model_sentence_transformers_6_folder(tmp_path):
     torch.testing.assert_close(ours, want, atol=1e-4, rtol=0)
     # An older save: max_seq_length in sentence_bert_config.json; the mode as a one-item list.
     (tmp_path / "st" / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 9}))
-    (tmp_path / "st" / "1_Pooling" / "config.json").write_text(json.dumps({**pooling, "pooling_mode": ["cls"]}))
+    (tmp_path / "st" / "1_Pooling" / "config.json").write_text(json.dumps({**pooling,
+                                                                          "pooling_mode": ["cls"]}))
     model, tok, _ = R.load_pretrained(image_tower=tmp_path / "vit", text_tower=tmp_path / "st", embed_dim=16)
     assert model.cfg.text.pool == "cls" and tok.context_length == 9
     for mode in ["max", ["mean", "max"]]:
-        (tmp_path / "st" / "1_Pooling" / "config.json").write_text(json.dumps({**pooling, "pooling_mode": mode}))
+        (tmp_path / "st" / "1_Pooling" / "config.json").write_text(json.dumps({**pooling,
+                                                                              "pooling_mode": mode}))
         with pytest.raises(ValueError, match=re.escape(f"pooling {mode!r} is not supported")):
             R.load_model(image_tower=tmp_path / "vit", text_tower=tmp_path / "st", embed_dim=16)
 
