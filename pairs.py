@@ -1,8 +1,8 @@
 """pairs: image-caption data: readers, noise, the image cache, synthetic scenes, streaming input.
 
 What it is: one internal form of a split (`Pairs`: images, captions, the true image of each caption) read from
-Karpathy JSON, COCO captions, CC152K TSV or CSV/TSV/JSONL tables (`load_splits`, `load_pairs`); both noise
-protocols of the field (`make_noise`, `noise_file`: caption-level as NCR, image-level as DECL/RCL); a
+Karpathy JSON, COCO captions, CC152K TSV or CSV/TSV/JSONL/parquet tables (`load_splits`, `load_pairs`); both
+noise protocols of the field (`make_noise`, `noise_file`: caption-level as NCR, image-level as DECL/RCL); a
 memory-mapped uint8 image cache; the embedded synthetic scenes (`make_scenes`, `synthetic_splits`); and
 WebDataset tar shards and large tables read one sample at a time (`iter_tar_samples`, `stream_blocks`).
 What it is not: no model and no training (dual_encoder.py, robustitm.py).
@@ -388,8 +388,12 @@ def _json_object(path, where):
 
 
 def _table_records(path, image_key="image", caption_key="caption"):
-    """The rows of a CSV/TSV (header row) or JSON-lines table, read one at a time (never the whole file) ->
-    yields ("line k", row dict). Shared by read_table and the streaming score."""
+    """The rows of a CSV/TSV (header row), JSON-lines or parquet table, read one at a time (never the whole
+    file) -> yields ("line k", or a parquet table's "row k", row dict). Shared by read_table and the streaming
+    score."""
+    if path.suffix == ".parquet":
+        yield from _parquet_records(path, image_key)
+        return
     json_lines = path.suffix in (".jsonl", ".json")
     try:
         with open(path, encoding="utf-8-sig", newline="\n" if json_lines else "") as f:
@@ -421,12 +425,48 @@ def _table_records(path, image_key="image", caption_key="caption"):
                          f"re-save it as UTF-8") from None
 
 
+_JSON_VALUES = (str, int, float, bool, type(None), list, dict)
+
+
+def _parquet_records(path, image_key):
+    """The rows of a parquet table, read a batch of rows at a time (pyarrow's iter_batches: a row group at
+    most, never the whole file) -> yields ("row k", row dict); values JSON cannot hold (dates, decimals, bytes) as text, so that --export_clean
+    writes every column. pyarrow is imported here: it is the optional extra `parquet`."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ValueError(f'{path} is a parquet table: reading it needs pyarrow, pip install -e ".[parquet]" '
+                         f'(or pip install pyarrow)') from None
+    try:
+        table = pq.ParquetFile(path)
+    except (OSError, ValueError) as e:  # (pyarrow's ArrowInvalid is a ValueError)
+        raise ValueError(f"{path} cannot be read as a parquet table ({e}); a truncated download?") from None
+    names = table.schema_arrow.names
+    _named_twice(path, "schema", "column", names)
+    kind = table.schema_arrow.field(image_key).type if image_key in names else pa.string()
+    if pa.types.is_struct(kind) or pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
+        raise ValueError(f"{path}: column {image_key!r} holds {kind} values, not image paths: robustitm "
+                         f"reads images from files (a Hugging Face dataset's Image column keeps them in the "
+                         f"table); save them as files with their paths in a column, named by --image_key")
+    k = 0
+    try:
+        for batch in table.iter_batches():
+            for row in batch.to_pylist():
+                k += 1
+                yield f"row {k}", {c: v if isinstance(v, _JSON_VALUES) else str(v) for c, v in row.items()}
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} cannot be read as a parquet table after row {k} ({e}); "
+                         f"a truncated download?") from None
+
+
 def read_table(path, splits, image_root=None, image_key="image", caption_key="caption"):
-    """Generic table -> {split: (paths, captions, img_of_cap, extras)}: CSV / TSV (header row), JSONL, or
-    .json holding JSON lines or a JSON array of objects. One row per caption (rows of one image: its captions)
-    with the image path (relative to image_root, default the file's folder, unless absolute) in `image_key`,
-    the caption in `caption_key` (open_clip's --csv-img-key/--csv-caption-key) and an optional `split`
-    (without it the whole file is the one split named); every other column is kept as the caption's extras."""
+    """Generic table -> {split: (paths, captions, img_of_cap, extras)}: CSV / TSV (header row), JSONL,
+    parquet, or .json holding JSON lines or a JSON array of objects. One row per caption (rows of one image:
+    its captions) with the image path (relative to image_root, default the file's folder, unless absolute) in
+    `image_key`, the caption in `caption_key` (open_clip's --csv-img-key/--csv-caption-key) and an optional
+    `split` (without it the whole file is the one split named); every other column is kept as the caption's
+    extras."""
     path = Path(path)
     text = _read_text(path) if path.suffix == ".json" else ""
     if text.lstrip().startswith("["):  # a .json file holding a JSON array of objects
@@ -516,11 +556,12 @@ def _parse(path, splits, image_root, max_captions, image_key="image", caption_ke
                          f"(images + annotations), or rows (JSON lines or an array of objects) with "
                          f"{image_key!r} and {caption_key!r} fields (see --image_key/--caption_key); "
                          f"found {sorted(d)[:8] if isinstance(d, dict) else type(d).__name__}.")
-    if p.suffix in (".csv", ".tsv", ".jsonl"):
+    if p.suffix in STREAM_TABLE_EXTS:
         return read_table(p, splits, image_root, image_key, caption_key)
     raise ValueError(f"unknown dataset format: {path}. Supported: dataset_*.json (Karpathy), COCO captions "
-                     f".json, {{split}}_caps.tsv (CC152K), .csv/.tsv/.jsonl tables and .json lines/arrays "
-                     f"of objects with image and caption columns (see --image_key/--caption_key).")
+                     f".json, {{split}}_caps.tsv (CC152K), .csv/.tsv/.jsonl/.parquet tables and .json "
+                     f"lines/arrays of objects with image and caption columns (see "
+                     f"--image_key/--caption_key).")
 
 
 def load_splits(path, splits=None, image_root=None, size=224, mean=CLIP_MEAN, std=CLIP_STD, cache_dir=None,
@@ -531,8 +572,9 @@ def load_splits(path, splits=None, image_root=None, size=224, mean=CLIP_MEAN, st
     the crop; None = size).
     Formats: `*_caps.tsv` or a folder holding them -> CC152K; `*.json` with `images[].sentences` -> Karpathy,
     with `annotations` -> COCO captions, with JSON lines or an array of objects -> generic table; `*.csv`,
-    other `*.tsv`, `*.jsonl` -> generic table, its image and caption columns named by `image_key` and
-    `caption_key`. A table's other columns (and CC152K's url) become each caption's Pairs.extras."""
+    other `*.tsv`, `*.jsonl`, `*.parquet` (with pyarrow) -> generic table, its image and caption columns named
+    by `image_key` and `caption_key`. A table's other columns (and CC152K's url) become each caption's
+    Pairs.extras."""
     splits = [splits] if isinstance(splits, str) else splits
     raw = _parse(path, splits, image_root, max_captions, image_key, caption_key)
     missing = [s for s in (splits or []) if s not in raw]
@@ -882,12 +924,12 @@ def export_karpathy(splits, out_dir, name="scenes") -> Path:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Streaming input: WebDataset tar shards and CSV/TSV/JSONL tables read one sample at a time, for scoring
-# web-scale pairs with memory bounded by one batch (the readers above hold a whole split).
+# Streaming input: WebDataset tar shards and CSV/TSV/JSONL/parquet tables read one sample at a time, for
+# scoring web-scale pairs with memory bounded by one batch (the readers above hold a whole split).
 # ------------------------------------------------------------------------------------------------------------
 
 TAR_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-STREAM_TABLE_EXTS = (".csv", ".tsv", ".jsonl")
+STREAM_TABLE_EXTS = (".csv", ".tsv", ".jsonl", ".parquet")
 
 
 def expand_braces(pattern: str) -> list:
@@ -946,8 +988,8 @@ def tar_shards(data: str):
 
 
 def is_streamed(data: str) -> bool:
-    """True when `--data` is read as a stream by score: tar shards, or a CSV/TSV/JSONL table (not CC152K's
-    `*_caps.tsv`, whose reader groups the whole file)."""
+    """True when `--data` is read as a stream by score: tar shards, or a CSV/TSV/JSONL/parquet table (not
+    CC152K's `*_caps.tsv`, whose reader groups the whole file)."""
     if data == "synthetic":
         return False
     p = Path(data)
@@ -1077,11 +1119,11 @@ def _apart(shard, key, member):
 
 def iter_table_samples(path, split, image_root=None, image_key="image", caption_key="caption",
                        skip_bad_captions=False):
-    """The pairs of a CSV/TSV/JSONL table (read_table's columns: image_key, caption_key, optional split and
-    others), row by row -> yields (record, None), or (None, "empty caption") with skip_bad_captions (else an
-    empty caption is refused). With a `split` column only the rows of `split`; without one the whole file,
-    which is then one split: any `split` other than "train" (score's default) is refused rather than silently
-    scoring every row. Image paths are relative to image_root (default: the table's folder)."""
+    """The pairs of a CSV/TSV/JSONL/parquet table (read_table's columns: image_key, caption_key, optional
+    split and others), row by row -> yields (record, None), or (None, "empty caption") with skip_bad_captions
+    (else an empty caption is refused). With a `split` column only the rows of `split`; without one the whole
+    file, which is then one split: any `split` other than "train" (score's default) is refused rather than
+    silently scoring every row. Image paths are relative to image_root (default: the table's folder)."""
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent
     first, seen = True, set()

@@ -117,7 +117,7 @@ FILTERS, LOSSES, BATCHES = (("none", "gmm", "mscn", "truth"), ("infonce", "tripl
 @dataclass
 class DataConfig:
     data: str = _opt("synthetic", "dataset: 'synthetic' (embedded scenes) or a Karpathy/COCO JSON, "
-                     "{split}_caps.tsv, or a CSV/TSV/JSONL table or JSON lines/array of objects")
+                     "{split}_caps.tsv, or a CSV/TSV/JSONL/parquet table or JSON lines/array of objects")
     image_root: str = _opt(None, "folder the dataset's image paths are relative to "
                            "(default: next to the file)")
     synthetic_sizes: str = _opt("3000,500,1000", "synthetic train,val,test image counts")
@@ -1661,7 +1661,7 @@ def _command_model(cfg):
 def _refuse_torchrun(what):
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError(f"{what} runs in one process; drop torchrun (score divides streamed input, tar "
-                         f"shards or CSV/TSV/JSONL tables, among torchrun's ranks)")
+                         f"shards or CSV/TSV/JSONL/parquet tables, among torchrun's ranks)")
 
 
 def evaluate_command(cfg: EvalCommandConfig):
@@ -1771,16 +1771,17 @@ def stream_scores(cfg, model, tokenizer, preprocess, device, part_file, rank=0, 
 
 
 def score_streamed(cfg, model, tokenizer, preprocess, device, rank=0, world=1, log=print):
-    """score_command for streamed input (tar shards, CSV/TSV/JSONL tables): memory bounded by one batch plus
-    4 bytes per pair (the cosines; 9 bytes while writing). Under torchrun the units (tar shards, runs of
-    table rows) are dealt to the ranks and their decode workers; rank 0 merges the part files in input order,
-    so the output is the same as one process's. Writes --output (score's CSV columns, with caption_index =
-    image_index = the pair's row number among the pairs scored, plus `key`: the tar key or the image path) and
-    --export_clean (JSONL: every input field of the kept pairs as read, a table's --image_key column made
-    absolute; for tar input the json member's fields plus key, caption and image "shard.tar#member" (under
-    _key, _caption, _image where the json holds others), and the kept samples copied into a new shard, the
-    JSONL's name with .tar), all renamed into place together. --cache_dir is not used: each image is decoded
-    once anyway. Returns score_command's summary plus {"pairs", "skipped"} (None on ranks other than 0)."""
+    """score_command for streamed input (tar shards, CSV/TSV/JSONL/parquet tables): memory bounded by one
+    batch plus 4 bytes per pair (the cosines; 9 bytes while writing). Under torchrun the units (tar shards,
+    runs of table rows) are dealt to the ranks and their decode workers; rank 0 merges the part files in input
+    order, so the output is the same as one process's. Writes --output (score's CSV columns, with
+    caption_index = image_index = the pair's row number among the pairs scored, plus `key`: the tar key or the
+    image path) and --export_clean (JSONL: every input field of the kept pairs as read, a table's --image_key
+    column made absolute; for tar input the json member's fields plus key, caption and image
+    "shard.tar#member" (under _key, _caption, _image where the json holds others), and the kept samples copied
+    into a new shard, the JSONL's name with .tar), all renamed into place together. --cache_dir is not used:
+    each image is decoded once anyway. Returns score_command's summary plus {"pairs", "skipped"} (None on
+    ranks other than 0)."""
     shards = tar_shards(cfg.data)
     pid = _all_ranks(os.getpid(), world)[0]  # rank 0's temp names, known to every rank
     pairs_file = _tmp_next_to(cfg.output, "pairs", pid)
@@ -2004,7 +2005,7 @@ def _idle_flags(cfg):
     else:
         rules.append(({"synthetic_sizes"}, f"--data {cfg.data}"))
     if isinstance(cfg, ScoreCommandConfig) and is_streamed(cfg.data):
-        rules.append(({"cache_dir"}, "streamed input (tar shards, CSV/TSV/JSONL tables): each image is "
+        rules.append(({"cache_dir"}, "streamed input (tar shards, tables): each image is "
                                      "decoded once"))
         if tar_shards(cfg.data):
             rules.append(({"image_root", "image_key", "caption_key"}, "tar shards: a sample's members are its "

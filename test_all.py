@@ -4109,6 +4109,69 @@ def test_score_streams_tables_and_tar_shards_as_the_in_memory_path(stream_setup,
     assert not [p for p in tmp.rglob(".*tmp*")]  # no temp file left
 
 
+@pytest.fixture(scope="module")
+def csv_scored(stream_setup):
+    """stream_setup's pairs as a CSV table (image, caption) scored by `score`: (cosines, kept, rows)."""
+    tmp, ckpt, _, captions, paths = stream_setup
+    table = tmp / "scored" / "pairs.csv"
+    table.parent.mkdir()
+    with open(table, "w", newline="") as f:
+        csv.writer(f).writerows([("image", "caption"), *zip(paths, captions)])
+    out = table.with_suffix(".out")
+    R.main(["score", ckpt, "--data", str(table), "--workers", "0", "--output", str(out)])
+    return _cosines(out)
+
+
+def test_score_and_load_read_parquet_tables_as_the_csv(stream_setup, csv_scored, tmp_path, monkeypatch):
+    """A parquet table written by pyarrow (3 row groups; int, float, null, list and timestamp columns beside
+    image and caption) scored by `score` (2 decode workers) gives the CSV table's cosines (1e-5) and kept set,
+    and --export_clean keeps every column (the timestamp as text); load_pairs (train, eval) reads it as the
+    CSV. A column of image bytes (a Hugging Face Image feature) and a file that is not parquet are refused
+    naming them; without pyarrow the error names the extra, before any output."""
+    import datetime
+    import sys
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    _, ckpt, _, captions, paths = stream_setup
+    want, want_kept, _ = csv_scored
+    n = len(captions)
+    when = [datetime.datetime(2024, 1, 1 + k % 28) for k in range(n)]
+    columns = {"image": paths, "caption": captions, "n": list(range(n)), "w": [k / 4 for k in range(n)],
+               "note": [None if k % 3 else f"n{k}" for k in range(n)],
+               "tags": [["a", str(k)] for k in range(n)], "when": when}
+    table = tmp_path / "pairs.parquet"
+    pq.write_table(pa.table(columns), table, row_group_size=n // 3 + 1)
+    assert pq.ParquetFile(table).num_row_groups == 3
+    out = R.main(["score", ckpt, "--data", str(table), "--workers", "2", "--embed_batch_size", "16",
+                  "--output", str(tmp_path / "pq.csv"), "--export_clean", str(tmp_path / "clean.jsonl")])
+    got, kept, rows = _cosines(tmp_path / "pq.csv")
+    assert out["pairs"] == n and [r["caption"] for r in rows] == captions
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert kept == want_kept
+    lines = [json.loads(x) for x in (tmp_path / "clean.jsonl").read_text().splitlines()]
+    assert lines == [{**{c: v[k] for c, v in columns.items()}, "when": str(when[k])}
+                     for k in range(n) if kept[k]]
+    pairs = load_pairs(table, "train", size=32)  # as train and eval read it
+    assert pairs.captions == captions and pairs.extras[4] == {"n": 4, "w": 1.0, "note": None,
+                                                              "tags": ["a", "4"], "when": str(when[4])}
+    assert [str(pairs.images.paths[i]) for i in pairs.img_of_cap] == [str(Path(p)) for p in paths]
+    hf = tmp_path / "hf.parquet"  # datasets' Image feature: the image bytes inside the table
+    pq.write_table(pa.table({"image": [{"bytes": b"\x89PNG", "path": "a.png"}], "caption": ["x"]}), hf)
+    with pytest.raises(ValueError, match=r"hf.parquet: column 'image' holds struct.*not image paths"):
+        load_pairs(hf, "train")
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(ValueError, match=r"bad.parquet cannot be read as a parquet table"):
+        R.main(["score", ckpt, "--data", str(tmp_path / "bad.parquet"), "--output", str(tmp_path / "b.csv")])
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # pyarrow not installed
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    for run in (lambda: load_pairs(table, "train"),
+                lambda: R.main(["score", ckpt, "--data", str(table), "--output", str(tmp_path / "c.csv")])):
+        with pytest.raises(ValueError, match=r'pairs.parquet is a parquet table.*install -e "\.\[parquet\]"'):
+            run()
+    assert not (tmp_path / "c.csv").exists()
+
+
 def test_score_stream_refuses_what_a_stream_cannot_do(stream_setup, tmp_path):
     """Noise flags need the whole set; a table without a split column is one split; a missing shard, a
     missing split and a bad image are named; --skip_bad_images skips and counts it."""
