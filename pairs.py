@@ -529,6 +529,10 @@ def _parse(path, splits, image_root, max_captions, image_key="image", caption_ke
     if (p.is_dir() and any(p.glob("*_caps.tsv"))) or p.name.endswith("_caps.tsv"):
         _no_columns(path, "CC152K", image_key, caption_key)
         return read_cc152k(p if p.is_dir() else p.parent, splits, image_root)
+    if tar_shards(str(p)):
+        raise ValueError(f"{path}: tar shards (WebDataset, img2dataset's output) are read by score only, "
+                         f"streamed; train and eval read tables and annotation files (see the README's data "
+                         f"formats)")
     if p.suffix == ".json":
         text = _read_text(p)
         try:
@@ -558,6 +562,10 @@ def _parse(path, splits, image_root, max_captions, image_key="image", caption_ke
                          f"found {sorted(d)[:8] if isinstance(d, dict) else type(d).__name__}.")
     if p.suffix in STREAM_TABLE_EXTS:
         return read_table(p, splits, image_root, image_key, caption_key)
+    if p.is_dir():
+        raise ValueError(f"{path} is a folder holding no {{split}}_caps.tsv (CC152K) and no tar shards "
+                         f"(WebDataset, img2dataset's --output_format webdataset); give a table or an "
+                         f"annotation file, or the folder of shards")
     raise ValueError(f"unknown dataset format: {path}. Supported: dataset_*.json (Karpathy), COCO captions "
                      f".json, {{split}}_caps.tsv (CC152K), .csv/.tsv/.jsonl/.parquet tables and .json "
                      f"lines/arrays of objects with image and caption columns (see "
@@ -929,6 +937,7 @@ def export_karpathy(splits, out_dir, name="scenes") -> Path:
 # ------------------------------------------------------------------------------------------------------------
 
 TAR_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+TAR_NAME = re.compile(r"\.(tar|tar\.gz|tgz)$")
 STREAM_TABLE_EXTS = (".csv", ".tsv", ".jsonl", ".parquet")
 
 
@@ -974,11 +983,14 @@ def _split_top(text, sep):
 
 def tar_shards(data: str):
     """The shard list of a `--data` value naming WebDataset tars (one .tar, a comma-separated list, brace
-    patterns such as `shards/{00000..00099}.tar`), or None when `data` names no tar.
+    patterns such as `shards/{00000..00099}.tar`, or a folder: its tars in name order, as img2dataset writes
+    them beside its own .parquet and _stats.json files, which are not read), or None when `data` names no tar.
     Every shard must exist."""
+    if os.path.isdir(data):
+        return sorted(str(p) for p in Path(data).iterdir() if TAR_NAME.search(p.name) and p.is_file()) or None
     paths = [data] if os.path.isfile(data) else [  # a file is itself, commas or braces in its name or not
         p for part in _split_top(data, ",") for p in expand_braces(part.strip()) if part.strip()]
-    if not paths or not all(re.search(r"\.(tar|tar\.gz|tgz)$", p) for p in paths):
+    if not paths or not all(TAR_NAME.search(p) for p in paths):
         return None
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:

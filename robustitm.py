@@ -117,7 +117,8 @@ FILTERS, LOSSES, BATCHES = (("none", "gmm", "mscn", "truth"), ("infonce", "tripl
 @dataclass
 class DataConfig:
     data: str = _opt("synthetic", "dataset: 'synthetic' (embedded scenes) or a Karpathy/COCO JSON, "
-                     "{split}_caps.tsv, or a CSV/TSV/JSONL/parquet table or JSON lines/array of objects")
+                     "{split}_caps.tsv, or a CSV/TSV/JSONL/parquet table or JSON lines/array of objects; "
+                     "score also reads WebDataset tar shards, or a folder of them (img2dataset's output)")
     image_root: str = _opt(None, "folder the dataset's image paths are relative to "
                            "(default: next to the file)")
     synthetic_sizes: str = _opt("3000,500,1000", "synthetic train,val,test image counts")

@@ -4172,6 +4172,61 @@ def test_score_and_load_read_parquet_tables_as_the_csv(stream_setup, csv_scored,
     assert not (tmp_path / "c.csv").exists()
 
 
+def _img2dataset_folder(folder, captions, paths, per_shard=128):
+    """img2dataset's output_format webdataset: {shard:05d}.tar holding per sample key.jpg, key.txt and
+    key.json (url, key, status, sizes, exif, sha256, caption), plus {shard:05d}.parquet and _stats.json."""
+    import hashlib
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    folder.mkdir(parents=True)
+    for s in range(-(-len(captions) // per_shard)):
+        meta, members = [], []
+        for k in range(s * per_shard, min(len(captions), (s + 1) * per_shard)):
+            key, image = f"{s:05d}{k % per_shard:04d}", Path(paths[k]).read_bytes()
+            meta.append({"url": f"https://example.com/{k}.jpg", "key": key, "status": "success",
+                         "error_message": None, "width": 32, "height": 32, "original_width": 64,
+                         "original_height": 48, "exif": "{}", "sha256": hashlib.sha256(image).hexdigest(),
+                         "caption": captions[k]})
+            members += [(f"{key}.jpg", image), (f"{key}.txt", captions[k].encode()),
+                        (f"{key}.json", json.dumps(meta[-1]).encode())]
+        _tar(folder / f"{s:05d}.tar", members)
+        pq.write_table(pa.Table.from_pylist(meta), folder / f"{s:05d}.parquet")
+        (folder / f"{s:05d}_stats.json").write_text(json.dumps({"count": len(meta), "successes": len(meta)}))
+
+
+def test_score_reads_an_img2dataset_folder_as_its_tar_shards(stream_setup, csv_scored, tmp_path):
+    """img2dataset's output folder (00000.tar, 00000.parquet, 00000_stats.json, ...) given as --data is read
+    as its tar shards in name order: the CSV table's cosines (1e-5) and kept set, every json field in
+    --export_clean and the kept samples in its shard. A folder without shards and train on one are refused
+    saying what is read."""
+    _, ckpt, _, captions, paths = stream_setup
+    want, want_kept, _ = csv_scored
+    folder = tmp_path / "laion"
+    _img2dataset_folder(folder, captions, paths)
+    assert len(list(folder.glob("*.tar"))) == 3
+    out = R.main(["score", ckpt, "--data", str(folder), "--workers", "2", "--output", str(tmp_path / "s.csv"),
+                  "--export_clean", str(tmp_path / "clean.jsonl")])
+    got, kept, rows = _cosines(tmp_path / "s.csv")
+    assert out["pairs"] == len(captions) and [r["caption"] for r in rows] == captions
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert kept == want_kept
+    lines = [json.loads(x) for x in (tmp_path / "clean.jsonl").read_text().splitlines()]
+    assert [x["caption"] for x in lines] == [c for c, k in zip(captions, kept) if k]
+    assert all(x["url"].endswith(".jpg") and len(x["sha256"]) == 64 and x["original_width"] == 64
+               and x["status"] == "success" and ".tar#" in x["image"] for x in lines)
+    assert R.main(["score", ckpt, "--data", str(tmp_path / "clean.tar"), "--workers", "0", "--output",
+                   str(tmp_path / "again.csv")])["pairs"] == sum(kept)
+    for tar in folder.glob("*.tar"):  # output_format parquet or files: no shards
+        tar.unlink()
+    with pytest.raises(ValueError, match=r"laion is a folder.*no tar shards.*img2dataset"):
+        R.main(["score", ckpt, "--data", str(folder), "--output", str(tmp_path / "t.csv")])
+    _tar(folder / "00000.tar", [("a.jpg", Path(paths[0]).read_bytes()), ("a.txt", b"x")])
+    with pytest.raises(ValueError, match=r"laion: tar shards .* are read by score only"):
+        R.main(["train", "--data", str(folder), "--output_dir", str(tmp_path / "run"), *_TINY_RUN])
+    assert not (tmp_path / "run").exists()
+
+
 def test_score_stream_refuses_what_a_stream_cannot_do(stream_setup, tmp_path):
     """Noise flags need the whole set; a table without a split column is one split; a missing shard, a
     missing split and a bad image are named; --skip_bad_images skips and counts it."""
