@@ -387,15 +387,16 @@ def _json_object(path, where):
     return hook
 
 
-def _table_records(path, image_key="image", caption_key="caption"):
+def _table_records(path, image_key="image", caption_key="caption", csv_separator=None):
     """The rows of a CSV/TSV (header row), JSON-lines or parquet table, read one at a time (never the whole
-    file) -> yields ("line k", or a parquet table's "row k", row dict). Shared by read_table and the streaming
-    score."""
+    file) -> yields ("line k", or a parquet table's "row k", row dict); a CSV/TSV table's separator as
+    `table_separator` says. Shared by read_table and the streaming score."""
     if path.suffix == ".parquet":
         yield from _parquet_records(path, image_key)
         return
     json_lines = path.suffix in (".jsonl", ".json")
     try:
+        separator = None if json_lines else table_separator(path, csv_separator)[0]
         with open(path, encoding="utf-8-sig", newline="\n" if json_lines else "") as f:
             if json_lines:  # lines end at "\n" only: captions may hold U+2028 etc.
                 for k, line in enumerate(f, 1):
@@ -408,7 +409,7 @@ def _table_records(path, image_key="image", caption_key="caption"):
                                          f"one JSON object with {image_key!r} and {caption_key!r}") from None
                     yield from _objects(path, [(f"line {k}", r)], image_key, caption_key)
                 return
-            reader = csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ",", strict=True)
+            reader = csv.DictReader(f, delimiter=separator, strict=True)
             try:
                 _named_twice(path, "header", "column", reader.fieldnames or [])
                 for r in reader:  # DictReader files the fields beyond the header under the key None
@@ -423,6 +424,58 @@ def _table_records(path, image_key="image", caption_key="caption"):
     except UnicodeDecodeError as e:
         raise ValueError(f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x}); "
                          f"re-save it as UTF-8") from None
+
+
+_SEPARATOR_NAMES = {"tab": "\t", "\\t": "\t", "comma": ","}
+_SEPARATOR_WORDS = {"\t": "tabs", ",": "commas"}
+
+
+def separator_char(given):
+    """A --csv_separator value as its character: one character, or tab (also \\t) or comma."""
+    char = _SEPARATOR_NAMES.get(given, given)
+    if len(char) != 1 or char in '"\r\n':
+        raise ValueError(f"--csv_separator must be one character, tab or comma (got {given!r})")
+    return char
+
+
+def is_delimited_table(path) -> bool:
+    """Whether `path` is a CSV/TSV table, whose columns a separator splits (CC152K's `*_caps.tsv` is not)."""
+    path = Path(path)
+    return path.suffix in (".csv", ".tsv") and not path.name.endswith("_caps.tsv")
+
+
+def table_separator(path, given=None):
+    """A CSV/TSV table's column separator -> (character, how it was chosen): `given` (--csv_separator), else
+    tab for a .tsv, else a .csv's header line says: tabs or commas (open_clip's --csv-separator default is a
+    tab, so its .csv tables often hold tabs). A header holding both is refused: the flag must choose."""
+    if given is not None:
+        return separator_char(given), "--csv_separator"
+    if path.suffix == ".tsv":
+        return "\t", "the .tsv name"
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        header = f.readline()
+    found = [c for c in ("\t", ",") if c in header]
+    if len(found) > 1:
+        raise ValueError(f"{path}: its header line holds tabs and commas, so which one separates the columns "
+                         f"is unclear; pass --csv_separator tab or --csv_separator comma")
+    return (found or [","])[0], "read from its header line; --csv_separator to choose"
+
+
+def separator_note(path, given=None):
+    """The log line saying how a .csv table's columns are split (any CSV/TSV's with --csv_separator), or
+    None."""
+    path = Path(path)
+    if not is_delimited_table(path) or (given is None and path.suffix != ".csv") or not path.is_file():
+        return None
+    char, how = table_separator(path, given)
+    return f"{path}: columns separated by {_SEPARATOR_WORDS.get(char, repr(char))} ({how})"
+
+
+def _refuse_separator(path, csv_separator):
+    """csv_separator given with a table that has no separator to choose is refused: it would do nothing."""
+    if csv_separator is not None and not is_delimited_table(path):
+        raise ValueError(f"--csv_separator names a CSV/TSV table's column separator, but {path} is not one; "
+                         f"drop it")
 
 
 _JSON_VALUES = (str, int, float, bool, type(None), list, dict)
@@ -460,7 +513,7 @@ def _parquet_records(path, image_key):
                          f"a truncated download?") from None
 
 
-def read_table(path, splits, image_root=None, image_key="image", caption_key="caption"):
+def read_table(path, splits, image_root=None, image_key="image", caption_key="caption", csv_separator=None):
     """Generic table -> {split: (paths, captions, img_of_cap, extras)}: CSV / TSV (header row), JSONL,
     parquet, or .json holding JSON lines or a JSON array of objects. One row per caption (rows of one image:
     its captions) with the image path (relative to image_root, default the file's folder, unless absolute) in
@@ -477,7 +530,10 @@ def read_table(path, splits, image_root=None, image_key="image", caption_key="ca
                              f"a truncated download?") from None
         recs = _objects(path, [(f"entry {k}", r) for k, r in enumerate(d, 1)], image_key, caption_key)
     else:
-        recs = list(_table_records(path, image_key, caption_key))
+        recs = list(_table_records(path, image_key, caption_key, csv_separator))
+        note = separator_note(path, csv_separator)
+        if note:
+            print(note)
     return _table(path, recs, splits, image_root, image_key, caption_key)
 
 
@@ -521,11 +577,13 @@ def _no_columns(path, kind, image_key, caption_key):
                          f"(no columns to name); drop {' '.join(named)}")
 
 
-def _parse(path, splits, image_root, max_captions, image_key="image", caption_key="caption"):
+def _parse(path, splits, image_root, max_captions, image_key="image", caption_key="caption",
+           csv_separator=None):
     """Pick the reader from the file name/extension; -> {split: (paths, captions, img_of_cap[, extras])}."""
     p = Path(path)
     if not p.exists():
         raise ValueError(f"{path} does not exist; pass a dataset file (see the README's data formats).")
+    _refuse_separator(p, csv_separator)
     if (p.is_dir() and any(p.glob("*_caps.tsv"))) or p.name.endswith("_caps.tsv"):
         _no_columns(path, "CC152K", image_key, caption_key)
         return read_cc152k(p if p.is_dir() else p.parent, splits, image_root)
@@ -561,7 +619,7 @@ def _parse(path, splits, image_root, max_captions, image_key="image", caption_ke
                          f"{image_key!r} and {caption_key!r} fields (see --image_key/--caption_key); "
                          f"found {sorted(d)[:8] if isinstance(d, dict) else type(d).__name__}.")
     if p.suffix in STREAM_TABLE_EXTS:
-        return read_table(p, splits, image_root, image_key, caption_key)
+        return read_table(p, splits, image_root, image_key, caption_key, csv_separator)
     if p.is_dir():
         raise ValueError(f"{path} is a folder holding no {{split}}_caps.tsv (CC152K) and no tar shards "
                          f"(WebDataset, img2dataset's --output_format webdataset); give a table or an "
@@ -574,17 +632,18 @@ def _parse(path, splits, image_root, max_captions, image_key="image", caption_ke
 
 def load_splits(path, splits=None, image_root=None, size=224, mean=CLIP_MEAN, std=CLIP_STD, cache_dir=None,
                 skip_bad_images=False, skip_bad_captions=False, max_captions=5, num_workers=0,
-                image_key="image", caption_key="caption", resize=None, preprocess=None) -> dict:
+                image_key="image", caption_key="caption", resize=None, preprocess=None,
+                csv_separator=None) -> dict:
     """Read a dataset file once -> {split: Pairs} for `splits` (None: every split the file holds). Images are
     prepared by `preprocess`, by default Preprocess(size, mean, std, resize) (resize: the short side before
     the crop; None = size).
     Formats: `*_caps.tsv` or a folder holding them -> CC152K; `*.json` with `images[].sentences` -> Karpathy,
     with `annotations` -> COCO captions, with JSON lines or an array of objects -> generic table; `*.csv`,
     other `*.tsv`, `*.jsonl`, `*.parquet` (with pyarrow) -> generic table, its image and caption columns named
-    by `image_key` and `caption_key`. A table's other columns (and CC152K's url) become each caption's
-    Pairs.extras."""
+    by `image_key` and `caption_key`, its separator by `csv_separator` (default: a .csv's header line says).
+    A table's other columns (and CC152K's url) become each caption's Pairs.extras."""
     splits = [splits] if isinstance(splits, str) else splits
-    raw = _parse(path, splits, image_root, max_captions, image_key, caption_key)
+    raw = _parse(path, splits, image_root, max_captions, image_key, caption_key, csv_separator)
     missing = [s for s in (splits or []) if s not in raw]
     if missing:
         raise ValueError(f"split(s) {missing} not found in {path}; it holds {sorted(raw)}. "
@@ -1130,16 +1189,17 @@ def _apart(shard, key, member):
 
 
 def iter_table_samples(path, split, image_root=None, image_key="image", caption_key="caption",
-                       skip_bad_captions=False):
+                       skip_bad_captions=False, csv_separator=None):
     """The pairs of a CSV/TSV/JSONL/parquet table (read_table's columns: image_key, caption_key, optional
     split and others), row by row -> yields (record, None), or (None, "empty caption") with skip_bad_captions
     (else an empty caption is refused). With a `split` column only the rows of `split`; without one the whole
     file, which is then one split: any `split` other than "train" (score's default) is refused rather than
     silently scoring every row. Image paths are relative to image_root (default: the table's folder)."""
     path = Path(path)
+    _refuse_separator(path, csv_separator)
     root = Path(image_root) if image_root is not None else path.parent
     first, seen = True, set()
-    for where, r in _table_records(path, image_key, caption_key):
+    for where, r in _table_records(path, image_key, caption_key, csv_separator):
         if first:
             if not {image_key, caption_key} <= set(r):
                 raise ValueError(f"{path} needs {image_key!r} and {caption_key!r} columns/fields, found "
@@ -1168,9 +1228,10 @@ def iter_table_samples(path, split, image_root=None, image_key="image", caption_
         raise ValueError(f"split {split!r} not found in {path}; it holds {sorted(seen)}: pass one as --split")
 
 
-def count_table_samples(path, split):
+def count_table_samples(path, split, csv_separator=None):
     """How many pairs iter_table_samples will yield (one cheap pass, nothing kept), for progress and ETA."""
-    return sum(1 for _, r in _table_records(Path(path)) if r.get("split", split) == split)
+    return sum(1 for _, r in _table_records(Path(path), csv_separator=csv_separator)
+               if r.get("split", split) == split)
 
 
 def table_units(samples, block, part=0, parts=1):

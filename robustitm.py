@@ -55,9 +55,9 @@ from losses import MARGIN_SCHEDULES, dynamic_margin, info_nce, triplet_ranking_l
 from meta import (HEAD_NAMES, SimilarityCorrector, meta_step, mscn_loss, purify, sample_meta_negatives,
                   split_meta_set)
 from pairs import (SPLITS, ImageSet, Pairs, augment, count_table_samples, gather_ahead, image_batch,
-                   image_name, is_streamed, iter_table_samples, iter_tar_samples, load_splits, make_noise,
-                   merge_parts, noise_file, stream_blocks, subset_pairs, synthetic_splits, table_units,
-                   tar_shards)
+                   image_name, is_delimited_table, is_streamed, iter_table_samples, iter_tar_samples,
+                   load_splits, make_noise, merge_parts, noise_file, separator_char, separator_note,
+                   stream_blocks, subset_pairs, synthetic_splits, table_units, tar_shards)
 
 # Re-exported, so that `import robustitm` still reaches the model, weights and data (they live in the modules
 # named above).
@@ -130,12 +130,17 @@ class DataConfig:
                           "(open_clip's --csv-img-key, e.g. filepath; Hugging Face run_clip's image_path)")
     caption_key: str = _opt("caption", "column/field of a CSV/TSV/JSON table that holds the caption "
                             "(open_clip's --csv-caption-key, e.g. title)")
+    csv_separator: str = _opt(None, "column separator of a CSV/TSV table: one character, tab or comma "
+                              "(open_clip's --csv-separator; default: tab for .tsv, and for .csv tab or "
+                              "comma as its header line holds)")
 
     def __post_init__(self):
         sizes = str(self.synthetic_sizes).split(",")
         if len(sizes) != 3 or not all(x.strip().isdigit() and int(x) > 0 for x in sizes):
             raise ValueError(f"--synthetic_sizes must be three positive integers train,val,test (e.g. "
                              f"3000,500,1000), got {self.synthetic_sizes!r}")
+        if self.csv_separator is not None:
+            separator_char(self.csv_separator)
 
 
 @dataclass
@@ -1011,7 +1016,7 @@ def splits_for(cfg, preprocess, names=SPLITS):
     return load_splits(cfg.data, list(names), image_root=cfg.image_root, preprocess=preprocess,
                        cache_dir=cfg.cache_dir, skip_bad_images=cfg.skip_bad_images,
                        skip_bad_captions=cfg.skip_bad_captions, num_workers=cfg.workers,
-                       image_key=cfg.image_key, caption_key=cfg.caption_key)
+                       image_key=cfg.image_key, caption_key=cfg.caption_key, csv_separator=cfg.csv_separator)
 
 
 def _start_output(cfg, out):
@@ -1698,8 +1703,9 @@ def _stream_samples(cfg):
                                  skip_bad_captions=cfg.skip_bad_captions), None
     path = Path(cfg.data)
     rows = functools.partial(iter_table_samples, path, cfg.split, cfg.image_root, cfg.image_key,
-                             cfg.caption_key, cfg.skip_bad_captions)
-    return functools.partial(table_units, rows, cfg.embed_batch_size), count_table_samples(path, cfg.split)
+                             cfg.caption_key, cfg.skip_bad_captions, cfg.csv_separator)
+    return (functools.partial(table_units, rows, cfg.embed_batch_size),
+            count_table_samples(path, cfg.split, cfg.csv_separator))
 
 
 def _all_ranks(value, world):
@@ -1723,6 +1729,9 @@ def stream_scores(cfg, model, tokenizer, preprocess, device, part_file, rank=0, 
     image of its block, or null), key, image, caption, fields] to `part_file(part)`, one file per reader
     (rank x worker). Returns {why: skipped samples}."""
     samples, total = _stream_samples(cfg)
+    note = separator_note(cfg.data, cfg.csv_separator)
+    if note and rank == 0:
+        log(note)
     was_training, files, skipped, done = model.training, {}, Counter(), 0
     total = total and -(-total // world)
     model.eval()
@@ -2005,6 +2014,8 @@ def _idle_flags(cfg):
                       "the synthetic scenes (no files)"))
     else:
         rules.append(({"synthetic_sizes"}, f"--data {cfg.data}"))
+    if not is_delimited_table(cfg.data):
+        rules.append(({"csv_separator"}, f"--data {cfg.data}: only a CSV/TSV table has a column separator"))
     if isinstance(cfg, ScoreCommandConfig) and is_streamed(cfg.data):
         rules.append(({"cache_dir"}, "streamed input (tar shards, tables): each image is "
                                      "decoded once"))

@@ -4227,6 +4227,49 @@ def test_score_reads_an_img2dataset_folder_as_its_tar_shards(stream_setup, csv_s
     assert not (tmp_path / "run").exists()
 
 
+def test_data_csv_separator_from_the_header_or_the_flag(stream_setup, csv_scored, tmp_path, capsys):
+    """open_clip's default table, a tab-separated .csv (filepath<TAB>title, captions with commas), is read as
+    the comma CSV: `score` gives its cosines (1e-5), load_pairs its captions, and the log says tabs were read
+    from the header; --csv_separator (one character, tab or comma) passes through score, eval and load_pairs
+    and is said. A header holding tabs and commas, a bad --csv_separator, and one given with a table without
+    separators are refused naming the flag."""
+    _, ckpt, _, captions, paths = stream_setup
+    want, _, _ = csv_scored
+    tab = tmp_path / "oc.csv"
+    tab.write_text("filepath\ttitle\n" + "".join(f"{p}\t{c}\n" for p, c in zip(paths, captions)))
+    keys = ["--image_key", "filepath", "--caption_key", "title"]
+    R.main(["score", ckpt, "--data", str(tab), *keys, "--workers", "0", "--output", str(tmp_path / "s.csv")])
+    np.testing.assert_allclose(_cosines(tmp_path / "s.csv")[0], want, atol=1e-5)
+    assert f"{tab}: columns separated by tabs (read from its header line" in capsys.readouterr().out
+    assert load_pairs(tab, "train", image_key="filepath", caption_key="title", size=32).captions == captions
+    (tmp_path / "commas.csv").write_text(f"image\tcaption\n{paths[0]}\ta red disc, left of a box\n")
+    assert load_pairs(tmp_path / "commas.csv", "train", size=32).captions == ["a red disc, left of a box"]
+    piped = tmp_path / "piped.csv"
+    piped.write_text("image|caption|split\n" + "".join(f"{p}|{c}|test\n" for p, c in zip(paths, captions)))
+    assert load_pairs(piped, "test", csv_separator="|", size=32).captions == captions
+    capsys.readouterr()
+    m = R.main(["eval", ckpt, "--data", str(piped), "--csv_separator", "|", "--split", "test",
+                "--workers", "0", "--output", str(tmp_path / "e.json")])
+    assert "rsum" in m and f"{piped}: columns separated by '|' (--csv_separator)" in capsys.readouterr().out
+    R.main(["score", ckpt, "--data", str(tab), *keys, "--csv_separator", "tab", "--workers", "0",
+            "--output", str(tmp_path / "s2.csv")])
+    np.testing.assert_allclose(_cosines(tmp_path / "s2.csv")[0], want, atol=1e-5)
+    with pytest.raises(ValueError, match=r"no 'filepath' or 'title' among the columns found, \['filepath\\t"):
+        load_pairs(tab, "train", image_key="filepath", caption_key="title", csv_separator="comma")
+    (tmp_path / "both.csv").write_text("image\tcaption,source\na.png\tx,y\n")
+    with pytest.raises(ValueError, match=r"both.csv: its header line holds tabs and commas.*separator tab"):
+        load_pairs(tmp_path / "both.csv", "train")
+    base = ["score", ckpt, "--output", str(tmp_path / "x.csv")]
+    with pytest.raises(ValueError, match=r"--csv_separator must be one character, tab or comma \(got 'ab'\)"):
+        R.main(base + ["--data", str(tab), "--csv_separator", "ab"])
+    (tmp_path / "t.jsonl").write_text(json.dumps({"image": paths[0], "caption": "x"}) + "\n")
+    with pytest.raises(ValueError, match=r"--csv_separator does nothing with --data .*t.jsonl"):
+        R.main(base + ["--data", str(tmp_path / "t.jsonl"), "--csv_separator", ","])
+    with pytest.raises(ValueError, match=r"csv_separator.*t.jsonl"):
+        load_pairs(tmp_path / "t.jsonl", "train", csv_separator=",")
+    assert not (tmp_path / "x.csv").exists()
+
+
 def test_score_stream_refuses_what_a_stream_cannot_do(stream_setup, tmp_path):
     """Noise flags need the whole set; a table without a split column is one split; a missing shard, a
     missing split and a bad image are named; --skip_bad_images skips and counts it."""
