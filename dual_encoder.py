@@ -782,7 +782,17 @@ class DualEncoder(nn.Module):
         nn.init.normal_(self.token_embedding.weight, std=0.02)
 
     def encode_image(self, images):  # (B, 3, S, S) -> (B, E), L2-normalised
-        return F.normalize(self.visual(images), dim=-1)
+        return self.image_head(self.visual.features(images))
+
+    def image_head(self, features):  # (B, D) the image tower's outputs -> (B, E), L2-normalised
+        return F.normalize(features @ self.visual.proj, dim=-1)
+
+    def text_head(self, features):  # (B, D) the text tower's outputs -> (B, E), L2-normalised
+        return F.normalize(features @ self.text_projection, dim=-1)
+
+    def heads(self, image_features, text_features):
+        """forward from the towers' outputs (frozen towers, computed once): only the heads run."""
+        return self.image_head(image_features), self.text_head(text_features)
 
     def text_features(self, ids, mask):  # (B, L) ids + (B, L) bool mask -> (B, D) pooled, before projection
         t = self.cfg.text
@@ -808,7 +818,7 @@ class DualEncoder(nn.Module):
         return x[torch.arange(B, device=x.device), mask.sum(1) - 1]
 
     def encode_text(self, ids, mask):  # (B, L), (B, L) -> (B, E), L2-normalised
-        return F.normalize(self.text_features(ids, mask) @ self.text_projection, dim=-1)
+        return self.text_head(self.text_features(ids, mask))
 
     def forward(self, images, ids, mask):
         """Returns the pair (image embeddings (B, E), caption embeddings (B, E)), both L2-normalised.

@@ -23,6 +23,7 @@ import functools
 import gc
 import glob
 import io
+import itertools
 import json
 import math
 import os
@@ -339,22 +340,26 @@ DEMO_DEFAULTS = {"noise_ratio": 0.4, "epochs": 5, "output_dir": "runs/demo"}
 
 
 @torch.no_grad()
-def embed_images(model, images, preprocess, batch_size=256, device="cpu", num_workers=0) -> torch.Tensor:
-    """(N, E) float image embeddings in eval mode, no grad, bf16 autocast on CUDA; mode restored after."""
+def embed_images(model, images, preprocess, batch_size=256, device="cpu", num_workers=0,
+                 features=False) -> torch.Tensor:
+    """(N, E) float image embeddings in eval mode, no grad, bf16 autocast on CUDA; mode restored after.
+    features: the image tower's outputs (N, D) instead, before the head."""
     device, was_training, out = torch.device(device), model.training, []
     model.eval()
     for x in images.batches(batch_size, num_workers, pin_memory=device.type == "cuda"):
         x = preprocess.normalize(x.to(device, non_blocking=True))  # (B, 3, S, S)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            out.append(model.encode_image(x).float())
+            out.append((model.visual.features if features else model.encode_image)(x).float())
     model.train(was_training)
     return torch.cat(out) if out else torch.empty(0)
 
 
 @torch.no_grad()
-def embed_captions(model, tokenizer, captions, batch_size=256, device="cpu", tokens=None) -> torch.Tensor:
+def embed_captions(model, tokenizer, captions, batch_size=256, device="cpu", tokens=None,
+                   features=False) -> torch.Tensor:
     """(C, E) float caption embeddings; captions batched by length (less padding), returned in input order.
-    `tokens`: these captions tokenized once (CaptionTokens), read instead of running `tokenizer` again."""
+    `tokens`: these captions tokenized once (CaptionTokens), read instead of running `tokenizer` again.
+    features: the text tower's outputs (C, D) instead, before the head."""
     device, was_training = torch.device(device), model.training
     model.eval()
     order = sorted(range(len(captions)), key=lambda c: len(captions[c]))
@@ -364,7 +369,7 @@ def embed_captions(model, tokenizer, captions, batch_size=256, device="cpu", tok
         ids, mask = tokens(rows) if tokens is not None else tokenizer([captions[c] for c in rows])  # (B, L)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             ids, mask = ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
-            out.append(model.encode_text(ids, mask).float())
+            out.append((model.text_features if features else model.encode_text)(ids, mask).float())
     model.train(was_training)
     if not out:
         return torch.empty(0)
@@ -381,13 +386,15 @@ def embed_sharded(embed, n, rank=0, world=1):
 
 
 def embed_pairs(model, images, captions, tokenizer, preprocess, batch_size, device, rank=0, world=1,
-                workers=0, tokens=None):
+                workers=0, tokens=None, features=False):
     """(v (N, E), t (C, E)): every image and caption embedded (no grad, chunked), shared out across ranks;
-    image files are decoded by `workers` processes; `tokens`: the captions tokenized once (CaptionTokens)."""
+    image files are decoded by `workers` processes; `tokens`: the captions tokenized once (CaptionTokens);
+    features: the towers' outputs (N, D), (C, D) instead, before the heads."""
     v = embed_sharded(lambda lo, hi: embed_images(model, images.subset(np.arange(lo, hi)), preprocess,
-                                                  batch_size, device, workers), len(images), rank, world)
+                                                  batch_size, device, workers, features),
+                      len(images), rank, world)
     t = embed_sharded(lambda lo, hi: embed_captions(model, tokenizer, captions[lo:hi], batch_size, device,
-                                                    None if tokens is None else tokens[lo:hi]),
+                                                    None if tokens is None else tokens[lo:hi], features),
                       len(captions), rank, world)
     return v, t
 
@@ -511,13 +518,13 @@ def format_metrics(m: dict) -> str:
 
 
 def evaluate_pairs(model, pairs, tokenizer, preprocess, cfg, device, corrector=None, rank=0, world=1,
-                   protocol=None, strict=False):
+                   protocol=None, strict=False, emb=None):
     """Recall metrics of `pairs` (the field's protocol, cfg.eval_protocol unless `protocol` is given): cosine,
     or MSCN's corrected score when a corrector is given. Under torchrun the embedding is shared out across
     ranks; every rank gets the metrics. strict: raise FloatingPointError on non-finite embeddings (a diverged
-    model) instead of scoring them as misses."""
-    v, t = embed_pairs(model, pairs.images, pairs.captions, tokenizer, preprocess, cfg.embed_batch_size,
-                       device, rank, world, cfg.workers)
+    model) instead of scoring them as misses. emb: the pairs' (v, t) when already embedded (frozen towers)."""
+    v, t = emb or embed_pairs(model, pairs.images, pairs.captions, tokenizer, preprocess,
+                              cfg.embed_batch_size, device, rank, world, cfg.workers)
     if strict and not (bool(torch.isfinite(v).all()) and bool(torch.isfinite(t).all())):
         raise FloatingPointError("non-finite embeddings")
     # the corrector's tiles hold (rows, cols, hidden) pre-activations: 1/hidden of the cosine tile
@@ -673,6 +680,7 @@ class Run:
     log: object
     logf: object = None
     mscn: Optional[Mscn] = None
+    frozen: Optional[dict] = None  # the frozen towers' outputs per split, while they are cached (tower_outputs)
     writer: CheckpointWriter = field(default_factory=CheckpointWriter)  # best.pt and last.pt, behind training
 
 
@@ -693,6 +701,8 @@ def _train(cfg, splits, log, vocab_captions):
         # paper C stage 1: towers frozen, heads and temperature train
         for name, p in run.model.named_parameters():
             p.requires_grad_(epoch >= cfg.frozen_epochs or name in heads)
+        seconds, t0 = {}, _clock(run.device)
+        run.frozen = tower_outputs(run, epoch)
         # The warm-up (before the first split) trains on all pairs with InfoNCE: the method's own loss, a
         # hardest-negative hinge, collapses a fresh model (as NCR warms up with a loss over all negatives).
         warming = cfg.filter in ("gmm", "mscn") and epoch < cfg.warmup_epochs
@@ -704,7 +714,8 @@ def _train(cfg, splits, log, vocab_captions):
         refit = (cfg.filter in ("gmm", "mscn") and not warming
                  and (epoch - cfg.warmup_epochs) % cfg.refit_every == 0)
         clustered = cfg.batches == "clustered" and epoch >= cfg.clustered_from
-        seconds, t0 = {}, _clock(run.device)
+        now = _clock(run.device)
+        seconds["tower_outputs"], t0 = now - t0, now
         emb = embed_training_pairs(run) if refit or clustered else None
         now = _clock(run.device)
         seconds["scoring"], t0 = now - t0, now
@@ -1150,15 +1161,62 @@ def gather_with_grad(x, world, sizes):
     return torch.cat([part[:n] for part, n in zip(all_gather(x), sizes)])
 
 
+# --- each epoch, 0: while the towers are frozen, their outputs computed once (only the heads then run) ---
+
+def tower_outputs(run, epoch):
+    """While the towers are frozen (epochs before --frozen_epochs) their outputs cannot change: computed once
+    for every training and validation item -> {split: (image outputs (N, D), caption outputs (C, D))}, float32
+    in host memory; training, scoring and validation then run only the heads. None after the frozen epochs,
+    or where the outputs are drawn anew every step (the towers then run every step, as said in the log). The
+    test split is embedded once, at the end, either way."""
+    cfg = run.cfg
+    if epoch >= cfg.frozen_epochs:
+        return None
+    if run.frozen is not None:
+        return run.frozen
+    dropout = any(isinstance(m, nn.Dropout) and m.p > 0 for m in run.model.modules())
+    why = ("--augment draws new images every step" if cfg.augment else
+           "--unimodal draws second views every step" if cfg.unimodal else
+           "the towers' dropout draws new outputs every step" if dropout else
+           "--filter mscn's look-ahead runs the whole model" if cfg.filter == "mscn" else
+           "under torchrun" if run.world > 1 else None)
+    if why:
+        run.log(f"epoch {epoch}: the frozen towers run every step ({why})")
+        return None
+    outputs = {}
+    for name in ("train", "val"):
+        pairs = run.splits[name]
+        outputs[name] = tuple(x.cpu() for x in embed_pairs(
+            run.model, pairs.images, pairs.captions, run.tokenizer, run.preprocess, cfg.embed_batch_size,
+            run.device, workers=cfg.workers, tokens=run.tokens if name == "train" else None, features=True))
+    mib = sum(x.numel() * x.element_size() for pair in outputs.values() for x in pair) / 2 ** 20
+    run.log(f"epoch {epoch}: the frozen towers' outputs computed once for the training and validation items "
+            f"({mib:.0f} MiB in memory); only the heads run until epoch {cfg.frozen_epochs}")
+    return outputs
+
+
+@torch.no_grad()
+def embed_split(run, name):
+    """(v (N, E), t (C, E)): every image and caption of split `name` embedded; from the towers' outputs
+    through the heads while they are cached (tower_outputs), else through the whole model (sharded across
+    ranks, gathered on every rank)."""
+    cfg, device = run.cfg, run.device
+    if run.frozen is None:
+        pairs = run.splits[name]
+        return embed_pairs(run.model, pairs.images, pairs.captions, run.tokenizer, run.preprocess,
+                           cfg.embed_batch_size, device, run.rank, run.world, cfg.workers,
+                           run.tokens if name == "train" else None)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        return tuple(torch.cat([head(x.to(device)).float() for x in outputs.split(cfg.embed_batch_size)])
+                     for head, outputs in zip((run.model.image_head, run.model.text_head), run.frozen[name]))
+
+
 # --- each epoch, 1: re-score every training pair and re-split (paper A's round; paper B's purification) ---
 
 def embed_training_pairs(run):
     """(v_img (N, E), v (C, E), t (C, E)): every training image and caption embedded, and v[c] = the image
-    caption c is paired with (sharded across ranks, gathered on every rank)."""
-    train = run.splits["train"]
-    v_img, t = embed_pairs(run.model, train.images, train.captions, run.tokenizer, run.preprocess,
-                           run.cfg.embed_batch_size, run.device, run.rank, run.world, run.cfg.workers,
-                           run.tokens)
+    caption c is paired with."""
+    v_img, t = embed_split(run, "train")
     return v_img, v_img[run.assigned.to(v_img.device)], t
 
 
@@ -1316,7 +1374,9 @@ def train_epoch(run, epoch, batches, kept, warming, gen):
     partners = caption_partners(run.assigned, kept) if cfg.unimodal else None
     bar = Progress(len(batches), f"epoch {epoch}") if run.rank == 0 else None
     index = [run.assigned[b].numpy() for b in batches]
-    if images.array is not None:  # the uint8 cache (or synthetic scenes): gathered by threads, no IPC
+    if run.frozen is not None:  # the towers' outputs are cached: no images to read
+        loader = itertools.repeat(None)
+    elif images.array is not None:  # the uint8 cache (or synthetic scenes): gathered by threads, no IPC
         loader = gather_ahead(images, index, device.type == "cuda", max(1, cfg.workers))
     else:  # image files: decoded by worker processes
         loader = torch.utils.data.DataLoader(images, batch_sampler=[x.tolist() for x in index],
@@ -1350,9 +1410,8 @@ def get_lr(cfg, step, epoch):
 class Batch:
     """One training batch on the device: this rank's rows of the inputs (all rows in one process), and for the
     global batch the same-image mask (B, B), P(clean) (B,) and every rank's number of rows."""
-    images: torch.Tensor  # (b, 3, S, S) normalised
-    ids: torch.Tensor  # (b, L)
-    mask: torch.Tensor  # (b, L)
+    inputs: tuple  # the model's: images (b, 3, S, S) normalised, ids (b, L), mask (b, L); or, while the towers'
+    # outputs are cached, the heads': image outputs (b, D), caption outputs (b, D)
     same: torch.Tensor  # (B, B) bool: another caption of the same image is no negative
     p_clean: torch.Tensor  # (B,)
     sizes: list
@@ -1366,11 +1425,15 @@ def make_batch(run, cap_idx, raw, warming, partners, gen) -> Batch:
     cfg, device = run.cfg, run.device
     sizes = [len(x) for x in cap_idx.tensor_split(run.world)]
     lo, hi = sum(sizes[:run.rank]), sum(sizes[:run.rank + 1])
-    raw = raw.to(device, non_blocking=True)  # uint8 (B, 3, S, S); augmentation runs on the device
-    images = run.preprocess.normalize((augment(raw, gen) if cfg.augment else raw)[lo:hi])
-    ids, mask = run.tokens(cap_idx[lo:hi])
-    ids, mask, img = (x.to(device, non_blocking=True) for x in (ids, mask, run.assigned[cap_idx]))
-    batch = Batch(images, ids, mask, img[:, None] == img[None, :],
+    rows, img = cap_idx[lo:hi], run.assigned[cap_idx].to(device, non_blocking=True)
+    if run.frozen is not None:  # the towers' outputs, computed once
+        image_out, caption_out = run.frozen["train"]
+        inputs = (image_out[run.assigned[rows]], caption_out[rows])
+    else:
+        raw = raw.to(device, non_blocking=True)  # uint8 (B, 3, S, S); augmentation runs on the device
+        inputs = (run.preprocess.normalize((augment(raw, gen) if cfg.augment else raw)[lo:hi]),
+                  *run.tokens(rows))
+    batch = Batch(tuple(x.to(device, non_blocking=True) for x in inputs), img[:, None] == img[None, :],
                   run.state["p_clean"][cap_idx].to(device, non_blocking=True), sizes, warming)
     if cfg.unimodal:  # paper C: a second augmented view of each image, another kept caption of its image
         other = pick_partners(cap_idx, partners, gen)
@@ -1389,7 +1452,7 @@ def train_step(run, batch, lr, gen):
     else:
         with torch.autocast(run.device.type, dtype=torch.bfloat16,
                             enabled=run.cfg.amp and run.device.type == "cuda"):
-            v, t = run.step_model(batch.images, batch.ids, batch.mask)  # (b, E), (b, E)
+            v, t = (run.step_model if run.frozen is None else run.model.heads)(*batch.inputs)  # (b, E) each
         loss = step_loss(run, batch, None, v, t)
         run.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -1453,7 +1516,7 @@ def mscn_step(run, batch, lr, gen):
     labels = torch.cat([torch.ones(n), torch.zeros(n)])
     meta_batch = (run.preprocess.normalize(images.to(device, non_blocking=True)),
                   *(x.to(device, non_blocking=True) for x in (ids, mask, labels)))
-    out = meta_step(run.model, m.corrector, (batch.images, batch.ids, batch.mask), meta_batch, inner_lr=None,
+    out = meta_step(run.model, m.corrector, batch.inputs, meta_batch, inner_lr=None,
                     loss_fn=functools.partial(step_loss, run, batch), optimizer=run.opt,
                     corrector_optimizer=m.opt, params=cfg.lookahead)
     return out["loss"]
@@ -1476,7 +1539,7 @@ def select_and_checkpoint(run, epoch, record):
     corrector = run.mscn.corrector if cfg.eval_score == "corrected" else None
     try:
         metrics = evaluate_pairs(run.model, run.splits["val"], run.tokenizer, run.preprocess, cfg, run.device,
-                                 corrector, run.rank, run.world, protocol="full", strict=True)
+                                 corrector, protocol="full", strict=True, emb=embed_split(run, "val"))
     except FloatingPointError:
         raise _diverged(run, f"the validation embeddings became non-finite (NaN/Inf) after epoch {epoch}: "
                              f"the model diverged") from None

@@ -3194,10 +3194,78 @@ def test_train_logs_every_phase_seconds_and_prints_small_lrs(tmp_path, capsys):
             "--output_dir", str(tmp_path / "run"), *_TINY])
     epoch = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()
              if "val" in json.loads(x)][0]
-    phases = {"scoring", "split_and_batches", "training", "validation", "checkpoint"}
+    phases = {"tower_outputs", "scoring", "split_and_batches", "training", "validation", "checkpoint"}
     assert set(epoch["seconds"]) == phases and all(v >= 0 for v in epoch["seconds"].values())
     assert epoch["train_pairs_per_s"] > 0
     assert "lr 2.00e-06" in capsys.readouterr().out
+
+
+def _frozen_towers_run(tmp_path, monkeypatch, tag, tower_outputs):
+    """A run whose towers are frozen for 2 of 3 epochs, with a GMM round in a frozen epoch, `tower_outputs`
+    standing in for R.tower_outputs -> (last.pt's weights, each epoch's val figures, the test figures)."""
+    monkeypatch.setattr(R, "tower_outputs", tower_outputs)
+    out = tmp_path / tag
+    cfg = R.TrainConfig(filter="gmm", warmup_epochs=1, frozen_epochs=2, epochs=3, batch_size=16, lr=1e-3,
+                        noise_ratio=0.4, lr_warmup_steps=1, output_dir=str(out), device="cpu", workers=0)
+    test = R.train(cfg, _tiny_splits(), log=lambda *a: None)
+    val = [json.loads(x)["val"] for x in (out / "log.jsonl").read_text().splitlines() if '"val"' in x]
+    return _weights(out / "last.pt"), val, test
+
+
+def _same_run(a, b):
+    (wa, va, ta), (wb, vb, tb) = a, b
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4, msg=k)
+    for ma, mb in zip([*va, ta], [*vb, tb], strict=True):  # each epoch's validation, then the test
+        assert ma == pytest.approx(mb, abs=1e-6)
+
+
+def _stale(run, epoch):  # a wrong cache: the outputs computed once, kept after the towers unfreeze
+    run.frozen = run.frozen or REAL_TOWER_OUTPUTS(run, 0)
+    return run.frozen
+
+
+def _shifted(run, epoch):  # a wrong cache: each image's outputs given to the next image
+    out = REAL_TOWER_OUTPUTS(run, epoch)
+    return out and {k: (img.roll(1, 0), cap) for k, (img, cap) in out.items()}
+
+
+REAL_TOWER_OUTPUTS = R.tower_outputs
+
+
+def test_frozen_towers_run_once_and_train_the_same_model(tmp_path, monkeypatch):
+    """While the towers are frozen their outputs are computed once (training and validation items) and the
+    steps, the scoring round and validation run only the heads: the same weights (heads, temperature, and
+    the towers after they unfreeze), the same validation and test figures as running the towers every step."""
+    calls = []
+    counted = lambda run, epoch: calls.append(epoch) or REAL_TOWER_OUTPUTS(run, epoch)  # noqa: E731
+    towers = []
+    monkeypatch.setattr(D.DualEncoder, "forward", lambda self, *a: towers.append(1) or (
+        self.encode_image(a[0]), self.encode_text(*a[1:])))
+    cached = _frozen_towers_run(tmp_path, monkeypatch, "cached", counted)
+    assert calls == [0, 1, 2]
+    steps_unfrozen = len(towers)  # the towers ran in training steps of the unfrozen epoch only
+    every_step = _frozen_towers_run(tmp_path, monkeypatch, "every_step", lambda run, epoch: None)
+    assert 0 < steps_unfrozen < len(towers) - steps_unfrozen  # today's path runs them in every epoch
+    _same_run(cached, every_step)
+
+
+@pytest.mark.parametrize("wrong", [_stale, _shifted])
+def test_frozen_towers_a_wrong_cache_gives_another_model(tmp_path, monkeypatch, wrong):
+    """The positive control of the test above: stale or misplaced tower outputs change the model."""
+    right = _frozen_towers_run(tmp_path, monkeypatch, "right", REAL_TOWER_OUTPUTS)
+    with pytest.raises(AssertionError):
+        _same_run(_frozen_towers_run(tmp_path, monkeypatch, "wrong", wrong), right)
+
+
+def test_frozen_towers_run_every_step_where_their_outputs_are_drawn(tmp_path):
+    """--augment draws new images (and --unimodal new views) every step: the frozen towers then run every
+    step, and the log says why."""
+    logged = []
+    cfg = R.TrainConfig(augment=True, frozen_epochs=1, epochs=1, batch_size=16, lr_warmup_steps=1,
+                        output_dir=str(tmp_path), device="cpu", workers=0)
+    R.train(cfg, _tiny_splits(), log=logged.append)
+    assert any("the frozen towers run every step (--augment draws new images every step)" in x for x in logged)
 
 
 @pytest.mark.parametrize("preset", ["dsdmr", "iuccl"])
