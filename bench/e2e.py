@@ -142,12 +142,12 @@ def bare_step(ckpt, cfg, captions, stats, device, args):
                          p_clean=torch.rand(B, generator=gen).to(device)))  # dsdm's margins: any P(clean)
     # what R.train_step and R.step_loss read of a Run, in one process without MSCN
     run = SimpleNamespace(cfg=cfg, device=device, model=model, step_model=R.wrap_model(model, cfg, device, 1),
-                          opt=R.make_optimizer(model, cfg, device), mscn=None, world=1,
+                          opt=R.make_optimizer(model, cfg, device), mscn=None, world=1, frozen=None,
                           state={"stats": stats})
 
     def step(i):
         b = pool[i % len(pool)]
-        batch = R.Batch(pre.normalize(b["raw"]), b["ids"], b["mask"], b["same"], b["p_clean"], [B], False)
+        batch = R.Batch((pre.normalize(b["raw"]), b["ids"], b["mask"]), b["same"], b["p_clean"], [B], False)
         return R.train_step(run, batch, cfg.lr, gen)
 
     t0 = time.perf_counter()
