@@ -233,7 +233,8 @@ class MethodConfig:
                                "clustered)")
     augment: bool = _opt(False, "random resized crop + colour jitter on the cross-modal images too")
     meta_fraction: float = _opt(0.02, "MSCN meta set size as a fraction of the training captions (from val)")
-    meta_lr: float = _opt(1e-3, "learning rate of the MSCN similarity corrector")
+    meta_lr: float = _opt(5e-5, "learning rate of the MSCN similarity corrector (0.1x the default --lr, "
+                          "as MSCN's code; docs/modules.md gives the benchmark figures)")
     lookahead: str = _opt("heads", "MSCN look-ahead parameters: the projection heads, or all",
                           choices=["heads", "all"])
     eval_score: str = _opt("cosine", "retrieval score at evaluation under mscn: cosine or the "
