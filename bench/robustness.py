@@ -98,16 +98,20 @@ _SPLITS = {}  # per worker process: (sizes, seed) -> splits, built once
 
 
 def run_one(task):
-    """One fine-tuning run (in a worker process); returns its result row, or the error that stopped it."""
-    method, noise, protocol, seed, sizes, epochs, lr_decay, device, pretrained, pretrained_id, workdir = task
+    """One fine-tuning run (in a worker process); returns its result row, or the error that stopped it.
+    `source`: the model every run starts from, as TrainConfig fields ({"pretrained": path}; bench/paper_c.py:
+    separate towers); `settings`: TrainConfig fields set after the method's preset and variant."""
+    (method, noise, protocol, seed, sizes, epochs, lr_decay, device, source, source_id, workdir,
+     settings) = task
     R.torch.set_num_threads(1)  # many workers share the cores
     sys.stdout = open(os.devnull, "w")  # the per-step progress lines of parallel runs would interleave
     row = {"method": method, "protocol": protocol, "noise": noise, "seed": seed, "sizes": sizes,
-           "epochs": epochs, "lr_decay_epochs": lr_decay, "pretrained": pretrained_id,
-           **({"rules": rules(method)} if rules(method) else {})}
+           "epochs": epochs, "lr_decay_epochs": lr_decay, "pretrained": source_id,
+           **({"rules": rules(method)} if rules(method) else {}),
+           **({"settings": settings} if settings else {})}
     t0 = time.time()
     preset = "clip" if method == "pretrained" else method.split("-")[0]
-    cfg = R.TrainConfig(preset=preset, pretrained=str(pretrained), noise_ratio=noise,
+    cfg = R.TrainConfig(preset=preset, **source, noise_ratio=noise,
                         noise_protocol=protocol, seed=seed, epochs=epochs, device=device, overwrite=True,
                         output_dir=str(Path(workdir) / f"{method}_{protocol}_{noise}_{seed}"))
     if lr_decay:
@@ -116,10 +120,10 @@ def run_one(task):
         if (sizes, seed) not in _SPLITS:
             _SPLITS[(sizes, seed)] = R.synthetic_splits(*(int(x) for x in sizes.split(",")), seed=seed,
                                                         image_size=32)
-        for k, v in VARIANTS.get(method, {}).items():
+        for k, v in {**VARIANTS.get(method, {}), **settings}.items():
             setattr(cfg, k, v)
         if method == "pretrained":  # zero-shot: the model as shipped, on this seed's test split
-            model, tok, pre, _ = R.load_checkpoint(pretrained)
+            model, tok, pre, _ = R.load_checkpoint(source["pretrained"])
             dev = R._device(device)
             res = R.evaluate_pairs(model.to(dev), _SPLITS[(sizes, seed)]["test"], tok, pre, cfg, dev)
             row.update(rsum=res["rsum"], i2t_r1=res["i2t_r1"], t2i_r1=res["t2i_r1"])
@@ -283,6 +287,8 @@ def tables(summary, methods, noises, protocols):
                   "| method | " + " | ".join(f"{'any' if n == 0 else p} {n:.0%}" for p, n in cols) + " |",
                   "|---|" + "---:|" * len(cols)]
         for m in ("iuccl", *PAPER_C_PARTS):
+            if not any(get(m, p, n) for p, n in cols):
+                continue  # a part this grid did not run
             cells = []
             for p, n in cols:
                 g = get(m, p, n)
@@ -401,9 +407,10 @@ def load_runs(path):
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def run_grid(todo, n_grid, done, args, pretrained, pretrained_id, runs_path, t0):
-    """Run `todo` in worker processes, appending each finished run to the runs file and to `done` (by key);
-    with args.time_limit, start no run that would end after it."""
+def run_grid(todo, n_grid, done, args, source, source_id, runs_path, t0, worker=run_one):
+    """Run `todo` in worker processes (`worker`, run_one or a function around it), appending each finished
+    run to the runs file and to `done` (by key); with args.time_limit, start no run that would end after
+    it."""
     workdir = tempfile.mkdtemp(prefix="robustness_")
     n_done = n_grid - len(todo)
     print(f"{n_grid} runs in the grid, {n_done} already done, {len(todo)} to run with {args.workers} "
@@ -420,8 +427,8 @@ def run_grid(todo, n_grid, done, args, pretrained, pretrained_id, runs_path, t0)
                     break
                 g = pending.pop(0)
                 task = (g["method"], g["noise"], g["protocol"], g["seed"], g["sizes"], g["epochs"],
-                        g["lr_decay_epochs"], args.device, pretrained, pretrained_id, workdir)
-                running[pool.submit(run_one, task)] = g
+                        g["lr_decay_epochs"], args.device, source, source_id, workdir, g.get("settings", {}))
+                running[pool.submit(worker, task)] = g
             if not running:
                 break
             finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
@@ -506,7 +513,7 @@ def main(argv=None):
     todo = [g for g in grid if key(g) not in done]
     t0 = time.time()
     if todo and not args.report:
-        run_grid(todo, len(grid), done, args, pretrained, pretrained_id, runs_path, t0)
+        run_grid(todo, len(grid), done, args, {"pretrained": str(pretrained)}, pretrained_id, runs_path, t0)
 
     # The report covers every finished run in the file with this call's settings, not only this call's grid:
     # a call for a few cells adds them to the full report instead of replacing it.
