@@ -4077,6 +4077,115 @@ def test_bench_robustness_grid_resumes_and_reports(tmp_path, monkeypatch, capsys
     sys.modules.pop("robustness", None)
 
 
+# ----- bench/paper_c.py: paper C in its own setting, separately pretrained towers -----
+
+def _paper_c(monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(R.__file__), "bench"))  # spawned workers too
+    import paper_c
+    return paper_c
+
+
+class _ReadForbidden(Exception):
+    pass
+
+
+class _Untouchable:
+    """A field a tower's training must not read: any use (attribute, item, iteration, length) raises."""
+
+    def __init__(self, what):
+        self.what = what
+
+    def _refuse(self, *args):
+        raise _ReadForbidden(f"read {self.what}")
+    __getattr__ = __getitem__ = __iter__ = __len__ = __array__ = _refuse
+
+
+def test_bench_paper_c_towers_are_unimodal(monkeypatch):
+    """The image tower trains on images alone and the text tower on captions alone: each is handed the
+    shifted-domain scenes with every other field replaced by an object that raises when read, and the
+    sentinels do raise when the other tower's training gets them. Each training changes its own tower's weights only."""
+    from types import SimpleNamespace
+    C = _paper_c(monkeypatch)
+    data = make_scenes(48, seed=0, domain="pretrain")
+    others = {k: _Untouchable(k) for k in ("img_of_cap", "scenes", "extras", "name")}
+    images_only = SimpleNamespace(images=data.images, captions=_Untouchable("captions"), **others)
+    captions_only = SimpleNamespace(images=_Untouchable("images"), captions=data.captions, **others)
+    recipe, quiet = {**C.SMOKE_TOWERS, "batch_size": 16}, lambda *a: None
+    torch.manual_seed(0)
+    model = C.tower_model(32, 1, vocab_size=len(C.wordpiece_vocab(data.captions)))
+    text = {n for n, p in model.named_parameters() if any(p is q for q in C.text_parameters(model))}
+
+    def trained(step, *args):  # the names of the parameters `step` changed
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        step(model, *args, recipe, quiet)
+        return {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert trained(C.train_image_tower, images_only) == {n for n, _ in model.named_parameters()
+                                                         if n.startswith("visual.")}
+    assert trained(C.train_text_tower, captions_only) == text
+    assert not any(n.startswith("visual.") for n in text) and "logit_scale" not in text
+    with pytest.raises(_ReadForbidden, match="read captions"):  # the positive controls
+        C.train_text_tower(model, images_only, recipe, quiet)
+    with pytest.raises(_ReadForbidden, match="read images"):
+        C.train_image_tower(model, captions_only, recipe, quiet)
+
+
+def test_bench_paper_c_towers_load_as_a_users_towers(tmp_path, monkeypatch):
+    """The towers the script saves are Hugging Face ViT and BERT folders: the path train takes for
+    --image_tower/--text_tower (build_model -> load_pretrained) gives the in-memory towers' outputs exactly,
+    with new heads to --embed_dim, and transformers' ViTModel and BertModel read the same folders to the same
+    outputs (and its BertTokenizer the vocabulary to the same ids)."""
+    transformers = pytest.importorskip("transformers")
+    C = _paper_c(monkeypatch)
+    model, tok, (vit, bert), _ = C.build_towers(tmp_path, C.SMOKE_TOWERS, log=lambda *a: None)
+    loaded, tok2, pre = R.build_model(R.TrainConfig(image_tower=str(vit), text_tower=str(bert), embed_dim=16),
+                                      None)
+    loaded.eval()
+    target = make_scenes(6, seed=1)  # the target domain's scenes and captions
+    raw = P.image_batch(target.images, np.arange(6))  # uint8 (6, 3, 32, 32)
+    ids, mask = tok2(target.captions)
+    assert torch.equal(ids, tok(target.captions)[0]) and not (ids == tok2.unk_id).any()
+    assert (pre.size, pre.mean, pre.std) == (32, (0.5,) * 3, (0.5,) * 3)
+    assert loaded.text_projection.shape[1] == loaded.visual.proj.shape[1] == 16
+    with torch.no_grad():
+        image_out = model.visual.features(C.TOWER_PREPROCESS.normalize(raw))  # (6, D)
+        text_out = model.text_features(ids, mask)  # (30, D)
+        assert torch.equal(loaded.visual.features(pre.normalize(raw)), image_out)
+        assert torch.equal(loaded.text_features(ids, mask), text_out)
+        hf_vit = transformers.ViTModel.from_pretrained(vit, add_pooling_layer=False).eval()
+        hf_bert = transformers.BertModel.from_pretrained(bert, add_pooling_layer=False).eval()
+        hf_tok = transformers.BertTokenizer(str(bert / "vocab.txt"))
+        hf_ids = hf_tok(target.captions, padding=True)["input_ids"]
+        assert torch.equal(torch.tensor(hf_ids), ids)
+        torch.testing.assert_close(hf_vit(pixel_values=pre.normalize(raw)).last_hidden_state[:, 0], image_out,
+                                   atol=1e-4, rtol=0)
+        torch.testing.assert_close(hf_bert(input_ids=ids, attention_mask=mask.long()).last_hidden_state[:, 0],
+                                   text_out, atol=1e-4, rtol=0)
+
+
+def test_bench_paper_c_smoke_writes_runs_and_report(tmp_path, monkeypatch, capsys):
+    """bench/paper_c.py --smoke (CI's run of the script): tiny towers built, one run per cell in the runs file
+    with the fields the report needs (the clustered run's relative hardness, the filter's warm-up), the report
+    with both tables, and a second call that resumes with nothing to run."""
+    C = _paper_c(monkeypatch)
+    C.main(["--smoke", "--out", str(tmp_path)])
+    runs = [json.loads(x) for x in (tmp_path / "paper_c_runs.jsonl").read_text().splitlines()]
+    assert sorted((r["method"], r["noise"]) for r in runs) == [("clip", 0.0), ("dsdmr", 0.4), ("iuccl", 0.0)]
+    for r in runs:
+        assert "error" not in r and r["protocol"] == "caption" and r["seed"] == 0, r
+        assert 0 <= r["rsum"] <= 600 and 0 <= r["selected_epoch"] < 3
+    by = {r["method"]: r for r in runs}
+    clusters = by["iuccl"]["clusters"]  # the means over its clustered epochs (stage 3: epoch 2)
+    assert {"hardness_clustered", "hardness_random", "single_cluster_fraction"} <= set(clusters)
+    assert by["dsdmr"]["settings"] == {"warmup_epochs": 1} and "settings" not in by["clip"]
+    assert {r["pretrained"].split(":")[0] for r in runs} == {"scenes_vit+scenes_bert"}
+    md = (tmp_path / "paper_c.md").read_text()
+    assert "| clip |" in md and "| dsdmr |" in md and "| 0% | " in md and "iuccl - clip" in md
+    capsys.readouterr()
+    C.main(["--smoke", "--out", str(tmp_path)])  # resumes: the towers and every run are there
+    assert "to run" not in capsys.readouterr().out
+    assert len((tmp_path / "paper_c_runs.jsonl").read_text().splitlines()) == 3
+
+
 # ----- streamed score: tar shards and tables, one batch in memory -----
 
 @pytest.fixture(scope="module")
