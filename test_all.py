@@ -4103,7 +4103,8 @@ class _Untouchable:
 def test_bench_paper_c_towers_are_unimodal(monkeypatch):
     """The image tower trains on images alone and the text tower on captions alone: each is handed the
     shifted-domain scenes with every other field replaced by an object that raises when read, and the
-    sentinels do raise when the other tower's training gets them. Each training changes its own tower's weights only."""
+    sentinels do raise when the other tower's training gets them. Each training changes its own tower's
+    weights only, and the text tower learns to tell captions apart."""
     from types import SimpleNamespace
     C = _paper_c(monkeypatch)
     data = make_scenes(48, seed=0, domain="pretrain")
@@ -4121,8 +4122,19 @@ def test_bench_paper_c_towers_are_unimodal(monkeypatch):
         return {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert trained(C.train_image_tower, images_only) == {n for n, _ in model.named_parameters()
                                                          if n.startswith("visual.")}
+    tok = WordPieceTokenizer({w: i for i, w in enumerate(C.wordpiece_vocab(data.captions))})  # as the tower's
+    distinct = tok(sorted(set(data.captions))[:32])
+
+    def caption_cosine():  # mean cosine between the embeddings of distinct captions
+        with torch.no_grad():
+            t = model.eval().encode_text(*distinct)  # (32, E)
+        return float(((t @ t.T).sum() - len(t)) / (len(t) * (len(t) - 1)))
+    before = caption_cosine()
     assert trained(C.train_text_tower, captions_only) == text
     assert not any(n.startswith("visual.") for n in text) and "logit_scale" not in text
+    # It learns to tell captions apart (with nn.Embedding's N(0, 1) token-type row every caption stayed at one
+    # vector: cosine 0.9999 after training)
+    assert before > 0.95 and caption_cosine() < 0.9
     with pytest.raises(_ReadForbidden, match="read captions"):  # the positive controls
         C.train_text_tower(model, images_only, recipe, quiet)
     with pytest.raises(_ReadForbidden, match="read images"):

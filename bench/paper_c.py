@@ -81,7 +81,14 @@ def tower_model(width, layers, vocab_size, embed_dim=64):
     text = TextConfig(width=width, layers=layers, heads=heads, mlp_width=mlp, act="gelu", post_norm=True,
                       ln_eps=1e-12, dropout=TEXT_DROPOUT, vocab_size=vocab_size, context_length=CONTEXT,
                       causal=False, token_types=2, ln_embed=True, ln_final=False, pool="cls")
-    return DualEncoder(ModelConfig(vision, text, embed_dim))
+    model = DualEncoder(ModelConfig(vision, text, embed_dim))
+    # BERT's initialisation of the embedding tables (N(0, 0.02), its initializer_range): nn.Embedding's N(0, 1)
+    # token-type row, added to every token, would outweigh the words and positions (N(0, 0.02), N(0, 0.01))
+    # and the embedding LayerNorm would give every token nearly one vector: a tower that cannot start learning.
+    with torch.no_grad():
+        for table in (model.token_embedding.weight, model.token_type_embedding.weight, model.positional_embedding):
+            table.normal_(0, 0.02)
+    return model
 
 
 def wordpiece_vocab(captions):
@@ -376,6 +383,8 @@ def main(argv=None):
         args.workers = min(args.workers, 2)
     args.out = args.out or str(ROOT / "bench" / "results")
     vit, bert = Path(args.towers) / "scenes_vit", Path(args.towers) / "scenes_bert"
+    if args.report and not (vit.is_dir() and bert.is_dir()):
+        p.error(f"no towers in {args.towers}: the runs are reported by the towers they started from")
     if args.build_towers or not (vit.is_dir() and bert.is_dir()):
         build_towers(args.towers, SMOKE_TOWERS if args.smoke else TOWERS)
         if args.build_towers:
