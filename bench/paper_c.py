@@ -72,7 +72,7 @@ SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # BERT's, in its orde
 
 
 def tower_model(width, layers, vocab_size, embed_dim=64):
-    """A DualEncoder whose towers are exactly what load_model builds from a Hugging Face ViT folder
+    """A DualEncoder whose towers have the architecture load_model builds from a Hugging Face ViT folder
     (pre-LN, no pre-norm, patch bias, CLS) and BERT folder (post-LN, token types, embedding LayerNorm, CLS
     pooling); its projection heads serve the towers' own objectives and are not saved."""
     heads, mlp = max(1, width // 64), 4 * width
@@ -82,11 +82,13 @@ def tower_model(width, layers, vocab_size, embed_dim=64):
                       ln_eps=1e-12, dropout=TEXT_DROPOUT, vocab_size=vocab_size, context_length=CONTEXT,
                       causal=False, token_types=2, ln_embed=True, ln_final=False, pool="cls")
     model = DualEncoder(ModelConfig(vision, text, embed_dim))
-    # BERT's initialisation of the embedding tables (N(0, 0.02), its initializer_range): nn.Embedding's N(0, 1)
-    # token-type row, added to every token, would outweigh the words and positions (N(0, 0.02), N(0, 0.01))
-    # and the embedding LayerNorm would give every token nearly one vector: a tower that cannot start learning.
+    # BERT's initialisation of the embedding tables (N(0, 0.02), its initializer_range): nn.Embedding's
+    # N(0, 1) token-type row, added to every token, would outweigh the words and positions (N(0, 0.02),
+    # N(0, 0.01)) and the embedding LayerNorm would give every token nearly one vector: a tower that cannot
+    # start learning.
     with torch.no_grad():
-        for table in (model.token_embedding.weight, model.token_type_embedding.weight, model.positional_embedding):
+        for table in (model.token_embedding.weight, model.token_type_embedding.weight,
+                      model.positional_embedding):
             table.normal_(0, 0.02)
     return model
 
