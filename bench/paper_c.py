@@ -21,8 +21,9 @@ objective" there. This script builds the synthetic task's analogue of those towe
           rebuilt from every finished run.
 What it is not: fine-tuning an aligned CLIP (bench/robustness.py's question), nor a claim about real BERT/ViT.
 
-    python bench/paper_c.py --build-towers   # (re)build weights/scenes_vit and weights/scenes_bert
-    python bench/paper_c.py --workers 2      # the grid (towers built first if missing); run again to resume
+    python bench/paper_c.py --build-towers   # (re)build weights/scenes_vit and weights/scenes_bert (~5 min)
+    python bench/paper_c.py --workers 2      # the grid, 48 runs (~1 h on 2 cores, estimated from single
+                                             # runs); towers built first if missing; run again to resume
     python bench/paper_c.py --report         # rebuild bench/results/paper_c.md from the finished runs
     python bench/paper_c.py --smoke          # tiny towers, sizes and grid in a temp folder: seconds
 """
@@ -410,6 +411,8 @@ def main(argv=None):
             if k[4:8] == (args.sizes, args.epochs, None, source_id) and k[8] == B.rules(r["method"])]
     if rows:
         report(rows, args, source_id, runs_path, argv)
+    else:
+        print(f"no finished runs of these settings in {runs_path} to report")
     left = len({B.key(g) for g in grid} - done.keys())
     if left and not args.report:
         print(f"{left} of the grid's {len(grid)} runs are not finished: run the same command again to resume")
