@@ -28,6 +28,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import sys
 import sysconfig
@@ -386,18 +387,23 @@ def embed_sharded(embed, n, rank=0, world=1):
     return gather_with_grad(embed(bounds[rank], bounds[rank + 1]), world, np.diff(bounds).tolist())
 
 
+def pair_embedders(model, images, captions, tokenizer, preprocess, batch_size, device, workers=0, tokens=None,
+                   features=False):
+    """(images(lo, hi), captions(lo, hi)): functions embedding items lo..hi of each (embed_pairs' chunks)."""
+    return (lambda lo, hi: embed_images(model, images.subset(np.arange(lo, hi)), preprocess, batch_size, device,
+                                        workers, features),
+            lambda lo, hi: embed_captions(model, tokenizer, captions[lo:hi], batch_size, device,
+                                          None if tokens is None else tokens[lo:hi], features))
+
+
 def embed_pairs(model, images, captions, tokenizer, preprocess, batch_size, device, rank=0, world=1,
                 workers=0, tokens=None, features=False):
     """(v (N, E), t (C, E)): every image and caption embedded (no grad, chunked), shared out across ranks;
     image files are decoded by `workers` processes; `tokens`: the captions tokenized once (CaptionTokens);
     features: the towers' outputs (N, D), (C, D) instead, before the heads."""
-    v = embed_sharded(lambda lo, hi: embed_images(model, images.subset(np.arange(lo, hi)), preprocess,
-                                                  batch_size, device, workers, features),
-                      len(images), rank, world)
-    t = embed_sharded(lambda lo, hi: embed_captions(model, tokenizer, captions[lo:hi], batch_size, device,
-                                                    None if tokens is None else tokens[lo:hi], features),
-                      len(captions), rank, world)
-    return v, t
+    img, cap = pair_embedders(model, images, captions, tokenizer, preprocess, batch_size, device, workers, tokens,
+                              features)
+    return embed_sharded(img, len(images), rank, world), embed_sharded(cap, len(captions), rank, world)
 
 
 def _ranks(tile, n_img, n_cap, img_of_cap, device, tile_elems):
@@ -689,7 +695,10 @@ def train(cfg, splits=None, log=print, vocab_captions=None):
     """The whole job: noise -> (warm-up) -> every round: score, split, train on the kept pairs, select on val
     -> the test metrics of the model selected by validation rSum, with the split that epoch trained on."""
     with _claim_output_dir(cfg):  # (rank 0) another run into output_dir is refused while this one runs
-        return _train(cfg, splits, log, vocab_captions)
+        try:
+            return _train(cfg, splits, log, vocab_captions)
+        finally:  # the frozen towers' memory-mapped outputs, if a run ends while they are cached
+            shutil.rmtree(Path(cfg.output_dir) / TOWER_OUTPUTS_DIR, ignore_errors=True)
 
 
 def _train(cfg, splits, log, vocab_captions):
@@ -1164,14 +1173,22 @@ def gather_with_grad(x, world, sizes):
 
 # --- each epoch, 0: while the towers are frozen, their outputs computed once (only the heads then run) ---
 
+# Frozen towers' outputs larger than this go to memory-mapped files in the output folder (TOWER_OUTPUTS_DIR, removed
+# when the towers unfreeze and when the run ends) instead of host memory: (N + C) x D x 4 bytes, e.g. 3 GiB for
+# 1M images and 1M captions at D = 384.
+TOWER_OUTPUTS_IN_MEMORY = 4 * 2 ** 30
+TOWER_OUTPUTS_DIR = "tower_outputs.tmp"
+
+
 def tower_outputs(run, epoch):
     """While the towers are frozen (epochs before --frozen_epochs) their outputs cannot change: computed once
     for every training and validation item -> {split: (image outputs (N, D), caption outputs (C, D))}, float32
-    in host memory; training, scoring and validation then run only the heads. None after the frozen epochs,
-    or where the outputs are drawn anew every step (the towers then run every step, as said in the log). The
-    test split is embedded once, at the end, either way."""
+    in host memory (memory-mapped files above TOWER_OUTPUTS_IN_MEMORY); training, scoring and validation then
+    run only the heads. None after the frozen epochs, or where the outputs are drawn anew every step (the
+    towers then run every step, as said in the log). The test split is embedded once, at the end, either way."""
     cfg = run.cfg
     if epoch >= cfg.frozen_epochs:
+        shutil.rmtree(run.out / TOWER_OUTPUTS_DIR, ignore_errors=True)
         return None
     if run.frozen is not None:
         return run.frozen
@@ -1184,16 +1201,38 @@ def tower_outputs(run, epoch):
     if why:
         run.log(f"epoch {epoch}: the frozen towers run every step ({why})")
         return None
+    widths = run.model.visual.proj.shape[0], run.model.text_projection.shape[0]  # D of each tower
+    splits = {name: run.splits[name] for name in ("train", "val")}
+    size = 4 * sum(len(p.images) * widths[0] + len(p.captions) * widths[1] for p in splits.values())
+    folder = run.out / TOWER_OUTPUTS_DIR if size > TOWER_OUTPUTS_IN_MEMORY else None
+    if folder is not None:
+        folder.mkdir(exist_ok=True)
     outputs = {}
-    for name in ("train", "val"):
-        pairs = run.splits[name]
-        outputs[name] = tuple(x.cpu() for x in embed_pairs(
-            run.model, pairs.images, pairs.captions, run.tokenizer, run.preprocess, cfg.embed_batch_size,
-            run.device, workers=cfg.workers, tokens=run.tokens if name == "train" else None, features=True))
-    mib = sum(x.numel() * x.element_size() for pair in outputs.values() for x in pair) / 2 ** 20
+    for name, pairs in splits.items():
+        embedders = pair_embedders(run.model, pairs.images, pairs.captions, run.tokenizer, run.preprocess,
+                                   cfg.embed_batch_size, run.device, cfg.workers,
+                                   run.tokens if name == "train" else None, features=True)
+        sizes = len(pairs.images), len(pairs.captions)
+        outputs[name] = tuple(
+            embed(0, n).cpu() if folder is None else _output_file(embed, n, folder / f"{name}_{kind}.npy")
+            for embed, n, kind in zip(embedders, sizes, ("images", "captions")))
+    where = f"{size / 2 ** 20:.0f} MiB in memory" if folder is None else \
+        f"{size / 2 ** 20:.0f} MiB, memory-mapped from {folder}"
     run.log(f"epoch {epoch}: the frozen towers' outputs computed once for the training and validation items "
-            f"({mib:.0f} MiB in memory); only the heads run until epoch {cfg.frozen_epochs}")
+            f"({where}); only the heads run until epoch {cfg.frozen_epochs}")
     return outputs
+
+
+def _output_file(embed, n, path, chunk=1 << 16):
+    """embed(lo, hi) -> (hi - lo, D) outputs of items lo..hi; all n written chunk by chunk into a .npy file at
+    `path`, memory-mapped -> (n, D) float32 tensor backed by the file."""
+    array = None
+    for lo in range(0, n, chunk):
+        x = embed(lo, min(lo + chunk, n)).float().cpu().numpy()
+        if array is None:
+            array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, x.shape[1]))
+        array[lo:lo + len(x)] = x
+    return torch.empty(0) if array is None else torch.from_numpy(array)
 
 
 @torch.no_grad()

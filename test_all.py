@@ -3250,6 +3250,26 @@ def test_frozen_towers_run_once_and_train_the_same_model(tmp_path, monkeypatch):
     _same_run(cached, every_step)
 
 
+@pytest.mark.parametrize("in_memory", [0, R.TOWER_OUTPUTS_IN_MEMORY])
+def test_frozen_towers_outputs_go_to_memory_mapped_files_when_large(tmp_path, monkeypatch, in_memory):
+    """Tower outputs above TOWER_OUTPUTS_IN_MEMORY bytes are written once into memory-mapped files in the output
+    folder (both sides: below it, none): the same model as running the towers every step, and the files are
+    gone once the towers unfreeze."""
+    monkeypatch.setattr(R, "TOWER_OUTPUTS_IN_MEMORY", in_memory)
+    files = []
+
+    def listed(run, epoch):
+        out = REAL_TOWER_OUTPUTS(run, epoch)
+        files.append(sorted(p.name for p in (run.out / R.TOWER_OUTPUTS_DIR).glob("*")))
+        return out
+
+    on_disk = _frozen_towers_run(tmp_path, monkeypatch, "on_disk", listed)
+    expected = ["train_captions.npy", "train_images.npy", "val_captions.npy", "val_images.npy"]
+    assert files == ([expected, expected, []] if in_memory == 0 else [[], [], []])
+    assert not (tmp_path / "on_disk" / R.TOWER_OUTPUTS_DIR).exists()
+    _same_run(on_disk, _frozen_towers_run(tmp_path, monkeypatch, "every_step", lambda run, epoch: None))
+
+
 @pytest.mark.parametrize("wrong", [_stale, _shifted])
 def test_frozen_towers_a_wrong_cache_gives_another_model(tmp_path, monkeypatch, wrong):
     """The positive control of the test above: stale or misplaced tower outputs change the model."""
