@@ -3246,7 +3246,7 @@ def test_frozen_towers_run_once_and_train_the_same_model(tmp_path, monkeypatch):
     assert calls == [0, 1, 2]
     steps_unfrozen = len(towers)  # the towers ran in training steps of the unfrozen epoch only
     every_step = _frozen_towers_run(tmp_path, monkeypatch, "every_step", lambda run, epoch: None)
-    assert 0 < steps_unfrozen < len(towers) - steps_unfrozen  # today's path runs them in every epoch
+    assert 0 < steps_unfrozen < len(towers) - steps_unfrozen  # run every step, they run in every epoch
     _same_run(cached, every_step)
 
 
@@ -4851,7 +4851,7 @@ def test_silent_jsonl_captions_may_hold_unicode_line_separators(tmp_path):
     assert load_pairs(tmp_path / "p.jsonl", "train", size=32).captions == [row["caption"]]
 
 
-# --- outputs: nothing lost, nothing mixed, checked before the work (issue 30) ---
+# --- outputs: nothing lost, nothing mixed, checked before the work ---
 
 def _no_work(monkeypatch):
     """Makes loading a model or data fail the test: what is checked must be checked before the work."""

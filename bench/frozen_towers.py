@@ -1,5 +1,5 @@
 """Frozen towers: a frozen epoch (scoring, training, validation) with the towers' outputs computed once, against
-today's path that runs the towers in every step, scoring round and validation, and an unfrozen epoch.
+the towers run in every step, scoring round and validation, and an unfrozen epoch.
 
 What it is: one process, one device. Separate random-weight towers built here, as a user's separate-towers
 recipe loads them (--image_tower/--text_tower): a DINOv2-S-like image tower (ViT-S/16: 384 wide, 12 blocks,
@@ -7,9 +7,9 @@ recipe loads them (--image_tower/--text_tower): a DINOv2-S-like image tower (ViT
 pooling), new heads to E=256; synthetic scenes at 224 px; `robustitm.train` with --filter gmm (a scoring round
 every epoch, no warm-up), towers frozen for --frozen_epochs epochs, then --unfrozen_epochs more. Run twice on the
 same data and weights: "after" (the cached tower outputs, as `train` does now) and "before" (the towers run
-every step: robustitm.tower_outputs switched off, today's path before #33; only its frozen epochs are run).
+every step: robustitm.tower_outputs switched off; only its frozen epochs are run).
 Printed: each epoch's phase seconds from log.jsonl, the one-time computation of the tower outputs, and the
-ratios: a frozen epoch before / after, and a frozen epoch / an unfrozen one (the issue's target: <= 1/8).
+ratios: a frozen epoch before / after, and a frozen epoch / an unfrozen one (target: <= 1/8).
 What it is not: a quality test (random weights), or a GPU figure.
 
 2-core CPU (about 5 minutes with the defaults):
