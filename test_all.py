@@ -3332,7 +3332,7 @@ def test_train_resize_before_crop_reaches_data_cache_and_checkpoint(tmp_path):
     assert len(list((tmp_path / "cache").glob("*.npy"))) == 2
     R.save_checkpoint(tmp_path / "m.pt", R.tiny_model(), WordTokenizer(["a"]), pre)
     assert R.load_checkpoint(tmp_path / "m.pt")[2] == pre
-    # A squashing, bilinear Preprocess (#31) the same way: load_splits, its own cache, the checkpoint.
+    # A squashing, bilinear Preprocess the same way: load_splits, its own cache, the checkpoint.
     squash = Preprocess(32, resize=40, resize_mode="squash", interpolation="bilinear")
     for cache in (None, tmp_path / "cache"):
         got = load_splits(data, ["train"], preprocess=squash, cache_dir=cache)["train"]
