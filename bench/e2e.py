@@ -11,7 +11,7 @@ share of the epoch, training pairs/s, and end-to-end pairs/s (pairs trained / th
 + B captions, the preset's loss via batch_loss, backward, AdamW from make_optimizer, bf16 autocast on CUDA,
 --compile as in the loop) on random uint8 images resident on the device (normalised in the step, as
 make_batch does) and real training captions tokenized once; median pairs/s over --steps steps after warm-up
-(CUDA events, no host sync inside the timed steps); (5) the loop / bare-step ratios against the issue's
+(CUDA events, no host sync inside the timed steps); (5) the loop / bare-step ratios against the project's
 targets, as a markdown table printed last.
 What it is not: a quality test (random weights; the split of a random model means nothing), a comparison
 with other implementations (bench/throughput.py), or a cold-disk benchmark (the PNGs and the image cache are
@@ -62,7 +62,7 @@ import throughput as T  # noqa: E402  (StepTimer, sync)
 
 PHASES = ("scoring", "split_and_batches", "training", "validation", "checkpoint")
 PLAIN_STEP_PRESETS = ("dsdmr", "clip", "vse", "clean")  # presets whose step is R.train_step's plain branch
-TARGETS = {"train": 0.90, "overhead": 0.20, "e2e": 0.70}  # the targets (>=, <=, >=)
+TARGETS = {"train": 0.90, "overhead": 0.20, "e2e": 0.70}  # the project's targets (>=, <=, >=)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -215,7 +215,7 @@ def tables(rows, bare):
     names = {"train": ("training-phase pairs/s / bare-step pairs/s", ">= 90%"),
              "overhead": ("(scoring + split_and_batches) s / training s", "<= 20%"),
              "e2e": ("end-to-end pairs/s / bare-step pairs/s", ">= 70%")}
-    lines += ["", f"Loop vs bare step ({_rate(bare['pairs_s'])} pairs/s); the issue's targets: "
+    lines += ["", f"Loop vs bare step ({_rate(bare['pairs_s'])} pairs/s); the targets: "
                   "training >= 90%, scoring + split <= 20%, end to end >= 70%", "",
               "| ratio | target | " + " | ".join(c for c, _ in cols) + " | met (all epochs) |",
               "|---|---|" + "---:|" * len(cols) + "---|"]
