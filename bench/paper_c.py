@@ -13,16 +13,16 @@ objective" there. This script builds the synthetic task's analogue of those towe
           once when missing.
   grid:   from those towers with new random heads, `clip` (the sole cross-modal objective) vs `iuccl` (its
           stages, uni-modal terms, clustered batches) vs its parts one at a time (bench/robustness.py's
-          VARIANTS: random batches, no uni-modal terms) at 0% noise, and at 20% and 40% caption-level
-          noise the same plus `dsdmr` and `all` (one warm-up epoch on all pairs: new heads give no scores
-          to split on before it); 3 seeds. Each run is bench/robustness.py's (synthetic splits of its seed,
-          epoch selected on validation rSum, test split reported), appended to
+          VARIANTS: random batches, no uni-modal terms, no stage schedule) at 0% noise, and at 20% and 40%
+          caption-level noise the same plus `dsdmr` and `all` (one warm-up epoch on all pairs: new heads give
+          no scores to split on before it); 3 seeds. Each run is bench/robustness.py's (synthetic splits of
+          its seed, epoch selected on validation rSum, test split reported), appended to
           bench/results/paper_c_runs.jsonl, so an interrupted grid resumes; bench/results/paper_c.md is
           rebuilt from every finished run.
 What it is not: fine-tuning an aligned CLIP (bench/robustness.py's question), nor a claim about real BERT/ViT.
 
     python bench/paper_c.py --build-towers   # (re)build weights/scenes_vit and weights/scenes_bert (~5 min)
-    python bench/paper_c.py --workers 2      # the grid, 48 runs (~1 h on 2 cores, estimated from single
+    python bench/paper_c.py --workers 2      # the grid, 57 runs (~70 min on 2 cores, estimated from single
                                              # runs); towers built first if missing; run again to resume
     python bench/paper_c.py --report         # rebuild bench/results/paper_c.md from the finished runs
     python bench/paper_c.py --smoke          # tiny towers, sizes and grid in a temp folder: seconds
@@ -296,7 +296,8 @@ def towers_id(vit, bert):
 # Grid: paper C's comparison from those towers
 # ------------------------------------------------------------------------------------------------------------
 
-CLEAN_METHODS = ("clip", "iuccl", "iuccl-random", "iuccl-nounimodal")  # iuccl's parts: robustness.VARIANTS
+# iuccl's parts (robustness.VARIANTS): random batches, no uni-modal terms, no stage schedule
+CLEAN_METHODS = ("clip", "iuccl", "iuccl-random", "iuccl-nounimodal", "iuccl-nostages")
 NOISY_METHODS = CLEAN_METHODS + ("dsdmr", "all")  # with a filter: one warm-up epoch before the first split
 NOISE = (0.0, 0.2, 0.4)  # caption-level
 SIZES, EPOCHS, EMBED_DIM = "2000,500,1000", 5, 64

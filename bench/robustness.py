@@ -58,7 +58,9 @@ VARIANTS = {**{f"dsdmr-{s}": dict(margin_schedule=s) for s in SCHEDULES},
             # paper C's parts one at a time: without the clustered batches, without the uni-modal terms, and
             # without the dropout its text-text view adds to a dropout-free tower
             "iuccl-random": dict(batches="random"), "iuccl-nounimodal": dict(unimodal=False),
-            "iuccl-nodropout": dict(view_dropout=0.0)}
+            "iuccl-nodropout": dict(view_dropout=0.0),
+            # paper C without its stage schedule: towers trained and batches clustered from the first epoch
+            "iuccl-nostages": dict(frozen_epochs=0, clustered_from=0)}
 # The regime of web-harvested data (CC152K is estimated at 3-20% noise): caption-level noise at these rates
 LOW_NOISE, LOW_NOISE_METHODS = (0.02, 0.05, 0.1), ("clip", "dsdmr", "mscn", "clean")
 NOISE = "0,0.2,0.4,0.6,0.8"  # the default grid's rates, both protocols; with it come the low-noise cells
@@ -278,7 +280,8 @@ def tables(summary, methods, noises, protocols):
             groups = [get(m, p, n) for p, n in cols]
             lines.append(f"| {name} | " + " | ".join(cell(g) if g else "–" for g in groups) + " |")
         lines.append("")
-    parts = [s for s in summary if s["method"] in PAPER_C_PARTS]
+    all_parts = [m for m in VARIANTS if m.startswith("iuccl-")]  # the grid's PAPER_C_PARTS and any other
+    parts = [s for s in summary if s["method"] in all_parts]
     if parts:
         cols = sorted({(s["protocol"], s["noise"]) for s in parts})
         lines += ["**Paper C's parts one at a time**: test rSum, mean ± std, and the batches' hardness (hardest "
@@ -286,7 +289,7 @@ def tables(summary, methods, noises, protocols):
                   "pairs)", "",
                   "| method | " + " | ".join(f"{'any' if n == 0 else p} {n:.0%}" for p, n in cols) + " |",
                   "|---|" + "---:|" * len(cols)]
-        for m in ("iuccl", *PAPER_C_PARTS):
+        for m in ("iuccl", *all_parts):
             if not any(get(m, p, n) for p, n in cols):
                 continue  # a part this grid did not run
             cells = []
