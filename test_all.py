@@ -4208,7 +4208,7 @@ def test_bench_paper_c_smoke_writes_runs_and_report(tmp_path, monkeypatch, capsy
     by = {r["method"]: r for r in runs}
     clusters = by["iuccl"]["clusters"]  # the means over its clustered epochs (stage 3: epoch 2)
     assert {"hardness_clustered", "hardness_random", "single_cluster_fraction"} <= set(clusters)
-    assert by["dsdmr"]["settings"] == {"warmup_epochs": 1} and "settings" not in by["clip"]
+    assert by["dsdmr"]["settings"] == {"warmup_epochs": C.WARMUP} and "settings" not in by["clip"]
     assert {r["pretrained"].split(":")[0] for r in runs} == {"scenes_vit+scenes_bert"}
     md = (tmp_path / "paper_c.md").read_text()
     assert "| clip |" in md and "| dsdmr |" in md and "| 0% | " in md and "iuccl - clip" in md
