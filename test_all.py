@@ -749,7 +749,8 @@ def test_model_open_clip_config_is_the_architecture(tmp_path):
     bare need the head width (the width cannot tell it); a config that does not describe the weights is
     refused."""
     import open_clip
-    towers = {"vision_cfg": dict(width=160, head_width=80), "text_cfg": dict(width=96, heads=2)}
+    # mlp_ratio as ViT-bigG-14's: open_clip builds int(160 * 4.9231) = 787, not 160 * 4.9231
+    towers = {"vision_cfg": dict(width=160, head_width=80, mlp_ratio=4.9231), "text_cfg": dict(width=96, heads=2)}
     _open_clip_hub_folder(tmp_path / "hub", quick_gelu=False, towers=towers)
     ref, _, transform = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'hub'}")
     ref_tok = open_clip.get_tokenizer(f"local-dir:{tmp_path / 'hub'}")
@@ -3244,7 +3245,7 @@ def test_train_resize_before_crop_reaches_data_cache_and_checkpoint(tmp_path):
     assert len(list((tmp_path / "cache").glob("*.npy"))) == 2
     R.save_checkpoint(tmp_path / "m.pt", R.tiny_model(), WordTokenizer(["a"]), pre)
     assert R.load_checkpoint(tmp_path / "m.pt")[2] == pre
-    # A squashing, bilinear Preprocess (#31) the same way: load_splits, its own cache, the checkpoint.
+    # A squashing, bilinear Preprocess the same way: load_splits, its own cache, the checkpoint.
     squash = Preprocess(32, resize=40, resize_mode="squash", interpolation="bilinear")
     for cache in (None, tmp_path / "cache"):
         got = load_splits(data, ["train"], preprocess=squash, cache_dir=cache)["train"]
@@ -4642,7 +4643,7 @@ def test_silent_jsonl_captions_may_hold_unicode_line_separators(tmp_path):
     assert load_pairs(tmp_path / "p.jsonl", "train", size=32).captions == [row["caption"]]
 
 
-# --- outputs: nothing lost, nothing mixed, checked before the work (issue 30) ---
+# --- outputs: nothing lost, nothing mixed, checked before the work ---
 
 def _no_work(monkeypatch):
     """Makes loading a model or data fail the test: what is checked must be checked before the work."""
