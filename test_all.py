@@ -743,6 +743,24 @@ def test_model_open_clip_hub_folder(tmp_path, act):
     _assert_same_as_open_clip(model, tokenizer, ref)
 
 
+def test_model_bare_state_dict_with_its_head_width_is_open_clip(tmp_path, capsys, monkeypatch):
+    """A bare state dict whose image heads are 80 wide (as ViT-H-14's) loads with the head width given
+    (load_pretrained's head_width, the CLI's --head_width) and embeds as open_clip; without it, refused."""
+    towers = {"vision_cfg": dict(width=160, head_width=80), "text_cfg": dict(width=128, heads=2)}
+    ref = _open_clip_hub_folder(tmp_path / "hub", quick_gelu=False, towers=towers)
+    (tmp_path / "bare").mkdir()
+    torch.save(ref.state_dict(), tmp_path / "bare" / "w.pt")
+    with pytest.raises(ValueError, match="the image tower is 160 wide and its head width cannot be read"):
+        R.load_pretrained(tmp_path / "bare" / "w.pt", activation="gelu", tokenizer_path=_open_clip_bpe())
+    model, tokenizer, _ = R.load_pretrained(tmp_path / "bare" / "w.pt", activation="gelu", head_width=80,
+                                            tokenizer_path=_open_clip_bpe())
+    assert (model.cfg.vision.heads, model.cfg.text.heads) == (2, 2)
+    _assert_same_as_open_clip(model, tokenizer, ref)
+    monkeypatch.delenv("ROBUSTITM_DEBUG", raising=False)
+    code, err = _cli(capsys, "eval", str(tmp_path / "bare" / "w.pt"), "--activation", "gelu")
+    assert code == 2 and "--head_width" in err and len(err.splitlines()) == 1, err
+
+
 def test_model_open_clip_config_is_the_architecture(tmp_path):
     """A hub folder whose heads are 80 wide (as ViT-H-14's) on widths that are not multiples of 64: built
     as its open_clip_config.json says, from image files and raw strings as open_clip. The same weights
