@@ -1270,6 +1270,12 @@ def test_model_sentence_transformers_6_folder(tmp_path):
                                                                               "pooling_mode": mode}))
         with pytest.raises(ValueError, match=re.escape(f"pooling {mode!r} is not supported")):
             R.load_model(image_tower=tmp_path / "vit", text_tower=tmp_path / "st", embed_dim=16)
+    # sentence-transformers' own lower-casing before the tokenizer: refused, naming the file and the setting
+    (tmp_path / "st" / "1_Pooling" / "config.json").write_text(json.dumps({**pooling, "pooling_mode": "cls"}))
+    (tmp_path / "st" / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 9,
+                                                                         "do_lower_case": True}))
+    with pytest.raises(ValueError, match=r"sentence_bert_config\.json: do_lower_case = true .* not supported"):
+        R.load_pretrained(image_tower=tmp_path / "vit", text_tower=tmp_path / "st", embed_dim=16)
 
 
 # ------------------------------------------------------------------------------------------------------------
