@@ -483,8 +483,9 @@ _JSON_VALUES = (str, int, float, bool, type(None), list, dict)
 
 def _parquet_records(path, image_key):
     """The rows of a parquet table, read a batch of rows at a time (pyarrow's iter_batches: a row group at
-    most, never the whole file) -> yields ("row k", row dict); values JSON cannot hold (dates, decimals, bytes) as text, so that --export_clean
-    writes every column. pyarrow is imported here: it is the optional extra `parquet`."""
+    most, never the whole file) -> yields ("row k", row dict); values JSON cannot hold (dates, decimals,
+    bytes) as text, so that --export_clean writes every column. pyarrow is imported here: it is the optional
+    extra `parquet`."""
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq

@@ -14,7 +14,7 @@ setup(
     install_requires=["torch>=2.1", "numpy>=1.22", "pillow>=9.0"],
     extras_require={"parquet": ["pyarrow>=12"],
                     "test": ["pytest>=7", "scikit-learn>=1.2", "transformers>=4.40", "open_clip_torch>=2.20",
-                             "torchvision>=0.16", "sentence-transformers>=3", "pyarrow>=12"]},
+                             "torchvision>=0.16", "sentence-transformers>=6", "pyarrow>=12"]},
     entry_points={"console_scripts": ["robustitm = robustitm:cli"]},
     license="MIT",
 )

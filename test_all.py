@@ -743,13 +743,32 @@ def test_model_open_clip_hub_folder(tmp_path, act):
     _assert_same_as_open_clip(model, tokenizer, ref)
 
 
+def test_model_bare_state_dict_with_its_head_width_is_open_clip(tmp_path, capsys, monkeypatch):
+    """A bare state dict whose image heads are 80 wide (as ViT-H-14's) loads with the head width given
+    (load_pretrained's head_width, the CLI's --head_width) and embeds as open_clip; without it, refused."""
+    towers = {"vision_cfg": dict(width=160, head_width=80), "text_cfg": dict(width=128, heads=2)}
+    ref = _open_clip_hub_folder(tmp_path / "hub", quick_gelu=False, towers=towers)
+    (tmp_path / "bare").mkdir()
+    torch.save(ref.state_dict(), tmp_path / "bare" / "w.pt")
+    with pytest.raises(ValueError, match="the image tower is 160 wide and its head width cannot be read"):
+        R.load_pretrained(tmp_path / "bare" / "w.pt", activation="gelu", tokenizer_path=_open_clip_bpe())
+    model, tokenizer, _ = R.load_pretrained(tmp_path / "bare" / "w.pt", activation="gelu", head_width=80,
+                                            tokenizer_path=_open_clip_bpe())
+    assert (model.cfg.vision.heads, model.cfg.text.heads) == (2, 2)
+    _assert_same_as_open_clip(model, tokenizer, ref)
+    monkeypatch.delenv("ROBUSTITM_DEBUG", raising=False)
+    code, err = _cli(capsys, "eval", str(tmp_path / "bare" / "w.pt"), "--activation", "gelu")
+    assert code == 2 and "--head_width" in err and len(err.splitlines()) == 1, err
+
+
 def test_model_open_clip_config_is_the_architecture(tmp_path):
     """A hub folder whose heads are 80 wide (as ViT-H-14's) on widths that are not multiples of 64: built
     as its open_clip_config.json says, from image files and raw strings as open_clip. The same weights
     bare need the head width (the width cannot tell it); a config that does not describe the weights is
     refused."""
     import open_clip
-    towers = {"vision_cfg": dict(width=160, head_width=80), "text_cfg": dict(width=96, heads=2)}
+    # mlp_ratio as ViT-bigG-14's: open_clip builds int(160 * 4.9231) = 787, not 160 * 4.9231
+    towers = {"vision_cfg": dict(width=160, head_width=80, mlp_ratio=4.9231), "text_cfg": dict(width=96, heads=2)}
     _open_clip_hub_folder(tmp_path / "hub", quick_gelu=False, towers=towers)
     ref, _, transform = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'hub'}")
     ref_tok = open_clip.get_tokenizer(f"local-dir:{tmp_path / 'hub'}")
@@ -1251,6 +1270,12 @@ def test_model_sentence_transformers_6_folder(tmp_path):
                                                                               "pooling_mode": mode}))
         with pytest.raises(ValueError, match=re.escape(f"pooling {mode!r} is not supported")):
             R.load_model(image_tower=tmp_path / "vit", text_tower=tmp_path / "st", embed_dim=16)
+    # sentence-transformers' own lower-casing before the tokenizer: refused, naming the file and the setting
+    (tmp_path / "st" / "1_Pooling" / "config.json").write_text(json.dumps({**pooling, "pooling_mode": "cls"}))
+    (tmp_path / "st" / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 9,
+                                                                         "do_lower_case": True}))
+    with pytest.raises(ValueError, match=r"sentence_bert_config\.json: do_lower_case = true .* not supported"):
+        R.load_pretrained(image_tower=tmp_path / "vit", text_tower=tmp_path / "st", embed_dim=16)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -4386,12 +4411,14 @@ def test_score_and_load_read_parquet_tables_as_the_csv(stream_setup, csv_scored,
 
 def _img2dataset_folder(folder, captions, paths, per_shard=128):
     """img2dataset's output_format webdataset: {shard:05d}.tar holding per sample key.jpg, key.txt and
-    key.json (url, key, status, sizes, exif, sha256, caption), plus {shard:05d}.parquet and _stats.json."""
+    key.json (url, key, status, sizes, exif, sha256, caption), plus {shard:05d}.parquet and _stats.json.
+    -> every sample's json, in input order."""
     import hashlib
 
     import pyarrow as pa
     import pyarrow.parquet as pq
     folder.mkdir(parents=True)
+    every = []
     for s in range(-(-len(captions) // per_shard)):
         meta, members = [], []
         for k in range(s * per_shard, min(len(captions), (s + 1) * per_shard)):
@@ -4405,6 +4432,8 @@ def _img2dataset_folder(folder, captions, paths, per_shard=128):
         _tar(folder / f"{s:05d}.tar", members)
         pq.write_table(pa.Table.from_pylist(meta), folder / f"{s:05d}.parquet")
         (folder / f"{s:05d}_stats.json").write_text(json.dumps({"count": len(meta), "successes": len(meta)}))
+        every += meta
+    return every
 
 
 def test_score_reads_an_img2dataset_folder_as_its_tar_shards(stream_setup, csv_scored, tmp_path):
@@ -4415,7 +4444,7 @@ def test_score_reads_an_img2dataset_folder_as_its_tar_shards(stream_setup, csv_s
     _, ckpt, _, captions, paths = stream_setup
     want, want_kept, _ = csv_scored
     folder = tmp_path / "laion"
-    _img2dataset_folder(folder, captions, paths)
+    meta = _img2dataset_folder(folder, captions, paths)
     assert len(list(folder.glob("*.tar"))) == 3
     out = R.main(["score", ckpt, "--data", str(folder), "--workers", "2", "--output", str(tmp_path / "s.csv"),
                   "--export_clean", str(tmp_path / "clean.jsonl")])
@@ -4425,8 +4454,8 @@ def test_score_reads_an_img2dataset_folder_as_its_tar_shards(stream_setup, csv_s
     assert kept == want_kept
     lines = [json.loads(x) for x in (tmp_path / "clean.jsonl").read_text().splitlines()]
     assert [x["caption"] for x in lines] == [c for c, k in zip(captions, kept) if k]
-    assert all(x["url"].endswith(".jpg") and len(x["sha256"]) == 64 and x["original_width"] == 64
-               and x["status"] == "success" and ".tar#" in x["image"] for x in lines)
+    for x, m in zip(lines, [m for m, k in zip(meta, kept) if k]):  # every json field as written, and the place
+        assert {k: x[k] for k in m} == m and ".tar#" in x["image"], (x, m)
     assert R.main(["score", ckpt, "--data", str(tmp_path / "clean.tar"), "--workers", "0", "--output",
                    str(tmp_path / "again.csv")])["pairs"] == sum(kept)
     for tar in folder.glob("*.tar"):  # output_format parquet or files: no shards
@@ -4448,7 +4477,8 @@ def test_data_csv_separator_from_the_header_or_the_flag(stream_setup, csv_scored
     _, ckpt, _, captions, paths = stream_setup
     want, _, _ = csv_scored
     tab = tmp_path / "oc.csv"
-    tab.write_text("filepath\ttitle\n" + "".join(f"{p}\t{c}\n" for p, c in zip(paths, captions)))
+    with open(tab, "w", newline="", encoding="utf-8") as f:  # as open_clip's docs write it: csv, sep="\t"
+        csv.writer(f, delimiter="\t").writerows([("filepath", "title"), *zip(paths, captions)])
     keys = ["--image_key", "filepath", "--caption_key", "title"]
     R.main(["score", ckpt, "--data", str(tab), *keys, "--workers", "0", "--output", str(tmp_path / "s.csv")])
     np.testing.assert_allclose(_cosines(tmp_path / "s.csv")[0], want, atol=1e-5)
