@@ -826,8 +826,10 @@ def _claim(path, flag):
     kernel releases the lock of a process that dies). A second run writing the same path is refused."""
     import fcntl  # (POSIX)
     _refuse_unwritable(path, flag)
-    path = Path(path)
-    lock = path.with_name(f".{path.name}.lock")
+    path, real = Path(path), Path(os.path.realpath(path))  # one lock for every spelling: ".", "x/..", a link
+    if real.parent == real:
+        raise ValueError(f"{flag} {path}: the file system's root cannot be an output; choose a folder in it")
+    lock = real.with_name(f".{real.name}.lock")
     while True:
         fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
         try:
@@ -836,6 +838,10 @@ def _claim(path, flag):
             os.close(fd)
             raise FileExistsError(f"another run is writing {flag} {path} now (it holds {lock}); wait for "
                                   f"it to end, or choose another {flag}") from None
+        except OSError as e:  # a file system without flock (some network and FUSE mounts)
+            os.close(fd)
+            raise OSError(f"{flag} {path}: cannot lock {lock} ({e.strerror}); choose a {flag} on a local "
+                          f"file system") from None
         try:  # the lock's last holder may have removed it between our open and flock: then again
             if os.path.samestat(os.fstat(fd), os.stat(lock)):
                 break

@@ -4154,7 +4154,7 @@ def test_silent_jsonl_captions_may_hold_unicode_line_separators(tmp_path):
     assert load_pairs(tmp_path / "p.jsonl", "train", size=32).captions == [row["caption"]]
 
 
-# --- outputs: nothing lost, nothing mixed, checked before the work (issue 30) ---
+# --- outputs: nothing lost, nothing mixed, checked before the work ---
 
 def _no_work(monkeypatch):
     """Makes loading a model or data fail the test: what is checked must be checked before the work."""
@@ -4252,9 +4252,35 @@ R.main(sys.argv[3:])
 """
 
 
+def test_silent_an_output_is_one_claim_however_it_is_spelled(tmp_path, monkeypatch):
+    """`--output_dir .` is claimed (pathlib cannot name a lock beside "."), and while it is held the same
+    folder by another spelling (its full path, a link to it, x/..) is refused; the lock file goes with it."""
+    run = tmp_path / "run"
+    (run / "x").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(run)
+    monkeypatch.chdir(run)
+    with R._claim(".", "--output_dir"):
+        for other in (run, tmp_path / "link", run / "x" / ".."):
+            with pytest.raises(FileExistsError, match="another run is writing --output_dir"):
+                with R._claim(other, "--output_dir"):
+                    pass
+    assert not list(tmp_path.glob(".*"))
+    with R._claim(tmp_path / "link", "--output_dir"):  # free again
+        pass
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+    monkeypatch.setattr(fcntl, "flock", no_locks)  # a file system without flock: refused, naming the lock
+    with pytest.raises(OSError, match=r"--output_dir .*run: cannot lock .*\.run\.lock .*local file system"):
+        with R._claim(run, "--output_dir"):
+            pass
+
+
 def test_silent_two_runs_into_one_output_dir_are_refused(tmp_path, monkeypatch):
     """A second train into the output_dir of a run still loading its data is refused before it loads
-    anything (it used to pass the emptiness check and mix its files with the first run's); the first run
+    anything (an emptiness check alone would let it mix its files with the first run's); the first run
     then finishes whole. Two score runs of one --output: the same."""
     import subprocess
     import sys
@@ -4327,8 +4353,8 @@ except Exception as e:
 
 def test_silent_a_failed_checkpoint_write_says_so_and_keeps_the_previous_one(tmp_path, monkeypatch):
     """A checkpoint that cannot be written (here: a file-size limit, as a full disk) stops the run at once
-    with "could not write <path>: <reason>", leaves no temp file, and the previous last.pt still resumes.
-    (It used to surface an epoch later as torch's "enforce fail at inline_container.cc", with a temp file.)"""
+    with "could not write <path>: <reason>", leaves no temp file, and the previous last.pt still resumes
+    (not an epoch later as torch's "enforce fail at inline_container.cc", with a temp file left behind)."""
     import subprocess
     import sys
     out = tmp_path / "run"
