@@ -2040,10 +2040,11 @@ _STDLIB = sysconfig.get_paths()["stdlib"]
 
 
 def users_mistake(e) -> bool:
-    """Whether `e` was raised by our code: a ValueError or OSError whose innermost traceback frame is in one of
+    """Whether `e` was raised by our code: a ValueError, OSError or FloatingPointError (a run that diverged:
+    lower --lr or check the data) whose innermost traceback frame is in one of
     OWN_MODULES (builtins such as open() add no frame), or an OSError the standard library (pathlib, tarfile)
     raised under our call on a user's path. A ValueError from inside torch or numpy is a bug of ours."""
-    if not isinstance(e, (ValueError, OSError)):
+    if not isinstance(e, (ValueError, OSError, FloatingPointError)):
         return False
     own = {__file__} | {getattr(sys.modules.get(m), "__file__", None) for m in OWN_MODULES}
     files = [frame.f_code.co_filename for frame, _ in traceback.walk_tb(e.__traceback__)]
@@ -2062,7 +2063,7 @@ def cli(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     try:
         main(argv)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, FloatingPointError) as e:
         args = _parser().parse_args(argv)  # parsed before the command ran: cannot fail here
         if args.debug or os.environ.get("ROBUSTITM_DEBUG", "0") not in ("", "0") or not users_mistake(e):
             raise

@@ -4589,6 +4589,19 @@ def test_cli_a_users_mistake_is_one_line_and_exit_status_2(tmp_path, capsys, mon
     assert not (tmp_path / "run").exists()
 
 
+def test_cli_a_diverged_run_is_one_line(tmp_path, capsys, monkeypatch):
+    """A run whose loss becomes NaN (a learning rate too high, or bad data) is the user's to fix: one line
+    naming the last good checkpoint and --lr, exit 2; --debug keeps the traceback."""
+    monkeypatch.delenv("ROBUSTITM_DEBUG", raising=False)
+    real = R.batch_loss
+    monkeypatch.setattr(R, "batch_loss", lambda *a, **k: real(*a, **k) * float("nan"))
+    code, err = _cli(capsys, "train", "--epochs", "1", "--output_dir", str(tmp_path / "run"), *_TINY)
+    assert code == 2 and err.startswith("robustitm train: error: loss became nan") and \
+        "Lower --lr" in err and len(err.splitlines()) == 1, err
+    with pytest.raises(FloatingPointError, match="Lower --lr"):
+        R.cli(["train", "--epochs", "1", "--output_dir", str(tmp_path / "run2"), "--debug", *_TINY])
+
+
 def test_cli_a_bug_keeps_its_traceback(tmp_path, capsys, monkeypatch):
     """A ValueError raised inside numpy (here by a bad call standing in for a bug of ours) is not the user's:
     it propagates with its traceback; so does any other exception."""
