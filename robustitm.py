@@ -148,6 +148,26 @@ class SystemConfig:
     def __post_init__(self):
         _at_least(self, 0, "workers")
         _at_least(self, 1, "embed_batch_size")
+        _check_device(self.device)
+
+
+def _check_device(name):
+    """--device names a device this machine has: auto, cpu, cuda or cuda:N (N below the GPU count), mps."""
+    if name in ("auto", "cpu"):
+        return
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {name}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: torch sees no CUDA GPU on this machine; use --device cpu (or auto)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: torch sees no MPS device; use --device cpu (or auto)")
+    if device.type not in ("cuda", "mps"):
+        raise ValueError(f"--device {name}: not supported; use auto, cpu, cuda or cuda:N")
 
 
 @dataclass

@@ -4602,6 +4602,18 @@ def test_cli_a_diverged_run_is_one_line(tmp_path, capsys, monkeypatch):
         R.cli(["train", "--epochs", "1", "--output_dir", str(tmp_path / "run2"), "--debug", *_TINY])
 
 
+def test_cli_a_device_this_machine_lacks_is_one_line(tmp_path, capsys, monkeypatch):
+    """--device gpu, cuda:9 (or cuda on a machine without one) -> one line naming --device, exit 2, before any
+    work; cpu and auto run."""
+    monkeypatch.delenv("ROBUSTITM_DEBUG", raising=False)
+    for bad, said in (("gpu", "not a device"), ("cuda:9", "cuda"), ("meta", "not supported")):
+        code, err = _cli(capsys, "train", "--device", bad, "--output_dir", str(tmp_path / "run"))
+        assert code == 2 and err.startswith(f"robustitm train: error: --device {bad}: ") and said in err, err
+    assert not (tmp_path / "run").exists()
+    for good in ("cpu", "auto"):
+        assert R.SystemConfig(device=good).device == good
+
+
 def test_cli_a_bug_keeps_its_traceback(tmp_path, capsys, monkeypatch):
     """A ValueError raised inside numpy (here by a bad call standing in for a bug of ours) is not the user's:
     it propagates with its traceback; so does any other exception."""
