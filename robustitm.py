@@ -2017,6 +2017,13 @@ def _idle_flags(cfg):
     elif isinstance(cfg, TrainConfig):
         rules.append(({"text_tower", "embed_dim", "activation", "tokenizer", "allow_torchscript"},
                       "a model from scratch (no --pretrained or --image_tower)"))
+    if isinstance(cfg, TrainConfig) and cfg.filter != "mscn":
+        rules.append(({"meta_lr", "meta_fraction", "lookahead"}, f"--filter {cfg.filter}: they set MSCN's meta "
+                                                                 f"step (--filter mscn)"))
+    if isinstance(cfg, TrainConfig) and not cfg.unimodal:
+        rules.append(({"unimodal_weight", "view_dropout"}, "no --unimodal: they set paper C's uni-modal terms"))
+    if getattr(cfg, "noise_ratio", None) == 0:
+        rules.append(({"noise_protocol"}, "--noise_ratio 0: no pair is mismatched on purpose"))
     if cfg.data == "synthetic":
         rules.append(({"image_root", "cache_dir", "skip_bad_images", "skip_bad_captions", "image_key",
                        "caption_key"},

@@ -4712,7 +4712,11 @@ def test_cli_flags_the_input_makes_idle_are_refused(stream_setup, tmp_path):
             (["eval", ckpt, "--data", str(data), "--caption_key", "text"], "--caption_key .* Karpathy"),
             (["score", ckpt, "--data", str(table), "--cache_dir", "c", *out], "--cache_dir does nothing with "
                                                                               "streamed input"),
-            (["score", ckpt, "--data", shards, "--image_root", "x", *out], "--image_root does nothing with tar")):
+            (["score", ckpt, "--data", shards, "--image_root", "x", *out], "--image_root does nothing with tar"),
+            (["train", "--meta_lr", "1e-3"], "--meta_lr does nothing with --filter none: .*--filter mscn"),
+            (["train", "--preset", "dsdmr", "--lookahead", "all"], "--lookahead does nothing with --filter gmm"),
+            (["train", "--view_dropout", "0.2", "--unimodal_weight", "2"], "do nothing with no --unimodal"),
+            (["train", "--noise_protocol", "image"], "--noise_protocol does nothing with --noise_ratio 0")):
         with pytest.raises(ValueError, match=match):
             R.main([*argv, "--output_dir", str(tmp_path / "run")] if argv[0] == "train" else argv)
         assert not (tmp_path / "run").exists() and not (tmp_path / "s.csv").exists() and \
