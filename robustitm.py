@@ -974,6 +974,8 @@ def _prepare_output(cfg):
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--output_dir {out} is a file; give a folder")
     _refuse_unwritable(out, "--output_dir")
+    if cfg.noise_file and not Path(cfg.noise_file).exists():  # written by this run: its place checked now
+        _refuse_unwritable(cfg.noise_file, "--noise_file")
     _refuse_overwrite(out, cfg.overwrite or cfg.resume,
                       "pass --overwrite to write into it or --resume to continue")
     if cfg.resume:

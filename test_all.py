@@ -4614,6 +4614,16 @@ def test_cli_a_device_this_machine_lacks_is_one_line(tmp_path, capsys, monkeypat
         assert R.SystemConfig(device=good).device == good
 
 
+def test_cli_a_noise_file_to_write_in_a_missing_folder_is_refused_first(tmp_path, monkeypatch):
+    """train writes a missing --noise_file: a place it cannot write is refused before any data or model loads
+    (it failed after both)."""
+    _no_work(monkeypatch)
+    with pytest.raises(FileNotFoundError, match="--noise_file .*n.npy: the folder .*missing does not exist"):
+        R.main(["train", "--noise_ratio", "0.4", "--noise_file", str(tmp_path / "missing" / "n.npy"),
+                "--output_dir", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+
+
 def test_cli_a_bug_keeps_its_traceback(tmp_path, capsys, monkeypatch):
     """A ValueError raised inside numpy (here by a bad call standing in for a bug of ours) is not the user's:
     it propagates with its traceback; so does any other exception."""
