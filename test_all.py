@@ -4871,6 +4871,8 @@ def test_silent_nan_weights_and_a_comma_in_a_folder_name(stream_setup, tmp_path)
     assert R.tar_shards(shard) == [shard] and R.is_streamed(shard)
     assert R.main(["score", ckpt, "--data", shard, "--workers", "0", "--output", str(tmp_path / "t.csv")])[
         "pairs"] == 6
+    (folder / "t.tar").write_bytes(Path(shard).read_bytes())  # a brace pattern in that folder: its shards, not a list
+    assert R.tar_shards(f"{folder}/{{s,t}}.tar") == [shard, str(folder / "t.tar")]
 
 
 def test_silent_nan_cosines_from_finite_weights(stream_setup, tmp_path, monkeypatch):
