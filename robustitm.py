@@ -54,10 +54,10 @@ from gmm import mismatch_split
 from losses import MARGIN_SCHEDULES, dynamic_margin, info_nce, triplet_ranking_loss, unimodal_info_nce
 from meta import (HEAD_NAMES, SimilarityCorrector, meta_step, mscn_loss, purify, sample_meta_negatives,
                   split_meta_set)
-from pairs import (SPLITS, ImageSet, Pairs, augment, count_table_samples, gather_ahead, image_batch,
-                   image_name, is_streamed, iter_table_samples, iter_tar_samples, load_splits, make_noise,
-                   merge_parts, noise_file, stream_blocks, subset_pairs, synthetic_splits, table_units,
-                   tar_shards)
+from pairs import (SPLITS, ImageSet, Pairs, _add_fields, augment, count_table_samples, gather_ahead,
+                   image_batch, image_name, is_streamed, iter_table_samples, iter_tar_samples, load_splits,
+                   make_noise, merge_parts, noise_file, stream_blocks, subset_pairs, synthetic_splits,
+                   table_units, tar_shards)
 
 # Re-exported, so that `import robustitm` still reaches the model, weights and data (they live in the modules
 # named above).
@@ -1849,10 +1849,13 @@ def score_streamed(cfg, model, tokenizer, preprocess, device, rank=0, world=1, l
             w = csv.writer(files.enter_context(open(temps[0], "w", newline="", encoding="utf-8")))
             clean = files.enter_context(open(temps[1], "w", encoding="utf-8")) if cfg.export_clean else None
             w.writerow(["caption_index", "image_index", "caption", "cosine", "p_clean", "kept", "key"])
+            shard_key = _shard_keys() if len(temps) == 3 else None
             for c, line in enumerate(src):
                 cos, _, key, caption, fields_, _ = json.loads(line)
                 w.writerow([c, c, caption, f"{cos:.6f}", f"{p_clean[c]:.6f}", int(kept[c]), key])
                 if clean is not None and kept[c]:
+                    if shard_key is not None:  # the name in the kept samples' shard, where it differs
+                        fields_ = _add_fields(fields_, key=shard_key(key))
                     clean.write(json.dumps(fields_) + "\n")
             if len(temps) == 3:
                 with open(temps[2], "wb") as f:
@@ -1878,9 +1881,9 @@ def export_clean_tar(shards, places, out):
     """The kept samples of tar shards copied, every member as it was, into one new WebDataset shard written to
     the binary file `out`; `places`: the kept samples' [shard index, sample number], in input order. Returns
     how many. A second streaming pass over the shards (reading, no decoding), so memory stays bounded;
-    samples are matched by place, never by name (a shard may repeat a member name). A kept sample whose key
-    is the previous kept sample's gets "_<number>" after it, or a reader would merge the two samples."""
-    want, n, last = iter(places), 0, None
+    samples are matched by place, never by name (a shard may repeat a member name). A kept sample's key is
+    renamed where it repeats the previous kept sample's (_shard_keys), or a reader would merge the two."""
+    want, n, shard_key = iter(places), 0, _shard_keys()
     nxt = next(want, None)
     with tarfile.open(fileobj=out, mode="w") as tar:
         for _, rec, _ in iter_tar_samples(shards):
@@ -1888,13 +1891,27 @@ def export_clean_tar(shards, places, out):
                 break
             if rec is None or rec["place"] != nxt:
                 continue
-            key = rec["key"] if rec["key"] != last else f"{rec['key']}_{n}"
+            key = shard_key(rec["key"])
             for name, blob in rec["members"]:
                 info = tarfile.TarInfo(key + name[len(rec["key"]):])
                 info.size = len(blob)
                 tar.addfile(info, io.BytesIO(blob))
-            n, nxt, last = n + 1, next(want, None), rec["key"]
+            n, nxt = n + 1, next(want, None)
     return n
+
+
+def _shard_keys():
+    """-> shard_key(key): the name under which each kept sample, given in order, is written to the kept
+    samples' shard: its key, or "<key>_<number of kept samples before it>" where the previous kept sample had
+    that key. The clean JSONL gives the new name too (under "_key": "key" keeps the sample's own)."""
+    last, n = None, 0
+
+    def shard_key(key):
+        nonlocal last, n
+        name = key if key != last else f"{key}_{n}"
+        last, n = key, n + 1
+        return name
+    return shard_key
 
 
 def _report_split(cfg, kept, stats):

@@ -4491,8 +4491,13 @@ def test_silent_export_clean_of_tar_never_pairs_a_dropped_image_with_a_kept_capt
             "--output", str(tmp_path / "s.csv"), "--export_clean", str(tmp_path / "clean.jsonl")])
     kept = _kept_rows(tmp_path / "s.csv")
     assert 0 < len(kept) < len(captions)
-    got = [(r["data"], r["caption"]) for _, r, _ in R.iter_tar_samples([str(tmp_path / "clean.tar")])]
-    assert got == [(Path(paths[k]).read_bytes(), captions[k]) for k in kept]
+    shard = [r for _, r, _ in R.iter_tar_samples([str(tmp_path / "clean.tar")])]
+    assert [(r["data"], r["caption"]) for r in shard] == [(Path(paths[k]).read_bytes(), captions[k])
+                                                          for k in kept]
+    rows = [json.loads(line) for line in (tmp_path / "clean.jsonl").read_text().splitlines()]
+    assert [r["key"] for r in rows] == [f"s{k % 2}" for k in kept]  # the sample's own key, kept
+    assert [r.get("_key", r["key"]) for r in rows] == [r["key"] for r in shard]  # its name in the new shard
+    assert any("_key" in r for r in rows)  # (s0 kept twice in a row: the second is renamed)
 
 
 _SIGTERM_MID_SCORE = """
