@@ -1960,7 +1960,7 @@ def _score_set(kind, rate, seed, n=20_000):
 @pytest.mark.parametrize("rate", [0.01, 0.02, 0.05])
 def test_gmm_mismatch_split_finds_a_small_noisy_group(rate, seed):
     """CLIP-like cosines at 1-5% noise, the regime of web data: almost perfectly separable (AUC 0.999), and a
-    2-component fit's shape test (Ashman's D) refused to split them. The reference finds the group."""
+    2-component fit's shape test (Ashman's D) keeps them whole. The reference finds the group."""
     scores, reference, noisy = _score_set("clip", rate, seed)
     p, info = gmm.mismatch_split(scores, reference)
     kept = p > 0.8
@@ -2897,7 +2897,7 @@ def test_train_tokenizes_the_training_captions_once(tmp_path, monkeypatch, prese
     monkeypatch.setattr(D._Tokenizer, "__call__",
                         lambda self, texts: seen.append(len(texts)) or real(self, texts))
 
-    class PerStep:  # what training did before: the tokenizer on the batch's captions
+    class PerStep:  # the tokenizer on each batch's captions, at every step
         def __init__(self, tok, captions):
             self.tok, self.captions = tok, captions
 
