@@ -1050,6 +1050,9 @@ def tar_shards(data: str):
         return sorted(str(p) for p in Path(data).iterdir() if TAR_NAME.search(p.name) and p.is_file()) or None
     paths = [data] if os.path.isfile(data) else [  # a file is itself, commas or braces in its name or not
         p for part in _split_top(data, ",") for p in expand_braces(part.strip()) if part.strip()]
+    if "," in data and not all(os.path.isfile(p) for p in paths):  # a comma in a folder name, in a pattern
+        whole = expand_braces(data)
+        paths = whole if whole and all(os.path.isfile(p) for p in whole) else paths
     if not paths or not all(TAR_NAME.search(p) for p in paths):
         return None
     missing = [p for p in paths if not os.path.isfile(p)]

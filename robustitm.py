@@ -56,10 +56,10 @@ from gmm import mismatch_split
 from losses import MARGIN_SCHEDULES, dynamic_margin, info_nce, triplet_ranking_loss, unimodal_info_nce
 from meta import (HEAD_NAMES, SimilarityCorrector, meta_step, mscn_loss, purify, sample_meta_negatives,
                   split_meta_set)
-from pairs import (SPLITS, ImageSet, Pairs, augment, count_table_samples, gather_ahead, image_batch,
-                   image_name, is_delimited_table, is_streamed, iter_table_samples, iter_tar_samples,
-                   load_splits, make_noise, merge_parts, noise_file, separator_char, separator_note,
-                   stream_blocks, subset_pairs, synthetic_splits, table_units, tar_shards)
+from pairs import (SPLITS, ImageSet, Pairs, _add_fields, augment, count_table_samples, gather_ahead,
+                   image_batch, image_name, is_delimited_table, is_streamed, iter_table_samples,
+                   iter_tar_samples, load_splits, make_noise, merge_parts, noise_file, separator_char,
+                   separator_note, stream_blocks, subset_pairs, synthetic_splits, table_units, tar_shards)
 
 # Re-exported, so that `import robustitm` still reaches the model, weights and data (they live in the modules
 # named above).
@@ -156,6 +156,26 @@ class SystemConfig:
     def __post_init__(self):
         _at_least(self, 0, "workers")
         _at_least(self, 1, "embed_batch_size")
+        _check_device(self.device)
+
+
+def _check_device(name):
+    """--device names a device this machine has: auto, cpu, cuda or cuda:N (N below the GPU count), mps."""
+    if name in ("auto", "cpu"):
+        return
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {name}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: torch sees no CUDA GPU on this machine; use --device cpu (or auto)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: torch sees no MPS device; use --device cpu (or auto)")
+    if device.type not in ("cuda", "mps"):
+        raise ValueError(f"--device {name}: not supported; use auto, cpu, cuda or cuda:N")
 
 
 @dataclass
@@ -855,8 +875,10 @@ def _claim(path, flag):
     kernel releases the lock of a process that dies). A second run writing the same path is refused."""
     import fcntl  # (POSIX)
     _refuse_unwritable(path, flag)
-    path = Path(path)
-    lock = path.with_name(f".{path.name}.lock")
+    path, real = Path(path), Path(os.path.realpath(path))  # one lock for every spelling: ".", "x/..", a link
+    if real.parent == real:
+        raise ValueError(f"{flag} {path}: the file system's root cannot be an output; choose a folder in it")
+    lock = real.with_name(f".{real.name}.lock")
     while True:
         fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
         try:
@@ -865,6 +887,10 @@ def _claim(path, flag):
             os.close(fd)
             raise FileExistsError(f"another run is writing {flag} {path} now (it holds {lock}); wait for "
                                   f"it to end, or choose another {flag}") from None
+        except OSError as e:  # a file system without flock (some network and FUSE mounts)
+            os.close(fd)
+            raise OSError(f"{flag} {path}: cannot lock {lock} ({e.strerror}); choose a {flag} on a local "
+                          f"file system") from None
         try:  # the lock's last holder may have removed it between our open and flock: then again
             if os.path.samestat(os.fstat(fd), os.stat(lock)):
                 break
@@ -977,6 +1003,8 @@ def _prepare_output(cfg):
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--output_dir {out} is a file; give a folder")
     _refuse_unwritable(out, "--output_dir")
+    if cfg.noise_file and not Path(cfg.noise_file).exists():  # written by this run: its place checked now
+        _refuse_unwritable(cfg.noise_file, "--noise_file")
     _refuse_overwrite(out, cfg.overwrite or cfg.resume,
                       "pass --overwrite to write into it or --resume to continue")
     if cfg.resume:
@@ -1937,10 +1965,13 @@ def score_streamed(cfg, model, tokenizer, preprocess, device, rank=0, world=1, l
             w = csv.writer(files.enter_context(open(temps[0], "w", newline="", encoding="utf-8")))
             clean = files.enter_context(open(temps[1], "w", encoding="utf-8")) if cfg.export_clean else None
             w.writerow(["caption_index", "image_index", "caption", "cosine", "p_clean", "kept", "key"])
+            shard_key = _shard_keys() if len(temps) == 3 else None
             for c, line in enumerate(src):
                 cos, _, key, caption, fields_, _ = json.loads(line)
                 w.writerow([c, c, caption, f"{cos:.6f}", f"{p_clean[c]:.6f}", int(kept[c]), key])
                 if clean is not None and kept[c]:
+                    if shard_key is not None:  # the name in the kept samples' shard, where it differs
+                        fields_ = _add_fields(fields_, key=shard_key(key))
                     clean.write(json.dumps(fields_) + "\n")
             if len(temps) == 3:
                 with open(temps[2], "wb") as f:
@@ -1966,9 +1997,9 @@ def export_clean_tar(shards, places, out):
     """The kept samples of tar shards copied, every member as it was, into one new WebDataset shard written to
     the binary file `out`; `places`: the kept samples' [shard index, sample number], in input order. Returns
     how many. A second streaming pass over the shards (reading, no decoding), so memory stays bounded;
-    samples are matched by place, never by name (a shard may repeat a member name). A kept sample whose key
-    is the previous kept sample's gets "_<number>" after it, or a reader would merge the two samples."""
-    want, n, last = iter(places), 0, None
+    samples are matched by place, never by name (a shard may repeat a member name). A kept sample's key is
+    renamed where it repeats the previous kept sample's (_shard_keys), or a reader would merge the two."""
+    want, n, shard_key = iter(places), 0, _shard_keys()
     nxt = next(want, None)
     with tarfile.open(fileobj=out, mode="w") as tar:
         for _, rec, _ in iter_tar_samples(shards):
@@ -1976,13 +2007,27 @@ def export_clean_tar(shards, places, out):
                 break
             if rec is None or rec["place"] != nxt:
                 continue
-            key = rec["key"] if rec["key"] != last else f"{rec['key']}_{n}"
+            key = shard_key(rec["key"])
             for name, blob in rec["members"]:
                 info = tarfile.TarInfo(key + name[len(rec["key"]):])
                 info.size = len(blob)
                 tar.addfile(info, io.BytesIO(blob))
-            n, nxt, last = n + 1, next(want, None), rec["key"]
+            n, nxt = n + 1, next(want, None)
     return n
+
+
+def _shard_keys():
+    """-> shard_key(key): the name under which each kept sample, given in order, is written to the kept
+    samples' shard: its key, or "<key>_<number of kept samples before it>" where the previous kept sample had
+    that key. The clean JSONL gives the new name too (under "_key": "key" keeps the sample's own)."""
+    last, n = None, 0
+
+    def shard_key(key):
+        nonlocal last, n
+        name = key if key != last else f"{key}_{n}"
+        last, n = key, n + 1
+        return name
+    return shard_key
 
 
 def _report_split(cfg, kept, stats):
@@ -2111,6 +2156,13 @@ def _idle_flags(cfg):
     elif isinstance(cfg, TrainConfig):
         rules.append(({"text_tower", "embed_dim", "activation", "tokenizer", "allow_torchscript",
                        "head_width"}, "a model from scratch (no --pretrained or --image_tower)"))
+    if isinstance(cfg, TrainConfig) and cfg.filter != "mscn":
+        rules.append(({"meta_lr", "meta_fraction", "lookahead"}, f"--filter {cfg.filter}: they set MSCN's meta "
+                                                                 f"step (--filter mscn)"))
+    if isinstance(cfg, TrainConfig) and not cfg.unimodal:
+        rules.append(({"unimodal_weight", "view_dropout"}, "no --unimodal: they set paper C's uni-modal terms"))
+    if getattr(cfg, "noise_ratio", None) == 0:
+        rules.append(({"noise_protocol"}, "--noise_ratio 0: no pair is mismatched on purpose"))
     if cfg.data == "synthetic":
         rules.append(({"image_root", "cache_dir", "skip_bad_images", "skip_bad_captions", "image_key",
                        "caption_key"},
@@ -2156,10 +2208,11 @@ _STDLIB = sysconfig.get_paths()["stdlib"]
 
 
 def users_mistake(e) -> bool:
-    """Whether `e` was raised by our code: a ValueError or OSError whose innermost traceback frame is in one of
+    """Whether `e` was raised by our code: a ValueError, OSError or FloatingPointError (a run that diverged:
+    lower --lr or check the data) whose innermost traceback frame is in one of
     OWN_MODULES (builtins such as open() add no frame), or an OSError the standard library (pathlib, tarfile)
     raised under our call on a user's path. A ValueError from inside torch or numpy is a bug of ours."""
-    if not isinstance(e, (ValueError, OSError)):
+    if not isinstance(e, (ValueError, OSError, FloatingPointError)):
         return False
     own = {__file__} | {getattr(sys.modules.get(m), "__file__", None) for m in OWN_MODULES}
     files = [frame.f_code.co_filename for frame, _ in traceback.walk_tb(e.__traceback__)]
@@ -2178,7 +2231,7 @@ def cli(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     try:
         main(argv)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, FloatingPointError) as e:
         args = _parser().parse_args(argv)  # parsed before the command ran: cannot fail here
         if args.debug or os.environ.get("ROBUSTITM_DEBUG", "0") not in ("", "0") or not users_mistake(e):
             raise

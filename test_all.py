@@ -2297,7 +2297,7 @@ def _score_set(kind, rate, seed, n=20_000):
 @pytest.mark.parametrize("rate", [0.01, 0.02, 0.05])
 def test_gmm_mismatch_split_finds_a_small_noisy_group(rate, seed):
     """CLIP-like cosines at 1-5% noise, the regime of web data: almost perfectly separable (AUC 0.999), and a
-    2-component fit's shape test (Ashman's D) refused to split them. The reference finds the group."""
+    2-component fit's shape test (Ashman's D) keeps them whole. The reference finds the group."""
     scores, reference, noisy = _score_set("clip", rate, seed)
     p, info = gmm.mismatch_split(scores, reference)
     kept = p > 0.8
@@ -3322,7 +3322,7 @@ def test_train_tokenizes_the_training_captions_once(tmp_path, monkeypatch, prese
     monkeypatch.setattr(D._Tokenizer, "__call__",
                         lambda self, texts: seen.append(len(texts)) or real(self, texts))
 
-    class PerStep:  # what training did before: the tokenizer on the batch's captions
+    class PerStep:  # the tokenizer on each batch's captions, at every step
         def __init__(self, tok, captions):
             self.tok, self.captions = tok, captions
 
@@ -4979,9 +4979,35 @@ R.main(sys.argv[3:])
 """
 
 
+def test_silent_an_output_is_one_claim_however_it_is_spelled(tmp_path, monkeypatch):
+    """`--output_dir .` is claimed (pathlib cannot name a lock beside "."), and while it is held the same
+    folder by another spelling (its full path, a link to it, x/..) is refused; the lock file goes with it."""
+    run = tmp_path / "run"
+    (run / "x").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(run)
+    monkeypatch.chdir(run)
+    with R._claim(".", "--output_dir"):
+        for other in (run, tmp_path / "link", run / "x" / ".."):
+            with pytest.raises(FileExistsError, match="another run is writing --output_dir"):
+                with R._claim(other, "--output_dir"):
+                    pass
+    assert not list(tmp_path.glob(".*"))
+    with R._claim(tmp_path / "link", "--output_dir"):  # free again
+        pass
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+    monkeypatch.setattr(fcntl, "flock", no_locks)  # a file system without flock: refused, naming the lock
+    with pytest.raises(OSError, match=r"--output_dir .*run: cannot lock .*\.run\.lock .*local file system"):
+        with R._claim(run, "--output_dir"):
+            pass
+
+
 def test_silent_two_runs_into_one_output_dir_are_refused(tmp_path, monkeypatch):
     """A second train into the output_dir of a run still loading its data is refused before it loads
-    anything (it used to pass the emptiness check and mix its files with the first run's); the first run
+    anything (an emptiness check alone would let it mix its files with the first run's); the first run
     then finishes whole. Two score runs of one --output: the same."""
     import subprocess
     import sys
@@ -5054,8 +5080,8 @@ except Exception as e:
 
 def test_silent_a_failed_checkpoint_write_says_so_and_keeps_the_previous_one(tmp_path, monkeypatch):
     """A checkpoint that cannot be written (here: a file-size limit, as a full disk) stops the run at once
-    with "could not write <path>: <reason>", leaves no temp file, and the previous last.pt still resumes.
-    (It used to surface an epoch later as torch's "enforce fail at inline_container.cc", with a temp file.)"""
+    with "could not write <path>: <reason>", leaves no temp file, and the previous last.pt still resumes
+    (not an epoch later as torch's "enforce fail at inline_container.cc", with a temp file left behind)."""
     import subprocess
     import sys
     out = tmp_path / "run"
@@ -5192,8 +5218,13 @@ def test_silent_export_clean_of_tar_never_pairs_a_dropped_image_with_a_kept_capt
             "--output", str(tmp_path / "s.csv"), "--export_clean", str(tmp_path / "clean.jsonl")])
     kept = _kept_rows(tmp_path / "s.csv")
     assert 0 < len(kept) < len(captions)
-    got = [(r["data"], r["caption"]) for _, r, _ in R.iter_tar_samples([str(tmp_path / "clean.tar")])]
-    assert got == [(Path(paths[k]).read_bytes(), captions[k]) for k in kept]
+    shard = [r for _, r, _ in R.iter_tar_samples([str(tmp_path / "clean.tar")])]
+    assert [(r["data"], r["caption"]) for r in shard] == [(Path(paths[k]).read_bytes(), captions[k])
+                                                          for k in kept]
+    rows = [json.loads(line) for line in (tmp_path / "clean.jsonl").read_text().splitlines()]
+    assert [r["key"] for r in rows] == [f"s{k % 2}" for k in kept]  # the sample's own key, kept
+    assert [r.get("_key", r["key"]) for r in rows] == [r["key"] for r in shard]  # its name in the new shard
+    assert any("_key" in r for r in rows)  # (s0 kept twice in a row: the second is renamed)
 
 
 _SIGTERM_MID_SCORE = """
@@ -5287,6 +5318,41 @@ def test_cli_a_users_mistake_is_one_line_and_exit_status_2(tmp_path, capsys, mon
         R.cli(["train", "--epochs", "0", "--output_dir", out])
     with pytest.raises(ValueError, match="--epochs must be >= 1"):
         R.main(["train", "--epochs", "0", "--output_dir", out])
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_a_diverged_run_is_one_line(tmp_path, capsys, monkeypatch):
+    """A run whose loss becomes NaN (a learning rate too high, or bad data) is the user's to fix: one line
+    naming the last good checkpoint and --lr, exit 2; --debug keeps the traceback."""
+    monkeypatch.delenv("ROBUSTITM_DEBUG", raising=False)
+    real = R.batch_loss
+    monkeypatch.setattr(R, "batch_loss", lambda *a, **k: real(*a, **k) * float("nan"))
+    code, err = _cli(capsys, "train", "--epochs", "1", "--output_dir", str(tmp_path / "run"), *_TINY)
+    assert code == 2 and err.startswith("robustitm train: error: loss became nan") and \
+        "Lower --lr" in err and len(err.splitlines()) == 1, err
+    with pytest.raises(FloatingPointError, match="Lower --lr"):
+        R.cli(["train", "--epochs", "1", "--output_dir", str(tmp_path / "run2"), "--debug", *_TINY])
+
+
+def test_cli_a_device_this_machine_lacks_is_one_line(tmp_path, capsys, monkeypatch):
+    """--device gpu, cuda:9 (or cuda on a machine without one) -> one line naming --device, exit 2, before any
+    work; cpu and auto run."""
+    monkeypatch.delenv("ROBUSTITM_DEBUG", raising=False)
+    for bad, said in (("gpu", "not a device"), ("cuda:9", "cuda"), ("meta", "not supported")):
+        code, err = _cli(capsys, "train", "--device", bad, "--output_dir", str(tmp_path / "run"))
+        assert code == 2 and err.startswith(f"robustitm train: error: --device {bad}: ") and said in err, err
+    assert not (tmp_path / "run").exists()
+    for good in ("cpu", "auto"):
+        assert R.SystemConfig(device=good).device == good
+
+
+def test_cli_a_noise_file_to_write_in_a_missing_folder_is_refused_first(tmp_path, monkeypatch):
+    """train writes a missing --noise_file: a place it cannot write is refused before any data or model loads
+    (it failed after both)."""
+    _no_work(monkeypatch)
+    with pytest.raises(FileNotFoundError, match="--noise_file .*n.npy: the folder .*missing does not exist"):
+        R.main(["train", "--noise_ratio", "0.4", "--noise_file", str(tmp_path / "missing" / "n.npy"),
+                "--output_dir", str(tmp_path / "run")])
     assert not (tmp_path / "run").exists()
 
 
@@ -5388,7 +5454,11 @@ def test_cli_flags_the_input_makes_idle_are_refused(stream_setup, tmp_path):
             (["eval", ckpt, "--data", str(data), "--caption_key", "text"], "--caption_key .* Karpathy"),
             (["score", ckpt, "--data", str(table), "--cache_dir", "c", *out], "--cache_dir does nothing with "
                                                                               "streamed input"),
-            (["score", ckpt, "--data", shards, "--image_root", "x", *out], "--image_root does nothing with tar")):
+            (["score", ckpt, "--data", shards, "--image_root", "x", *out], "--image_root does nothing with tar"),
+            (["train", "--meta_lr", "1e-3"], "--meta_lr does nothing with --filter none: .*--filter mscn"),
+            (["train", "--preset", "dsdmr", "--lookahead", "all"], "--lookahead does nothing with --filter gmm"),
+            (["train", "--view_dropout", "0.2", "--unimodal_weight", "2"], "do nothing with no --unimodal"),
+            (["train", "--noise_protocol", "image"], "--noise_protocol does nothing with --noise_ratio 0")):
         with pytest.raises(ValueError, match=match):
             R.main([*argv, "--output_dir", str(tmp_path / "run")] if argv[0] == "train" else argv)
         assert not (tmp_path / "run").exists() and not (tmp_path / "s.csv").exists() and \
@@ -5533,6 +5603,8 @@ def test_silent_nan_weights_and_a_comma_in_a_folder_name(stream_setup, tmp_path)
     assert R.tar_shards(shard) == [shard] and R.is_streamed(shard)
     assert R.main(["score", ckpt, "--data", shard, "--workers", "0", "--output", str(tmp_path / "t.csv")])[
         "pairs"] == 6
+    (folder / "t.tar").write_bytes(Path(shard).read_bytes())  # a brace pattern in that folder: its shards, not a list
+    assert R.tar_shards(f"{folder}/{{s,t}}.tar") == [shard, str(folder / "t.tar")]
 
 
 def test_silent_nan_cosines_from_finite_weights(stream_setup, tmp_path, monkeypatch):
