@@ -1291,7 +1291,7 @@ def _bare_heads(cfg, head_width, source):
     """Sets the heads of a state dict without a config: text heads 64 wide (OpenAI's build_model, and every
     open_clip text tower), image heads `head_width` wide, or 64 where the width says so. Widths that are not
     multiples of 64, or those of open_clip's ViT-H/g/bigG, leave the image heads unknown: refused."""
-    D, W = cfg.vision.width, cfg.text.width
+    D = cfg.vision.width
     if head_width is None and (D % 64 or D in _WIDE_HEADS):
         known = f"open_clip's ViT-H/g/bigG ({D} wide) use heads {_WIDE_HEADS[D]} wide, OpenAI's 64" \
             if D in _WIDE_HEADS else "it is not a multiple of 64"
