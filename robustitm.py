@@ -242,8 +242,9 @@ class MethodConfig:
     unimodal: bool = _opt(False, "add image-image and text-text contrastive terms (paper C)")
     margin_i2t: float = _opt(0.3, "base margin image->text (paper A: 0.3; the vse preset: VSE++'s 0.2)")
     margin_t2i: float = _opt(0.2, "base margin text->image (paper A: 0.2)")
-    margin_schedule: str = _opt("sharpened", "dynamic margin weight w(p): " + ", ".join(MARGIN_SCHEDULES),
-                                choices=list(MARGIN_SCHEDULES))
+    margin_schedule: str = _opt("auto", "dynamic margin weight w: auto (gap under --filter gmm, sharpened "
+                                "under mscn; docs/modules.md says why), " + ", ".join(MARGIN_SCHEDULES),
+                                choices=["auto", *MARGIN_SCHEDULES])
     unimodal_weight: float = _opt(1.0, "weight of each uni-modal term (image-image, text-text)")
     view_dropout: float = _opt(0.1, "with --unimodal, dropout in a text tower that has none, so that a "
                                "caption with no other kept caption gets two different dropout passes as its "
@@ -1562,10 +1563,24 @@ def batch_loss(cfg, sims, same, p_clean, stats, logit_scale, loss=None):
         return info_nce(sims, logit_scale.exp().clamp(max=100), same)
     if loss == "triplet":
         return triplet_ranking_loss(sims, cfg.margin_i2t, cfg.margin_t2i, same_image=same).mean()
-    # paper A; when nothing is split (every pair kept as clean) the margins take their full weight, w = 1
-    schedule = cfg.margin_schedule if stats.get("split", True) else "fixed"
-    w = dynamic_margin(p_clean, sims.diagonal().detach(), stats, schedule)  # (B,)
+    w = margin_weights(cfg, p_clean, sims.diagonal().detach(), stats)  # (B,)
     return triplet_ranking_loss(sims, cfg.margin_i2t * w, cfg.margin_t2i * w, same_image=same).mean()
+
+
+def margin_weights(cfg, p_clean, sims_pos, stats):
+    """Paper A's per-pair margin weights w (B,) under cfg.margin_schedule. auto: gap under --filter gmm (the
+    split's posterior is ~1 for every kept pair, so weights from it would be fixed margins in all but name;
+    the gap places each cosine between the mismatched and clean means), MSCN's sharpened corrected score
+    under mscn. When nothing is split (every pair kept as clean) the margins take their full weight, w = 1."""
+    schedule = margin_schedule(cfg) if stats.get("split", True) else "fixed"
+    return dynamic_margin(p_clean, sims_pos, stats, schedule)
+
+
+def margin_schedule(cfg):
+    """The schedule --margin_schedule names; auto: gap under --filter gmm, sharpened otherwise."""
+    if cfg.margin_schedule != "auto":
+        return cfg.margin_schedule
+    return "gap" if cfg.filter == "gmm" else "sharpened"
 
 
 def mscn_step(run, batch, lr, gen):

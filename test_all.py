@@ -3863,6 +3863,28 @@ def test_train_first_split_with_the_shipped_model(tmp_path, rate, protocol):
     assert "shuffled pairs" in split["decision"] and split["n_reference"] == 7500
 
 
+def test_paper_a_margins_shrink_for_the_doubtful_kept_pairs(tmp_path):
+    """Paper A's dynamic margin acts where the split is least sure. After train's first split at 40%
+    caption noise (shipped model), the kept mismatched pairs get clearly smaller margins than the kept clean
+    pairs, which keep nearly full ones. The split's posterior is ~1 for every kept pair, so weights from it
+    (sharpened: 0.999 clean, 0.993 mismatched) would be fixed margins in all but name."""
+    cfg = R.TrainConfig(preset="dsdmr", pretrained=str(R.SHIPPED_PRETRAINED), synthetic_sizes="1500,50,50",
+                        noise_ratio=0.4, output_dir=str(tmp_path / "run"), workers=0)
+    run = R.prepare_run(cfg, log=lambda *a, **k: None)
+    emb = R.embed_training_pairs(run)
+    R.refit_split(run, 0, emb)
+    run.logf.close()
+    kept, noisy, stats = run.state["kept"], torch.as_tensor(run.noisy), run.state["stats"]
+    w = R.margin_weights(run.cfg, run.state["p_clean"], (emb[1] * emb[2]).sum(1).float().cpu(), stats)
+    clean_w, noisy_w = w[kept & ~noisy].mean().item(), w[kept & noisy].mean().item()
+    assert stats["split"] and (kept & noisy).sum() >= 10, stats
+    assert clean_w >= 0.95 and clean_w - noisy_w >= 0.05, (clean_w, noisy_w)
+    # the other filters keep their own weights: MSCN's sharpened corrected score, no GMM means needed
+    mscn = R.TrainConfig(preset="mscn")
+    p = torch.tensor([0.1, 0.5, 0.9])
+    assert torch.allclose(R.margin_weights(mscn, p, None, {}), losses.dynamic_margin(p, schedule="sharpened"))
+
+
 def test_eval_and_score_commands_share_the_training_flags(tmp_path):
     """eval and score take their flags from the same config concerns as train: eval reproduces the run's own
     test metrics, score --noise_ratio pairs captions exactly as make_noise does, and the shared checks
@@ -3962,7 +3984,7 @@ def test_bench_robustness_ablation_reuses_the_default_schedule(monkeypatch):
     monkeypatch.syspath_prepend(os.path.join(os.path.dirname(R.__file__), "bench"))
     import robustness as B
     block = B.seed_block(["clip"], [0.0, 0.6], ["caption", "image"], ablation=True)
-    default = R.TrainConfig().margin_schedule
+    default = B.DEFAULT_SCHEDULE
     assert len(block) == len(set(block)) and f"dsdmr-{default}" not in {m for m, _, _ in block}
     others = [f"dsdmr-{s}" for s in B.SCHEDULES if s != default]
     assert {(m, n) for m, n, _ in block if m.startswith("dsdmr")} == {
@@ -3972,7 +3994,7 @@ def test_bench_robustness_ablation_reuses_the_default_schedule(monkeypatch):
     summary = [{**row, "method": "dsdmr", "seeds": 3, "rsum": 480.0},
                {**row, "method": "dsdmr-fixed", "seeds": 1, "rsum": 470.0}]
     md = B.tables(summary, ["dsdmr"], [0.4], ["caption"])
-    assert "| sharpened (the default: `dsdmr`) | 480.0 ± 1.0 |" in md and "| fixed | 470.0 (n=1) |" in md
+    assert "| gap (the default: `dsdmr`) | 480.0 ± 1.0 |" in md and "| fixed | 470.0 (n=1) |" in md
 
 
 def _bench_runs_file(tmp_path, extra=()):
@@ -3984,7 +4006,7 @@ def _bench_runs_file(tmp_path, extra=()):
     runs = [dict(method=m, protocol="caption", noise=n, seed=0, sizes="6000,1000,1000", epochs=5,
                  lr_decay_epochs=None, pretrained=f"{R.SHIPPED_PRETRAINED.name}:{digest}",
                  rsum=400.0 + 100 * n, i2t_r1=1.0, t2i_r1=1.0, seconds=1.0,
-                 **({"rules": "split=reference"} if m == "dsdmr" else {}))
+                 **({"rules": "split=reference,margin=gap"} if m == "dsdmr" else {}))
             for m in ("clip", "dsdmr") for n in (0.2, 0.8)]
     runs += [{**runs[0], **e} for e in extra]
     (tmp_path / "robustness_runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
@@ -4018,10 +4040,13 @@ def test_bench_robustness_runs_of_older_rules_are_rerun_and_marked(tmp_path, mon
     import subprocess
     import sys
     old = dict(method="dsdmr", noise=0.4, rules=None, rsum=470.0)
-    bench = _bench_runs_file(tmp_path, extra=[old, {**old, "noise": 0.2, "rules": "split=reference", "rsum": 425.0}])
+    bench = _bench_runs_file(tmp_path, extra=[old, {**old, "noise": 0.2, "rules": "split=reference,margin=gap",
+                                                    "rsum": 425.0}])
     monkeypatch.syspath_prepend(os.path.dirname(bench))
     import robustness as B
     assert B.rules("dsdmr-gap") == "split=reference" and B.rules("clip") is None
+    # dsdmr's runs also depend on the default margin schedule (a variant names its own)
+    assert B.rules("dsdmr") == "split=reference,margin=gap" and B.rules("clean-dsdm") is None
     # paper B's runs also depend on the corrector's lr: one recorded under another lr is run again
     lr = f"corrector_lr={R.TrainConfig().meta_lr:g}"
     assert B.rules("mscn") == f"split=reference,{lr}" and B.rules("iuccl-random") is None

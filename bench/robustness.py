@@ -50,7 +50,7 @@ import robustitm as R  # noqa: E402
 METHODS = "clip,dsdmr,mscn,iuccl,all,clean"  # clean: a reference (trains on the truly clean pairs only)
 # paper A's margin schedules (ablation rows dsdmr-<name>)
 SCHEDULES = ("sharpened", "posterior", "gap", "fixed")
-DEFAULT_SCHEDULE = R.TrainConfig().margin_schedule  # its ablation row is the dsdmr run itself
+DEFAULT_SCHEDULE = R.margin_schedule(R.TrainConfig(**R.PRESETS["dsdmr"]))  # its row is the dsdmr run itself
 # A method name <preset>-<variant> is the preset with these switches changed
 VARIANTS = {**{f"dsdmr-{s}": dict(margin_schedule=s) for s in SCHEDULES},
             # the perfect filter with paper A's loss (fixed margins: P(clean) = 1)
@@ -70,9 +70,10 @@ COST = {"mscn": 3, "all": 3, "iuccl": 2, "iuccl-nostages": 2, **{m: 2 for m in P
 # What a method's runs depend on that changed since older runs were recorded: the clean/noisy split of a
 # filter (gmm.mismatch_split, "reference"; before: a 2-component GMM gated by a bimodality test) and how paper
 # C's clusters are built ("images"; before: each image with its assigned captions), and paper B's corrector
-# learning rate (before: 1e-3). A run recorded under other rules (older runs have none) never matches, so it is
-# run again.
-RULES = {"split": "reference", "clusters": "images", "corrector_lr": f"{R.TrainConfig().meta_lr:g}"}
+# learning rate (before: 1e-3), and the margin schedule of paper A's default (before: sharpened). A run recorded
+# under other rules (older runs have none) never matches, so it is run again.
+RULES = {"split": "reference", "clusters": "images", "corrector_lr": f"{R.TrainConfig().meta_lr:g}",
+         "margin": DEFAULT_SCHEDULE}
 
 
 def rules(method):
@@ -80,7 +81,9 @@ def rules(method):
     cfg = {**R.PRESETS.get(method.split("-")[0], {}), **VARIANTS.get(method, {})}
     parts = ([f"split={RULES['split']}"] if cfg.get("filter") in ("gmm", "mscn") else []) + (
         [f"corrector_lr={RULES['corrector_lr']}"] if cfg.get("filter") == "mscn" else []) + (
-        [f"clusters={RULES['clusters']}"] if cfg.get("batches") == "clustered" else [])
+        [f"clusters={RULES['clusters']}"] if cfg.get("batches") == "clustered" else []) + (
+        [f"margin={RULES['margin']}"] if cfg.get("filter") == "gmm" and cfg.get("loss") == "dsdm"
+        and "margin_schedule" not in cfg else [])
     return ",".join(parts) or None
 
 
