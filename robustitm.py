@@ -7,9 +7,10 @@ are wrong. Three methods, each a preset over four switches (filter, loss, batche
   B. Han et al., "Noisy Correspondence Learning with Meta Similarity Correction" (MSCN), CVPR 2023 (meta.py).
   C. Zhu & Li, "Iterative Uni-modal and Cross-modal Clustered Contrastive Learning", PRMVIA 2023 (batches.py).
 This file holds the config, evaluation, the training loop (its phases in the order train() calls them), its
-checkpoints and the CLI; the model and its weights are in dual_encoder.py, the data in pairs.py. It is not a
-general training framework: one loop, one model family, the field's evaluation protocol.
-Copy this file with dual_encoder.py, pairs.py, batches.py, gmm.py, losses.py and meta.py.
+checkpoints and the CLI; the model and its weights are in dual_encoder.py (its tokenizers in
+text_tokenizers.py), the data in pairs.py. It is not a general training framework: one loop, one model
+family, the field's evaluation protocol.
+Copy this file with dual_encoder.py, text_tokenizers.py, pairs.py, batches.py, gmm.py, losses.py and meta.py.
 
     python robustitm.py demo            # synthetic scenes, no downloads, a few minutes on a laptop CPU
 
@@ -49,9 +50,8 @@ import torch.nn as nn
 
 from batches import (caption_partners, cluster_images, cluster_report, clustered_batches, pick_partners,
                      random_batches)
-from dual_encoder import (CaptionTokens, DualEncoder, Preprocess, WordTokenizer, _atomic_write,
-                          _is_robustitm_checkpoint, _tmp_next_to, checkpoint, load_checkpoint,
-                          load_pretrained, tiny_model)
+from dual_encoder import (DualEncoder, Preprocess, _atomic_write, _is_robustitm_checkpoint, _tmp_next_to,
+                          checkpoint, load_checkpoint, load_pretrained, tiny_model)
 from gmm import mismatch_split
 from losses import MARGIN_SCHEDULES, dynamic_margin, info_nce, triplet_ranking_loss, unimodal_info_nce
 from meta import (HEAD_NAMES, SimilarityCorrector, meta_step, mscn_loss, purify, sample_meta_negatives,
@@ -60,14 +60,16 @@ from pairs import (SPLITS, ImageSet, Pairs, _add_fields, augment, count_table_sa
                    image_batch, image_name, is_delimited_table, is_streamed, iter_table_samples,
                    iter_tar_samples, load_splits, make_noise, merge_parts, noise_file, separator_char,
                    separator_note, stream_blocks, subset_pairs, synthetic_splits, table_units, tar_shards)
+from text_tokenizers import CaptionTokens, WordTokenizer
 
-# Re-exported, so that `import robustitm` still reaches the model, weights and data (they live in the modules
-# named above).
-from dual_encoder import (CLIP_MEAN, CLIP_STD, ByteTokenizer, ClipTokenizer, ModelConfig,  # noqa: F401
-                          TextConfig, VisionConfig, WordPieceTokenizer, clip_split, clip_vit_b32,
-                          decode_image, export_hf, fix_text, load_model, read_safetensors, read_state_dict,
-                          save_checkpoint, write_safetensors)
+# Re-exported, so that `import robustitm` still reaches the model, weights, tokenizers and data (they live in
+# the modules named above).
+from dual_encoder import (CLIP_MEAN, CLIP_STD, ModelConfig, TextConfig, VisionConfig,  # noqa: F401
+                          clip_vit_b32, decode_image, export_hf, load_model, read_safetensors,
+                          read_state_dict, save_checkpoint, write_safetensors)
 from pairs import COLOURS, SHAPES, expand_braces, export_karpathy, load_pairs, make_scenes  # noqa: F401
+from text_tokenizers import (ByteTokenizer, ClipTokenizer, WordPieceTokenizer, clip_split,  # noqa: F401
+                             fix_text)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -2218,7 +2220,7 @@ def main(argv=None):
 
 # A ValueError or OSError raised in one of these modules is a user's mistake: a check that names the flag or
 # file and the fix, or open() and the like on a path the user gave.
-OWN_MODULES = ("robustitm", "pairs", "dual_encoder", "batches", "gmm", "losses", "meta")
+OWN_MODULES = ("robustitm", "pairs", "dual_encoder", "text_tokenizers", "batches", "gmm", "losses", "meta")
 _STDLIB = sysconfig.get_paths()["stdlib"]
 
 

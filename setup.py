@@ -9,7 +9,7 @@ setup(
     "learning).",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    py_modules=["robustitm", "dual_encoder", "pairs", "batches", "gmm", "losses", "meta"],
+    py_modules=["robustitm", "dual_encoder", "text_tokenizers", "pairs", "batches", "gmm", "losses", "meta"],
     python_requires=">=3.9",
     install_requires=["torch>=2.1", "numpy>=1.22", "pillow>=9.0"],
     extras_require={"parquet": ["pyarrow>=12"],

@@ -34,6 +34,7 @@ import losses
 import meta
 import pairs as P
 import robustitm as R
+import text_tokenizers as TT
 from dual_encoder import (ByteTokenizer, ClipTokenizer, Preprocess, WordPieceTokenizer, WordTokenizer,
                           clip_split, fix_text)
 from pairs import (COLOURS, SHAPES, ImageSet, augment, load_pairs, load_splits, make_noise, make_scenes,
@@ -2949,14 +2950,16 @@ def test_meta_bad_input_raises_value_error():
 # ------------------------------------------------------------------------------------------------------------
 
 _ROOT = Path(__file__).resolve().parent
-_PROJECT_MODULES = ("dual_encoder", "pairs", "batches", "gmm", "losses", "meta", "robustitm")
+_PROJECT_MODULES = ("text_tokenizers", "dual_encoder", "pairs", "batches", "gmm", "losses", "meta",
+                    "robustitm")
 
 
 def _declared_siblings(name):
-    """The sibling modules name.py's docstring says to copy it with ("Copy this file alone" / "with x.py")."""
+    """The sibling modules name.py's docstring says to copy it with ("Copy this file alone" / "with x.py",
+    the list ending at a colon or a full stop, over one line or several)."""
     import ast
     doc = ast.get_docstring(ast.parse((_ROOT / f"{name}.py").read_text(encoding="utf-8")))
-    said = re.search(r"Copy this file (alone|with [^:\n]+)", doc)
+    said = re.search(r"Copy this file (alone|with [^:]+?)(?::|\.\s|\.$)", doc)
     assert said, f"{name}.py's docstring does not say which siblings to copy it with"
     return [m for m in re.findall(r"(\w+)\.py", said.group(1)) if m != name]
 
@@ -2989,20 +2992,30 @@ def _in_copy(tmp_path, name, script):
 
 
 def test_copy_every_module_declares_its_siblings_and_they_suffice():
-    """The docstring's list is exactly what the module imports from the project (nothing undeclared, nothing
-    extra), for every module; the tests below then run each copy alone."""
+    """The docstring's list is exactly what the module imports from the project, directly or through the
+    modules it imports (nothing undeclared, nothing extra), for every module; the tests below then run each
+    copy alone."""
     import ast
+    direct = {}
     for name in _PROJECT_MODULES:
         tree = ast.parse((_ROOT / f"{name}.py").read_text(encoding="utf-8"))
         nodes = list(ast.walk(tree))
         imported = {a.name.split(".")[0] for n in nodes if isinstance(n, ast.Import) for a in n.names}
         imported |= {n.module.split(".")[0] for n in nodes if isinstance(n, ast.ImportFrom) and n.module}
-        assert sorted(imported & set(_PROJECT_MODULES)) == sorted(_declared_siblings(name)), name
+        direct[name] = imported & set(_PROJECT_MODULES) - {name}
+    for name in _PROJECT_MODULES:
+        needed, todo = set(), [name]
+        while todo:
+            new = direct[todo.pop()] - needed - {name}
+            needed |= new
+            todo += new
+        assert sorted(needed) == sorted(_declared_siblings(name)), name
 
 
-def test_copy_dual_encoder_alone_loads_open_clip_and_embeds_as_the_project(tmp_path):
-    """dual_encoder.py alone reads a checkpoint open_clip saved and embeds an image file and a caption exactly
-    as the project's own pipeline (load_pretrained, embed_images over the file, embed_captions) does."""
+def test_copy_dual_encoder_with_text_tokenizers_loads_open_clip_and_embeds_as_the_project(tmp_path):
+    """dual_encoder.py with text_tokenizers.py reads a checkpoint open_clip saved and embeds an image file and
+    a caption exactly as the project's own pipeline (load_pretrained, embed_images over the file,
+    embed_captions) does."""
     _open_clip_hub_folder(tmp_path / "hub", quick_gelu=True)
     path = tmp_path / "cat.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 52, 3), dtype=np.uint8)).save(path)
@@ -3041,6 +3054,23 @@ torch.save({{"images": torch.stack([p.images[i] for i in range(len(p.images))]),
     assert torch.equal(got["images"], torch.stack([p.images[i] for i in range(4)]))
     assert got["ioc"].tolist() == p.img_of_cap.tolist()
     assert got["noise"].tolist() == make_noise(p.img_of_cap, 4, 0.5, seed=3).tolist()
+
+
+def test_copy_text_tokenizers_alone_tokenizes_as_the_project(tmp_path):
+    captions = ["A red circle, left of a blue square.", "caf\u00e9 &amp; \ufb01sh", "a red square"]
+    got = _in_copy(tmp_path, "text_tokenizers", f"""
+import torch
+from text_tokenizers import ByteTokenizer, CaptionTokens, WordTokenizer, fix_text
+captions = {captions!r}
+word = WordTokenizer.build(captions)
+torch.save({{"byte": ByteTokenizer(context_length=16)(captions), "word": word(captions),
+            "tokens": CaptionTokens(word, captions)([2, 0]), "fixed": [fix_text(c) for c in captions]}}, OUT)
+""")
+    word = WordTokenizer.build(captions)
+    for key, want in (("byte", ByteTokenizer(context_length=16)(captions)), ("word", word(captions)),
+                      ("tokens", word([captions[2], captions[0]]))):
+        assert all(torch.equal(a, b) for a, b in zip(got[key], want)), key
+    assert got["fixed"] == [fix_text(c) for c in captions]
 
 
 def test_copy_gmm_alone_fits_known_parameters(tmp_path):
@@ -3318,8 +3348,8 @@ def test_train_tokenizes_the_training_captions_once(tmp_path, monkeypatch, prese
     """The training captions go through the tokenizer once per run: the steps (and paper C's second caption
     views) and every scoring round read the ids tokenized at the start; only validation (each epoch) and the
     test split (once) are tokenized again. The results equal tokenizing at every step."""
-    seen, real = [], D._Tokenizer.__call__
-    monkeypatch.setattr(D._Tokenizer, "__call__",
+    seen, real = [], TT._Tokenizer.__call__
+    monkeypatch.setattr(TT._Tokenizer, "__call__",
                         lambda self, texts: seen.append(len(texts)) or real(self, texts))
 
     class PerStep:  # the tokenizer on each batch's captions, at every step
