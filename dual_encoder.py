@@ -6,7 +6,7 @@ block family for CLIP, BERT, ViT and DINOv2 towers (`DualEncoder`, module names 
 CLIP's eval preprocessing (`Preprocess`, `CLIP_MEAN`, `CLIP_STD`, `decode_image`); readers for every
 checkpoint layout (OpenAI / open_clip state dicts, Hugging Face CLIP, BERT, ViT and DINOv2 directories,
 safetensors, robustitm checkpoints) and `export_hf` back to the Hugging Face CLIP layout.
-What it is not: no data sets, no training, no evaluation protocol (robustitm.py, pairs.py).
+What it is not: no data sets, no training, no evaluation protocol (pairs.py, robustitm.py, retrieval_eval.py).
 Copy this file with text_tokenizers.py: it imports the standard library, numpy, torch, Pillow and
 text_tokenizers.py.
 Usage: model, tokenizer, preprocess = load_pretrained("ViT-B-32.pt")  # (+ tokenizer_path=)

@@ -33,6 +33,7 @@ import gmm
 import losses
 import meta
 import pairs as P
+import retrieval_eval as EV
 import robustitm as R
 import text_tokenizers as TT
 from dual_encoder import (ByteTokenizer, ClipTokenizer, Preprocess, WordPieceTokenizer, WordTokenizer,
@@ -2951,7 +2952,7 @@ def test_meta_bad_input_raises_value_error():
 
 _ROOT = Path(__file__).resolve().parent
 _PROJECT_MODULES = ("text_tokenizers", "dual_encoder", "pairs", "batches", "gmm", "losses", "meta",
-                    "robustitm")
+                    "retrieval_eval", "robustitm")
 
 
 def _declared_siblings(name):
@@ -3071,6 +3072,26 @@ torch.save({{"byte": ByteTokenizer(context_length=16)(captions), "word": word(ca
                       ("tokens", word([captions[2], captions[0]]))):
         assert all(torch.equal(a, b) for a, b in zip(got[key], want)), key
     assert got["fixed"] == [fix_text(c) for c in captions]
+
+
+def test_copy_retrieval_eval_alone_ranks_as_the_project(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    img, cap = torch.randn(200, 8, generator=g), torch.randn(1000, 8, generator=g)
+    ioc = np.repeat(np.arange(200), 5)
+    torch.save({"img": img, "cap": cap}, tmp_path / "emb.pt")
+    got = _in_copy(tmp_path, "retrieval_eval", f"""
+import numpy as np
+import torch
+from retrieval_eval import evaluate, recall_at_k
+e = torch.load({str(tmp_path / 'emb.pt')!r})
+ioc = np.repeat(np.arange(200), 5)
+torch.save({{"full": evaluate(e["img"], e["cap"], ioc, tile_elems=5000),
+            "coco1k": evaluate(e["img"], e["cap"], ioc, protocol="coco1k", fold_size=100),
+            "dense": recall_at_k(e["img"] @ e["cap"].T, ioc)}}, OUT)
+""")
+    assert got == {"full": R.evaluate(img, cap, ioc, tile_elems=5000),
+                   "coco1k": R.evaluate(img, cap, ioc, protocol="coco1k", fold_size=100),
+                   "dense": R.recall_at_k(img @ cap.T, ioc)}
 
 
 def test_copy_gmm_alone_fits_known_parameters(tmp_path):
@@ -5545,8 +5566,9 @@ def test_silent_nan_cosines_from_finite_weights(stream_setup, tmp_path, monkeypa
     """A model with finite weights whose embeddings come out NaN: score names the model (in memory and
     streamed), train stops with a FloatingPointError at the split, as for a NaN loss."""
     _, ckpt, data, captions, paths = stream_setup
-    real = R.embed_images
-    monkeypatch.setattr(R, "embed_images", lambda *a, **k: real(*a, **k) * float("nan"))
+    real = EV.embed_images
+    for module in (EV, R):  # where embed_pairs looks it up (in memory, train), and streamed score
+        monkeypatch.setattr(module, "embed_images", lambda *a, **k: real(*a, **k) * float("nan"))
     table = tmp_path / "t.csv"
     table.write_text("image,caption\n" + "".join(f"{p},{c}\n" for p, c in zip(paths[::5][:8], captions)))
     for d in (data, table):
