@@ -10,7 +10,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     py_modules=["robustitm", "dual_encoder", "text_tokenizers", "pairs", "batches", "gmm", "losses", "meta",
-                "retrieval_eval"],
+                "retrieval_eval", "run_outputs"],
     python_requires=">=3.9",
     install_requires=["torch>=2.1", "numpy>=1.22", "pillow>=9.0"],
     extras_require={"parquet": ["pyarrow>=12"],

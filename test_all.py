@@ -35,6 +35,7 @@ import meta
 import pairs as P
 import retrieval_eval as EV
 import robustitm as R
+import run_outputs as RO
 import text_tokenizers as TT
 from dual_encoder import (ByteTokenizer, ClipTokenizer, Preprocess, WordPieceTokenizer, WordTokenizer,
                           clip_split, fix_text)
@@ -2952,7 +2953,7 @@ def test_meta_bad_input_raises_value_error():
 
 _ROOT = Path(__file__).resolve().parent
 _PROJECT_MODULES = ("text_tokenizers", "dual_encoder", "pairs", "batches", "gmm", "losses", "meta",
-                    "retrieval_eval", "robustitm")
+                    "retrieval_eval", "run_outputs", "robustitm")
 
 
 def _declared_siblings(name):
@@ -3092,6 +3093,31 @@ torch.save({{"full": evaluate(e["img"], e["cap"], ioc, tile_elems=5000),
     assert got == {"full": R.evaluate(img, cap, ioc, tile_elems=5000),
                    "coco1k": R.evaluate(img, cap, ioc, protocol="coco1k", fold_size=100),
                    "dense": R.recall_at_k(img @ cap.T, ioc)}
+
+
+def test_copy_run_outputs_with_dual_encoder_writes_claimed_outputs(tmp_path):
+    got = _in_copy(tmp_path, "run_outputs", f"""
+import torch
+from run_outputs import CheckpointWriter, _claim_output_files, _replaced_together
+out = {str(tmp_path)!r}
+writer = CheckpointWriter()
+ckpt = {{"w": torch.arange(6.0)}}
+writer.save([(out + "/last.pt", ckpt)])
+ckpt["w"] += 1  # after the snapshot: not in the file
+writer.wait()
+with _claim_output_files([("--output", out + "/s.csv")]), _replaced_together([out + "/s.csv"]) as temps:
+    open(temps[0], "w").write("a,b")
+try:
+    with _claim_output_files([("--output", out + "/s.csv")]):
+        pass
+    refused = ""
+except ValueError as e:
+    refused = str(e)
+torch.save({{"refused": refused}}, OUT)
+""")
+    assert torch.equal(torch.load(tmp_path / "last.pt", weights_only=True)["w"], torch.arange(6.0))
+    assert (tmp_path / "s.csv").read_text() == "a,b" and "s.csv exists" in got["refused"]
+    assert not list(tmp_path.glob(".*"))  # no lock or temp file left
 
 
 def test_copy_gmm_alone_fits_known_parameters(tmp_path):
@@ -3431,8 +3457,8 @@ def test_train_writes_checkpoints_behind_the_next_epoch(tmp_path, monkeypatch):
     last write before it reads best.pt, and a failed write stops the run with its error."""
     import threading
     writers = []
-    real = R._atomic_write
-    monkeypatch.setattr(R, "_atomic_write", lambda path, write: writers.append(
+    real = RO._atomic_write  # (the checkpoint writer's)
+    monkeypatch.setattr(RO, "_atomic_write", lambda path, write: writers.append(
         (Path(path).name, threading.current_thread())) or real(path, write))
     args = ["train", "--preset", "dsdmr", "--noise_ratio", "0.4", "--epochs", "2", *_TINY]
     R.main([*args, "--output_dir", str(tmp_path / "run")])
@@ -3452,7 +3478,7 @@ def test_train_writes_checkpoints_behind_the_next_epoch(tmp_path, monkeypatch):
         if Path(path).suffix == ".pt":
             raise OSError(28, "No space left on device")
         real(path, write)
-    monkeypatch.setattr(R, "_atomic_write", full_disk)
+    monkeypatch.setattr(RO, "_atomic_write", full_disk)
     with pytest.raises(OSError, match="No space left"):
         R.main([*args, "--output_dir", str(tmp_path / "full")])
 
@@ -4941,13 +4967,13 @@ def test_silent_an_output_is_one_claim_however_it_is_spelled(tmp_path, monkeypat
     (run / "x").mkdir(parents=True)
     (tmp_path / "link").symlink_to(run)
     monkeypatch.chdir(run)
-    with R._claim(".", "--output_dir"):
+    with RO._claim(".", "--output_dir"):
         for other in (run, tmp_path / "link", run / "x" / ".."):
             with pytest.raises(FileExistsError, match="another run is writing --output_dir"):
-                with R._claim(other, "--output_dir"):
+                with RO._claim(other, "--output_dir"):
                     pass
     assert not list(tmp_path.glob(".*"))
-    with R._claim(tmp_path / "link", "--output_dir"):  # free again
+    with RO._claim(tmp_path / "link", "--output_dir"):  # free again
         pass
     import errno
     import fcntl
@@ -4956,7 +4982,7 @@ def test_silent_an_output_is_one_claim_however_it_is_spelled(tmp_path, monkeypat
         raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
     monkeypatch.setattr(fcntl, "flock", no_locks)  # a file system without flock: refused, naming the lock
     with pytest.raises(OSError, match=r"--output_dir .*run: cannot lock .*\.run\.lock .*local file system"):
-        with R._claim(run, "--output_dir"):
+        with RO._claim(run, "--output_dir"):
             pass
 
 
@@ -4991,7 +5017,7 @@ def test_silent_two_runs_into_one_output_dir_are_refused(tmp_path, monkeypatch):
     table = tmp_path / "t.jsonl"
     table.write_text(json.dumps({"image": "a.png", "caption": "c"}) + "\n")
     _no_work(monkeypatch)
-    with R._claim(tmp_path / "s.csv", "--output"):  # as another score writing s.csv holds it
+    with RO._claim(tmp_path / "s.csv", "--output"):  # as another score writing s.csv holds it
         with pytest.raises(FileExistsError, match="another run is writing --output .*s.csv"):
             R.main(["score", "m.pt", "--data", str(table), "--output", str(tmp_path / "s.csv")])
 
@@ -5055,7 +5081,7 @@ def test_silent_a_failed_checkpoint_write_says_so_and_keeps_the_previous_one(tmp
 
     def fail(path, write):
         raise OSError(f"could not write {path}: No space left on device")
-    monkeypatch.setattr(R, "_atomic_write", fail)
+    monkeypatch.setattr(RO, "_atomic_write", fail)  # the checkpoint writer's
 
     def step(run, *a):
         if run.writer.thread is not None:
