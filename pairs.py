@@ -6,8 +6,8 @@ noise protocols of the field (`make_noise`, `noise_file`: caption-level as NCR, 
 memory-mapped uint8 image cache; the embedded synthetic scenes (`make_scenes`, `synthetic_splits`); and
 WebDataset tar shards and large tables read one sample at a time (`iter_tar_samples`, `stream_blocks`).
 What it is not: no model and no training (dual_encoder.py, robustitm.py).
-Copy this file with dual_encoder.py: it imports the standard library, numpy, torch, Pillow and
-dual_encoder.py (preprocessing).
+Copy this file with dual_encoder.py and text_tokenizers.py: it imports the standard library, numpy, torch,
+Pillow and dual_encoder.py (preprocessing), which imports text_tokenizers.py.
 Usage: splits = load_splits("dataset_flickr30k.json", ["train", "val", "test"], image_root="flickr30k-images")
        train = splits["train"]
        assigned = make_noise(train.img_of_cap, len(train.images), 0.4)  # (C,) the image of each caption

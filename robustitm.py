@@ -6,10 +6,13 @@ are wrong. Three methods, each a preset over four switches (filter, loss, batche
      scores splits clean from noisy pairs; a distribution-sensitive dynamic-margin ranking loss; iterated.
   B. Han et al., "Noisy Correspondence Learning with Meta Similarity Correction" (MSCN), CVPR 2023 (meta.py).
   C. Zhu & Li, "Iterative Uni-modal and Cross-modal Clustered Contrastive Learning", PRMVIA 2023 (batches.py).
-This file holds the config, evaluation, the training loop (its phases in the order train() calls them), its
-checkpoints and the CLI; the model and its weights are in dual_encoder.py, the data in pairs.py. It is not a
-general training framework: one loop, one model family, the field's evaluation protocol.
-Copy this file with dual_encoder.py, pairs.py, batches.py, gmm.py, losses.py and meta.py.
+This file holds the config, the training loop (its phases in the order train() calls them), its checkpoints
+and the CLI; the model and its weights are in dual_encoder.py (its tokenizers in text_tokenizers.py), the data
+in pairs.py, the evaluation in retrieval_eval.py, and how outputs are written (the checkpoint writer, claimed
+outputs, files replaced together) in run_outputs.py. It is not a general training framework: one loop, one
+model family, the field's evaluation protocol.
+Copy this file with dual_encoder.py, text_tokenizers.py, pairs.py, batches.py, gmm.py, losses.py, meta.py,
+retrieval_eval.py and run_outputs.py.
 
     python robustitm.py demo            # synthetic scenes, no downloads, a few minutes on a laptop CPU
 
@@ -21,22 +24,17 @@ import contextlib
 import csv
 import functools
 import gc
-import glob
 import io
 import itertools
 import json
 import math
 import os
-import re
 import shutil
-import signal
 import sys
 import sysconfig
 import tarfile
-import threading
 import time
 import traceback
-import warnings
 import zipfile
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -49,9 +47,8 @@ import torch.nn as nn
 
 from batches import (caption_partners, cluster_images, cluster_report, clustered_batches, pick_partners,
                      random_batches)
-from dual_encoder import (CaptionTokens, DualEncoder, Preprocess, WordTokenizer, _atomic_write,
-                          _is_robustitm_checkpoint, _tmp_next_to, checkpoint, load_checkpoint,
-                          load_pretrained, tiny_model)
+from dual_encoder import (DualEncoder, Preprocess, _atomic_write, _is_robustitm_checkpoint, _tmp_next_to,
+                          checkpoint, load_checkpoint, load_pretrained, tiny_model)
 from gmm import mismatch_split
 from losses import MARGIN_SCHEDULES, dynamic_margin, info_nce, triplet_ranking_loss, unimodal_info_nce
 from meta import (HEAD_NAMES, SimilarityCorrector, meta_step, mscn_loss, purify, sample_meta_negatives,
@@ -60,14 +57,22 @@ from pairs import (SPLITS, ImageSet, Pairs, _add_fields, augment, count_table_sa
                    image_batch, image_name, is_delimited_table, is_streamed, iter_table_samples,
                    iter_tar_samples, load_splits, make_noise, merge_parts, noise_file, separator_char,
                    separator_note, stream_blocks, subset_pairs, synthetic_splits, table_units, tar_shards)
+from retrieval_eval import (embed_captions, embed_images, embed_pairs, evaluate_pairs, format_metrics,
+                            gather_with_grad, pair_embedders)
+from run_outputs import (CheckpointWriter, Progress, _claim, _claim_output_files, _is_rank0,
+                         _refuse_overwrite, _refuse_unwritable, _replaced_together, _stop_on_sigterm,
+                         plot_scores)
+from text_tokenizers import CaptionTokens, WordTokenizer
 
-# Re-exported, so that `import robustitm` still reaches the model, weights and data (they live in the modules
-# named above).
-from dual_encoder import (CLIP_MEAN, CLIP_STD, ByteTokenizer, ClipTokenizer, ModelConfig,  # noqa: F401
-                          TextConfig, VisionConfig, WordPieceTokenizer, clip_split, clip_vit_b32,
-                          decode_image, export_hf, fix_text, load_model, read_safetensors, read_state_dict,
-                          save_checkpoint, write_safetensors)
+# Re-exported, so that `import robustitm` still reaches the model, weights, tokenizers, data and evaluation
+# (they live in the modules named above).
+from dual_encoder import (CLIP_MEAN, CLIP_STD, ModelConfig, TextConfig, VisionConfig,  # noqa: F401
+                          clip_vit_b32, decode_image, export_hf, load_model, read_safetensors,
+                          read_state_dict, save_checkpoint, write_safetensors)
 from pairs import COLOURS, SHAPES, expand_braces, export_karpathy, load_pairs, make_scenes  # noqa: F401
+from retrieval_eval import embed_sharded, evaluate, recall_at_k  # noqa: F401
+from text_tokenizers import (ByteTokenizer, ClipTokenizer, WordPieceTokenizer, clip_split,  # noqa: F401
+                             fix_text)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -358,317 +363,6 @@ DEMO_DEFAULTS = {"noise_ratio": 0.4, "epochs": 5, "output_dir": "runs/demo"}
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Evaluation
-# ------------------------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def embed_images(model, images, preprocess, batch_size=256, device="cpu", num_workers=0,
-                 features=False) -> torch.Tensor:
-    """(N, E) float image embeddings in eval mode, no grad, bf16 autocast on CUDA; mode restored after.
-    features: the image tower's outputs (N, D) instead, before the head."""
-    device, was_training, out = torch.device(device), model.training, []
-    model.eval()
-    for x in images.batches(batch_size, num_workers, pin_memory=device.type == "cuda"):
-        x = preprocess.normalize(x.to(device, non_blocking=True))  # (B, 3, S, S)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            out.append((model.visual.features if features else model.encode_image)(x).float())
-    model.train(was_training)
-    return torch.cat(out) if out else torch.empty(0)
-
-
-@torch.no_grad()
-def embed_captions(model, tokenizer, captions, batch_size=256, device="cpu", tokens=None,
-                   features=False) -> torch.Tensor:
-    """(C, E) float caption embeddings; captions batched by length (less padding), returned in input order.
-    `tokens`: these captions tokenized once (CaptionTokens), read instead of running `tokenizer` again.
-    features: the text tower's outputs (C, D) instead, before the head."""
-    device, was_training = torch.device(device), model.training
-    model.eval()
-    order = sorted(range(len(captions)), key=lambda c: len(captions[c]))
-    out = []
-    for i in range(0, len(order), batch_size):
-        rows = order[i:i + batch_size]
-        ids, mask = tokens(rows) if tokens is not None else tokenizer([captions[c] for c in rows])  # (B, L)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            ids, mask = ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
-            out.append((model.text_features if features else model.encode_text)(ids, mask).float())
-    model.train(was_training)
-    if not out:
-        return torch.empty(0)
-    return torch.cat(out)[torch.argsort(torch.tensor(order, device=device))]  # back to input order
-
-
-def embed_sharded(embed, n, rank=0, world=1):
-    """All n rows of an embedding, (n, E) in order, with each of `world` ranks embedding one contiguous share:
-    `embed(lo, hi)` -> (hi - lo, E) rows [lo, hi); the shares are gathered so every rank gets the whole."""
-    if world == 1 or n < world:
-        return embed(0, n)
-    bounds = [n * r // world for r in range(world + 1)]
-    return gather_with_grad(embed(bounds[rank], bounds[rank + 1]), world, np.diff(bounds).tolist())
-
-
-def pair_embedders(model, images, captions, tokenizer, preprocess, batch_size, device, workers=0, tokens=None,
-                   features=False):
-    """(images(lo, hi), captions(lo, hi)): functions embedding items lo..hi of each (embed_pairs' chunks)."""
-    return (lambda lo, hi: embed_images(model, images.subset(np.arange(lo, hi)), preprocess, batch_size, device,
-                                        workers, features),
-            lambda lo, hi: embed_captions(model, tokenizer, captions[lo:hi], batch_size, device,
-                                          None if tokens is None else tokens[lo:hi], features))
-
-
-def embed_pairs(model, images, captions, tokenizer, preprocess, batch_size, device, rank=0, world=1,
-                workers=0, tokens=None, features=False):
-    """(v (N, E), t (C, E)): every image and caption embedded (no grad, chunked), shared out across ranks;
-    image files are decoded by `workers` processes; `tokens`: the captions tokenized once (CaptionTokens);
-    features: the towers' outputs (N, D), (C, D) instead, before the heads."""
-    img, cap = pair_embedders(model, images, captions, tokenizer, preprocess, batch_size, device, workers, tokens,
-                              features)
-    return embed_sharded(img, len(images), rank, world), embed_sharded(cap, len(captions), rank, world)
-
-
-def _ranks(tile, n_img, n_cap, img_of_cap, device, tile_elems):
-    """1-based ranks (i2t (N,), t2i (C,) in input order) of the similarity matrix given as `tile(rows, cols)`,
-    a new tensor each call (it is overwritten).
-
-    i2t: 1 + #{captions not of image i scoring >= i's best true caption}; t2i: 1 + #{other images scoring >=
-    the true image}. Ties count against the true item (a collapsed model gets the worst rank), and so do
-    non-finite scores: a NaN/+Inf true pair scores -inf (never a hit), a NaN competitor +inf (always wins).
-    With the captions grouped by image, the true pairs of images r0:r1 lie in one column range: pass 1 reads
-    them from the grid tiles over that range, pass 2 counts the competitors over all tiles. Both passes
-    compute each tile with the same shape, hence the same floats: every comparison is exact.
-    """
-    ioc = torch.as_tensor(img_of_cap).cpu().numpy().astype(np.int64)  # (C,) list, numpy or tensor
-    if not 0 < len(ioc) == n_cap or not np.array_equal(np.unique(ioc), np.arange(n_img)):
-        raise ValueError(f"every image needs at least one caption to be ranked, and each caption an image "
-                         f"0..N-1 ({n_img} images, {n_cap} captions, {len(ioc)} in img_of_cap).")
-    order = np.argsort(ioc, kind="stable")  # the captions grouped by image
-    first = np.searchsorted(ioc[order], np.arange(n_img + 1)).tolist()  # image i's: first[i]:first[i + 1]
-    t = torch.from_numpy(ioc[order]).to(device)  # (C,) the image of each grouped caption
-    perm = None if (np.diff(ioc) >= 0).all() else torch.from_numpy(order).to(device)  # None: grouped
-    per = max(1, round(n_cap / n_img))
-    rb = max(1, min(n_img, int(math.sqrt(tile_elems / per))))
-    rb -= rb % 128 if rb >= 256 else 0  # BLAS is markedly faster on multiples of 128 (measured on CPU)
-    cb = rb * per  # rb images x their ~rb*per captions: about one tile per row block holds true pairs
-
-    def cut(r0, c0):  # the grid tile at (r0, c0): images r0:r0+rb x grouped captions c0:c0+cb, float32
-        return tile(slice(r0, r0 + rb), slice(c0, c0 + cb) if perm is None else perm[c0:c0 + cb]).float()
-
-    def pairs(r0, c0):  # (rows, cols) of the true pairs in tile (r0, c0)
-        a, b = max(first[r0], c0), min(first[min(r0 + rb, n_img)], c0 + cb)  # their grouped captions a:b
-        return t[a:b] - r0, torch.arange(a - c0, max(a, b) - c0, device=device)
-
-    s_true = torch.empty(n_cap, device=device)
-    for r0 in range(0, n_img, rb):  # pass 1: the true-pair scores, from the tiles over the block's captions
-        for c0 in range(first[r0] // cb * cb, first[min(r0 + rb, n_img)], cb):
-            rows, cols = pairs(r0, c0)
-            s_true[c0 + cols] = cut(r0, c0)[rows, cols]
-    s_true = s_true.nan_to_num(nan=-math.inf, posinf=-math.inf)  # a non-finite true-pair score is never a hit
-    best = torch.full((n_img,), -math.inf, device=device).scatter_reduce(0, t, s_true, "amax")  # (N,)
-    n_i2t, n_t2i = (torch.zeros(n, dtype=torch.long, device=device) for n in (n_img, n_cap))
-    for r0 in range(0, n_img, rb):  # pass 2: count the competitors at or above each true score
-        for c0 in range(0, n_cap, cb):
-            s = cut(r0, c0).nan_to_num_(nan=math.inf)  # (rb, cb) a NaN competitor wins
-            s[pairs(r0, c0)] = math.nan  # true pairs are not competitors (NaN >= x is false)
-            n_t2i[c0:c0 + cb] += torch.count_nonzero(s >= s_true[c0:c0 + cb], 0)
-            n_i2t[r0:r0 + rb] += torch.count_nonzero(s >= best[r0:r0 + rb, None], 1)
-    return (n_i2t + 1).cpu().numpy(), (n_t2i + 1).cpu().numpy()[np.argsort(order)]  # t2i in input order
-
-
-def _metrics(r_i2t, r_t2i) -> dict:
-    """Ranks -> R@1/5/10 (%), medr = floor(median rank) and meanr, as SCAN (its 0-based ranks, +1)."""
-    m = {}
-    for d, r in (("i2t", r_i2t), ("t2i", r_t2i)):
-        for k in (1, 5, 10):
-            m[f"{d}_r{k}"] = float(100 * np.mean(r <= k))
-        m[f"{d}_medr"], m[f"{d}_meanr"] = float(np.floor(np.median(r))), float(np.mean(r))
-    m["rsum"] = sum(m[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10))
-    return m
-
-
-def recall_at_k(sims, img_of_cap, tile_elems=1 << 23) -> dict:
-    """Retrieval metrics from a similarity matrix sims (N_img, N_cap), any device, captions in any order;
-    extra memory is a few tiles of about `tile_elems` entries. Keys i2t_/t2i_ r1 r5 r10 medr meanr, and rsum
-    (0-600)."""
-    sims = torch.as_tensor(sims)
-    if not bool(torch.isfinite(sims).all()):
-        bad = int((~torch.isfinite(sims)).sum())
-        warnings.warn(f"{bad} similarities are not finite (NaN/Inf): they count as misses", RuntimeWarning,
-                      stacklevel=2)
-    return _metrics(*_ranks(lambda rows, cols: sims[rows, cols].clone(), *sims.shape, img_of_cap, sims.device,
-                            tile_elems))
-
-
-def _warn_nonfinite(what, x):
-    bad = int((~torch.isfinite(x)).any(-1).sum()) if x.ndim == 2 else 0
-    if bad:
-        warnings.warn(f"{bad} of {len(x)} {what} are not finite (NaN/Inf; a diverged model?): every "
-                      f"similarity they take part in counts as a miss", RuntimeWarning, stacklevel=3)
-
-
-def evaluate(img_emb, cap_emb, img_of_cap, protocol="full", fold_size=1000, tile_elems=1 << 23,
-             score=None) -> dict:
-    """Metrics from (N, E) image and (C, E) caption embeddings without building the (N, C) matrix.
-
-    "full": one ranking over everything (Flickr30K 1K test, COCO 5K). "coco1k": N / fold_size sequential folds
-    of fold_size images and their captions; each metric averaged over folds, rsum = sum of the six averaged
-    recalls (= the mean of the per-fold rsums; not twice the i2t recalls, a bug seen in published code).
-    score(img (n, E), cap (m, E)) -> (n, m) replaces the cosine img @ cap.T (e.g. MSCN's corrector).
-    Non-finite embeddings warn; their similarities are never hits.
-    """
-    ioc = torch.as_tensor(img_of_cap).cpu().numpy().astype(np.int64)  # (C,)
-    if protocol == "full":
-        _warn_nonfinite("image embeddings", img_emb)
-        _warn_nonfinite("caption embeddings", cap_emb)
-        score = score or (lambda a, b: a @ b.T)
-        return _metrics(*_ranks(lambda rows, cols: score(img_emb[rows], cap_emb[cols]),
-                                len(img_emb), len(cap_emb), ioc, img_emb.device, tile_elems))
-    if protocol != "coco1k":
-        raise ValueError(f"protocol must be 'full' or 'coco1k', got {protocol!r}.")
-    if len(img_emb) % fold_size or len(img_emb) == 0:
-        raise ValueError(f"coco1k needs a multiple of {fold_size} images (COCO 5K test), got {len(img_emb)}.")
-    folds = []
-    for f0 in range(0, len(img_emb), fold_size):
-        c = np.flatnonzero((ioc >= f0) & (ioc < f0 + fold_size))
-        folds.append(evaluate(img_emb[f0:f0 + fold_size], cap_emb[torch.as_tensor(c, device=cap_emb.device)],
-                              ioc[c] - f0, tile_elems=tile_elems, score=score))
-    m = {k: float(np.mean([f[k] for f in folds])) for k in folds[0] if k != "rsum"}
-    m["rsum"] = sum(m[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10))
-    return m
-
-
-def format_metrics(m: dict) -> str:
-    """SCAN-style three lines: Image to text / Text to image (R@1 R@5 R@10 medr meanr) / rsum."""
-    def row(d):
-        names = (("R@1", "r1"), ("R@5", "r5"), ("R@10", "r10"), ("medr", "medr"), ("meanr", "meanr"))
-        return "  ".join(f"{n} {m[f'{d}_{k}']:.1f}" for n, k in names)
-    return f"Image to text: {row('i2t')}\nText to image: {row('t2i')}\nrsum: {m['rsum']:.1f}"
-
-
-def evaluate_pairs(model, pairs, tokenizer, preprocess, cfg, device, corrector=None, rank=0, world=1,
-                   protocol=None, strict=False, emb=None):
-    """Recall metrics of `pairs` (the field's protocol, cfg.eval_protocol unless `protocol` is given): cosine,
-    or MSCN's corrected score when a corrector is given. Under torchrun the embedding is shared out across
-    ranks; every rank gets the metrics. strict: raise FloatingPointError on non-finite embeddings (a diverged
-    model) instead of scoring them as misses. emb: the pairs' (v, t) when already embedded (frozen towers)."""
-    v, t = emb or embed_pairs(model, pairs.images, pairs.captions, tokenizer, preprocess,
-                              cfg.embed_batch_size, device, rank, world, cfg.workers)
-    if strict and not (bool(torch.isfinite(v).all()) and bool(torch.isfinite(t).all())):
-        raise FloatingPointError("non-finite embeddings")
-    # the corrector's tiles hold (rows, cols, hidden) pre-activations: 1/hidden of the cosine tile
-    hidden = 1 if corrector is None else corrector.fc1.out_features
-    with torch.no_grad():
-        return evaluate(v, t, pairs.img_of_cap, protocol=protocol or cfg.eval_protocol, score=corrector,
-                        tile_elems=(1 << 23) // hidden)
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Run outputs: checkpoints written behind training, score histograms, the progress line
-# ------------------------------------------------------------------------------------------------------------
-
-def _snapshot(x, memo):
-    """A copy of nested dicts/lists/tuples whose tensors are copied to CPU memory (each tensor once)."""
-    if isinstance(x, torch.Tensor):
-        if id(x) not in memo:
-            memo[id(x)] = x.detach().to("cpu", copy=True)
-        return memo[id(x)]
-    if isinstance(x, dict):
-        return {k: _snapshot(v, memo) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return type(x)(_snapshot(v, memo) for v in x)
-    return x
-
-
-class CheckpointWriter:
-    """Writes checkpoints behind training: `save` snapshots them into CPU memory at once (training goes on
-    changing its tensors), and a thread pickles and writes them (atomically, flushed to disk) while the next
-    epoch trains. One batch of writes in flight: the next `save` and `wait` wait for it, and raise its error.
-    The thread is not a daemon: the interpreter finishes a write before it exits."""
-
-    def __init__(self):
-        self.thread, self.error = None, None
-
-    def save(self, items):
-        """items: [(path, checkpoint dict)], written in order."""
-        self.wait()
-        memo = {}
-        items = [(path, _snapshot(ckpt, memo)) for path, ckpt in items]
-        self.thread = threading.Thread(target=self._write, args=(items,), name="checkpoint-writer")
-        self.thread.start()
-
-    def _write(self, items):
-        try:
-            for path, ckpt in items:
-                _atomic_write(path, lambda f: torch.save(ckpt, f))
-        except BaseException as e:  # raised in the training thread by the next save or wait
-            self.error = e
-
-    def check(self):
-        """Raises the error of a write that failed, without waiting for one in flight."""
-        if self.error is not None:
-            self.wait()
-
-    def wait(self):
-        if self.thread is not None:
-            self.thread.join()
-            self.thread = None
-        if self.error is not None:
-            error, self.error = self.error, None
-            raise error
-
-
-def plot_scores(path, scores, noisy, reference=None, title=""):
-    """PNG histogram of clean vs noisy pair scores, and of the mismatched reference pairs' (Pillow only)."""
-    from PIL import Image, ImageDraw
-    W, H, pad, bins = 640, 360, 40, 60
-    s = torch.as_tensor(scores, dtype=torch.float64)
-    lo, hi = float(s.min()), float(s.max()) + 1e-9
-    img = Image.new("RGB", (W, H), "white")
-    d = ImageDraw.Draw(img)
-    hists = [torch.histc(s[m], bins, lo, hi) for m in (~noisy, noisy)]
-    top = max(float(h.max()) for h in hists) or 1.0
-    bw = (W - 2 * pad) / bins
-    for h, colour in zip(hists, ((60, 140, 60), (200, 60, 60))):
-        for b, v in enumerate(h.tolist()):
-            x0 = pad + b * bw
-            d.rectangle([x0, H - pad - v / top * (H - 2 * pad), x0 + bw - 1, H - pad], outline=colour)
-    if reference is not None:  # the reference's histogram as a line, scaled to the same height
-        h = torch.histc(torch.as_tensor(reference, dtype=torch.float64), bins, lo, hi)
-        h = h / (float(h.max()) or 1.0)
-        d.line([(pad + (b + 0.5) * bw, H - pad - v * (H - 2 * pad)) for b, v in enumerate(h.tolist())],
-               fill=(30, 30, 160), width=2)
-    d.line([pad, H - pad, W - pad, H - pad], fill="black")
-    d.text((pad, 8), f"{title}  green: clean pairs, red: noisy pairs, blue line: mismatched reference",
-           fill="black")
-    d.text((pad, H - pad + 8), f"{lo:.3f}", fill="black")
-    d.text((W - pad - 40, H - pad + 8), f"{hi:.3f}", fill="black")
-    img.save(path)
-
-
-def _number(v):
-    """A float for a progress line: 4 decimals, or scientific notation for small ones (lr 5.00e-07)."""
-    return v if not isinstance(v, float) else f"{v:.4f}" if v == 0 or abs(v) >= 1e-3 else f"{v:.2e}"
-
-
-class Progress:
-    """One updating line on a terminal, plain lines otherwise."""
-
-    def __init__(self, total, desc):
-        self.total, self.desc, self.t0, self.tty = total, desc, time.time(), sys.stdout.isatty()
-
-    def update(self, done, **values):
-        rate = done / max(1e-9, time.time() - self.t0)
-        eta = (self.total - done) / max(rate, 1e-9)
-        extra = " ".join(f"{k} {_number(v)}" for k, v in values.items())
-        line = f"{self.desc} {done}/{self.total} {rate:.1f} steps/s eta {eta:.0f}s {extra}"
-        print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", flush=True)
-
-    def close(self):
-        if self.tty:
-            print()
-
-
-# ------------------------------------------------------------------------------------------------------------
 # Training
 # A run's state, train() itself, then its phases in the order train() calls them: before the first
 # epoch, each epoch (score and split, batches, train, select on val and checkpoint), after the last.
@@ -819,7 +513,8 @@ def prepare_run(cfg, splits=None, log=print, vocab_captions=None) -> Run:
 
 
 # Distributed data parallel: every rank runs the same loop on the same data and random draws, and
-# embeds its share of every batch; the loss sees the gathered global batch (wrap_model, gather_with_grad).
+# embeds its share of every batch; the loss sees the gathered global batch (wrap_model, and
+# retrieval_eval.py's gather_with_grad).
 def _distributed(cfg):
     """(rank, world size, device). Under torchrun (WORLD_SIZE > 1) joins the process group: NCCL on GPUs, gloo
     on CPUs."""
@@ -846,154 +541,12 @@ RUN_FILES = ("config.json", "noise.npy", "noise.npy.json", "log.jsonl", "best.pt
 RESUMABLE_CHANGES = {"epochs", "device", "workers", "resume", "overwrite"}
 
 
-def _refuse_overwrite(path, allowed=False, hint="choose another path (nothing is overwritten)"):
-    """The guard of every output: an existing file or non-empty folder is written into only when allowed."""
-    path = Path(path)
-    if allowed or not path.exists() or (path.is_dir() and not any(path.iterdir())):
-        return
-    raise ValueError(f"{path} {'is not empty' if path.is_dir() else 'exists'}; {hint}")
-
-
-def _refuse_unwritable(path, flag):
-    """The place of an output `path` (a file or a folder), checked before the work: not a symlink to nothing,
-    in a folder that exists and can be written in."""
-    path = Path(path)
-    if path.is_symlink() and not path.exists():
-        raise FileNotFoundError(f"{flag} {path} is a symlink to {os.readlink(path)}, which does not exist; "
-                                f"create that, or remove the link")
-    folder = path if path.is_dir() else path.parent
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{flag} {path}: the folder {folder} does not exist; create it first")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise PermissionError(f"{flag} {path}: cannot write in {folder} (read-only, or not yours); choose "
-                              f"another place")
-
-
-@contextlib.contextmanager
-def _claim(path, flag):
-    """Holds the output `path` (a run's folder, or a file) for this process until the block ends, after
-    _refuse_unwritable: an exclusive lock on the hidden file .<name>.lock beside it (removed at the end; the
-    kernel releases the lock of a process that dies). A second run writing the same path is refused."""
-    import fcntl  # (POSIX)
-    _refuse_unwritable(path, flag)
-    path, real = Path(path), Path(os.path.realpath(path))  # one lock for every spelling: ".", "x/..", a link
-    if real.parent == real:
-        raise ValueError(f"{flag} {path}: the file system's root cannot be an output; choose a folder in it")
-    lock = real.with_name(f".{real.name}.lock")
-    while True:
-        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise FileExistsError(f"another run is writing {flag} {path} now (it holds {lock}); wait for "
-                                  f"it to end, or choose another {flag}") from None
-        except OSError as e:  # a file system without flock (some network and FUSE mounts)
-            os.close(fd)
-            raise OSError(f"{flag} {path}: cannot lock {lock} ({e.strerror}); choose a {flag} on a local "
-                          f"file system") from None
-        try:  # the lock's last holder may have removed it between our open and flock: then again
-            if os.path.samestat(os.fstat(fd), os.stat(lock)):
-                break
-        except FileNotFoundError:
-            pass
-        os.close(fd)
-    try:
-        yield path
-    finally:
-        lock.unlink(missing_ok=True)
-        os.close(fd)
-
-
-def _is_rank0():
-    """Whether this process writes the outputs (rank 0 under torchrun, or the only process)."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def _claim_output_dir(cfg):
     """train's hold on output_dir for the whole run (rank 0; the folder's parents are made first)."""
     if not _is_rank0():
         return contextlib.nullcontext()
     Path(cfg.output_dir).parent.mkdir(parents=True, exist_ok=True)
     return _claim(cfg.output_dir, "--output_dir")
-
-
-@contextlib.contextmanager
-def _claim_output_files(outputs):
-    """score's and eval's hold on their output files [(flag, path)] until the block ends, each checked first:
-    a new file (not a folder) in a writable folder, no two the same file (one would replace the other)."""
-    paths = {}
-    for flag, path in outputs:
-        other = paths.setdefault(os.path.realpath(path), flag)
-        if other != flag:
-            raise ValueError(f"{other} and {flag} are the same file {path}: one would replace the other; "
-                             f"give each its own path")
-    with contextlib.ExitStack() as claims:
-        for flag, path in outputs:
-            if _is_rank0():
-                claims.enter_context(_claim(path, flag))
-                _remove_stale_temps(path)
-            if Path(path).is_dir():
-                raise IsADirectoryError(f"{flag} {path} is a folder; give the path of a file to write")
-            _refuse_unwritable(path, flag)
-            _refuse_overwrite(path)
-        yield
-
-
-def _remove_stale_temps(path):
-    """Removes the temp files beside the output `path` (_tmp_next_to's: .<name>[.<tag>].tmp<pid>) that an
-    earlier run of it left when it was killed: those of processes that are gone."""
-    path = Path(path)
-    temp = re.compile(rf"\.{re.escape(path.name)}(\.[a-z]+[0-9]*)?\.tmp([0-9]+)")
-    for tmp in path.parent.glob(f".{glob.escape(path.name)}*.tmp*"):
-        match = temp.fullmatch(tmp.name)
-        if match and not _alive(int(match[2])):
-            tmp.unlink(missing_ok=True)
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's
-        return True
-    return True
-
-
-@contextlib.contextmanager
-def _stop_on_sigterm():
-    """SIGTERM (torchrun stopping the other ranks when one fails, kill) raises SystemExit in the main thread
-    until the block ends, so that `finally` blocks remove temp files; Ctrl-C already does."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def stop(signum, frame):
-        raise SystemExit(128 + signum)
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-@contextlib.contextmanager
-def _replaced_together(paths):
-    """Temp paths beside `paths`, one each, for the block to write; when it ends without an error they are
-    flushed to disk and renamed over `paths` together. Whatever happens, no temp file is left."""
-    temps = [_tmp_next_to(path, "new") for path in paths]
-    try:
-        yield temps
-        for tmp in temps:
-            fd = os.open(tmp, os.O_RDONLY)
-            os.fsync(fd)
-            os.close(fd)
-        for path, tmp in zip(paths, temps):
-            os.replace(tmp, path)
-    finally:
-        for tmp in temps:
-            tmp.unlink(missing_ok=True)
 
 
 def _prepare_output(cfg):
@@ -1186,18 +739,6 @@ def wrap_model(model, cfg, device, world):
             find_unused_parameters=cfg.frozen_epochs > 0)  # a frozen stage: towers without gradients
         model.logit_scale.requires_grad_(True)
     return fmodel
-
-
-def gather_with_grad(x, world, sizes):
-    """Concatenate (B_local, ...) tensors of all ranks in rank order -> (B_global, ...), differentiable: each
-    rank's loss is the loss of the global batch, and DistributedDataParallel's gradient average then equals
-    the single-process gradient of that batch. `sizes`: every rank's B_local (they differ by one when the
-    global batch does not split evenly; all_gather needs equal shapes, so shares are padded and trimmed)."""
-    if world == 1:
-        return x
-    from torch.distributed.nn.functional import all_gather
-    x = torch.cat([x, x.new_zeros(max(sizes) - len(x), *x.shape[1:])])
-    return torch.cat([part[:n] for part, n in zip(all_gather(x), sizes)])
 
 
 # --- each epoch, 0: while the towers are frozen, their outputs computed once (only the heads then run) ---
@@ -2218,7 +1759,8 @@ def main(argv=None):
 
 # A ValueError or OSError raised in one of these modules is a user's mistake: a check that names the flag or
 # file and the fix, or open() and the like on a path the user gave.
-OWN_MODULES = ("robustitm", "pairs", "dual_encoder", "batches", "gmm", "losses", "meta")
+OWN_MODULES = ("robustitm", "pairs", "dual_encoder", "text_tokenizers", "batches", "gmm", "losses", "meta",
+               "retrieval_eval", "run_outputs")
 _STDLIB = sysconfig.get_paths()["stdlib"]
 
 

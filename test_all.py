@@ -33,7 +33,10 @@ import gmm
 import losses
 import meta
 import pairs as P
+import retrieval_eval as EV
 import robustitm as R
+import run_outputs as RO
+import text_tokenizers as TT
 from dual_encoder import (ByteTokenizer, ClipTokenizer, Preprocess, WordPieceTokenizer, WordTokenizer,
                           clip_split, fix_text)
 from pairs import (COLOURS, SHAPES, ImageSet, augment, load_pairs, load_splits, make_noise, make_scenes,
@@ -2949,14 +2952,16 @@ def test_meta_bad_input_raises_value_error():
 # ------------------------------------------------------------------------------------------------------------
 
 _ROOT = Path(__file__).resolve().parent
-_PROJECT_MODULES = ("dual_encoder", "pairs", "batches", "gmm", "losses", "meta", "robustitm")
+_PROJECT_MODULES = ("text_tokenizers", "dual_encoder", "pairs", "batches", "gmm", "losses", "meta",
+                    "retrieval_eval", "run_outputs", "robustitm")
 
 
 def _declared_siblings(name):
-    """The sibling modules name.py's docstring says to copy it with ("Copy this file alone" / "with x.py")."""
+    """The sibling modules name.py's docstring says to copy it with ("Copy this file alone" / "with x.py",
+    the list ending at a colon or a full stop, over one line or several)."""
     import ast
     doc = ast.get_docstring(ast.parse((_ROOT / f"{name}.py").read_text(encoding="utf-8")))
-    said = re.search(r"Copy this file (alone|with [^:\n]+)", doc)
+    said = re.search(r"Copy this file (alone|with [^:]+?)(?::|\.\s|\.$)", doc)
     assert said, f"{name}.py's docstring does not say which siblings to copy it with"
     return [m for m in re.findall(r"(\w+)\.py", said.group(1)) if m != name]
 
@@ -2989,20 +2994,30 @@ def _in_copy(tmp_path, name, script):
 
 
 def test_copy_every_module_declares_its_siblings_and_they_suffice():
-    """The docstring's list is exactly what the module imports from the project (nothing undeclared, nothing
-    extra), for every module; the tests below then run each copy alone."""
+    """The docstring's list is exactly what the module imports from the project, directly or through the
+    modules it imports (nothing undeclared, nothing extra), for every module; the tests below then run each
+    copy alone."""
     import ast
+    direct = {}
     for name in _PROJECT_MODULES:
         tree = ast.parse((_ROOT / f"{name}.py").read_text(encoding="utf-8"))
         nodes = list(ast.walk(tree))
         imported = {a.name.split(".")[0] for n in nodes if isinstance(n, ast.Import) for a in n.names}
         imported |= {n.module.split(".")[0] for n in nodes if isinstance(n, ast.ImportFrom) and n.module}
-        assert sorted(imported & set(_PROJECT_MODULES)) == sorted(_declared_siblings(name)), name
+        direct[name] = imported & set(_PROJECT_MODULES) - {name}
+    for name in _PROJECT_MODULES:
+        needed, todo = set(), [name]
+        while todo:
+            new = direct[todo.pop()] - needed - {name}
+            needed |= new
+            todo += new
+        assert sorted(needed) == sorted(_declared_siblings(name)), name
 
 
-def test_copy_dual_encoder_alone_loads_open_clip_and_embeds_as_the_project(tmp_path):
-    """dual_encoder.py alone reads a checkpoint open_clip saved and embeds an image file and a caption exactly
-    as the project's own pipeline (load_pretrained, embed_images over the file, embed_captions) does."""
+def test_copy_dual_encoder_with_text_tokenizers_loads_open_clip_and_embeds_as_the_project(tmp_path):
+    """dual_encoder.py with text_tokenizers.py reads a checkpoint open_clip saved and embeds an image file and
+    a caption exactly as the project's own pipeline (load_pretrained, embed_images over the file,
+    embed_captions) does."""
     _open_clip_hub_folder(tmp_path / "hub", quick_gelu=True)
     path = tmp_path / "cat.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 52, 3), dtype=np.uint8)).save(path)
@@ -3041,6 +3056,68 @@ torch.save({{"images": torch.stack([p.images[i] for i in range(len(p.images))]),
     assert torch.equal(got["images"], torch.stack([p.images[i] for i in range(4)]))
     assert got["ioc"].tolist() == p.img_of_cap.tolist()
     assert got["noise"].tolist() == make_noise(p.img_of_cap, 4, 0.5, seed=3).tolist()
+
+
+def test_copy_text_tokenizers_alone_tokenizes_as_the_project(tmp_path):
+    captions = ["A red circle, left of a blue square.", "caf\u00e9 &amp; \ufb01sh", "a red square"]
+    got = _in_copy(tmp_path, "text_tokenizers", f"""
+import torch
+from text_tokenizers import ByteTokenizer, CaptionTokens, WordTokenizer, fix_text
+captions = {captions!r}
+word = WordTokenizer.build(captions)
+torch.save({{"byte": ByteTokenizer(context_length=16)(captions), "word": word(captions),
+            "tokens": CaptionTokens(word, captions)([2, 0]), "fixed": [fix_text(c) for c in captions]}}, OUT)
+""")
+    word = WordTokenizer.build(captions)
+    for key, want in (("byte", ByteTokenizer(context_length=16)(captions)), ("word", word(captions)),
+                      ("tokens", word([captions[2], captions[0]]))):
+        assert all(torch.equal(a, b) for a, b in zip(got[key], want)), key
+    assert got["fixed"] == [fix_text(c) for c in captions]
+
+
+def test_copy_retrieval_eval_alone_ranks_as_the_project(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    img, cap = torch.randn(200, 8, generator=g), torch.randn(1000, 8, generator=g)
+    ioc = np.repeat(np.arange(200), 5)
+    torch.save({"img": img, "cap": cap}, tmp_path / "emb.pt")
+    got = _in_copy(tmp_path, "retrieval_eval", f"""
+import numpy as np
+import torch
+from retrieval_eval import evaluate, recall_at_k
+e = torch.load({str(tmp_path / 'emb.pt')!r})
+ioc = np.repeat(np.arange(200), 5)
+torch.save({{"full": evaluate(e["img"], e["cap"], ioc, tile_elems=5000),
+            "coco1k": evaluate(e["img"], e["cap"], ioc, protocol="coco1k", fold_size=100),
+            "dense": recall_at_k(e["img"] @ e["cap"].T, ioc)}}, OUT)
+""")
+    assert got == {"full": R.evaluate(img, cap, ioc, tile_elems=5000),
+                   "coco1k": R.evaluate(img, cap, ioc, protocol="coco1k", fold_size=100),
+                   "dense": R.recall_at_k(img @ cap.T, ioc)}
+
+
+def test_copy_run_outputs_with_dual_encoder_writes_claimed_outputs(tmp_path):
+    got = _in_copy(tmp_path, "run_outputs", f"""
+import torch
+from run_outputs import CheckpointWriter, _claim_output_files, _replaced_together
+out = {str(tmp_path)!r}
+writer = CheckpointWriter()
+ckpt = {{"w": torch.arange(6.0)}}
+writer.save([(out + "/last.pt", ckpt)])
+ckpt["w"] += 1  # after the snapshot: not in the file
+writer.wait()
+with _claim_output_files([("--output", out + "/s.csv")]), _replaced_together([out + "/s.csv"]) as temps:
+    open(temps[0], "w").write("a,b")
+try:
+    with _claim_output_files([("--output", out + "/s.csv")]):
+        pass
+    refused = ""
+except ValueError as e:
+    refused = str(e)
+torch.save({{"refused": refused}}, OUT)
+""")
+    assert torch.equal(torch.load(tmp_path / "last.pt", weights_only=True)["w"], torch.arange(6.0))
+    assert (tmp_path / "s.csv").read_text() == "a,b" and "s.csv exists" in got["refused"]
+    assert not list(tmp_path.glob(".*"))  # no lock or temp file left
 
 
 def test_copy_gmm_alone_fits_known_parameters(tmp_path):
@@ -3318,8 +3395,8 @@ def test_train_tokenizes_the_training_captions_once(tmp_path, monkeypatch, prese
     """The training captions go through the tokenizer once per run: the steps (and paper C's second caption
     views) and every scoring round read the ids tokenized at the start; only validation (each epoch) and the
     test split (once) are tokenized again. The results equal tokenizing at every step."""
-    seen, real = [], D._Tokenizer.__call__
-    monkeypatch.setattr(D._Tokenizer, "__call__",
+    seen, real = [], TT._Tokenizer.__call__
+    monkeypatch.setattr(TT._Tokenizer, "__call__",
                         lambda self, texts: seen.append(len(texts)) or real(self, texts))
 
     class PerStep:  # the tokenizer on each batch's captions, at every step
@@ -3380,8 +3457,8 @@ def test_train_writes_checkpoints_behind_the_next_epoch(tmp_path, monkeypatch):
     last write before it reads best.pt, and a failed write stops the run with its error."""
     import threading
     writers = []
-    real = R._atomic_write
-    monkeypatch.setattr(R, "_atomic_write", lambda path, write: writers.append(
+    real = RO._atomic_write  # (the checkpoint writer's)
+    monkeypatch.setattr(RO, "_atomic_write", lambda path, write: writers.append(
         (Path(path).name, threading.current_thread())) or real(path, write))
     args = ["train", "--preset", "dsdmr", "--noise_ratio", "0.4", "--epochs", "2", *_TINY]
     R.main([*args, "--output_dir", str(tmp_path / "run")])
@@ -3401,7 +3478,7 @@ def test_train_writes_checkpoints_behind_the_next_epoch(tmp_path, monkeypatch):
         if Path(path).suffix == ".pt":
             raise OSError(28, "No space left on device")
         real(path, write)
-    monkeypatch.setattr(R, "_atomic_write", full_disk)
+    monkeypatch.setattr(RO, "_atomic_write", full_disk)
     with pytest.raises(OSError, match="No space left"):
         R.main([*args, "--output_dir", str(tmp_path / "full")])
 
@@ -5011,13 +5088,13 @@ def test_silent_an_output_is_one_claim_however_it_is_spelled(tmp_path, monkeypat
     (run / "x").mkdir(parents=True)
     (tmp_path / "link").symlink_to(run)
     monkeypatch.chdir(run)
-    with R._claim(".", "--output_dir"):
+    with RO._claim(".", "--output_dir"):
         for other in (run, tmp_path / "link", run / "x" / ".."):
             with pytest.raises(FileExistsError, match="another run is writing --output_dir"):
-                with R._claim(other, "--output_dir"):
+                with RO._claim(other, "--output_dir"):
                     pass
     assert not list(tmp_path.glob(".*"))
-    with R._claim(tmp_path / "link", "--output_dir"):  # free again
+    with RO._claim(tmp_path / "link", "--output_dir"):  # free again
         pass
     import errno
     import fcntl
@@ -5026,7 +5103,7 @@ def test_silent_an_output_is_one_claim_however_it_is_spelled(tmp_path, monkeypat
         raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
     monkeypatch.setattr(fcntl, "flock", no_locks)  # a file system without flock: refused, naming the lock
     with pytest.raises(OSError, match=r"--output_dir .*run: cannot lock .*\.run\.lock .*local file system"):
-        with R._claim(run, "--output_dir"):
+        with RO._claim(run, "--output_dir"):
             pass
 
 
@@ -5061,7 +5138,7 @@ def test_silent_two_runs_into_one_output_dir_are_refused(tmp_path, monkeypatch):
     table = tmp_path / "t.jsonl"
     table.write_text(json.dumps({"image": "a.png", "caption": "c"}) + "\n")
     _no_work(monkeypatch)
-    with R._claim(tmp_path / "s.csv", "--output"):  # as another score writing s.csv holds it
+    with RO._claim(tmp_path / "s.csv", "--output"):  # as another score writing s.csv holds it
         with pytest.raises(FileExistsError, match="another run is writing --output .*s.csv"):
             R.main(["score", "m.pt", "--data", str(table), "--output", str(tmp_path / "s.csv")])
 
@@ -5125,7 +5202,7 @@ def test_silent_a_failed_checkpoint_write_says_so_and_keeps_the_previous_one(tmp
 
     def fail(path, write):
         raise OSError(f"could not write {path}: No space left on device")
-    monkeypatch.setattr(R, "_atomic_write", fail)
+    monkeypatch.setattr(RO, "_atomic_write", fail)  # the checkpoint writer's
 
     def step(run, *a):
         if run.writer.thread is not None:
@@ -5636,8 +5713,9 @@ def test_silent_nan_cosines_from_finite_weights(stream_setup, tmp_path, monkeypa
     """A model with finite weights whose embeddings come out NaN: score names the model (in memory and
     streamed), train stops with a FloatingPointError at the split, as for a NaN loss."""
     _, ckpt, data, captions, paths = stream_setup
-    real = R.embed_images
-    monkeypatch.setattr(R, "embed_images", lambda *a, **k: real(*a, **k) * float("nan"))
+    real = EV.embed_images
+    for module in (EV, R):  # where embed_pairs looks it up (in memory, train), and streamed score
+        monkeypatch.setattr(module, "embed_images", lambda *a, **k: real(*a, **k) * float("nan"))
     table = tmp_path / "t.csv"
     table.write_text("image,caption\n" + "".join(f"{p},{c}\n" for p, c in zip(paths[::5][:8], captions)))
     for d in (data, table):
