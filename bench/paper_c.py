@@ -357,7 +357,7 @@ def report(rows, args, source_id, runs_path, argv):
     Path(args.out, "paper_c.md").write_text(
         f"# Paper C in its own setting: separately pretrained towers, new heads\n\n{md}\n"
         f"{len(rows)} runs; sizes {args.sizes} (train, val, test images); {args.epochs} epochs; the filters "
-        f"(dsdmr, all) warm up 1 epoch on all pairs; run time summed over runs {run_s / 60:.0f} min; "
+        f"(dsdmr, all) warm up {WARMUP} epochs on all pairs; run time summed over runs {run_s / 60:.0f} min; "
         f"machine: {machines}; every run starts from {source_id} with new heads to E={EMBED_DIM}.\n"
         f"Rows: {runs_path.name}; {cmd}\n")
     print(md)
