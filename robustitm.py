@@ -173,7 +173,8 @@ def _check_device(name):
     except (RuntimeError, ValueError):
         raise ValueError(f"--device {name}: not a device; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: torch sees no CUDA GPU on this machine; use --device cpu (or auto)")
+        raise ValueError(f"--device {name}: torch sees no CUDA GPU on this machine; use --device cpu "
+                         f"(or auto)")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
                          f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
@@ -402,7 +403,7 @@ class Run:
     log: object
     logf: object = None
     mscn: Optional[Mscn] = None
-    frozen: Optional[dict] = None  # the frozen towers' outputs per split, while they are cached (tower_outputs)
+    frozen: Optional[dict] = None  # the frozen towers' outputs per split, while cached (tower_outputs)
     writer: CheckpointWriter = field(default_factory=CheckpointWriter)  # best.pt and last.pt, behind training
 
 
@@ -743,9 +744,9 @@ def wrap_model(model, cfg, device, world):
 
 # --- each epoch, 0: while the towers are frozen, their outputs computed once (only the heads then run) ---
 
-# Frozen towers' outputs larger than this go to memory-mapped files in the output folder (TOWER_OUTPUTS_DIR, removed
-# when the towers unfreeze and when the run ends) instead of host memory: (N + C) x D x 4 bytes, e.g. 3 GiB for
-# 1M images and 1M captions at D = 384.
+# Frozen towers' outputs larger than this go to memory-mapped files in the output folder (TOWER_OUTPUTS_DIR,
+# removed when the towers unfreeze and when the run ends) instead of host memory: (N + C) x D x 4 bytes, e.g.
+# 3 GiB for 1M images and 1M captions at D = 384.
 TOWER_OUTPUTS_IN_MEMORY = 4 * 2 ** 30
 TOWER_OUTPUTS_DIR = "tower_outputs.tmp"
 
@@ -755,7 +756,8 @@ def tower_outputs(run, epoch):
     for every training and validation item -> {split: (image outputs (N, D), caption outputs (C, D))}, float32
     in host memory (memory-mapped files above TOWER_OUTPUTS_IN_MEMORY); training, scoring and validation then
     run only the heads. None after the frozen epochs, or where the outputs are drawn anew every step (the
-    towers then run every step, as said in the log). The test split is embedded once, at the end, either way."""
+    towers then run every step, as said in the log). The test split is embedded once, at the end, either
+    way."""
     cfg = run.cfg
     if epoch >= cfg.frozen_epochs:
         shutil.rmtree(run.out / TOWER_OUTPUTS_DIR, ignore_errors=True)
@@ -1020,8 +1022,8 @@ def get_lr(cfg, step, epoch):
 class Batch:
     """One training batch on the device: this rank's rows of the inputs (all rows in one process), and for the
     global batch the same-image mask (B, B), P(clean) (B,) and every rank's number of rows."""
-    inputs: tuple  # the model's: images (b, 3, S, S) normalised, ids (b, L), mask (b, L); or, while the towers'
-    # outputs are cached, the heads': image outputs (b, D), caption outputs (b, D)
+    inputs: tuple  # the model's: images (b, 3, S, S) normalised, ids (b, L), mask (b, L); or, while the
+    # towers' outputs are cached, the heads': image outputs (b, D), caption outputs (b, D)
     same: torch.Tensor  # (B, B) bool: another caption of the same image is no negative
     p_clean: torch.Tensor  # (B,)
     sizes: list
@@ -1251,7 +1253,8 @@ def _config_from(cls, given, defaults=None):
     their field's default. A --preset sets the switches it names, but not the ones given: a flag given wins.
     (Python's TrainConfig(preset=...) sets every switch its preset names.)"""
     preset = given.get("preset")
-    values = {**{f.name: f.default for f in fields(cls)}, **(defaults or {}), **PRESETS.get(preset, {}), **given}
+    values = {**{f.name: f.default for f in fields(cls)}, **(defaults or {}), **PRESETS.get(preset, {}),
+              **given}
     if not preset:
         return cls(**values)
     cfg = cls(**{**values, "preset": None})  # (with it, __post_init__ would set its switches over the flags)
@@ -1713,10 +1716,11 @@ def _idle_flags(cfg):
         rules.append(({"text_tower", "embed_dim", "activation", "tokenizer", "allow_torchscript",
                        "head_width"}, "a model from scratch (no --pretrained or --image_tower)"))
     if isinstance(cfg, TrainConfig) and cfg.filter != "mscn":
-        rules.append(({"meta_lr", "meta_fraction", "lookahead"}, f"--filter {cfg.filter}: they set MSCN's meta "
-                                                                 f"step (--filter mscn)"))
+        rules.append(({"meta_lr", "meta_fraction", "lookahead"},
+                      f"--filter {cfg.filter}: they set MSCN's meta step (--filter mscn)"))
     if isinstance(cfg, TrainConfig) and not cfg.unimodal:
-        rules.append(({"unimodal_weight", "view_dropout"}, "no --unimodal: they set paper C's uni-modal terms"))
+        rules.append(({"unimodal_weight", "view_dropout"},
+                      "no --unimodal: they set paper C's uni-modal terms"))
     if getattr(cfg, "noise_ratio", None) == 0:
         rules.append(({"noise_protocol"}, "--noise_ratio 0: no pair is mismatched on purpose"))
     if cfg.data == "synthetic":
@@ -1731,8 +1735,8 @@ def _idle_flags(cfg):
         rules.append(({"cache_dir"}, "streamed input (tar shards, tables): each image is "
                                      "decoded once"))
         if tar_shards(cfg.data):
-            rules.append(({"image_root", "image_key", "caption_key"}, "tar shards: a sample's members are its "
-                                                                      "image and caption"))
+            rules.append(({"image_root", "image_key", "caption_key"},
+                          "tar shards: a sample's members are its image and caption"))
     return rules
 
 
