@@ -4345,6 +4345,22 @@ def test_bench_paper_c_smoke_writes_runs_and_report(tmp_path, monkeypatch, capsy
     assert len((tmp_path / "paper_c_runs.jsonl").read_text().splitlines()) == 3
 
 
+def test_bench_paper_c_readme_table_is_generated_from_the_runs(monkeypatch):
+    """bench/results/paper_c_runs.jsonl holds every cell of the grid on 3 seeds, from the shipped towers, and
+    the README's paper C table is the one the script generates from those runs."""
+    C = _paper_c(monkeypatch)
+    root = Path(R.__file__).parent
+    done = {C.B.key(r): r for r in C.B.load_runs(root / "bench/results/paper_c_runs.jsonl") if "error" not in r}
+    source_id = C.towers_id(root / "weights/scenes_vit", root / "weights/scenes_bert")
+    rows = C.report_rows(done, C.SIZES, C.EPOCHS, source_id)
+    cells = sorted((r["method"], r["noise"], r["seed"]) for r in rows)
+    assert cells == sorted((m, n, s) for s in (0, 1, 2) for m, n, _ in C.seed_block())
+    assert all(r["selected_epoch"] in range(C.EPOCHS) and 0 <= r["rsum"] <= 600 for r in rows)
+    batches = lambda m: {**R.PRESETS[m.split("-")[0]], **C.B.VARIANTS.get(m, {})}["batches"]  # noqa: E731
+    assert all("hardness_clustered" in r["clusters"] for r in rows if batches(r["method"]) == "clustered")
+    assert C.readme_table(rows) in (root / "README.md").read_text()
+
+
 # ----- streamed score: tar shards and tables, one batch in memory -----
 
 @pytest.fixture(scope="module")

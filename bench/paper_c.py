@@ -317,6 +317,13 @@ def settings(method):
     return {"warmup_epochs": WARMUP} if cfg["filter"] in ("gmm", "mscn") else {}
 
 
+def report_rows(done, sizes, epochs, source_id):
+    """The finished runs (by key) of these sizes and epochs from these towers under the current rules: what the
+    report and the README show."""
+    return [r for k, r in done.items()
+            if k[4:8] == (sizes, epochs, None, source_id) and k[8] == B.rules(r["method"])]
+
+
 def run_one(task):
     """bench/robustness.py's run, its selected epoch under the name this grid's rows use."""
     row = B.run_one(task)
@@ -345,11 +352,44 @@ def difference_lines(rows, noises):
     return lines + [""]
 
 
+ROW_NAMES = {"clip": "`clip`: the cross-modal loss alone", "iuccl": "`iuccl`: paper C",
+             "iuccl-random": "`iuccl`, random batches", "iuccl-nounimodal": "`iuccl`, no uni-modal terms",
+             "iuccl-nostages": "`iuccl`, no stage schedule", "dsdmr": "`dsdmr` (A)",
+             "all": "`all`: MSCN's filter + paper C's terms"}
+
+
+def readme_table(rows):
+    """The README's table: test rSum, mean ± std over seeds, per method and noise rate, and iuccl minus clip
+    paired by seed (both runs of a seed share its data, noise and initial heads)."""
+    noises = sorted({r["noise"] for r in rows})
+    at = {}
+    for r in rows:
+        at.setdefault((r["method"], r["noise"]), {})[r["seed"]] = r["rsum"]
+
+    def cell(xs):
+        return (f"{statistics.mean(xs):.1f}" + (f" ± {statistics.stdev(xs):.1f}" if len(xs) > 1 else "")
+                + (f" (n={len(xs)})" if len(xs) < 3 else "")) if xs else "–"
+    lines = ["| method | " + " | ".join("0%" if n == 0 else f"caption {n:.0%}" for n in noises) + " |",
+             "|---|" + "---:|" * len(noises)]
+    for m in NOISY_METHODS:
+        if any((m, n) in at for n in noises):
+            lines.append(f"| {ROW_NAMES[m]} | " + " | ".join(cell(list(at.get((m, n), {}).values()))
+                                                             for n in noises) + " |")
+    diffs = []
+    for n in noises:
+        clip, iuccl = at.get(("clip", n), {}), at.get(("iuccl", n), {})
+        d = cell([iuccl[s] - clip[s] for s in sorted(clip.keys() & iuccl.keys())])
+        diffs.append(d if d == "–" or d.startswith("-") else "+" + d)
+    return "\n".join(lines + ["| `iuccl` minus `clip`, paired by seed | " + " | ".join(diffs) + " |"])
+
+
 def report(rows, args, source_id, runs_path, argv):
-    """bench/results/paper_c.md: robustness.py's tables of these rows, iuccl minus clip, the settings."""
+    """bench/results/paper_c.md: the README's table, robustness.py's tables of these rows, iuccl minus clip,
+    the settings."""
     methods = [m for m in NOISY_METHODS if any(r["method"] == m for r in rows)]
     noises = sorted({r["noise"] for r in rows})
-    md = B.tables(B.summarise(rows), methods, noises, ["caption"])
+    md = ("The README's table (test rSum, mean ± std over seeds)\n\n" + readme_table(rows) + "\n\n"
+          + B.tables(B.summarise(rows), methods, noises, ["caption"]))
     md += "\n\n" + "\n".join(difference_lines(rows, noises))
     run_s = sum(r["seconds"] for r in rows)
     machines = ", ".join(sorted({r.get("machine", "not recorded") for r in rows}))
@@ -409,8 +449,7 @@ def main(argv=None):
     todo = [g for g in grid if B.key(g) not in done]
     if todo and not args.report:
         B.run_grid(todo, len(grid), done, args, source, source_id, runs_path, time.time(), worker=run_one)
-    rows = [r for k, r in done.items()
-            if k[4:8] == (args.sizes, args.epochs, None, source_id) and k[8] == B.rules(r["method"])]
+    rows = report_rows(done, args.sizes, args.epochs, source_id)
     if rows:
         report(rows, args, source_id, runs_path, argv)
     else:
