@@ -4338,7 +4338,8 @@ def test_bench_paper_c_smoke_writes_runs_and_report(tmp_path, monkeypatch, capsy
     assert by["dsdmr"]["settings"] == {"warmup_epochs": C.WARMUP} and "settings" not in by["clip"]
     assert {r["pretrained"].split(":")[0] for r in runs} == {"scenes_vit+scenes_bert"}
     md = (tmp_path / "paper_c.md").read_text()
-    assert "| clip |" in md and "| dsdmr |" in md and "| 0% | " in md and "iuccl - clip" in md
+    assert "| clip |" in md and "| dsdmr |" in md and "| 0% | " in md and "| iuccl − clip |" in md
+    assert "| `iuccl` minus `clip`, paired by seed |" in md  # the README's table
     capsys.readouterr()
     C.main(["--smoke", "--out", str(tmp_path)])  # resumes: the towers and every run are there
     assert "to run" not in capsys.readouterr().out

@@ -41,7 +41,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -298,7 +297,7 @@ def towers_id(vit, bert):
 
 # iuccl's parts (robustness.VARIANTS): random batches, no uni-modal terms, no stage schedule
 CLEAN_METHODS = ("clip", "iuccl", "iuccl-random", "iuccl-nounimodal", "iuccl-nostages")
-NOISY_METHODS = CLEAN_METHODS + ("dsdmr", "all")  # with a filter: WARMUP epochs on all pairs before the first split
+NOISY_METHODS = CLEAN_METHODS + ("dsdmr", "all")  # filters: WARMUP epochs on all pairs before the first split
 WARMUP = 2  # one left the new heads' cosines unsplittable: a dsdmr trial collapsed to rSum 33
 NOISE = (0.0, 0.2, 0.4)  # caption-level
 SIZES, EPOCHS, EMBED_DIM = "2000,500,1000", 5, 64
@@ -318,8 +317,8 @@ def settings(method):
 
 
 def report_rows(done, sizes, epochs, source_id):
-    """The finished runs (by key) of these sizes and epochs from these towers under the current rules: what the
-    report and the README show."""
+    """The finished runs (by key) of these sizes and epochs from these towers under the current rules: what
+    the report and the README show."""
     return [r for k, r in done.items()
             if k[4:8] == (sizes, epochs, None, source_id) and k[8] == B.rules(r["method"])]
 
@@ -332,23 +331,32 @@ def run_one(task):
     return row
 
 
+PAIRS = (("iuccl", "clip", "paper C against the cross-modal loss alone"),
+         ("iuccl-random", "iuccl", "what the clustered batches cost (random batches instead)"),
+         ("iuccl-nounimodal", "iuccl", "what the uni-modal terms cost (left out)"),
+         ("iuccl-nostages", "iuccl", "what the stage schedule gives (towers trained and batches clustered "
+                                     "from the first epoch)"))
+
+
+def paired(rows, a, b, n):
+    """a minus b at noise n, per seed (both runs of a seed share its data, noise and initial heads)."""
+    at = {(r["method"], r["seed"]): r["rsum"] for r in rows if r["noise"] == n}
+    return [at[a, s] - at[b, s] for s in sorted({r["seed"] for r in rows}) if (a, s) in at and (b, s) in at]
+
+
 def difference_lines(rows, noises):
-    """iuccl minus clip at each noise rate: the mean of the per-seed differences (both runs of a seed share
-    its data, noise and initial heads) with their std, and each method's mean ± std."""
-    lines = ["**`iuccl` minus `clip`** (test rSum; per-seed differences, mean ± std, paired by seed)", "",
-             "| noise | clip | iuccl | iuccl - clip | seeds |", "|---|---:|---:|---:|---:|"]
-    for n in noises:
-        clip, iuccl = ({r["seed"]: r["rsum"] for r in rows if r["method"] == m and r["noise"] == n}
-                       for m in ("clip", "iuccl"))
-        seeds = sorted(clip.keys() & iuccl.keys())
-        if not seeds:
-            continue
-        diff = [iuccl[s] - clip[s] for s in seeds]
-        spread = lambda xs: f" ± {statistics.stdev(xs):.1f}" if len(xs) > 1 else ""  # noqa: E731
-        cells = [f"{statistics.mean(x):.1f}{spread(x)}" for x in ([clip[s] for s in seeds],
-                                                                   [iuccl[s] for s in seeds])]
-        lines.append(f"| {n:.0%} | {cells[0]} | {cells[1]} | {statistics.mean(diff):+.1f}{spread(diff)} | "
-                     f"{len(seeds)} |")
+    """Paired differences, mean ± std over seeds: iuccl minus clip, and each part's variant minus iuccl."""
+    lines = ["**Paired differences** (test rSum, a minus b in each seed, mean ± std over seeds)", "",
+             "| a − b | " + " | ".join(f"{n:.0%}" for n in noises) + " | what it measures |",
+             "|---|" + "---:|" * len(noises) + "---|"]
+    for a, b, what in PAIRS:
+        cells = []
+        for n in noises:
+            d = paired(rows, a, b, n)
+            spread = f" ± {statistics.stdev(d):.1f}" if len(d) > 1 else ""
+            spread += f" (n={len(d)})" if len(d) < 3 else ""
+            cells.append(f"{statistics.mean(d):+.1f}{spread}" if d else "–")
+        lines.append(f"| {a} − {b} | " + " | ".join(cells) + f" | {what} |")
     return lines + [""]
 
 
@@ -375,11 +383,8 @@ def readme_table(rows):
         if any((m, n) in at for n in noises):
             lines.append(f"| {ROW_NAMES[m]} | " + " | ".join(cell(list(at.get((m, n), {}).values()))
                                                              for n in noises) + " |")
-    diffs = []
-    for n in noises:
-        clip, iuccl = at.get(("clip", n), {}), at.get(("iuccl", n), {})
-        d = cell([iuccl[s] - clip[s] for s in sorted(clip.keys() & iuccl.keys())])
-        diffs.append(d if d == "–" or d.startswith("-") else "+" + d)
+    diffs = [cell(paired(rows, "iuccl", "clip", n)) for n in noises]
+    diffs = [d if d == "–" or d.startswith("-") else "+" + d for d in diffs]
     return "\n".join(lines + ["| `iuccl` minus `clip`, paired by seed | " + " | ".join(diffs) + " |"])
 
 
