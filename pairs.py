@@ -110,8 +110,15 @@ def gather_ahead(images, index_batches, pin_memory=False, threads=1, depth=2):
                                         mode="clip"), parts))
         return out
 
+    # The thread stops when the caller closes the generator, or at interpreter exit when a generator was never
+    # closed (a traceback holding it): it is not a daemon, because the interpreter kills a daemon thread that
+    # is inside torch's C++ code at exit, and the process aborts ("terminate called without an active
+    # exception") after every test passed.
+    main = threading.main_thread()
+    running = lambda: not stop.is_set() and main.is_alive()  # noqa: E731
+
     def put(item):
-        while not stop.is_set():
+        while running():
             try:
                 return batches.put(item, timeout=0.1)
             except queue.Full:
@@ -120,14 +127,15 @@ def gather_ahead(images, index_batches, pin_memory=False, threads=1, depth=2):
     def produce():
         try:
             for idx in index_batches:
-                if stop.is_set():
+                if not running():
                     return
                 put(gather(idx))
             put(done)
         except BaseException as e:  # handed to the main thread, which raises it
             put(e)
 
-    threading.Thread(target=produce, daemon=True).start()
+    producer = threading.Thread(target=produce, name="gather-ahead")
+    producer.start()
     try:
         while (item := batches.get()) is not done:
             if isinstance(item, BaseException):
@@ -135,7 +143,8 @@ def gather_ahead(images, index_batches, pin_memory=False, threads=1, depth=2):
             yield item
     finally:
         stop.set()
-        pool.shutdown(wait=False)
+        producer.join()
+        pool.shutdown()
 
 
 @dataclass
