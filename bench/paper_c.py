@@ -416,6 +416,9 @@ def main(argv=None):
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--sizes", default=SIZES, help="train,val,test images (5 captions each)")
     p.add_argument("--epochs", type=int, default=EPOCHS)
+    p.add_argument("--methods", default=",".join(NOISY_METHODS), help="a subset of the grid's methods")
+    p.add_argument("--noise", default=",".join(str(n) for n in NOISE), help="a subset of the grid's "
+                   "caption-level noise rates")
     p.add_argument("--device", default="auto")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="runs in parallel (one thread each)")
     p.add_argument("--time-limit", type=float, default=None,
@@ -441,8 +444,12 @@ def main(argv=None):
             return
     source = {"image_tower": str(vit), "text_tower": str(bert), "embed_dim": EMBED_DIM}
     source_id = towers_id(vit, bert)
+    methods, noises = args.methods.split(","), [float(n) for n in args.noise.split(",")]
+    if not set(methods) <= set(NOISY_METHODS) or not set(noises) <= set(NOISE):
+        p.error(f"--methods and --noise choose among the grid's: {','.join(NOISY_METHODS)} and "
+                f"{','.join(str(n) for n in NOISE)}")
     block = ([("iuccl", 0.0, "caption"), ("clip", 0.0, "caption"), ("dsdmr", 0.4, "caption")] if args.smoke
-             else seed_block())
+             else [t for t in seed_block(noises) if t[0] in methods])
     grid = [dict(method=m, protocol=pr, noise=n, seed=int(s), sizes=args.sizes, epochs=args.epochs,
                  lr_decay_epochs=None, pretrained=source_id, settings=settings(m),
                  **({"rules": B.rules(m)} if B.rules(m) else {}))
