@@ -22,9 +22,11 @@ objective" there. This script builds the synthetic task's analogue of those towe
 What it is not: fine-tuning an aligned CLIP (bench/robustness.py's question), nor a claim about real BERT/ViT.
 
     python bench/paper_c.py --build-towers   # (re)build weights/scenes_vit and weights/scenes_bert (~5 min)
-    python bench/paper_c.py --workers 2      # the grid, 57 runs (~70 min on 2 cores, estimated from single
-                                             # runs); towers built first if missing; run again to resume
+    python bench/paper_c.py --workers 2      # the grid, 57 runs (~78 min on a 2-core CPU); towers built
+                                             # first if missing; run again to resume
     python bench/paper_c.py --report         # rebuild bench/results/paper_c.md from the finished runs
+    python bench/paper_c.py --methods clip,iuccl --noise 0 --epochs 15 --out bench/results/paper_c_15_epochs
+                                             # a subset of the grid under another budget, in its own folder
     python bench/paper_c.py --smoke          # tiny towers, sizes and grid in a temp folder: seconds
 """
 import argparse
