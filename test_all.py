@@ -4164,6 +4164,7 @@ def test_bench_robustness_runs_of_older_rules_are_rerun_and_marked(tmp_path, mon
     md = (tmp_path / "robustness.md").read_text()
     assert "| dsdmr | 425.0 | 470.0 § | 480.0 |" in md and "| clip | 420.0 | – | 480.0 |" in md
     assert "4 of 7 runs (and 1 runs under earlier rules, marked §)" in md  # dsdmr at 40% is still to run
+    assert "; § runs under an earlier split" in md  # a row carries the mark, so the legend explains it
 
 
 def test_bench_robustness_subset_call_keeps_the_full_report_and_exits_3_with_runs_left(tmp_path):
@@ -4226,7 +4227,7 @@ def test_bench_robustness_grid_resumes_and_reports(tmp_path, monkeypatch, capsys
             assert g["precision"] == g["recall"] == 1.0
     assert all(r["split_epoch"] == r["best_epoch"] for r in runs if r["method"] == "dsdmr" and r["noise"])
     md = (tmp_path / "res" / "robustness.md").read_text()
-    assert "| clean (reference: a perfect filter) |" in md and "‡" not in md.split("(‡")[1]
+    assert "| clean (reference: a perfect filter) |" in md and "‡" not in md and "§" not in md  # nor a legend
     assert "**caption-level noise**" in md and "**image-level noise**" in md and "kept at 60%" in md
     assert "(zero-shot): test rSum" in md and "Gap to the clean reference, image-level noise" in md
     clip0 = next(g for g in report["summary"] if g["method"] == "clip" and g["noise"] == 0)
@@ -4367,6 +4368,7 @@ def test_bench_paper_c_smoke_writes_runs_and_report(tmp_path, monkeypatch, capsy
     md = (tmp_path / "paper_c.md").read_text()
     assert "| clip |" in md and "| dsdmr |" in md and "| 0% | " in md and "| iuccl − clip |" in md
     assert "| `iuccl` minus `clip`, paired by seed |" in md  # the README's table
+    assert "§" not in md and "‡" not in md  # no run carries those marks, so no legend explains them
     capsys.readouterr()
     C.main(["--smoke", "--out", str(tmp_path)])  # resumes: the towers and every run are there
     assert "to run" not in capsys.readouterr().out

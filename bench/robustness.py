@@ -231,12 +231,17 @@ def tables(summary, methods, noises, protocols):
         lines += ["The pretrained model without fine-tuning (zero-shot): "
                   f"test rSum {zero['rsum']:.1f}{spread}.", ""]
     all_noises, run_at = noises, {(g["protocol"], g["noise"]) for g in summary}
+    # each mark's legend only where some group carries the mark
+    older = any(g.get("previous_rules") for g in summary)
+    older_legend = ("; § runs under an earlier split, a 2-component GMM gated by a bimodality test with "
+                    "P(clean) > 0.5, earlier clusters, of images with their assigned captions, or paper B's "
+                    "earlier corrector lr, 1e-3") if older else ""
+    last_legend = (" (‡: of the last round, runs recorded before the selected epoch's split was kept)"
+                   if any(g.get("last_round") for g in summary) else "")
     for p in protocols:  # the rates this protocol has runs at; a rate with no run at all stays, as "–"
         noises = [n for n in all_noises if n == 0 or (p, n) in run_at or all(q != n for _, q in run_at)]
         lines += [f"**{p}-level noise**: test rSum, mean ± std over {most} seeds (n=: fewer seeds; † below "
-                  "`clip` at that noise; § runs under an earlier split, a 2-component GMM gated by a "
-                  "bimodality test with P(clean) > 0.5, earlier clusters, of images with their assigned "
-                  "captions, or paper B's earlier corrector lr, 1e-3)", "",
+                  f"`clip` at that noise{older_legend})", "",
                   "| method | " + " | ".join(f"{n:.0%}" for n in noises)
                   + "".join(f" | kept at {n:.0%}" for n in kept) + " |",
                   "|---|" + "---:|" * (len(noises) + len(kept))]
@@ -304,11 +309,12 @@ def tables(summary, methods, noises, protocols):
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["**Every group**: R@1, the filter's kept set (precision = clean share of the kept pairs, "
-              "recall = share of the clean pairs kept) of the split the selected epoch trained on (‡: of the "
-              "last round, runs recorded before the selected epoch's split was kept), and for paper C's "
-              "clustered batches the share from one cluster and their hardness (mean hardest in-batch "
-              "negative minus the row's positive cosine, clustered / random batches of the same pairs; in § "
-              "rows the hardest negative cosine itself, as recorded then); means over seeds", "",
+              "recall = share of the clean pairs kept) of the split the selected epoch trained on"
+              f"{last_legend}, and for paper C's clustered batches the share from one cluster and their "
+              "hardness (mean hardest in-batch negative minus the row's positive cosine, clustered / random "
+              "batches of the same pairs"
+              + ("; in § rows the hardest negative cosine itself, as recorded then" if older else "")
+              + "); means over seeds", "",
               "| protocol | noise | method | seeds | test rSum | i2t R@1 | t2i R@1 | kept precision "
               "| kept recall | one-cluster batches | hardness clustered / random | machine |",
               "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
