@@ -1094,7 +1094,7 @@ def _tar_sample(shard, key, members, place):
     Record: key, image (shard#member, for display and --export_clean), caption, place ([shard index, sample
     number in the shard]: one sample, whatever its names), data (the image bytes), members [(name, bytes)],
     fields (what --export_clean writes: the json member's fields, plus key, caption and image by
-    _add_fields)."""
+    add_fields)."""
     img = next((members[e] for e in TAR_IMAGE_EXTS if e in members), None)
     fields, caption = {}, None
     if "json" in members:
@@ -1119,10 +1119,10 @@ def _tar_sample(shard, key, members, place):
     image = f"{os.path.abspath(shard)}#{img[0]}"
     return {"key": key, "image": image, "caption": caption, "place": list(place), "data": img[1],
             "members": list(members.values()),
-            "fields": _add_fields(fields, key=key, caption=caption, image=image)}, None
+            "fields": add_fields(fields, key=key, caption=caption, image=image)}, None
 
 
-def _add_fields(fields, **added):
+def add_fields(fields, **added):
     """A sample's own `fields`, kept as they are, plus `added`, each under its name, or where `fields` holds
     another value under that name, under the name with "_" before it (as often as needed)."""
     out = dict(fields)

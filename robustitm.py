@@ -53,7 +53,7 @@ from gmm import mismatch_split
 from losses import MARGIN_SCHEDULES, dynamic_margin, info_nce, triplet_ranking_loss, unimodal_info_nce
 from meta import (HEAD_NAMES, SimilarityCorrector, meta_step, mscn_loss, purify, sample_meta_negatives,
                   split_meta_set)
-from pairs import (SPLITS, ImageSet, Pairs, _add_fields, augment, count_table_samples, gather_ahead,
+from pairs import (SPLITS, ImageSet, Pairs, add_fields, augment, count_table_samples, gather_ahead,
                    image_batch, image_name, is_delimited_table, is_streamed, iter_table_samples,
                    iter_tar_samples, load_splits, make_noise, merge_parts, noise_file, separator_char,
                    separator_note, stream_blocks, subset_pairs, synthetic_splits, table_units, tar_shards)
@@ -1530,7 +1530,7 @@ def score_streamed(cfg, model, tokenizer, preprocess, device, rank=0, world=1, l
                 w.writerow([c, c, caption, f"{cos:.6f}", f"{p_clean[c]:.6f}", int(kept[c]), key])
                 if clean is not None and kept[c]:
                     if shard_key is not None:  # the name in the kept samples' shard, where it differs
-                        fields_ = _add_fields(fields_, key=shard_key(key))
+                        fields_ = add_fields(fields_, key=shard_key(key))
                     clean.write(json.dumps(fields_) + "\n")
             if len(temps) == 3:
                 with open(temps[2], "wb") as f:
