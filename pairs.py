@@ -113,7 +113,7 @@ def gather_ahead(images, index_batches, pin_memory=False, threads=1, depth=2):
     # The thread stops when the caller closes the generator, or at interpreter exit when a generator was never
     # closed (a traceback holding it): it is not a daemon, because the interpreter kills a daemon thread that
     # is inside torch's C++ code at exit, and the process aborts ("terminate called without an active
-    # exception") after every test passed.
+    # exception") after all its work is done.
     main = threading.main_thread()
     running = lambda: not stop.is_set() and main.is_alive()  # noqa: E731
 

@@ -4375,6 +4375,19 @@ def test_bench_paper_c_smoke_writes_runs_and_report(tmp_path, monkeypatch, capsy
     assert len((tmp_path / "paper_c_runs.jsonl").read_text().splitlines()) == 3
 
 
+def test_bench_paper_c_a_subset_outside_the_grid_is_refused(tmp_path, monkeypatch, capsys):
+    """--methods / --noise choose among the grid's cells (a rate that is not a number, a method the grid does
+    not run: exit 2 naming both flags), and --smoke, whose three cells are fixed, refuses them rather than
+    ignoring them; nothing is run or written."""
+    C = _paper_c(monkeypatch)
+    for argv in (["--noise", "abc"], ["--noise", "0.3"], ["--methods", "clip,vse"],
+                 ["--smoke", "--methods", "clip"], ["--smoke", "--noise", "0"]):
+        with pytest.raises(SystemExit) as e:
+            C.main([*argv, "--out", str(tmp_path)])
+        assert e.value.code == 2 and ("--methods" in capsys.readouterr().err), argv
+    assert not any(tmp_path.iterdir())
+
+
 def test_bench_paper_c_readme_table_is_generated_from_the_runs(monkeypatch):
     """bench/results/paper_c_runs.jsonl holds every cell of the grid on 3 seeds, from the shipped towers, and
     the README's paper C table is the one the script generates from those runs."""

@@ -340,6 +340,15 @@ PAIRS = (("iuccl", "clip", "paper C against the cross-modal loss alone"),
                                      "from the first epoch)"))
 
 
+def mean_std(xs, signed=False):
+    """A table cell: mean ± std of xs (signed: with its + or -), (n=k) under 3 values, "–" for none."""
+    if not xs:
+        return "–"
+    spread = f" ± {statistics.stdev(xs):.1f}" if len(xs) > 1 else ""
+    few = f" (n={len(xs)})" if len(xs) < 3 else ""
+    return f"{statistics.mean(xs):{'+' if signed else ''}.1f}{spread}{few}"
+
+
 def paired(rows, a, b, n):
     """a minus b at noise n, per seed (both runs of a seed share its data, noise and initial heads)."""
     at = {(r["method"], r["seed"]): r["rsum"] for r in rows if r["noise"] == n}
@@ -352,12 +361,7 @@ def difference_lines(rows, noises):
              "| a − b | " + " | ".join(f"{n:.0%}" for n in noises) + " | what it measures |",
              "|---|" + "---:|" * len(noises) + "---|"]
     for a, b, what in PAIRS:
-        cells = []
-        for n in noises:
-            d = paired(rows, a, b, n)
-            spread = f" ± {statistics.stdev(d):.1f}" if len(d) > 1 else ""
-            spread += f" (n={len(d)})" if len(d) < 3 else ""
-            cells.append(f"{statistics.mean(d):+.1f}{spread}" if d else "–")
+        cells = [mean_std(paired(rows, a, b, n), signed=True) for n in noises]
         lines.append(f"| {a} − {b} | " + " | ".join(cells) + f" | {what} |")
     return lines + [""]
 
@@ -375,18 +379,13 @@ def readme_table(rows):
     at = {}
     for r in rows:
         at.setdefault((r["method"], r["noise"]), {})[r["seed"]] = r["rsum"]
-
-    def cell(xs):
-        return (f"{statistics.mean(xs):.1f}" + (f" ± {statistics.stdev(xs):.1f}" if len(xs) > 1 else "")
-                + (f" (n={len(xs)})" if len(xs) < 3 else "")) if xs else "–"
     lines = ["| method | " + " | ".join("0%" if n == 0 else f"caption {n:.0%}" for n in noises) + " |",
              "|---|" + "---:|" * len(noises)]
     for m in NOISY_METHODS:
         if any((m, n) in at for n in noises):
-            lines.append(f"| {ROW_NAMES[m]} | " + " | ".join(cell(list(at.get((m, n), {}).values()))
+            lines.append(f"| {ROW_NAMES[m]} | " + " | ".join(mean_std(list(at.get((m, n), {}).values()))
                                                              for n in noises) + " |")
-    diffs = [cell(paired(rows, "iuccl", "clip", n)) for n in noises]
-    diffs = [d if d == "–" or d.startswith("-") else "+" + d for d in diffs]
+    diffs = [mean_std(paired(rows, "iuccl", "clip", n), signed=True) for n in noises]
     return "\n".join(lines + ["| `iuccl` minus `clip`, paired by seed | " + " | ".join(diffs) + " |"])
 
 
@@ -418,9 +417,9 @@ def main(argv=None):
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--sizes", default=SIZES, help="train,val,test images (5 captions each)")
     p.add_argument("--epochs", type=int, default=EPOCHS)
-    p.add_argument("--methods", default=",".join(NOISY_METHODS), help="a subset of the grid's methods")
-    p.add_argument("--noise", default=",".join(str(n) for n in NOISE), help="a subset of the grid's "
-                   "caption-level noise rates")
+    p.add_argument("--methods", default=None, help="a subset of the grid's methods (default: all)")
+    p.add_argument("--noise", default=None, help="a subset of the grid's caption-level noise rates "
+                   "(default: all)")
     p.add_argument("--device", default="auto")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="runs in parallel (one thread each)")
     p.add_argument("--time-limit", type=float, default=None,
@@ -432,6 +431,16 @@ def main(argv=None):
                    help="tiny towers, sizes 26,12,12, seed 0, clip and iuccl at 0%% and dsdmr at 40%%, "
                         "3 epochs")
     args = p.parse_args(argv)
+    if args.smoke and (args.methods or args.noise):
+        p.error("--smoke runs its own three cells; drop --methods and --noise")
+    methods = args.methods.split(",") if args.methods else list(NOISY_METHODS)
+    try:
+        noises = [float(n) for n in args.noise.split(",")] if args.noise else list(NOISE)
+    except ValueError:
+        noises = None
+    if noises is None or not set(methods) <= set(NOISY_METHODS) or not set(noises) <= set(NOISE):
+        p.error(f"--methods and --noise choose among the grid's: {','.join(NOISY_METHODS)} and "
+                f"{','.join(str(n) for n in NOISE)}")
     if args.smoke:
         args.out = args.out or tempfile.mkdtemp(prefix="paper_c_smoke_")
         args.towers, args.seeds, args.sizes, args.epochs = args.out, "0", "26,12,12", 3
@@ -446,10 +455,6 @@ def main(argv=None):
             return
     source = {"image_tower": str(vit), "text_tower": str(bert), "embed_dim": EMBED_DIM}
     source_id = towers_id(vit, bert)
-    methods, noises = args.methods.split(","), [float(n) for n in args.noise.split(",")]
-    if not set(methods) <= set(NOISY_METHODS) or not set(noises) <= set(NOISE):
-        p.error(f"--methods and --noise choose among the grid's: {','.join(NOISY_METHODS)} and "
-                f"{','.join(str(n) for n in NOISE)}")
     block = ([("iuccl", 0.0, "caption"), ("clip", 0.0, "caption"), ("dsdmr", 0.4, "caption")] if args.smoke
              else [t for t in seed_block(noises) if t[0] in methods])
     grid = [dict(method=m, protocol=pr, noise=n, seed=int(s), sizes=args.sizes, epochs=args.epochs,
