@@ -25,8 +25,8 @@ What it is not: fine-tuning an aligned CLIP (bench/robustness.py's question), no
     python bench/paper_c.py --workers 2      # the grid, 57 runs (~78 min on a 2-core CPU); towers built
                                              # first if missing; run again to resume
     python bench/paper_c.py --report         # rebuild bench/results/paper_c.md from the finished runs
-    python bench/paper_c.py --methods clip,iuccl --noise 0 --epochs 15 --out bench/results/paper_c_15_epochs
-                                             # a subset of the grid under another budget, in its own folder
+    python bench/paper_c.py --methods clip,iuccl --noise 0 --seeds 0,1 --epochs 15 \
+        --out bench/results/paper_c_15_epochs   # a subset under another budget, in its own folder
     python bench/paper_c.py --smoke          # tiny towers, sizes and grid in a temp folder: seconds
 """
 import argparse
